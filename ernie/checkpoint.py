@@ -1,0 +1,306 @@
+"""Checkpoints in the HF transformers / published ERNIE 4.5 layout.
+
+    save_pretrained(model, "out/ckpt")          # config.json, model*.safetensors (+ index)
+    model = load_pretrained("out/ckpt")         # ours, or a HF `save_pretrained` dir
+
+Tensor names and shapes are those of the published "-PT" checkpoints (ERNIE_FACTS §3):
+per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`, `mlp.gate.weight` [E, H] and
+`mlp.moe_statics.e_score_correction_bias` [1, E] (fp32) for text MoE; for VL the text and
+vision experts share one index space (vision from E on), the routers are stored
+transposed as `mlp.gate.weight` / `mlp.gate.weight_1` [H, E] and the bias is [2, E].
+Only safetensors are read, so loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ErnieConfig
+from .hf_config import from_hf_config, to_hf_config
+from .model import ErnieForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_IGNORED = re.compile(r"(^|\.)mtp")  # multi-token-prediction heads of release checkpoints
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the tensors."""
+
+
+# ---------------------------------------------------------------------- name mapping
+def to_hub_state_dict(model: ErnieForCausalLM) -> dict[str, torch.Tensor]:
+    """Our parameters under the published tensor names and shapes."""
+    cfg = model.config
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if ".mlp.text." in name or ".mlp.vision." in name:
+            continue  # expert pools are written below
+        out[_to_hub_name(name)] = tensor
+    for i, layer in enumerate(model.model.layers):
+        if layer.is_moe:
+            out.update(_moe_to_hub(f"model.layers.{i}.mlp", layer.mlp, cfg))
+    return out
+
+
+def _to_hub_name(name: str) -> str:
+    if name.startswith("vision_encoder."):
+        return "model.vision_model." + name[len("vision_encoder.") :]
+    if name.startswith("adapter."):
+        return "model.resampler_model." + name[len("adapter.") :]
+    return name
+
+
+def _moe_to_hub(prefix: str, moe, cfg: ErnieConfig) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    pools = [moe.text] + ([moe.vision] if moe.vision is not None else [])
+    first_expert = 0
+    for pool in pools:
+        gate_up, down = pool.experts.gate_up_proj.detach(), pool.experts.down_proj.detach()
+        inter = pool.experts.intermediate
+        for e in range(gate_up.shape[0]):
+            key = f"{prefix}.experts.{first_expert + e}"
+            out[f"{key}.gate_proj.weight"] = gate_up[e, :inter].contiguous()
+            out[f"{key}.up_proj.weight"] = gate_up[e, inter:].contiguous()
+            out[f"{key}.down_proj.weight"] = down[e].contiguous()
+        first_expert += gate_up.shape[0]
+    bias = torch.stack([p.gate.e_score_correction_bias.detach().float() for p in pools])
+    out[f"{prefix}.moe_statics.e_score_correction_bias"] = bias
+    if moe.vision is None:
+        out[f"{prefix}.gate.weight"] = moe.text.gate.weight.detach().float()
+    else:
+        out[f"{prefix}.gate.weight"] = moe.text.gate.weight.detach().float().T.contiguous()
+        out[f"{prefix}.gate.weight_1"] = moe.vision.gate.weight.detach().float().T.contiguous()
+    return out
+
+
+def from_hub_state_dict(hub: dict[str, torch.Tensor], cfg: ErnieConfig) -> dict[str, torch.Tensor]:
+    """Published names -> our state-dict names; the inverse of `to_hub_state_dict`."""
+    hub = {_normalise_hf5_name(k): v for k, v in hub.items() if not _IGNORED.search(k)}
+    ours: dict[str, torch.Tensor] = {}
+    moe_prefixes = {f"model.layers.{i}.mlp" for i in cfg.moe_layers}
+    for name, tensor in hub.items():
+        prefix = name.split(".experts.")[0].split(".gate.")[0].split(".moe_statics.")[0]
+        if prefix in moe_prefixes and not name.startswith(prefix + ".shared_experts."):
+            continue
+        ours[_from_hub_name(name)] = tensor
+    for prefix in sorted(moe_prefixes):
+        ours.update(_moe_from_hub(prefix, hub, cfg))
+    if cfg.tie_word_embeddings:
+        ours.pop("lm_head.weight", None)
+    return ours
+
+
+def _normalise_hf5_name(name: str) -> str:
+    # transformers 5 VL `save_pretrained` renames back to the hub layout; older exports may
+    # carry the in-memory names of the VL model.
+    name = name.replace("model.language_model.", "model.")
+    name = name.replace("model.vision_tower.", "model.vision_model.")
+    for part in ("spatial_linear", "temporal_linear"):
+        name = name.replace(f"{part}.fc1.", f"{part}.0.").replace(f"{part}.fc2.", f"{part}.2.")
+        name = name.replace(f"{part}.ln.", f"{part}.3.")
+    return name
+
+
+def _from_hub_name(name: str) -> str:
+    if name.startswith("model.vision_model."):
+        return "vision_encoder." + name[len("model.vision_model.") :]
+    if name.startswith("model.resampler_model."):
+        return "adapter." + name[len("model.resampler_model.") :]
+    return name
+
+
+def _moe_from_hub(prefix: str, hub: dict[str, torch.Tensor], cfg: ErnieConfig) -> dict[str, torch.Tensor]:
+    m = cfg.moe
+    pools = [("text", m.num_experts, 0)]
+    if cfg.vision is not None:
+        pools.append(("vision", m.vision_num_experts, m.num_experts))
+    ours: dict[str, torch.Tensor] = {}
+    bias = hub.get(f"{prefix}.moe_statics.e_score_correction_bias")
+    for row, (pool, count, first) in enumerate(pools):
+        gate_up, down = [], []
+        for e in range(first, first + count):
+            key = f"{prefix}.experts.{e}"
+            gate = hub.get(f"{key}.gate_proj.weight")
+            up = hub.get(f"{key}.up_proj.weight")
+            gate_up.append(torch.cat([gate, up]) if gate is not None and up is not None else None)
+            down.append(hub.get(f"{key}.down_proj.weight"))
+        ours[f"{prefix}.{pool}.experts.gate_up_proj"] = _stack_or_missing(gate_up, f"{prefix}.experts.*.gate_proj/up_proj")
+        ours[f"{prefix}.{pool}.experts.down_proj"] = _stack_or_missing(down, f"{prefix}.experts.*.down_proj")
+        gate_key = f"{prefix}.gate.weight" + ("_1" if pool == "vision" else "")
+        gate = hub.get(gate_key)
+        if gate is not None and cfg.vision is not None:
+            gate = gate.T
+        ours[f"{prefix}.{pool}.gate.weight"] = gate
+        if bias is not None:
+            rows = bias.reshape(-1, bias.shape[-1])
+            if rows.shape[0] != len(pools):
+                raise CheckpointError(
+                    f"{prefix}.moe_statics.e_score_correction_bias has shape {tuple(bias.shape)}; "
+                    f"expected [{len(pools)}, E] (one row per expert pool)"
+                )
+            ours[f"{prefix}.{pool}.gate.e_score_correction_bias"] = rows[row]
+    return {k: v for k, v in ours.items() if v is not None}
+
+
+def _stack_or_missing(tensors: list[torch.Tensor | None], what: str) -> torch.Tensor | None:
+    if any(t is None for t in tensors):
+        return None  # reported as missing by the caller
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise CheckpointError(f"{what}: experts have different shapes {sorted(shapes)}")
+    return torch.stack(tensors)
+
+
+# ---------------------------------------------------------------------- save
+def save_pretrained(
+    model: ErnieForCausalLM, directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30
+) -> Path:
+    """Write config.json, generation_config.json and safetensors shards (+ index when > 1)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    tensors = {k: v.detach().cpu().contiguous() for k, v in to_hub_state_dict(model).items()}
+    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    shards = _plan_shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(tensors, directory / SINGLE_FILE, metadata={"format": "pt"})
+        (directory / INDEX_FILE).unlink(missing_ok=True)
+    else:
+        weight_map = {}
+        for n, names in enumerate(shards, start=1):
+            file = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: tensors[k] for k in names}, directory / file, metadata={"format": "pt"})
+            weight_map.update({k: file for k in names})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_json(directory / INDEX_FILE, index)
+        (directory / SINGLE_FILE).unlink(missing_ok=True)
+    _write_json(directory / "config.json", to_hf_config(cfg, dtype))
+    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    _write_json(directory / "generation_config.json", generation)
+    return directory
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------- load
+def load_config(directory: str | os.PathLike) -> ErnieConfig:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json; is it an ERNIE checkpoint directory?")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    return from_hf_config(hf, name=Path(directory).name)
+
+
+def iter_checkpoint_tensors(directory: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the checkpoint, safetensors only."""
+    directory = Path(directory)
+    if (directory / INDEX_FILE).is_file():
+        files = sorted(set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()))
+    elif (directory / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
+    else:
+        pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+        hint = f" (found {pickles}: pickled weights are never loaded; convert them to safetensors)" if pickles else ""
+        raise CheckpointError(f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+    for file in files:
+        if not (directory / file).is_file():
+            raise CheckpointError(f"{directory / file} is listed in {INDEX_FILE} but missing")
+        with safe_open(directory / file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_pretrained(
+    directory: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> ErnieForCausalLM:
+    """Build the model on the meta device and fill it from the checkpoint, checking every tensor."""
+    cfg = load_config(directory)
+    with torch.device("meta"):
+        model = ErnieForCausalLM(cfg)
+    state = from_hub_state_dict(dict(iter_checkpoint_tensors(directory)), cfg)
+    check_state_dict(model, state, source=str(directory))
+    state = {k: _cast(k, v, dtype).to(device) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _materialise_buffers(model, device)
+    return model
+
+
+def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    keep_fp32 = name.endswith(".gate.weight") or name.endswith("e_score_correction_bias")
+    if dtype is None or keep_fp32 or not tensor.is_floating_point():
+        return tensor.float() if keep_fp32 else tensor
+    return tensor.to(dtype)
+
+
+def check_state_dict(model: ErnieForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise `CheckpointError` listing missing, unexpected and mis-shaped tensors."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != expected[k]
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_hub_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:20]}")
+    if wrong:
+        problems.append(f"mis-shaped tensors {wrong[:20]}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit {model.config.name}: " + "; ".join(problems))
+
+
+def _hub_names(names: list[str]) -> list[str]:
+    return [_to_hub_name(n).replace(".text.", ".").replace(".vision.", ".vision:") for n in names[:20]]
+
+
+def _materialise_buffers(model: ErnieForCausalLM, device) -> None:
+    """Non-persistent buffers stayed on meta; rebuild them."""
+    from .rope import frequency_axes, inv_frequencies
+
+    cfg = model.config
+    model.rope_inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta).to(device)
+    mrope = cfg.mrope_section if cfg.vision is not None else None
+    model.rope_axes = frequency_axes(cfg.head_dim, mrope).to(device)
+    for module in model.modules():
+        if hasattr(module, "expert_load") and module.expert_load.is_meta:
+            module.expert_load = torch.zeros(module.expert_load.shape, device=device)
