@@ -84,18 +84,33 @@ def _moe_to_hub(prefix: str, moe, cfg: ErnieConfig) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_hub_state_dict(hub: dict[str, torch.Tensor], cfg: ErnieConfig) -> dict[str, torch.Tensor]:
-    """Published names -> our state-dict names; the inverse of `to_hub_state_dict`."""
+def from_hub_state_dict(
+    hub: dict[str, torch.Tensor], cfg: ErnieConfig, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """Published names -> our state-dict names; the inverse of `to_hub_state_dict`.
+
+    The MoE tensors are checked here, under their published names: a missing or mis-shaped
+    expert / router tensor raises `CheckpointError` naming it. Tensors under an MoE block
+    that are not part of it (an expert beyond E, a stray router bias) keep their published
+    name, so `check_state_dict` reports them as unexpected instead of dropping them.
+    """
     hub = {_normalise_hf5_name(k): v for k, v in hub.items() if not _IGNORED.search(k)}
     ours: dict[str, torch.Tensor] = {}
-    moe_prefixes = {f"model.layers.{i}.mlp" for i in cfg.moe_layers}
+    used: set[str] = set()
+    missing: list[str] = []
+    wrong: list[str] = []
+    for i in cfg.moe_layers:
+        ours.update(_moe_from_hub(f"model.layers.{i}.mlp", hub, cfg, used, missing, wrong))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_first_names(missing)}")
+    if wrong:
+        problems.append(f"mis-shaped tensors {_first_names(wrong)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit {cfg.name}: " + "; ".join(problems))
     for name, tensor in hub.items():
-        prefix = name.split(".experts.")[0].split(".gate.")[0].split(".moe_statics.")[0]
-        if prefix in moe_prefixes and not name.startswith(prefix + ".shared_experts."):
-            continue
-        ours[_from_hub_name(name)] = tensor
-    for prefix in sorted(moe_prefixes):
-        ours.update(_moe_from_hub(prefix, hub, cfg))
+        if name not in used:
+            ours[_from_hub_name(name)] = tensor
     if cfg.tie_word_embeddings:
         ours.pop("lm_head.weight", None)
     return ours
@@ -120,46 +135,65 @@ def _from_hub_name(name: str) -> str:
     return name
 
 
-def _moe_from_hub(prefix: str, hub: dict[str, torch.Tensor], cfg: ErnieConfig) -> dict[str, torch.Tensor]:
-    m = cfg.moe
-    pools = [("text", m.num_experts, 0)]
+def _moe_from_hub(
+    prefix: str,
+    hub: dict[str, torch.Tensor],
+    cfg: ErnieConfig,
+    used: set[str],
+    missing: list[str],
+    wrong: list[str],
+) -> dict[str, torch.Tensor]:
+    """One MoE block's routers and stacked experts; adds the hub names it reads to `used`
+    and the names of absent / mis-shaped tensors to `missing` / `wrong`."""
+    m, H = cfg.moe, cfg.hidden_size
+    pools = [("text", m.num_experts, 0, m.intermediate_size)]
     if cfg.vision is not None:
-        pools.append(("vision", m.vision_num_experts, m.num_experts))
+        pools.append(("vision", m.vision_num_experts, m.num_experts, m.vision_intermediate_size))
+
+    def take(key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        used.add(key)
+        tensor = hub.get(key)
+        if tensor is None:
+            missing.append(key)
+        elif tuple(tensor.shape) != shape:
+            wrong.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {shape}")
+            return None
+        return tensor
+
     ours: dict[str, torch.Tensor] = {}
-    bias = hub.get(f"{prefix}.moe_statics.e_score_correction_bias")
-    for row, (pool, count, first) in enumerate(pools):
+    bias_key = f"{prefix}.moe_statics.e_score_correction_bias"
+    used.add(bias_key)
+    bias = hub.get(bias_key)
+    bias_shape = (len(pools), pools[0][1])
+    if bias is None:
+        missing.append(bias_key)
+    elif bias.numel() != len(pools) * pools[0][1] or bias.shape[-1] != pools[0][1]:
+        wrong.append(f"{bias_key}: checkpoint {tuple(bias.shape)} vs model {bias_shape} (one row per expert pool)")
+        bias = None
+    for row, (pool, count, first, inter) in enumerate(pools):
         gate_up, down = [], []
         for e in range(first, first + count):
             key = f"{prefix}.experts.{e}"
-            gate = hub.get(f"{key}.gate_proj.weight")
-            up = hub.get(f"{key}.up_proj.weight")
+            gate = take(f"{key}.gate_proj.weight", (inter, H))
+            up = take(f"{key}.up_proj.weight", (inter, H))
             gate_up.append(torch.cat([gate, up]) if gate is not None and up is not None else None)
-            down.append(hub.get(f"{key}.down_proj.weight"))
-        ours[f"{prefix}.{pool}.experts.gate_up_proj"] = _stack_or_missing(gate_up, f"{prefix}.experts.*.gate_proj/up_proj")
-        ours[f"{prefix}.{pool}.experts.down_proj"] = _stack_or_missing(down, f"{prefix}.experts.*.down_proj")
+            down.append(take(f"{key}.down_proj.weight", (H, inter)))
+        if all(t is not None for t in gate_up + down):
+            ours[f"{prefix}.{pool}.experts.gate_up_proj"] = torch.stack(gate_up)
+            ours[f"{prefix}.{pool}.experts.down_proj"] = torch.stack(down)
+        # VL routers are stored transposed [H, E]; the vision one as `gate.weight_1`.
         gate_key = f"{prefix}.gate.weight" + ("_1" if pool == "vision" else "")
-        gate = hub.get(gate_key)
-        if gate is not None and cfg.vision is not None:
-            gate = gate.T
-        ours[f"{prefix}.{pool}.gate.weight"] = gate
+        router = take(gate_key, (H, count) if cfg.vision is not None else (count, H))
+        if router is not None:
+            ours[f"{prefix}.{pool}.gate.weight"] = router.T if cfg.vision is not None else router
         if bias is not None:
-            rows = bias.reshape(-1, bias.shape[-1])
-            if rows.shape[0] != len(pools):
-                raise CheckpointError(
-                    f"{prefix}.moe_statics.e_score_correction_bias has shape {tuple(bias.shape)}; "
-                    f"expected [{len(pools)}, E] (one row per expert pool)"
-                )
-            ours[f"{prefix}.{pool}.gate.e_score_correction_bias"] = rows[row]
-    return {k: v for k, v in ours.items() if v is not None}
+            ours[f"{prefix}.{pool}.gate.e_score_correction_bias"] = bias.reshape(bias_shape)[row]
+    return ours
 
 
-def _stack_or_missing(tensors: list[torch.Tensor | None], what: str) -> torch.Tensor | None:
-    if any(t is None for t in tensors):
-        return None  # reported as missing by the caller
-    shapes = {tuple(t.shape) for t in tensors}
-    if len(shapes) != 1:
-        raise CheckpointError(f"{what}: experts have different shapes {sorted(shapes)}")
-    return torch.stack(tensors)
+def _first_names(names: list[str], limit: int = 20) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{names[:limit]}{more}"
 
 
 # ---------------------------------------------------------------------- save
@@ -220,6 +254,8 @@ def load_config(directory: str | os.PathLike) -> ErnieConfig:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(hf).__name__}, not an object")
     return from_hf_config(hf, name=Path(directory).name)
 
 
@@ -227,7 +263,10 @@ def iter_checkpoint_tensors(directory: str | os.PathLike) -> Iterator[tuple[str,
     """(name, tensor) for every tensor of the checkpoint, safetensors only."""
     directory = Path(directory)
     if (directory / INDEX_FILE).is_file():
-        files = sorted(set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{directory / INDEX_FILE} is not a safetensors index ({err!r})") from None
     elif (directory / SINGLE_FILE).is_file():
         files = [SINGLE_FILE]
     else:
@@ -249,7 +288,7 @@ def load_pretrained(
     cfg = load_config(directory)
     with torch.device("meta"):
         model = ErnieForCausalLM(cfg)
-    state = from_hub_state_dict(dict(iter_checkpoint_tensors(directory)), cfg)
+    state = from_hub_state_dict(dict(iter_checkpoint_tensors(directory)), cfg, source=str(directory))
     check_state_dict(model, state, source=str(directory))
     state = {k: _cast(k, v, dtype).to(device) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
@@ -280,17 +319,13 @@ def check_state_dict(model: ErnieForCausalLM, state: dict[str, torch.Tensor], so
     )
     problems = []
     if missing:
-        problems.append(f"missing tensors {_hub_names(missing)}")
+        problems.append(f"missing tensors {_first_names([_to_hub_name(k) for k in missing])}")
     if unexpected:
-        problems.append(f"unexpected tensors {unexpected[:20]}")
+        problems.append(f"unexpected tensors {_first_names([_to_hub_name(k) for k in unexpected])}")
     if wrong:
-        problems.append(f"mis-shaped tensors {wrong[:20]}")
+        problems.append(f"mis-shaped tensors {_first_names([_to_hub_name(k) for k in wrong])}")
     if problems:
         raise CheckpointError(f"{source} does not fit {model.config.name}: " + "; ".join(problems))
-
-
-def _hub_names(names: list[str]) -> list[str]:
-    return [_to_hub_name(n).replace(".text.", ".").replace(".vision.", ".vision:") for n in names[:20]]
 
 
 def _materialise_buffers(model: ErnieForCausalLM, device) -> None:

@@ -115,8 +115,8 @@ def from_hf_config(hf: dict[str, Any], name: str = "checkpoint") -> ErnieConfig:
             f"config.json architectures={archs!r} is not an ERNIE 4.5 model; expected one of "
             f"{sorted(_FAMILY_OF_ARCH)}"
         )
-    text = hf["text_config"] if family == "vl_moe" else hf
     try:
+        text = hf["text_config"] if family == "vl_moe" else hf
         cfg = _config_from_text(text, family, name)
         if family == "vl_moe":
             _add_vision(cfg, hf, text)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .moe import RouterOutput
+from .moe import RouterOutput, count_per_expert
 
 IGNORE_INDEX = -100
 
@@ -61,7 +61,7 @@ def load_balance_loss(routing: RouterOutput) -> torch.Tensor:
     T, E = probs_TE.shape
     mean_prob_E = probs_TE.mean(0)
     with torch.no_grad():
-        dispatch_E = torch.bincount(routing.topk_ids_TK.flatten(), minlength=E).float() / T
+        dispatch_E = count_per_expert(routing.topk_ids_TK, E).float() / T
     return E * (mean_prob_E * dispatch_E).sum()
 
 

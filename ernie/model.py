@@ -198,7 +198,9 @@ class ErnieForCausalLM(nn.Module):
         x = self.model.norm(x)
         if cache is not None:
             cache.key_valid, cache.document_ids = key_valid, documents
-            last = position_ids.amax(dim=-1) if position_ids.dim() == 2 else position_ids.amax(dim=(0, 2))
+            # continue from the last token's position (its largest axis for 3D positions), not the
+            # row maximum: in a packed row the last document restarts at 0
+            last = position_ids[..., -1] if position_ids.dim() == 2 else position_ids[..., -1].amax(dim=0)
             cache.next_position = last + 1
 
         logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)

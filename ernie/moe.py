@@ -58,7 +58,7 @@ class Router(nn.Module):
             topk_weights_TK = topk_probs_TK / topk_probs_TK.sum(-1, keepdim=True).clamp(min=self.norm_min)
         if self.training:
             with torch.no_grad():
-                self.expert_load += torch.bincount(topk_ids_TK.flatten(), minlength=self.weight.shape[0]).float()
+                self.expert_load += count_per_expert(topk_ids_TK, self.weight.shape[0]).float()
         return RouterOutput(
             pool="text",
             logits_TE=logits_TE,
@@ -69,12 +69,19 @@ class Router(nn.Module):
         )
 
 
+def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slots per expert [E] (int64); a fixed-size scatter, so torch.compile keeps one graph."""
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
+    return counts.scatter_add_(0, expert_ids.flatten(), torch.ones_like(expert_ids.flatten()))
+
+
 def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """torch._grouped_mm runs on CPU and on Hopper+ GPUs in bf16."""
+    """Where torch._grouped_mm runs: bf16 on CPU and Hopper+ GPUs; fp32 on CPU in eager mode
+    only (its compile-time shape function insists on bf16)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cpu":
-        return True
+        return x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not torch.compiler.is_compiling())
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
     return False
@@ -127,7 +134,7 @@ class GroupedExperts(nn.Module):
         expert_of_slot_N = topk_ids_TK.flatten()
         order_N = torch.argsort(expert_of_slot_N, stable=True)
         token_of_slot_N = order_N // K
-        tokens_per_expert_E = torch.bincount(expert_of_slot_N, minlength=self.num_experts)
+        tokens_per_expert_E = count_per_expert(expert_of_slot_N, self.num_experts)
         x_NH = x_TH[token_of_slot_N]
         # 2. experts: two grouped GEMMs over contiguous expert segments
         if grouped_mm_supported(x_NH):

@@ -1,0 +1,40 @@
+"""The layer rules of DESIGN §2: `ernie/` stands alone (PyTorch + safetensors only)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ERNIE_ALLOWED_THIRD_PARTY = {"torch", "safetensors"}
+FORBIDDEN_EVERYWHERE_IN_ERNIE = {"pipeline", "stages", "ray", "mlflow", "hydra", "omegaconf", "transformers"}
+
+
+def _imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_ernie_imports_only_torch_safetensors_and_the_stdlib():
+    for path in sorted((ROOT / "ernie").rglob("*.py")):
+        roots = _imported_roots(path)
+        assert not roots & FORBIDDEN_EVERYWHERE_IN_ERNIE, f"{path.name} imports {roots & FORBIDDEN_EVERYWHERE_IN_ERNIE}"
+        third_party = {r for r in roots if r not in sys.stdlib_module_names and r != "ernie"}
+        assert third_party <= ERNIE_ALLOWED_THIRD_PARTY, f"{path.name} imports {third_party - ERNIE_ALLOWED_THIRD_PARTY}"
+
+
+def test_importing_ernie_pulls_in_no_orchestration_library():
+    code = (
+        "import sys, ernie, ernie.checkpoint; "
+        "bad = [m for m in ('ray', 'mlflow', 'hydra', 'transformers') if m in sys.modules]; "
+        "print(','.join(bad))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout.strip() == ""
