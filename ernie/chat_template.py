@@ -1,0 +1,49 @@
+"""ERNIE 4.5's chat format, shared by data preparation, post-training and serving.
+
+    <|begin_of_sentence|>{system}\nUser: {user}\nAssistant: {answer}<|end_of_sentence|>User: ...
+
+A generation prompt ends with "\nAssistant: " followed by an empty think block
+(`<think>\n\n</think>\n\n`) when thinking is off (the default) or an open `<think>\n`
+when it is on (ERNIE_FACTS §5). `render_segments` marks which characters an assistant
+wrote, so SFT can put the loss on assistant tokens only.
+"""
+
+from __future__ import annotations
+
+BOS = "<|begin_of_sentence|>"
+EOS = "<|end_of_sentence|>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+SPECIAL_TOKENS = ("<pad>", BOS, EOS, THINK_OPEN, THINK_CLOSE)
+ROLES = ("system", "user", "assistant")
+
+
+def render_segments(
+    messages: list[dict], add_generation_prompt: bool = False, enable_thinking: bool = False
+) -> list[tuple[str, bool]]:
+    """(text, written_by_assistant) pieces whose concatenation is the rendered chat."""
+    pieces: list[tuple[str, bool]] = [(BOS, False)]
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise ValueError(f"message {i} has role {role!r}; expected one of {ROLES}")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i} ({role}) content must be a string, got {type(content).__name__}")
+        if role == "system":
+            if i != 0:
+                raise ValueError(f"message {i}: a system message may only come first")
+            pieces.append((content + "\n", False))
+        elif role == "user":
+            pieces.append((f"User: {content}\n", False))
+        else:
+            reasoning = message.get("reasoning_content")
+            answer = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n{content}" if reasoning else content
+            pieces.append(("Assistant: ", False))
+            pieces.append((answer + EOS, True))
+    if add_generation_prompt:
+        opener = f"{THINK_OPEN}\n" if enable_thinking else f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
+        pieces.append(("Assistant: " + opener, False))
+    return pieces
+
+
+def render(messages: list[dict], add_generation_prompt: bool = False, enable_thinking: bool = False) -> str:
+    return "".join(text for text, _ in render_segments(messages, add_generation_prompt, enable_thinking))

@@ -1,0 +1,174 @@
+"""The stage contract: what a stage receives (`StageContext`) and what it hands on (`Artifact`).
+
+A stage is `run(ctx: StageContext) -> StageResult`. It reads its typed config from
+`ctx.config`, its inputs from `ctx.inputs[name]` (each an `Artifact`, already on local disk
+via `local_dir()`), writes everything it produces under `ctx.output_dir`, logs through
+`ctx.log` and reports progress through `ctx.progress`. The orchestrator turns the output
+directory into an artifact: it uploads it (when the artifact root is remote) and writes
+`manifest.json` last, so a stage that dies never leaves something that looks finished.
+
+This module has no Ray, MLflow or Hydra import: stages and their tests use it alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one paragraph, exit code 2, nothing written."""
+
+
+# ---------------------------------------------------------------------- artifacts
+@dataclass(frozen=True)
+class Artifact:
+    """A finished stage output: a directory (local path or fsspec URI) with a manifest."""
+
+    kind: str  # dataset | ckpt | qckpt | endpoint
+    uri: str
+    cache_key: str
+    manifest: dict = field(default_factory=dict, compare=False)
+    local_path: str | None = None  # where it is on this machine, once fetched
+
+    def local_dir(self) -> Path:
+        """The artifact as a local directory (fetched by the orchestrator for remote roots)."""
+        if self.local_path is not None:
+            return Path(self.local_path)
+        if "://" in self.uri and not self.uri.startswith("file://"):
+            raise RuntimeError(f"artifact {self.uri} has not been fetched to local disk")
+        return Path(self.uri.removeprefix("file://"))
+
+    def read_json(self, relative: str) -> Any:
+        return json.loads((self.local_dir() / relative).read_text())
+
+
+def file_digest(directory: Path) -> str:
+    """sha256 over (relative path, size, content) of every file except the manifest."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        h.update(str(path.relative_to(directory)).encode())
+        h.update(str(path.stat().st_size).encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------- logging + progress
+class StageLogger(Protocol):
+    """What a stage may log; the orchestrator binds it to the stage's MLflow run."""
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None: ...
+
+    def params(self, values: dict[str, Any]) -> None: ...
+
+    def artifact(self, path: str | os.PathLike, subdir: str | None = None) -> None: ...
+
+    def figure(self, figure, name: str) -> None: ...
+
+    def text(self, text: str, name: str) -> None: ...
+
+
+class MemoryLogger:
+    """A `StageLogger` that keeps everything in memory (tests, and stages run without tracking)."""
+
+    def __init__(self) -> None:
+        self.metric_log: list[tuple[str, float, int | None]] = []
+        self.param_log: dict[str, Any] = {}
+        self.artifact_log: list[str] = []
+
+    def metrics(self, values, step=None):
+        self.metric_log += [(k, float(v), step) for k, v in values.items()]
+
+    def params(self, values):
+        self.param_log.update(values)
+
+    def artifact(self, path, subdir=None):
+        self.artifact_log.append(str(path))
+
+    def figure(self, figure, name):
+        self.artifact_log.append(name)
+
+    def text(self, text, name):
+        self.artifact_log.append(name)
+
+    def last(self, name: str) -> float:
+        return [v for k, v, _ in self.metric_log if k == name][-1]
+
+
+class Progress:
+    """Thread-safe progress of one stage, polled by the driver to draw its bar."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total: int | None = None
+        self.done = 0
+        self.message = ""
+        self.started = time.time()
+
+    def set_total(self, total: int, message: str = "") -> None:
+        with self._lock:
+            self.total, self.done, self.message = total, 0, message or self.message
+
+    def update(self, n: int = 1, message: str | None = None) -> None:
+        with self._lock:
+            self.done += n
+            if message is not None:
+                self.message = message
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"total": self.total, "done": self.done, "message": self.message}
+
+
+# ---------------------------------------------------------------------- context + result
+@dataclass
+class Resources:
+    """What the stage's Ray actor asks the cluster for (distributed stages: per worker too)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory_gb: float = 0.0
+    """Memory to reserve for the stage actor (0 = no reservation)."""
+
+
+@dataclass
+class StageContext:
+    stage: str
+    config: Any  # the stage's typed config section
+    model: Any  # the pipeline's `ernie.ErnieConfig` (after dry-run shrinking)
+    inputs: dict[str, Artifact]
+    output_dir: Path
+    log: StageLogger = field(default_factory=MemoryLogger)
+    """Picklable: a distributed stage passes it to its workers and logs from rank 0 only."""
+    progress: Progress = field(default_factory=Progress)
+    seed: int = 0
+    dry_run: bool = False
+    num_cpus: float = 1
+    num_gpus: float = 0
+    work_dir: Path | None = None  # scratch space (resume checkpoints of this cache key)
+    tracking: dict = field(default_factory=dict)  # MLflow URI + run id, for distributed ranks
+
+    def input(self, name: str) -> Artifact:
+        if name not in self.inputs:
+            raise UserError(f"stage {self.stage} needs the input artifact {name!r}, which is missing")
+        return self.inputs[name]
+
+
+@dataclass
+class StageResult:
+    """What the orchestrator records in the manifest and shows the user."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    summary: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
