@@ -245,6 +245,9 @@ class ErnieConfig:
 
     def _validate_vision(self, v: VisionConfig) -> None:
         _require(self.moe is not None, "moe", None, "a VL model needs MoE layers with vision experts")
+        sizes = ("depth", "hidden_size", "num_heads", "intermediate_size", "patch_size", "in_channels")
+        for key in (*sizes, "spatial_merge_size"):
+            _require(getattr(v, key) > 0, f"vision.{key}", getattr(v, key), "must be positive")
         _require(
             v.hidden_size % v.num_heads == 0,
             "vision.num_heads",

@@ -151,8 +151,8 @@ PRESETS = {
 }
 
 # Published (total, active) parameter counts, in parameters.
-PUBLISHED_PARAMS = {
-    "ernie_0_3b": (0.36e9, 0.36e9),
+PUBLISHED_PARAMS: dict[str, tuple[float, float | None]] = {
+    "ernie_0_3b": (0.36e9, None),  # a total only; no active figure is published for a dense model
     "ernie_21b": (21e9, 3e9),
     "ernie_300b": (300e9, 47e9),
     "ernie_vl_28b": (28e9, 3e9),
