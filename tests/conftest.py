@@ -1,5 +1,6 @@
 import sys
 from pathlib import Path
 
-# tests import their shared helpers (hf_reference) as top-level modules
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# shared test helpers (e.g. hf_reference) import as top-level modules; tests themselves are
+# imported by path (--import-mode=importlib), so tests/stages never shadows the stages package
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))

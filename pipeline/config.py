@@ -1,0 +1,184 @@
+"""Compose, validate and shrink the pipeline configuration (Hydra + typed dataclasses).
+
+`conf/NAME.yaml` is composed with the user's overrides through Hydra's compose API on top
+of `PipelineConfig`, registered in Hydra's ConfigStore as `pipeline_schema`, so an unknown
+key or a wrongly typed value fails before anything runs, with its full key path.
+Cross-field rules (model consistency, tokenizer vocabulary = model vocabulary, ...) are
+checked by `validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ernie import ConfigError, ErnieConfig, shrink
+
+from .contract import UserError
+from .graph import POSTTRAIN_METHODS
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _stage_configs():
+    from stages import data, pretrain, quantize, serve
+    from stages.eval import Config as EvalConfig
+    from stages.posttrain import dpo, sft
+
+    return data.Config, pretrain.Config, sft.Config, dpo.Config, quantize.Config, serve.Config, EvalConfig
+
+
+DataConfig, PretrainConfig, SFTConfig, DPOConfig, QuantizeConfig, ServeConfig, EvalConfig = _stage_configs()
+
+
+@dataclass
+class PosttrainConfig:
+    recipe: list[str] = field(default_factory=lambda: ["sft", "dpo"])
+    """Post-training methods run in order after pretrain (ERNIE text models: sft, dpo)."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+
+@dataclass
+class ArtifactsConfig:
+    root: str = "runs/artifacts"
+    """Where artifacts live: a local directory (relative to the working dir) or s3://bucket/prefix."""
+    local_root: str = "runs/local"
+    """Local working space: fetched copies of remote artifacts, staging, resume state."""
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""
+    """MLflow tracking URI; empty = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db."""
+    experiment: str = "ernie-pipeline"
+    register_model: bool = True
+    """Register the served model in the MLflow model registry."""
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""
+    """Ray cluster address; empty = $RAY_ADDRESS, else a local Ray started for the run."""
+    local_num_cpus: int = 4
+    """Logical CPUs of the local Ray (more than the cores is fine: stages mostly wait on workers)."""
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "tiny"
+    seed: int = 0
+    model: ErnieConfig = field(default_factory=ErnieConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    posttrain: PosttrainConfig = field(default_factory=PosttrainConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def section(self, path: str):
+        value = self
+        for part in path.split("."):
+            value = getattr(value, part)
+        return value
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+
+
+def compose(name: str, overrides: list[str]):
+    """The composed OmegaConf config (schema-checked), or a `UserError` naming the problem."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if name not in presets():
+        raise UserError(f"unknown preset conf={name!r}; available presets: {', '.join(presets())} (files in {CONF_DIR})")
+    ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            return hydra_compose(config_name=name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserError(f"bad configuration for conf={name}: {_one_paragraph(err)}") from None
+
+
+def _one_paragraph(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return text.replace(" full_key:", "; key:").replace(" object_type=", "; in ")
+
+
+def load(name: str, overrides: list[str], dry_run: bool = False) -> PipelineConfig:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    composed = compose(name, overrides)
+    try:
+        cfg: PipelineConfig = OmegaConf.to_object(composed)
+    except (OmegaConfBaseException, TypeError, ValueError) as err:
+        raise UserError(f"bad configuration for conf={name}: {_one_paragraph(err)}") from None
+    if dry_run:
+        cfg = shrink_for_dry_run(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Cross-field rules; a violation names the key path and the value."""
+    try:
+        cfg.model.validate()
+    except ConfigError as err:
+        raise UserError(f"bad configuration: {err}") from None
+    if cfg.data.vocab_size != cfg.model.vocab_size:
+        raise UserError(
+            f"data.vocab_size={cfg.data.vocab_size} must equal model.vocab_size={cfg.model.vocab_size} "
+            "(the tokenizer the data stage trains is the model's vocabulary)"
+        )
+    bad = [m for m in cfg.posttrain.recipe if m not in POSTTRAIN_METHODS]
+    if bad:
+        raise UserError(f"posttrain.recipe={cfg.posttrain.recipe} has unknown method(s) {bad}; known: {list(POSTTRAIN_METHODS)}")
+    group = cfg.quantize.group_size
+    widths = {"model.hidden_size": cfg.model.hidden_size, "model.intermediate_size": cfg.model.intermediate_size}
+    if cfg.model.moe is not None:
+        widths["model.moe.intermediate_size"] = cfg.model.moe.intermediate_size
+    for key, width in widths.items():
+        if width % group:
+            raise UserError(f"quantize.group_size={group} must divide {key}={width} (the quantized input width)")
+
+
+def shrink_for_dry_run(cfg: PipelineConfig, overrides: list[str]) -> PipelineConfig:
+    """Same stage graph and settings, tiny same-family model and the tiny preset's data and steps."""
+    tiny = load("tiny", [o for o in overrides if not o.startswith("model.")])
+    model = shrink(cfg.model).replace(vocab_size=tiny.data.vocab_size)
+    posttrain = dataclasses.replace(tiny.posttrain, recipe=cfg.posttrain.recipe)
+    return dataclasses.replace(
+        cfg,
+        model=model,
+        data=tiny.data,
+        pretrain=tiny.pretrain,
+        posttrain=posttrain,
+        quantize=dataclasses.replace(tiny.quantize, bits=cfg.quantize.bits, method=cfg.quantize.method),
+        serve=tiny.serve,
+        eval=tiny.eval,
+    )
+
+
+def gpus_requested(cfg: PipelineConfig, stage_path: str) -> float:
+    section = cfg.section(stage_path)
+    per_actor = section.resources.num_gpus
+    workers = getattr(section, "num_workers", 1)
+    return per_actor * max(workers, 1)

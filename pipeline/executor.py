@@ -1,0 +1,156 @@
+"""Run stages on Ray: one actor per stage, with the resources its config asks for.
+
+The driver connects to `RAY_ADDRESS` (or `cluster.address`) when set, else starts a local
+Ray. Each stage runs inside a `StageActor`; the driver polls its progress to draw a bar.
+The actor also runs the eval step after model stages and commits the artifact (manifest
+last), so files are written where the stage ran.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from .contract import Progress, StageContext, UserError
+
+
+def connect(address: str, local_num_cpus: int) -> dict[str, float]:
+    """Connect to the cluster (or start a local Ray); returns the cluster's resources."""
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    runtime_env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}}
+    try:
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="ERROR")
+        else:
+            ray.init(num_cpus=local_num_cpus, include_dashboard=False, runtime_env=runtime_env,
+                     log_to_driver=False, logging_level="ERROR")
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise UserError(
+            f"cannot reach the Ray cluster at {address!r} ({' '.join(str(err).split())[:300]}). "
+            "Check RAY_ADDRESS / cluster.address (e.g. ray://host:10001 or host:6379) and that the head node is up, "
+            "or unset it to run on a local Ray."
+        ) from None
+    return ray.cluster_resources()
+
+
+@dataclass
+class StageJob:
+    """Everything the actor needs to run one stage (all picklable)."""
+
+    stage: str
+    module: str
+    kind: str
+    key: str
+    context: StageContext
+    eval_module: str | None
+    eval_config: Any
+    store_args: tuple[str, str]
+    manifest_extra: dict
+
+
+@ray.remote
+class StageActor:
+    def __init__(self) -> None:
+        self.progress = Progress()
+
+    def poll(self) -> dict:
+        return self.progress.snapshot()
+
+    def run(self, job: StageJob) -> dict:
+        import importlib
+
+        from .store import ArtifactStore
+
+        store = ArtifactStore(*job.store_args)
+        ctx = job.context
+        ctx.progress = self.progress
+        ctx.inputs = {name: store.fetch(a) for name, a in ctx.inputs.items()}
+        ctx.output_dir = store.staging_dir(job.stage, job.key)
+        try:
+            result = importlib.import_module(job.module).run(ctx)
+            metrics = dict(result.metrics)
+            if job.eval_module:
+                self.progress.update(0, "eval")
+                metrics.update(self._evaluate(job, ctx))
+            artifact = store.commit(job.stage, job.key, job.kind, ctx.output_dir,
+                                    {**job.manifest_extra, "metrics": metrics, "summary": result.summary,
+                                     **result.extra})
+        except BaseException as err:
+            raise StageFailure(job.stage, err, traceback.format_exc()) from None
+        return {"artifact": artifact, "metrics": metrics, "summary": result.summary}
+
+    def _evaluate(self, job: StageJob, ctx: StageContext) -> dict[str, float]:
+        import dataclasses
+        import importlib
+
+        from .contract import Artifact
+
+        model_art = Artifact(kind=job.kind, uri=str(ctx.output_dir), cache_key=job.key, local_path=str(ctx.output_dir))
+        eval_dir = ctx.output_dir.parent / f".eval-{ctx.output_dir.name}"
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        eval_ctx = dataclasses.replace(ctx, stage="eval", config=job.eval_config, output_dir=eval_dir,
+                                       inputs={"model": model_art, "dataset": ctx.inputs["dataset"]})
+        metrics = importlib.import_module(job.eval_module).run(eval_ctx).metrics
+        eval_metrics = {f"eval/{k}": v for k, v in metrics.items()}
+        ctx.log.metrics(eval_metrics)
+        import shutil
+
+        shutil.rmtree(eval_dir, ignore_errors=True)
+        return eval_metrics
+
+
+class StageFailure(Exception):
+    """A stage raised; carries its own traceback so the driver can summarise it."""
+
+    def __init__(self, stage: str, error: BaseException, tb: str) -> None:
+        super().__init__(f"{stage}: {type(error).__name__}: {error}")
+        self.stage, self.error_type, self.message, self.tb = stage, type(error).__name__, str(error), tb
+        self.user_error = isinstance(error, UserError)
+
+    def __reduce__(self):
+        return (_rebuild_failure, (self.stage, self.error_type, self.message, self.tb, self.user_error))
+
+
+def _rebuild_failure(stage, error_type, message, tb, user_error):
+    failure = StageFailure.__new__(StageFailure)
+    Exception.__init__(failure, f"{stage}: {error_type}: {message}")
+    failure.stage, failure.error_type, failure.message, failure.tb = stage, error_type, message, tb
+    failure.user_error = user_error
+    return failure
+
+
+def run_stage(job: StageJob, resources: Any, on_progress) -> dict:
+    """Run the job in a fresh actor, calling `on_progress(snapshot)` while it works."""
+    options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus,
+                               "max_concurrency": 2}
+    if resources.memory_gb:
+        options["memory"] = int(resources.memory_gb * 2**30)
+    actor = StageActor.options(**options).remote()
+    ref = actor.run.remote(job)
+    try:
+        while True:
+            done, _ = ray.wait([ref], timeout=0.5)
+            try:
+                on_progress(ray.get(actor.poll.remote(), timeout=5))
+            except Exception:  # noqa: BLE001 - a slow poll must not stop the run
+                pass
+            if done:
+                return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        cause = err.cause if isinstance(getattr(err, "cause", None), StageFailure) else None
+        if cause is None:
+            raise StageFailure(job.stage, RuntimeError(str(err).splitlines()[0]), str(err)) from None
+        raise cause from None
+    except ray.exceptions.RayActorError as err:
+        raise StageFailure(job.stage, RuntimeError(f"the stage's worker process died ({err})"), str(err)) from None
+    finally:
+        ray.kill(actor)
+        time.sleep(0)

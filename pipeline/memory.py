@@ -1,0 +1,65 @@
+"""Per-GPU memory estimate of a training stage, for `plan` (an estimate, printed as such).
+
+Parameters in bf16 with fp32 master weights, fp32 gradients and AdamW's two fp32 moments,
+sharded over the data-parallel workers when the stage shards (FSDP), experts over the
+expert-parallel group; activations of one micro-batch with SDPA/flash attention and no
+recomputation: about 34 * seq * batch * hidden bytes per layer (Korthikanti et al. 2022).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ernie import ErnieConfig, ErnieForCausalLM
+
+GiB = 2**30
+
+
+@dataclass
+class MemoryPlan:
+    total_params: int
+    active_params: int
+    params_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    activations_gb: float
+
+    @property
+    def total_gb(self) -> float:
+        return self.params_gb + self.grads_gb + self.optimizer_gb + self.activations_gb
+
+
+def count_params(model_cfg: ErnieConfig) -> tuple[int, int]:
+    with torch.device("meta"):
+        model = ErnieForCausalLM(model_cfg)
+    return model.num_params(), model.num_active_params()
+
+
+def training_memory(model_cfg: ErnieConfig, workers: int, micro_batch: int, seq_len: int, shard: bool,
+                    expert_parallel: int = 1) -> MemoryPlan:
+    total, active = count_params(model_cfg)
+    expert_params = _expert_params(model_cfg)
+    dense_params = total - expert_params
+    shards = max(workers, 1) if shard else 1
+    per_gpu = dense_params / shards + expert_params / max(expert_parallel, 1) / (shards if shard else 1)
+    activations = 34 * seq_len * micro_batch * model_cfg.hidden_size * model_cfg.num_layers
+    activations += 4 * seq_len * micro_batch * model_cfg.vocab_size  # fp32 logits for the loss
+    return MemoryPlan(
+        total_params=total,
+        active_params=active,
+        params_gb=per_gpu * (2 + 4) / GiB,
+        grads_gb=per_gpu * 4 / GiB,
+        optimizer_gb=per_gpu * 8 / GiB,
+        activations_gb=activations / GiB,
+    )
+
+
+def _expert_params(cfg: ErnieConfig) -> int:
+    if cfg.moe is None:
+        return 0
+    m = cfg.moe
+    per_layer = m.num_experts * 3 * cfg.hidden_size * m.intermediate_size
+    per_layer += m.vision_num_experts * 3 * cfg.hidden_size * m.vision_intermediate_size
+    return per_layer * len(cfg.moe_layers)

@@ -1,0 +1,199 @@
+"""Walk the stage graph: compute cache keys, skip what is cached, run the rest on Ray,
+track everything in MLflow and record the run for `ls` / `show`."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import PipelineConfig, gpus_requested, to_yaml
+from .contract import Artifact, StageContext, UserError
+from .graph import EVAL_MODULE, STAGE_MODULES, Selection, StageNode, build_graph, stage_module
+from .store import ArtifactStore, cache_key, code_fingerprint
+
+
+@dataclass
+class PlannedStage:
+    node: StageNode
+    key: str
+    cached: Artifact | None
+    run: bool = False
+    selected: bool = False
+    """Shown to the user (run, or reported as cached); unselected stages only lend their artifacts."""
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    stages: dict[str, dict] = field(default_factory=dict)
+    endpoint: str | None = None
+    parent_run: str | None = None
+
+
+def make_store(cfg: PipelineConfig) -> ArtifactStore:
+    return ArtifactStore(cfg.artifacts.root, cfg.artifacts.local_root)
+
+
+def plan_stages(cfg: PipelineConfig, store: ArtifactStore, selection: Selection) -> list[PlannedStage]:
+    """Keys for every stage and which ones this run executes."""
+    nodes = build_graph(cfg.posttrain.recipe)
+    selection.check(nodes)
+    keys: dict[str, str] = {}
+    planned: list[PlannedStage] = []
+    for node in nodes:
+        inputs = {name: keys[upstream] for name, upstream in node.inputs.items()}
+        model_cfg = None if node.name == "data" else cfg.model
+        extra = {"seed": cfg.seed, "model": model_cfg}
+        if node.evaluated:
+            extra["eval"] = cfg.eval
+        keys[node.name] = cache_key(node.name, cfg.section(node.config_path), code_fingerprint(STAGE_MODULES[node.name]),
+                                    inputs, extra)
+        planned.append(PlannedStage(node, keys[node.name], store.find(node.name, keys[node.name])))
+    wanted = set(selection.wanted(nodes))
+    by_name = {p.node.name: p for p in planned}
+    for p in planned:
+        p.selected = p.node.name in wanted or p.node.name in selection.force
+        # `stages=[..]` and `force=[..]` recompute; otherwise only what is not cached runs
+        explicit = p.node.name in selection.force or (selection.stages is not None and p.selected)
+        p.run = p.selected and (explicit or p.cached is None)
+    for p in reversed(planned):  # missing upstream artifacts are produced first
+        if p.run:
+            for upstream in p.node.inputs.values():
+                if by_name[upstream].cached is None:
+                    by_name[upstream].run = by_name[upstream].selected = True
+    return planned
+
+
+def check_resources(cfg: PipelineConfig, planned: list[PlannedStage], cluster: dict[str, float]) -> None:
+    have = cluster.get("GPU", 0.0)
+    for p in planned:
+        if not p.run:
+            continue
+        need = gpus_requested(cfg, p.node.config_path)
+        if need > have:
+            raise UserError(
+                f"stage {p.node.name} asks for {need:g} GPU(s) ({p.node.config_path}.resources.num_gpus"
+                f"{' x num_workers' if hasattr(cfg.section(p.node.config_path), 'num_workers') else ''}) "
+                f"but the Ray cluster has {have:g}. Lower the request, add GPU nodes, or use dry_run=true "
+                "for a CPU rehearsal."
+            )
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def execute(cfg: PipelineConfig, conf_name: str, selection: Selection, dry_run: bool, ui) -> RunOutcome:
+    """Run the pipeline; `ui` draws progress and prints stage results."""
+    from . import executor
+    from .tracking import PipelineTracker, tracking_uri
+
+    store = make_store(cfg)
+    planned = plan_stages(cfg, store, selection)  # reads only
+    cluster = executor.connect(cfg.cluster.address, cfg.cluster.local_num_cpus)
+    check_resources(cfg, planned, cluster)
+    store.check_writable()  # the first write of the run
+
+    uri = tracking_uri(cfg.tracking.uri)
+    tracker = PipelineTracker(uri, cfg.tracking.experiment)
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    parent = tracker.start(f"{conf_name}-{run_id}", {"conf": conf_name, "git_commit": git_commit(),
+                                                     "dry_run": str(dry_run).lower(), "pipeline_run": run_id},
+                           to_yaml(cfg))
+    outcome = RunOutcome(run_id=run_id, parent_run=tracker.parent_id)
+    record = {"run_id": run_id, "conf": conf_name, "dry_run": dry_run, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "mlflow_uri": uri, "mlflow_run_id": tracker.parent_id, "status": "running", "stages": {}}
+    store.save_run(record)
+    artifacts: dict[str, Artifact] = {}
+    ok = False
+    try:
+        for p in planned:
+            if not p.selected:
+                if p.cached is not None:
+                    artifacts[p.node.name] = p.cached
+                continue
+            artifacts[p.node.name] = _run_or_reuse(cfg, p, artifacts, store, tracker, ui, outcome, record)
+            store.save_run(record)
+        ok = True
+    finally:
+        record["status"] = "finished" if ok else "failed"
+        record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        store.save_run(record)
+        tracker.finish(tracker.parent_id, ok)
+    _register(cfg, tracker, artifacts, outcome)
+    return outcome
+
+
+def _run_or_reuse(cfg, p: PlannedStage, artifacts, store, tracker, ui, outcome: RunOutcome, record) -> Artifact:
+    from . import executor
+
+    name = p.node.name
+    section = cfg.section(p.node.config_path)
+    module = stage_module(name)
+    if not p.run and p.cached is not None:
+        logger = tracker.stage(name, section, {"cache": "hit", "cache_key": p.key,
+                                                "produced_by_run": p.cached.manifest.get("pipeline_run", "")})
+        logger.metrics({k: v for k, v in p.cached.manifest.get("metrics", {}).items() if isinstance(v, (int, float))})
+        tracker.finish(logger.run_id, True)
+        ui.cached(name, p.cached)
+        _record(outcome, record, name, p.cached, "cached", logger.run_id)
+        return p.cached
+    inputs = {}
+    for input_name, upstream in p.node.inputs.items():
+        if upstream not in artifacts:
+            raise UserError(f"stage {name} needs the {upstream} artifact, which is missing; rerun with "
+                            f"stages=[{upstream},{name}]")
+        inputs[input_name] = artifacts[upstream]
+    logger = tracker.stage(name, section, {"cache": "miss", "cache_key": p.key})
+    ctx = StageContext(stage=name, config=section, model=cfg.model, inputs=inputs, output_dir=Path("."),
+                       log=logger, seed=cfg.seed, dry_run=False,
+                       num_cpus=section.resources.num_cpus, num_gpus=section.resources.num_gpus,
+                       work_dir=store.work_dir(name, p.key),
+                       tracking={"uri": tracker.uri, "run_id": logger.run_id})
+    job = executor.StageJob(stage=name, module=STAGE_MODULES[name], kind=module.OUTPUT_KIND, key=p.key, context=ctx,
+                            eval_module=EVAL_MODULE if p.node.evaluated else None, eval_config=cfg.eval,
+                            store_args=(store.root, str(store.local_root)),
+                            manifest_extra={"inputs": {k: a.cache_key for k, a in inputs.items()},
+                                            "pipeline_run": outcome.run_id, "mlflow_run_id": logger.run_id})
+    start = time.time()
+    bar = ui.start(name)
+    try:
+        result = executor.run_stage(job, section.resources, bar.update)
+    except executor.StageFailure:
+        tracker.finish(logger.run_id, False)
+        bar.close(failed=True)
+        raise
+    bar.close()
+    logger.metrics({"stage_seconds": time.time() - start})
+    tracker.finish(logger.run_id, True)
+    artifact = result["artifact"]
+    ui.finished(name, artifact, result["metrics"], result["summary"], time.time() - start)
+    _record(outcome, record, name, artifact, "ran", logger.run_id)
+    if name == "serve":
+        outcome.endpoint = result["metrics"].get("url") or artifact.manifest.get("url")
+    return artifact
+
+
+def _record(outcome: RunOutcome, record: dict, name: str, artifact: Artifact, status: str, mlflow_run: str) -> None:
+    entry = {"status": status, "cache_key": artifact.cache_key, "uri": artifact.uri, "mlflow_run_id": mlflow_run,
+             "metrics": artifact.manifest.get("metrics", {})}
+    outcome.stages[name] = entry
+    record["stages"][name] = entry
+
+
+def _register(cfg: PipelineConfig, tracker, artifacts: dict[str, Artifact], outcome: RunOutcome) -> None:
+    if not cfg.tracking.register_model or "quantize" not in artifacts:
+        return
+    served = artifacts["quantize"]
+    version = tracker.register_model(f"{cfg.name}-model", served.uri, served.manifest.get("mlflow_run_id") or
+                                     tracker.parent_id)
+    outcome.stages.setdefault("quantize", {})["registered_version"] = version
+

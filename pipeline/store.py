@@ -1,0 +1,168 @@
+"""Content-addressed artifact store on any fsspec filesystem (local directory or s3://).
+
+Layout under `artifacts.root`:
+    {stage}/{cache_key}/...            a finished artifact, `manifest.json` written last
+    {stage}/.staging-{key}-{token}/    a stage's output while it runs (local roots)
+    runs/{run_id}.json                 one record per pipeline run (for `ls` / `show`)
+Local working copies of remote artifacts and resume state live under `local_root`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from .contract import MANIFEST, SCHEMA_VERSION, Artifact, UserError, file_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cache_key(stage: str, config: Any, code: str, input_keys: dict[str, str], extra: dict | None = None) -> str:
+    """sha256 of the stage name, its resolved config, its code and its inputs' keys."""
+    payload = {
+        "stage": stage,
+        "config": _plain(config),
+        "code": code,
+        "inputs": dict(sorted(input_keys.items())),
+        "extra": _plain(extra or {}),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        return asdict(value)
+    return value
+
+
+def code_fingerprint(module_path: str) -> str:
+    """sha256 over the source of a stage package plus everything a stage may import."""
+    package_dir = ROOT / Path(*module_path.split("."))
+    files = sorted(package_dir.rglob("*.py")) if package_dir.is_dir() else [package_dir.with_suffix(".py")]
+    if module_path.startswith("stages.posttrain."):
+        files += sorted((ROOT / "stages" / "posttrain").glob("*.py"))
+    files += sorted((ROOT / "ernie").rglob("*.py"))
+    files += [ROOT / "pipeline" / "contract.py", ROOT / "pipeline" / "formats.py"]
+    h = hashlib.sha256()
+    for path in sorted(set(files)):
+        h.update(str(path.relative_to(ROOT)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+class ArtifactStore:
+    def __init__(self, root: str, local_root: str | os.PathLike) -> None:
+        self.root = root.rstrip("/")
+        self.fs, self.path = fsspec.core.url_to_fs(self.root)
+        self.is_local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
+        self.local_root = Path(local_root)
+
+    # -------------------------------------------------------------- addresses
+    def uri(self, stage: str, key: str) -> str:
+        return f"{self.root}/{stage}/{key}"
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.path.rstrip("/"), *parts])
+
+    def work_dir(self, stage: str, key: str) -> Path:
+        """Resume state of one (stage, cache key), kept across interrupted attempts."""
+        return self.local_root / "work" / stage / key
+
+    def check_writable(self) -> None:
+        try:
+            self.fs.makedirs(self.path, exist_ok=True)
+            probe = self._path(f".probe-{uuid.uuid4().hex}")
+            self.fs.pipe(probe, b"ok")
+            self.fs.rm(probe)
+        except Exception as err:  # noqa: BLE001 - any backend error means the same to the user
+            raise UserError(
+                f"artifacts.root={self.root} is not writable ({type(err).__name__}: {err}). "
+                "Point artifacts.root at a writable directory or bucket (and check credentials)."
+            ) from None
+
+    # -------------------------------------------------------------- reading
+    def find(self, stage: str, key: str) -> Artifact | None:
+        """The finished artifact for this key, or None (no manifest = not an artifact)."""
+        manifest_path = self._path(stage, key, MANIFEST)
+        if not self.fs.exists(manifest_path):
+            return None
+        manifest = json.loads(self.fs.cat_file(manifest_path))
+        return Artifact(kind=manifest["kind"], uri=self.uri(stage, key), cache_key=key, manifest=manifest)
+
+    def fetch(self, artifact: Artifact) -> Artifact:
+        """The artifact with a local directory (downloaded once for remote roots)."""
+        if self.is_local:
+            return Artifact(artifact.kind, artifact.uri, artifact.cache_key, artifact.manifest,
+                            local_path=self._path(*self._rel(artifact.uri)))
+        stage = self._rel(artifact.uri)[0]
+        local = self.local_root / "fetched" / stage / artifact.cache_key
+        if not (local / MANIFEST).is_file():
+            tmp = local.with_name(local.name + f".tmp-{uuid.uuid4().hex[:8]}")
+            self.fs.get(self._path(*self._rel(artifact.uri)) + "/", str(tmp), recursive=True)
+            shutil.rmtree(local, ignore_errors=True)
+            tmp.rename(local)
+        return Artifact(artifact.kind, artifact.uri, artifact.cache_key, artifact.manifest, local_path=str(local))
+
+    def _rel(self, uri: str) -> list[str]:
+        return uri[len(self.root) + 1 :].split("/")
+
+    # -------------------------------------------------------------- writing
+    def staging_dir(self, stage: str, key: str) -> Path:
+        """A fresh local directory for a stage's output."""
+        token = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        if self.is_local:
+            path = Path(self._path(stage, f".staging-{key[:16]}-{token}"))
+        else:
+            path = self.local_root / "staging" / stage / f"{key[:16]}-{token}"
+        path.mkdir(parents=True, exist_ok=False)
+        return path
+
+    def commit(self, stage: str, key: str, kind: str, staged: Path, manifest_extra: dict) -> Artifact:
+        """Move the staged output into place, then write the manifest last."""
+        manifest = {
+            "kind": kind,
+            "schema_version": SCHEMA_VERSION,
+            "stage": stage,
+            "cache_key": key,
+            "content_digest": file_digest(staged),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **manifest_extra,
+        }
+        final = self._path(stage, key)
+        if self.fs.exists(final):
+            self.fs.rm(final, recursive=True)  # a directory without manifest: an earlier attempt that died
+        if self.is_local:
+            os.replace(staged, final)
+        else:
+            self.fs.put(str(staged) + "/", final, recursive=True)
+            shutil.rmtree(staged, ignore_errors=True)
+        self.fs.pipe(self._path(stage, key, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
+        return Artifact(kind=kind, uri=self.uri(stage, key), cache_key=key, manifest=manifest)
+
+    # -------------------------------------------------------------- run records
+    def save_run(self, record: dict) -> None:
+        self.fs.makedirs(self._path("runs"), exist_ok=True)
+        self.fs.pipe(self._path("runs", f"{record['run_id']}.json"), (json.dumps(record, indent=2) + "\n").encode())
+
+    def runs(self) -> list[dict]:
+        if not self.fs.exists(self._path("runs")):
+            return []
+        records = [json.loads(self.fs.cat_file(p)) for p in self.fs.glob(self._path("runs", "*.json"))]
+        return sorted(records, key=lambda r: r.get("started_at", ""))
+
+    def run(self, run_id: str) -> dict:
+        matches = [r for r in self.runs() if r["run_id"].startswith(run_id)]
+        if not matches:
+            raise UserError(f"no pipeline run {run_id!r} under {self.root}; `python -m pipeline ls` lists them")
+        if len(matches) > 1:
+            raise UserError(f"run id prefix {run_id!r} is ambiguous: {[r['run_id'] for r in matches]}")
+        return matches[0]

@@ -1,0 +1,142 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage.
+
+The default store is `sqlite:///<cwd>/mlflow.db`; `MLFLOW_TRACKING_URI` (or
+`tracking.uri`) points anywhere else. Stage processes and rank 0 of distributed stages log
+through `MlflowLogger`, which is picklable (it carries only the URI and the run id).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+
+def tracking_uri(configured: str) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if is_dataclass(value):
+        value = asdict(value)
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+class MlflowLogger:
+    """`StageLogger` bound to one MLflow run."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id = uri, run_id
+        self._client = None
+
+    def __getstate__(self):
+        return {"uri": self.uri, "run_id": self.run_id, "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in values.items() if v == v]  # drop NaN
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def params(self, values: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(values)
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def artifact(self, path, subdir: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), subdir)
+        else:
+            self.client.log_artifact(self.run_id, str(path), subdir)
+
+    def figure(self, figure, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+
+class PipelineTracker:
+    """Creates the parent run and the stage runs; finishes them with the right status."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.parent_id: str | None = None
+
+    def start(self, run_name: str, tags: dict[str, str], config_yaml: str) -> MlflowLogger:
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self.parent_id = run.info.run_id
+        logger = MlflowLogger(self.uri, self.parent_id)
+        logger.text(config_yaml, "config.yaml")
+        return logger
+
+    def stage(self, name: str, params: Any, tags: dict[str, str]) -> MlflowLogger:
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.parent_id, "stage": name, **tags}
+        )
+        logger = MlflowLogger(self.uri, run.info.run_id)
+        logger.params(flatten(params))
+        return logger
+
+    def finish(self, run_id: str, ok: bool) -> None:
+        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    def register_model(self, name: str, source: str, run_id: str) -> str:
+        """Register `source` (an artifact URI) as a new version of model `name`."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # already registered
+        version = self.client.create_model_version(name, source=source, run_id=run_id)
+        return version.version
+
+    def run_url(self, run_id: str) -> str:
+        return f"{self.uri} experiment {self.experiment_id} run {run_id}"
+
+
+def figure_to_png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def temp_file(suffix: str) -> Path:
+    handle, name = tempfile.mkstemp(suffix=suffix)
+    os.close(handle)
+    return Path(name)
