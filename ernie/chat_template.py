@@ -2,9 +2,10 @@
 
     <|begin_of_sentence|>{system}\nUser: {user}\nAssistant: {answer}<|end_of_sentence|>User: ...
 
-A generation prompt ends with "\nAssistant: " followed by an empty think block
+A generation prompt ends with "Assistant: " followed by an empty think block
 (`<think>\n\n</think>\n\n`) when thinking is off (the default) or an open `<think>\n`
-when it is on (ERNIE_FACTS §5). `render_segments` marks which characters an assistant
+when it is on (ERNIE_FACTS §5); a past assistant turn is rendered the same way, its
+reasoning (if any) inside the think block. `render_segments` marks which characters an assistant
 wrote, so SFT can put the loss on assistant tokens only.
 """
 
@@ -35,14 +36,20 @@ def render_segments(
         elif role == "user":
             pieces.append((f"User: {content}\n", False))
         else:
+            # The prompt part of an assistant turn is exactly the generation prompt of its mode,
+            # so training targets and inference prompts agree token for token.
             reasoning = message.get("reasoning_content")
-            answer = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n{content}" if reasoning else content
-            pieces.append(("Assistant: ", False))
+            pieces.append((assistant_prompt(thinking=bool(reasoning)), False))
+            answer = f"{reasoning}\n{THINK_CLOSE}\n{content}" if reasoning else content
             pieces.append((answer + EOS, True))
     if add_generation_prompt:
-        opener = f"{THINK_OPEN}\n" if enable_thinking else f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
-        pieces.append(("Assistant: " + opener, False))
+        pieces.append((assistant_prompt(enable_thinking), False))
     return pieces
+
+
+def assistant_prompt(thinking: bool) -> str:
+    """What precedes the assistant's own words: an open think block, or an empty one."""
+    return f"Assistant: {THINK_OPEN}\n" if thinking else f"Assistant: {THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
 
 
 def render(messages: list[dict], add_generation_prompt: bool = False, enable_thinking: bool = False) -> str:

@@ -48,7 +48,7 @@ def write_row_shards(rows: Iterable[dict[str, np.ndarray]], directory: Path, row
             if writer is not None:
                 writer.close()
             names.append(f"shard-{len(names):05d}.tar")
-            writer = wds.TarWriter(str(directory / names[-1]))
+            writer = wds.TarWriter(str(directory / names[-1]), mtime=0)  # byte-identical reruns
         sample = {"__key__": f"{i:09d}"}
         for name, dtype in ROW_FIELDS.items():
             sample[f"{name}.npy"] = _npy_bytes(np.asarray(row[name], dtype=dtype))

@@ -1,0 +1,345 @@
+"""The data stage writes the dataset artifact of `pipeline.formats`, deterministically, with
+document-masked packing and eval tasks that no training data has seen."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ernie.chat_template import SPECIAL_TOKENS, render
+from pipeline.contract import MemoryLogger, StageContext, StageResult, UserError
+from pipeline.formats import ROW_FIELDS, TOKENIZER_FILE, load_rows, load_tokenizer, read_jsonl
+from stages import data
+from stages.data.packing import pack_documents
+
+SMALL = dict(
+    vocab_size=400,
+    seq_len=64,
+    max_documents=250,
+    arithmetic_documents=120,
+    rows_per_shard=16,
+    sft_examples=60,
+    preference_pairs=40,
+    eval_tasks=30,
+    val_fraction=0.1,
+)
+SPLITS = ("train", "val")
+
+
+def run_stage(output_dir: Path, seed: int = 0, **overrides) -> tuple[StageContext, StageResult]:
+    ctx = StageContext("data", data.Config(**{**SMALL, **overrides}), None, {}, output_dir, seed=seed)
+    return ctx, data.run(ctx)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(dataset dir, context, result) of one small run, shared by the read-only tests."""
+    out = tmp_path_factory.mktemp("dataset")
+    ctx, result = run_stage(out)
+    return out, ctx, result
+
+
+@pytest.fixture(scope="module")
+def rows(built):
+    return {split: load_rows(built[0] / split) for split in SPLITS}
+
+
+def documents_from_rows(split_rows: dict[str, np.ndarray]) -> dict[int, list[int]]:
+    """Token lists of each document, its pieces concatenated in row order."""
+    docs: dict[int, list[int]] = defaultdict(list)
+    for ids, doc_ids in zip(split_rows["input_ids"], split_rows["document_ids"], strict=True):
+        for doc in dict.fromkeys(doc_ids[doc_ids >= 0].tolist()):
+            docs[doc] += ids[doc_ids == doc].tolist()
+    return docs
+
+
+# ---------------------------------------------------------------------- artifact format
+def test_stage_module_exposes_the_contract():
+    assert data.INPUTS == {} and data.OUTPUT_KIND == "dataset"
+    assert data.Config().vocab_size == 1024 and data.Config().seq_len == 128
+
+
+def test_tokenizer_has_the_special_tokens_at_fixed_ids(built):
+    out = built[0]
+    assert (out / TOKENIZER_FILE).is_file()
+    tok = load_tokenizer(out)
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert 261 <= tok.get_vocab_size() <= SMALL["vocab_size"]
+    text = "What is 17 + 25? Ünïcode ok"
+    assert tok.decode(tok.encode(text).ids) == text
+    chat = render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "42"}])
+    ids = tok.encode(chat).ids
+    assert ids[0] == 1 and ids[-1] == 2 and ids.count(1) == 1  # bos/eos are single tokens, nothing added
+
+
+def test_shards_hold_rows_of_the_declared_fields_and_shapes(built, rows):
+    out, _, _ = built
+    for split in SPLITS:
+        n = len(rows[split]["input_ids"])
+        assert n > 0
+        assert len(list((out / split).glob("shard-*.tar"))) == math.ceil(n / SMALL["rows_per_shard"])
+        for name, dtype in ROW_FIELDS.items():
+            assert rows[split][name].dtype == dtype, name
+            assert rows[split][name].shape == (n, SMALL["seq_len"]), name
+        r = rows[split]
+        pad = r["document_ids"] == -1
+        assert (r["input_ids"][pad] == 0).all() and (r["labels"][pad] == -100).all()
+        assert (r["input_ids"][~pad] != 0).all()  # pad id 0 only ever pads
+        assert (r["modality_ids"] == 0).all()
+        assert pad[:, 0].sum() == 0  # no empty rows
+
+
+def test_labels_never_predict_across_a_document_boundary(rows):
+    for r in rows.values():
+        ids, labels, docs = r["input_ids"], r["labels"], r["document_ids"]
+        supervised = labels != -100
+        assert (labels[supervised] == ids[supervised]).all()
+        boundary = np.zeros_like(docs, dtype=bool)
+        boundary[:, 1:] = docs[:, 1:] != docs[:, :-1]
+        assert not supervised[boundary].any()
+        assert not supervised[ids == 1].any()  # every bos starts a document
+        assert supervised.mean() > 0.8
+
+
+def test_positions_restart_at_every_document_as_the_model_computes_them(rows):
+    import torch
+
+    from ernie.positions import document_positions
+
+    for r in rows.values():
+        expected = document_positions(torch.from_numpy(r["document_ids"]).long()).numpy()
+        np.testing.assert_array_equal(r["position_ids"], expected)
+        assert (r["position_ids"][r["input_ids"] == 1] == 0).all()
+
+
+def test_every_document_survives_packing_whole_and_once(built, rows):
+    out, _, _ = built
+    stats = json.loads((out / "stats.json").read_text())
+    seen: set[int] = set()
+    for split in SPLITS:
+        docs = documents_from_rows(rows[split])
+        assert len(docs) == stats["splits"][split]["documents"]
+        assert not seen & docs.keys()  # a document lives in one split only
+        seen |= docs.keys()
+        for tokens in docs.values():
+            assert tokens[0] == 1 and tokens[-1] == 2 and tokens.count(1) == 1 and tokens.count(2) == 1
+    assert len(seen) == stats["documents"]
+
+
+# ---------------------------------------------------------------------- post-training sets
+def user_prompts(records: list[dict], key: str) -> set[str]:
+    return {m["content"] for r in records for m in r[key] if m["role"] == "user"}
+
+
+def expressions(prompts: set[str]) -> set[str]:
+    return {re.search(r"\d+ [+-] \d+", p).group(0) for p in prompts}
+
+
+def test_eval_tasks_are_correct_and_held_out_of_every_training_set(built, rows):
+    out = built[0]
+    tasks = read_jsonl(out / "tasks" / "val.jsonl")
+    assert len(tasks) == SMALL["eval_tasks"]
+    assert {t["task"] for t in tasks} == {"add", "sub"}
+    for t in tasks:
+        a, sym, b = re.search(r"(\d+) ([+-]) (\d+)", t["prompt"][0]["content"]).groups()
+        assert t["answer"] == str(int(a) + int(b) if sym == "+" else int(a) - int(b))
+        assert t["task"] == {"+": "add", "-": "sub"}[sym]
+    held_out = expressions(user_prompts(tasks, "prompt"))
+    assert len(held_out) == len(tasks)
+    for name, key in (("sft", "messages"), ("preferences", "prompt")):
+        records = [r for split in SPLITS for r in read_jsonl(out / name / f"{split}.jsonl")]
+        assert not held_out & expressions(user_prompts(records, key)), name
+
+    tok = load_tokenizer(out)
+    pretraining_text = "\n".join(
+        tok.decode(tokens) for split in SPLITS for tokens in documents_from_rows(rows[split]).values()
+    )
+    assert re.search(r"\d+ \+ \d+ = \d+", pretraining_text)  # the corpus does teach arithmetic
+    for expression in held_out:
+        a, sym, b = expression.split()
+        pattern = rf"(?<![\d.]){a} *{re.escape(sym)} *{b}(?![\d.])"
+        assert not re.search(pattern, pretraining_text), f"eval fact {expression} leaked into pretraining"
+
+
+def test_sft_and_preference_records_are_chats_with_right_answers(built):
+    out = built[0]
+    sft = read_jsonl(out / "sft" / "train.jsonl") + read_jsonl(out / "sft" / "val.jsonl")
+    assert len(sft) == SMALL["sft_examples"] and read_jsonl(out / "sft" / "val.jsonl")
+    for record in sft:
+        render(record["messages"])  # valid for the chat template
+        question, reply = record["messages"]
+        a, sym, b = re.search(r"(\d+) ([+-]) (\d+)", question["content"]).groups()
+        assert reply["content"] == str(int(a) + int(b) if sym == "+" else int(a) - int(b))
+    assert any("reasoning_content" in r["messages"][1] for r in sft)
+    prefs = read_jsonl(out / "preferences" / "train.jsonl") + read_jsonl(out / "preferences" / "val.jsonl")
+    assert len(prefs) == SMALL["preference_pairs"]
+    for pair in prefs:
+        render(pair["prompt"], add_generation_prompt=True)
+        a, sym, b = re.search(r"(\d+) ([+-]) (\d+)", pair["prompt"][0]["content"]).groups()
+        assert pair["chosen"] == str(int(a) + int(b) if sym == "+" else int(a) - int(b))
+        assert pair["rejected"] != pair["chosen"] and pair["rejected"].isdigit()
+
+
+# ---------------------------------------------------------------------- stats, logging, progress
+def test_stats_agree_with_the_shards_and_are_logged(built, rows):
+    out, ctx, result = built
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["seq_len"] == SMALL["seq_len"]
+    assert stats["tokenizer_vocab_size"] == load_tokenizer(out).get_vocab_size()
+    assert set(stats["sources"]) == {"stdlib-docs", "arithmetic"} and set(stats["modalities"]) == {"text"}
+    assert stats["sources"]["arithmetic"]["documents"] == SMALL["arithmetic_documents"]
+    assert stats["sources"]["stdlib-docs"]["documents"] == SMALL["max_documents"]
+    total_real, total_slots = 0, 0
+    for split in SPLITS:
+        docs = rows[split]["document_ids"]
+        real = int((docs >= 0).sum())
+        assert stats["splits"][split]["rows"] == len(docs)
+        assert stats["splits"][split]["tokens"] == real
+        per_row = np.mean([len(np.unique(d[d >= 0])) for d in docs])
+        assert stats["splits"][split]["avg_documents_per_row"] == pytest.approx(per_row)
+        total_real, total_slots = total_real + real, total_slots + docs.size
+    assert stats["tokens"] == total_real == sum(s["tokens"] for s in stats["sources"].values())
+    assert stats["packing_efficiency"] == pytest.approx(total_real / total_slots)
+    assert 0.8 < stats["packing_efficiency"] <= 1.0
+    assert stats["records"] == {
+        "sft_train": 54,
+        "sft_val": 6,
+        "preferences_train": 36,
+        "preferences_val": 4,
+        "tasks_val": 30,
+    }
+
+    log: MemoryLogger = ctx.log
+    assert log.last("packing_efficiency") == pytest.approx(stats["packing_efficiency"])
+    assert log.last("tokens/source/arithmetic") == stats["sources"]["arithmetic"]["tokens"]
+    assert "data/tokens_per_source.png" in log.artifact_log
+    assert result.metrics["rows"] == stats["rows"] and "arithmetic" in result.summary
+    assert ctx.progress.snapshot()["done"] == ctx.progress.snapshot()["total"]
+
+
+def test_the_figure_renders_to_png(built, tmp_path):
+    from stages.data.corpus import Document
+    from stages.data.stats import stats_figure
+
+    docs = [Document(0, "stdlib-docs", "a", tokens=[1, 5, 2]), Document(1, "arithmetic", "b", tokens=[1] * 300)]
+    stats_figure(docs).savefig(tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------- determinism
+def _contents(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _shard_members(out: Path) -> dict[str, list[tuple[str, bytes]]]:
+    import tarfile
+
+    members = {}
+    for shard in sorted(out.rglob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            members[str(shard.relative_to(out))] = [(m.name, tar.extractfile(m).read()) for m in tar]
+    return members
+
+
+@pytest.fixture(scope="module")
+def rebuilt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dataset_again")
+    run_stage(out)
+    return out
+
+
+def test_same_seed_gives_identical_tokenizer_records_and_rows(built, rebuilt):
+    first, second = _contents(built[0]), _contents(rebuilt)
+    assert first.keys() == second.keys()
+    for name in first:
+        if not name.endswith(".tar"):
+            assert first[name] == second[name], name
+    assert _shard_members(built[0]) == _shard_members(rebuilt)
+
+
+def test_same_seed_gives_byte_identical_shards(built, rebuilt):
+    first, second = _contents(built[0]), _contents(rebuilt)
+    assert {k: v for k, v in first.items() if k.endswith(".tar")} == {
+        k: v for k, v in second.items() if k.endswith(".tar")
+    }
+
+
+def test_another_seed_gives_other_data(built, tmp_path):
+    run_stage(tmp_path, seed=1, max_documents=40, arithmetic_documents=40)
+    assert read_jsonl(tmp_path / "tasks" / "val.jsonl") != read_jsonl(built[0] / "tasks" / "val.jsonl")
+
+
+# ---------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("seq_len", 4),
+        ("vocab_size", 200),
+        ("val_fraction", 0.0),
+        ("val_fraction", 0.5),
+        ("rows_per_shard", 0),
+        ("sft_examples", -1),
+        ("eval_tasks", 10_000),
+    ],
+)
+def test_bad_config_is_a_user_error_naming_the_field(tmp_path, field, value):
+    with pytest.raises(UserError, match=rf"data\.{field}={value!r}"):
+        run_stage(tmp_path, **{field: value})
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_vocab_size_must_match_the_model(tmp_path):
+    from ernie import get_preset
+
+    ctx = StageContext("data", data.Config(**SMALL), get_preset("tiny_dense"), {}, tmp_path)
+    with pytest.raises(UserError, match=r"data\.vocab_size=400 .* vocab_size=512"):
+        data.run(ctx)
+
+
+def test_config_fields_are_documented():
+    source = Path(data.config.__file__).read_text()
+    for f in dataclasses.fields(data.Config):
+        assert re.search(rf"\n    {f.name}: .*\n    \"\"\"", source), f"Config.{f.name} has no docstring"
+
+
+# ---------------------------------------------------------------------- packing properties
+@settings(max_examples=200, deadline=None)
+@given(
+    seq_len=st.integers(2, 48),
+    lengths=st.lists(st.integers(1, 150), min_size=0, max_size=40),
+)
+def test_packing_keeps_every_token_once_in_order(seq_len, lengths):
+    documents = [list(range(1000 * (i + 1), 1000 * (i + 1) + n)) for i, n in enumerate(lengths)]
+    doc_ids = [7 * i + 3 for i in range(len(documents))]
+    packed = list(pack_documents(documents, seq_len, doc_ids))
+
+    seen: dict[int, list[int]] = defaultdict(list)
+    for row in packed:
+        assert all(row[k].shape == (seq_len,) for k in ROW_FIELDS)
+        ids, labels, docs, pos = row["input_ids"], row["labels"], row["document_ids"], row["position_ids"]
+        real = docs != -1
+        assert real.any()
+        assert not (~real[:-1] & real[1:]).any()  # padding only at the tail
+        assert (ids[~real] == 0).all() and (labels[~real] == -100).all()
+        starts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
+        for start, end in zip(starts, np.r_[starts[1:], seq_len], strict=True):
+            np.testing.assert_array_equal(pos[start:end], np.arange(end - start))
+            if docs[start] != -1:
+                assert labels[start] == -100
+                np.testing.assert_array_equal(labels[start + 1 : end], ids[start + 1 : end])
+        row_docs = docs[real][np.r_[True, docs[real][1:] != docs[real][:-1]]]
+        assert len(set(row_docs.tolist())) == len(row_docs)  # one piece per document per row
+        for doc in row_docs.tolist():
+            seen[doc] += ids[docs == doc].tolist()
+
+    assert dict(seen) == {d: tokens for d, tokens in zip(doc_ids, documents, strict=True)}
+    assert sum(lengths) == sum(int((r["document_ids"] != -1).sum()) for r in packed)
