@@ -155,7 +155,9 @@ def _store_from_words(words):
         if key not in ("artifacts.root", "artifacts.local_root"):
             raise UserError(f"unexpected argument {word!r}; only artifacts.root=URI is accepted here")
         setattr(artifacts, key.split(".")[1], value)
-    return ArtifactStore(artifacts.root, artifacts.local_root)
+    from .runner import _absolute
+
+    return ArtifactStore(_absolute(artifacts.root), _absolute(artifacts.local_root))
 
 
 def cmd_ls(args) -> int:

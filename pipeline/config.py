@@ -148,6 +148,18 @@ def validate(cfg: PipelineConfig) -> None:
             f"data.vocab_size={cfg.data.vocab_size} must equal model.vocab_size={cfg.model.vocab_size} "
             "(the tokenizer the data stage trains is the model's vocabulary)"
         )
+    for path in ("data", "pretrain", "posttrain.sft", "posttrain.dpo", "quantize", "serve", "eval"):
+        section = cfg.section(path)
+        if hasattr(section, "validate"):  # each stage's own rules, raising UserError with its key path
+            if path.startswith("posttrain."):
+                section.validate(path.split(".")[-1])
+            else:
+                section.validate()
+    import stages.quantize
+    import stages.serve
+
+    stages.quantize.validate(cfg.quantize)
+    stages.serve.validate(cfg.serve)
     bad = [m for m in cfg.posttrain.recipe if m not in POSTTRAIN_METHODS]
     if bad:
         raise UserError(f"posttrain.recipe={cfg.posttrain.recipe} has unknown method(s) {bad}; known: {list(POSTTRAIN_METHODS)}")
@@ -174,6 +186,7 @@ def shrink_for_dry_run(cfg: PipelineConfig, overrides: list[str]) -> PipelineCon
         quantize=dataclasses.replace(tiny.quantize, bits=cfg.quantize.bits, method=cfg.quantize.method),
         serve=tiny.serve,
         eval=tiny.eval,
+        cluster=tiny.cluster,
     )
 
 

@@ -126,6 +126,13 @@ class Progress:
             if message is not None:
                 self.message = message
 
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def snapshot(self) -> dict:
         with self._lock:
             return {"total": self.total, "done": self.done, "message": self.message}

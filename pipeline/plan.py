@@ -13,7 +13,7 @@ def print_plan(cfg: PipelineConfig, conf: str, selection: Selection, dry_run: bo
     planned = plan_stages(cfg, store, selection)
     total, active = _counts(cfg)
     print(f"pipeline conf={conf}{' (dry run)' if dry_run else ''}  model {cfg.model.name} ({cfg.model.family})")
-    print(f"  parameters: {total / 1e9:.3f}B total, {active / 1e9:.3f}B active per token")
+    print(f"  parameters: {_human(total)} total, {_human(active)} active per token (embeddings excluded)")
     print(f"  artifacts:  {cfg.artifacts.root}\n")
     print(" -> ".join(p.node.name for p in planned) + "\n")
     print(f"{'stage':9s} {'status':8s} {'key':16s} {'CPUs':>5s} {'GPUs':>5s}  inputs")
@@ -21,10 +21,14 @@ def print_plan(cfg: PipelineConfig, conf: str, selection: Selection, dry_run: bo
         section = cfg.section(p.node.config_path)
         status = "run" if p.run else ("cached" if p.cached else "skip")
         inputs = ", ".join(f"{k}<-{v}" for k, v in p.node.inputs.items())
-        cpus = section.resources.num_cpus * max(getattr(section, "num_workers", 1), 1)
+        cpus = section.resources.num_cpus + getattr(section, "cpus_per_worker", 0) * getattr(section, "num_workers", 0)
         print(f"{p.node.name:9s} {status:8s} {p.key[:16]} {cpus:5g} {gpus_requested(cfg, p.node.config_path):5g}"
               f"  {inputs}")
     _print_memory(cfg)
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
 
 
 def _counts(cfg: PipelineConfig) -> tuple[int, int]:

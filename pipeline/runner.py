@@ -34,7 +34,12 @@ class RunOutcome:
 
 
 def make_store(cfg: PipelineConfig) -> ArtifactStore:
-    return ArtifactStore(cfg.artifacts.root, cfg.artifacts.local_root)
+    """Relative local roots are taken from the working directory of the command."""
+    return ArtifactStore(_absolute(cfg.artifacts.root), _absolute(cfg.artifacts.local_root))
+
+
+def _absolute(root: str) -> str:
+    return root if "://" in root else str(Path(root).expanduser().resolve())
 
 
 def plan_stages(cfg: PipelineConfig, store: ArtifactStore, selection: Selection) -> list[PlannedStage]:
