@@ -26,6 +26,8 @@ def connect(address: str, local_num_cpus: int) -> dict[str, float]:
     if ray.is_initialized():
         return ray.cluster_resources()
     runtime_env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}}
+    if address and address != "auto":
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="ERROR")
@@ -39,6 +41,24 @@ def connect(address: str, local_num_cpus: int) -> dict[str, float]:
             "or unset it to run on a local Ray."
         ) from None
     return ray.cluster_resources()
+
+
+def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """ray.init retries an unreachable address for minutes; a TCP probe answers in seconds."""
+    import socket
+
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"RAY_ADDRESS / cluster.address={address!r} is not host:port (or ray://host:port, or auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"cannot reach the Ray cluster at {address!r} ({err.strerror or err}). Check RAY_ADDRESS / "
+            "cluster.address and that the head node is up (`ray status` on it), or unset it to run on a local Ray."
+        ) from None
 
 
 @dataclass

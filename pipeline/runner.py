@@ -103,8 +103,9 @@ def execute(cfg: PipelineConfig, conf_name: str, selection: Selection, dry_run: 
 
     store = make_store(cfg)
     planned = plan_stages(cfg, store, selection)  # reads only
-    cluster = executor.connect(cfg.cluster.address, cfg.cluster.local_num_cpus)
-    check_resources(cfg, planned, cluster)
+    if any(p.run for p in planned):  # an all-cached run needs no cluster
+        cluster = executor.connect(cfg.cluster.address, cfg.cluster.local_num_cpus)
+        check_resources(cfg, planned, cluster)
     store.check_writable()  # the first write of the run
 
     uri = tracking_uri(cfg.tracking.uri)
