@@ -146,7 +146,8 @@ def _run_or_reuse(cfg, p: PlannedStage, artifacts, store, tracker, ui, outcome: 
     module = stage_module(name)
     if not p.run and p.cached is not None:
         logger = tracker.stage(name, section, {"cache": "hit", "cache_key": p.key,
-                                                "produced_by_run": p.cached.manifest.get("pipeline_run", "")})
+                                                "produced_by_run": p.cached.manifest.get("pipeline_run", "")},
+                               p.node.config_path)
         logger.metrics({k: v for k, v in p.cached.manifest.get("metrics", {}).items() if isinstance(v, (int, float))})
         tracker.finish(logger.run_id, True)
         ui.cached(name, p.cached)
@@ -158,7 +159,7 @@ def _run_or_reuse(cfg, p: PlannedStage, artifacts, store, tracker, ui, outcome: 
             raise UserError(f"stage {name} needs the {upstream} artifact, which is missing; rerun with "
                             f"stages=[{upstream},{name}]")
         inputs[input_name] = artifacts[upstream]
-    logger = tracker.stage(name, section, {"cache": "miss", "cache_key": p.key})
+    logger = tracker.stage(name, section, {"cache": "miss", "cache_key": p.key}, p.node.config_path)
     ctx = StageContext(stage=name, config=section, model=cfg.model, inputs=inputs, output_dir=Path("."),
                        log=logger, seed=cfg.seed, dry_run=False,
                        num_cpus=section.resources.num_cpus, num_gpus=section.resources.num_gpus,

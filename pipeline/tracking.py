@@ -104,12 +104,13 @@ class PipelineTracker:
         logger.text(config_yaml, "config.yaml")
         return logger
 
-    def stage(self, name: str, params: Any, tags: dict[str, str]) -> MlflowLogger:
+    def stage(self, name: str, params: Any, tags: dict[str, str], prefix: str = "") -> MlflowLogger:
+        """A nested run; params are flattened under `prefix` (the config path, e.g. posttrain.sft)."""
         run = self.client.create_run(
             self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.parent_id, "stage": name, **tags}
         )
         logger = MlflowLogger(self.uri, run.info.run_id)
-        logger.params(flatten(params))
+        logger.params(flatten(params, f"{prefix}." if prefix else ""))
         return logger
 
     def finish(self, run_id: str, ok: bool) -> None:

@@ -1,0 +1,439 @@
+"""Weight-only integer quantization: the packed format the quantize stage writes and serving loads.
+
+    from ernie.quant import QuantizedLinear, save_quantized, load_quantized
+    qlinear = QuantizedLinear.from_codes(codes, scales, zeros, group_size=32, bits=4)
+    save_quantized(qmodel, "out/qckpt", {"method": "rtn", "bits": 4, "group_size": 32})
+    qmodel = load_quantized("out/qckpt")            # an ErnieForCausalLM with quantized modules
+
+A weight W [..., out, in] is split along the input dim into groups of `group_size`; each
+(row, group) has a scale s and an integer zero point z, and W ~ (q - z) * s with codes
+q in [0, 2**bits - 1]. Codes are packed little-end first along the input dim: for 4 bits,
+byte j holds code 2j in its low nibble and code 2j+1 in its high nibble (an odd tail is
+padded with code 0). Scales are fp16 (or fp32), zero points uint8 (symmetric: 2**(bits-1)).
+
+Which modules are quantized, and how they are computed (RTN, GPTQ...), is the quantize
+stage's business; this module only holds the format: packing, the modules that run it
+(`QuantizedLinear`, `QuantizedGroupedExperts`, dequantize-on-forward so a quantized model
+runs through the normal `ErnieForCausalLM.forward`) and its safetensors I/O.
+
+On disk (a qckpt directory):
+    config.json, generation_config.json     as in a ckpt (HF config of the architecture)
+    quant_config.json                       format, version, method, defaults, and per
+                                            quantized module: kind, bits, group size, shape
+    quantized.safetensors                   every tensor of the model under our own module
+                                            names; a quantized linear X holds X.qweight,
+                                            X.scales, X.zeros; an expert pool X holds
+                                            X.gate_up.{qweight,scales,zeros} and X.down.*
+Loading reads safetensors only, so it never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import ErnieConfig
+from .hf_config import to_hf_config
+from .model import ErnieForCausalLM
+from .moe import GroupedExperts
+
+FORMAT = "ernie-packed-int"
+FORMAT_VERSION = 1
+QUANT_CONFIG_FILE = "quant_config.json"
+WEIGHTS_FILE = "quantized.safetensors"
+SUPPORTED_BITS = (2, 4, 8)
+_SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class QuantFormatError(ValueError):
+    """A quantized checkpoint or tensor that does not fit the format; the message says what."""
+
+
+# ---------------------------------------------------------------------- packing
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise QuantFormatError(f"bits={bits} is not a packable width; supported: {SUPPORTED_BITS}")
+
+
+def packed_length(length: int, bits: int) -> int:
+    """Bytes that `length` codes of `bits` bits take along the packed dim."""
+    per_byte = 8 // bits
+    return -(-length // per_byte)
+
+
+def pack(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Integer codes [..., L] in [0, 2**bits) -> uint8 [..., ceil(L * bits / 8)], packed along the last dim."""
+    _check_bits(bits)
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise QuantFormatError(f"codes must be an integer tensor, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
+        raise QuantFormatError(f"codes must lie in [0, {2**bits - 1}] for {bits} bits")
+    per_byte = 8 // bits
+    length = codes.shape[-1]
+    padded = packed_length(length, bits) * per_byte
+    codes = codes.to(torch.uint8)
+    if padded != length:
+        codes = F.pad(codes, (0, padded - length))
+    codes = codes.reshape(*codes.shape[:-1], -1, per_byte)
+    packed = torch.zeros(codes.shape[:-1], dtype=torch.uint8, device=codes.device)
+    for i in range(per_byte):
+        packed |= codes[..., i] << (bits * i)
+    return packed
+
+
+def unpack(packed: torch.Tensor, length: int, bits: int = 4) -> torch.Tensor:
+    """The inverse of `pack`: uint8 [..., B] -> uint8 codes [..., length]."""
+    _check_bits(bits)
+    if packed.dtype != torch.uint8:
+        raise QuantFormatError(f"packed codes must be uint8, got {packed.dtype}")
+    if packed.shape[-1] != packed_length(length, bits):
+        raise QuantFormatError(
+            f"{packed.shape[-1]} packed bytes cannot hold {length} codes of {bits} bits "
+            f"(expected {packed_length(length, bits)})"
+        )
+    mask = (1 << bits) - 1
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed[..., None] >> shifts) & mask
+    return codes.reshape(*packed.shape[:-1], -1)[..., :length]
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W [..., out, in] = (codes - zeros) * scales, broadcast over groups of `group_size` (fp32)."""
+    *lead, out_features, in_features = codes.shape
+    groups = in_features // group_size
+    q = codes.reshape(*lead, out_features, groups, group_size).float()
+    w = (q - zeros[..., None].float()) * scales[..., None].float()
+    return w.reshape(*lead, out_features, in_features)
+
+
+# ---------------------------------------------------------------------- packed weight
+class _PackedWeight(nn.Module):
+    """One packed weight [..., out, in]: buffers `qweight` (uint8), `scales`, `zeros` (uint8)."""
+
+    def __init__(self, shape: tuple[int, ...], bits: int, group_size: int, scale_dtype: torch.dtype) -> None:
+        super().__init__()
+        _check_bits(bits)
+        *lead, out_features, in_features = shape
+        if group_size <= 0 or in_features % group_size:
+            raise QuantFormatError(f"group_size={group_size} must divide the input dim {in_features}")
+        self.shape, self.bits, self.group_size = tuple(shape), bits, group_size
+        groups = in_features // group_size
+        self.register_buffer(
+            "qweight", torch.zeros(*lead, out_features, packed_length(in_features, bits), dtype=torch.uint8)
+        )
+        self.register_buffer("scales", torch.zeros(*lead, out_features, groups, dtype=scale_dtype))
+        self.register_buffer("zeros", torch.zeros(*lead, out_features, groups, dtype=torch.uint8))
+
+    def fill(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        expected_groups = (*self.shape[:-1], self.shape[-1] // self.group_size)
+        if tuple(codes.shape) != self.shape:
+            raise QuantFormatError(f"codes {tuple(codes.shape)} do not match the weight shape {self.shape}")
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            if tuple(t.shape) != expected_groups:
+                raise QuantFormatError(f"{name} {tuple(t.shape)} should be {expected_groups} (one per row and group)")
+        if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) >= 2**self.bits):
+            raise QuantFormatError(f"zero points must lie in [0, {2**self.bits - 1}]")
+        self.qweight = pack(codes, self.bits).to(self.qweight.device)
+        self.scales = scales.to(self.scales.dtype).to(self.scales.device)
+        self.zeros = zeros.to(torch.uint8).to(self.zeros.device)
+
+    def codes(self) -> torch.Tensor:
+        return unpack(self.qweight, self.shape[-1], self.bits)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.codes(), self.scales, self.zeros, self.group_size).to(dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+
+    def spec(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "scale_dtype": str(self.scales.dtype).removeprefix("torch."),
+        }
+
+
+class QuantizedLinear(_PackedWeight):
+    """A bias-optional linear layer whose weight [out, in] is stored packed (qweight, scales, zeros).
+
+    forward dequantizes the weight to the activation dtype, then runs `F.linear`, so its
+    output equals an `nn.Linear` holding the dequantized weight.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 4,
+        group_size: int = 32,
+        bias: bool = False,
+        scale_dtype: torch.dtype = torch.float16,
+    ) -> None:
+        super().__init__((out_features, in_features), bits, group_size, scale_dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        group_size: int,
+        bits: int = 4,
+        bias: torch.Tensor | None = None,
+    ) -> QuantizedLinear:
+        out_features, in_features = codes.shape
+        layer = cls(in_features, out_features, bits, group_size, bias is not None, scales.dtype)
+        layer.fill(codes, scales, zeros)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (fp32), for inspection and export."""
+        return self.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def spec(self) -> dict:
+        return {"kind": "linear", "bias": self.bias is not None, **super().spec()}
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+class _DenseExperts:
+    """The dequantized experts of one forward pass, run through `GroupedExperts`' own code paths
+    (so the quantized and the float experts share one implementation)."""
+
+    forward = GroupedExperts.forward
+    _swiglu = GroupedExperts._swiglu
+    _forward_loop = GroupedExperts._forward_loop
+    _forward_grouped = GroupedExperts._forward_grouped
+
+    def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, num_experts: int, intermediate: int):
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+        self.num_experts, self.intermediate = num_experts, intermediate
+
+
+class QuantizedGroupedExperts(nn.Module):
+    """`GroupedExperts` with packed weights: gate_up_proj [E, 2I, H] and down_proj [E, H, I],
+    each grouped along its input dim (H and I). forward dequantizes both once per call."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden: int,
+        intermediate: int,
+        bits: int = 4,
+        group_size: int = 32,
+        scale_dtype: torch.dtype = torch.float16,
+        down_group_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.intermediate = num_experts, intermediate
+        self.gate_up = _PackedWeight((num_experts, 2 * intermediate, hidden), bits, group_size, scale_dtype)
+        self.down = _PackedWeight((num_experts, hidden, intermediate), bits, down_group_size or group_size, scale_dtype)
+
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        return self.gate_up.dequantize()
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        return self.down.dequantize()
+
+    def forward(self, x_TH, topk_ids_TK, topk_weights_TK, impl="auto") -> torch.Tensor:
+        dense = _DenseExperts(
+            self.gate_up.dequantize(x_TH.dtype), self.down.dequantize(x_TH.dtype), self.num_experts, self.intermediate
+        )
+        return dense.forward(x_TH, topk_ids_TK, topk_weights_TK, impl)
+
+    def spec(self) -> dict:
+        return {"kind": "experts", "gate_up_proj": self.gate_up.spec(), "down_proj": self.down.spec()}
+
+
+QUANTIZED_MODULES = (QuantizedLinear, QuantizedGroupedExperts)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> quantized module, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)}
+
+
+def quantized_nbytes(module: nn.Module) -> int:
+    """Bytes of a quantized module's packed codes, scales and zero points."""
+    if isinstance(module, QuantizedLinear):
+        return module.nbytes()
+    return module.gate_up.nbytes() + module.down.nbytes()
+
+
+def _module_from_spec(spec: dict) -> nn.Module:
+    def scale_dtype(s: dict) -> torch.dtype:
+        name = s.get("scale_dtype", "float16")
+        if name not in _SCALE_DTYPES:
+            raise QuantFormatError(f"unknown scale dtype {name!r}; expected one of {sorted(_SCALE_DTYPES)}")
+        return _SCALE_DTYPES[name]
+
+    if spec.get("kind") == "linear":
+        out_features, in_features = spec["shape"]
+        return QuantizedLinear(
+            in_features, out_features, spec["bits"], spec["group_size"], spec.get("bias", False), scale_dtype(spec)
+        )
+    if spec.get("kind") == "experts":
+        gu, down = spec["gate_up_proj"], spec["down_proj"]
+        E, two_i, H = gu["shape"]
+        if gu["bits"] != down["bits"]:
+            raise QuantFormatError("gate_up_proj and down_proj of one expert pool must use the same bits")
+        return QuantizedGroupedExperts(
+            E, H, two_i // 2, gu["bits"], gu["group_size"], scale_dtype(gu), down_group_size=down["group_size"]
+        )
+    raise QuantFormatError(f"unknown quantized module kind {spec.get('kind')!r}")
+
+
+# ---------------------------------------------------------------------- save / load
+def save_quantized(model: ErnieForCausalLM, directory: str | os.PathLike, quant_config: dict) -> Path:
+    """Write config.json, generation_config.json, quant_config.json and quantized.safetensors.
+
+    `quant_config` holds the method's settings (method, bits, group_size, symmetric, skip...);
+    the per-module layout is added from the model itself.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    modules = quantized_modules(model)
+    if not modules:
+        raise QuantFormatError("the model has no quantized modules; quantize it before save_quantized")
+    cfg = model.config
+    state = model.state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt", "quant_format": FORMAT})
+    full = {
+        **quant_config,
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "weights": WEIGHTS_FILE,
+        "modules": {name: m.spec() for name, m in modules.items()},
+    }
+    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    _write_json(directory / "config.json", to_hf_config(cfg, dtype))
+    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    _write_json(directory / "generation_config.json", generation)
+    _write_json(directory / QUANT_CONFIG_FILE, full)
+    return directory
+
+
+def is_quantized_dir(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / QUANT_CONFIG_FILE).is_file()
+
+
+def read_quant_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / QUANT_CONFIG_FILE
+    if not path.is_file():
+        raise QuantFormatError(f"{directory} has no {QUANT_CONFIG_FILE}; is it a quantized checkpoint?")
+    try:
+        qc = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise QuantFormatError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(qc, dict) or qc.get("format") != FORMAT:
+        raise QuantFormatError(f"{path} is not an {FORMAT!r} quant config (format={qc.get('format')!r})")
+    if qc.get("version") != FORMAT_VERSION:
+        raise QuantFormatError(f"{path} has format version {qc.get('version')}; this code reads {FORMAT_VERSION}")
+    return qc
+
+
+def load_quantized(
+    directory: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> ErnieForCausalLM:
+    """Rebuild the quantized model: the architecture from config.json, quantized modules from
+    quant_config.json, every tensor from safetensors (checked: none missing, none unexpected).
+    `dtype` casts the unquantized float tensors (routers stay fp32); packed codes never change."""
+    from .checkpoint import _materialise_buffers, load_config
+
+    directory = Path(directory)
+    qc = read_quant_config(directory)
+    cfg: ErnieConfig = load_config(directory)
+    with torch.device("meta"):
+        model = ErnieForCausalLM(cfg)
+        for name, spec in qc["modules"].items():
+            try:
+                model.get_submodule(name)
+            except AttributeError:
+                raise QuantFormatError(
+                    f"{QUANT_CONFIG_FILE} names module {name!r}, which {cfg.name} does not have"
+                ) from None
+            model.set_submodule(name, _module_from_spec(spec))
+    weights = directory / qc.get("weights", WEIGHTS_FILE)
+    if not weights.is_file():
+        raise QuantFormatError(f"{weights} is missing")
+    with safe_open(weights, framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    _check_state(model, state, str(directory))
+    state = {k: _cast(k, v, dtype).to(device) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _materialise_buffers(model, device)
+    return model.eval()
+
+
+def load_model(
+    directory: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> ErnieForCausalLM:
+    """A ckpt (HF layout) or a qckpt (quant_config.json present) directory as a model, in eval mode."""
+    if is_quantized_dir(directory):
+        return load_quantized(directory, dtype, device)
+    from .checkpoint import load_pretrained
+
+    return load_pretrained(directory, dtype, device).eval()
+
+
+def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or not tensor.is_floating_point():
+        return tensor
+    keep = name.endswith(".gate.weight") or name.endswith("e_score_correction_bias") or name.endswith(".scales")
+    return tensor if keep else tensor.to(dtype)
+
+
+def _check_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != expected[k]
+    )
+    problems = [
+        f"{what} {names[:10]}{' ...' if len(names) > 10 else ''}"
+        for what, names in (
+            ("missing tensors", missing),
+            ("unexpected tensors", unexpected),
+            ("mis-shaped tensors", wrong),
+        )
+        if names
+    ]
+    if problems:
+        raise QuantFormatError(f"{source} does not fit its quant_config.json: " + "; ".join(problems))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

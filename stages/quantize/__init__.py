@@ -1,0 +1,211 @@
+"""quantize: weight-only post-training quantization of a checkpoint, with a measured quality report.
+
+    python -m pipeline run conf=tiny stages=[quantize]
+    python -m pipeline run conf=tiny stages=[quantize] quantize.group_size=64 quantize.symmetric=true
+
+Inputs: `ckpt` (HF layout + tokenizer/) and `dataset` (its val rows measure perplexity).
+Output (qckpt): the packed model (`ernie.quant.save_quantized`: config.json, quant_config.json,
+quantized.safetensors), a copy of the tokenizer, `quant_report.json` (bits, group size, method,
+bytes before / after, size ratio, validation perplexity before / after and its delta,
+per-layer weight reconstruction error) and `quant_error.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from math import gcd
+from pathlib import Path
+
+import torch
+
+from ernie.checkpoint import load_pretrained
+from ernie.quant import save_quantized
+from pipeline.contract import Resources, StageContext, StageResult, UserError
+from pipeline.formats import TOKENIZER_FILE, load_rows
+
+from .quality import perplexity, plot_layer_errors, save_figure, val_loss
+from .rtn import SCALE_DTYPES, input_dims, quantization_targets, quantize_model_rtn
+
+INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
+OUTPUT_KIND = "qckpt"
+METHODS = ("rtn",)
+SUPPORTED_BITS = (4,)
+
+
+@dataclass
+class Config:
+    method: str = "rtn"
+    """Quantization algorithm. Only "rtn" (round-to-nearest, per-group min/max) exists for now."""
+    bits: int = 4
+    """Bits per weight code. Only 4 is supported for now (2-bit CCQ-style is a later method)."""
+    group_size: int = 32
+    """Weights sharing one scale / zero point, along the input dim; must divide every quantized
+    layer's input features."""
+    symmetric: bool = False
+    """Symmetric groups (zero point fixed at 2**(bits-1)) instead of min/max asymmetric ones."""
+    skip: list[str] = field(default_factory=lambda: ["lm_head", "vision_encoder", "adapter"])
+    """Module names (fnmatch patterns; a parent's name covers its children) kept in full precision.
+    Routers, norms and embeddings are never quantized."""
+    scale_dtype: str = "float16"
+    """Storage dtype of the per-group scales: float16, bfloat16 or float32."""
+    eval_rows: int = 64
+    """Validation rows used for the perplexity before / after (0 = all of them)."""
+    batch_size: int = 8
+    """Rows per forward pass while measuring perplexity."""
+    resources: Resources = field(default_factory=lambda: Resources(num_cpus=1))
+    """What the stage's Ray actor asks for."""
+
+
+def validate(cfg: Config) -> None:
+    if cfg.method not in METHODS:
+        raise UserError(f"quantize.method={cfg.method!r} is not a known method; available: {', '.join(METHODS)}")
+    if cfg.bits not in SUPPORTED_BITS:
+        raise UserError(
+            f"quantize.bits={cfg.bits} is not supported: the {cfg.method} method writes "
+            f"{'/'.join(map(str, SUPPORTED_BITS))}-bit weights only for now"
+        )
+    if cfg.group_size <= 0:
+        raise UserError(f"quantize.group_size={cfg.group_size} must be a positive number of weights")
+    if cfg.scale_dtype not in SCALE_DTYPES:
+        raise UserError(f"quantize.scale_dtype={cfg.scale_dtype!r} must be one of {', '.join(SCALE_DTYPES)}")
+    if cfg.eval_rows < 0 or cfg.batch_size <= 0:
+        raise UserError(f"quantize.eval_rows={cfg.eval_rows} must be >= 0 and quantize.batch_size={cfg.batch_size} > 0")
+
+
+def check_group_size(model, cfg: Config) -> None:
+    """Every target's input features must split into whole groups; name the first that do not."""
+    targets = quantization_targets(model, cfg.skip)
+    dims = {name: input_dims(m) for name, m in targets.items()}
+    bad = [(name, d) for name, ds in dims.items() for d in ds if d % cfg.group_size]
+    if bad:
+        common = 0
+        for ds in dims.values():
+            for d in ds:
+                common = gcd(common, d)
+        raise UserError(
+            f"quantize.group_size={cfg.group_size} does not divide the input features of "
+            f"{bad[0][0]} ({bad[0][1]}){f' and {len(bad) - 1} more layers' if len(bad) > 1 else ''}; "
+            f"pick a divisor of {common}, or skip those layers with quantize.skip"
+        )
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: Config = ctx.config
+    validate(cfg)
+    ckpt_dir, dataset_dir = ctx.input("ckpt").local_dir(), ctx.input("dataset").local_dir()
+    out = Path(ctx.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(ctx.seed)
+
+    model = load_pretrained(ckpt_dir).eval()
+    check_group_size(model, cfg)
+    rows = load_rows(dataset_dir / "val")
+    if cfg.eval_rows:
+        rows = {k: v[: cfg.eval_rows] for k, v in rows.items()}
+    targets = quantization_targets(model, cfg.skip)
+    if not targets:
+        raise UserError(f"quantize.skip={cfg.skip} leaves no layer to quantize")
+    ctx.progress.set_total(len(targets) + 2, "perplexity before")
+
+    loss_before, n_tokens = val_loss(model, rows, cfg.batch_size)
+    ctx.progress.update(1, "quantizing")
+    model_bytes_before = _state_bytes(model)
+    t0 = time.perf_counter()
+    stats = quantize_model_rtn(
+        model,
+        cfg.bits,
+        cfg.group_size,
+        cfg.symmetric,
+        cfg.skip,
+        SCALE_DTYPES[cfg.scale_dtype],
+        on_layer=lambda s: ctx.progress.update(1, s.name),
+    )
+    quantize_seconds = time.perf_counter() - t0
+    loss_after, _ = val_loss(model, rows, cfg.batch_size)
+    ctx.progress.update(1, "writing")
+
+    quant_config = {
+        "method": cfg.method,
+        "bits": cfg.bits,
+        "group_size": cfg.group_size,
+        "symmetric": cfg.symmetric,
+        "scale_dtype": cfg.scale_dtype,
+        "skip": list(cfg.skip),
+    }
+    save_quantized(model, out, quant_config)
+    _copy_tokenizer(ckpt_dir, dataset_dir, out)
+
+    bytes_before = sum(s.bytes_before for s in stats)
+    bytes_after = sum(s.bytes_after for s in stats)
+    model_bytes_after = _state_bytes(model)
+    errors = [s.rel_error for s in stats]
+    ppl_before, ppl_after = perplexity(loss_before), perplexity(loss_after)
+    metrics = {
+        "bits": cfg.bits,
+        "group_size": cfg.group_size,
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "size_ratio": bytes_after / bytes_before,
+        "model_bytes_before": model_bytes_before,
+        "model_bytes_after": model_bytes_after,
+        "model_size_ratio": model_bytes_after / model_bytes_before,
+        "val_loss_before": loss_before,
+        "val_loss_after": loss_after,
+        "ppl_before": ppl_before,
+        "ppl_after": ppl_after,
+        "ppl_delta": ppl_after - ppl_before,
+        "ppl_rel_delta": (ppl_after - ppl_before) / ppl_before,
+        "recon_error_mean": sum(errors) / len(errors),
+        "recon_error_max": max(errors),
+        "quantize_seconds": quantize_seconds,
+    }
+    report = {
+        **quant_config,
+        # timings stay out of the file: same inputs, same artifact bytes
+        **{k: v for k, v in metrics.items() if k not in quant_config and k != "quantize_seconds"},
+        "eval_tokens": n_tokens,
+        "eval_rows": int(len(rows["input_ids"])),
+        "layers": [asdict(s) for s in stats],
+    }
+    (out / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    ctx.log.metrics(metrics)
+    for i, s in enumerate(stats):
+        ctx.log.metrics({"layer_recon_error": s.rel_error}, step=i)
+    fig = plot_layer_errors(
+        [s.name for s in stats],
+        errors,
+        f"{cfg.method} int{cfg.bits} g{cfg.group_size}{' sym' if cfg.symmetric else ''}",
+    )
+    ctx.log.figure(fig, "quant_error.png")
+    save_figure(fig, out / "quant_error.png")
+
+    summary = (
+        f"{cfg.method} int{cfg.bits} g{cfg.group_size}: {len(stats)} layers at {metrics['size_ratio']:.2f}x their "
+        f"bytes (model {metrics['model_size_ratio']:.2f}x); val ppl {ppl_before:.3f} -> {ppl_after:.3f} "
+        f"({metrics['ppl_rel_delta']:+.2%}); mean weight error {metrics['recon_error_mean']:.3f}"
+    )
+    return StageResult(metrics=metrics, summary=summary, extra={"report": "quant_report.json"})
+
+
+def _state_bytes(model) -> int:
+    """Bytes of every distinct tensor of the model (a tied embedding counted once)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _copy_tokenizer(ckpt_dir: Path, dataset_dir: Path, out: Path) -> None:
+    source = ckpt_dir / "tokenizer"
+    if not (source / "tokenizer.json").is_file():
+        source = (dataset_dir / TOKENIZER_FILE).parent
+    if not (source / "tokenizer.json").is_file():
+        raise UserError(f"neither {ckpt_dir}/tokenizer nor {source} holds a tokenizer.json to ship with the model")
+    shutil.copytree(source, out / "tokenizer", dirs_exist_ok=True)

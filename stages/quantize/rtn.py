@@ -1,0 +1,133 @@
+"""Round-to-nearest (RTN) weight-only quantization, group-wise along the input dim.
+
+Per (row, group of `group_size` inputs): min/max -> scale (and zero point) -> round ->
+clamp, written into `ernie.quant`'s packed modules. Asymmetric groups widen [min, max]
+to include 0 so the zero point is an integer code (as GPTQ and vLLM's kernels expect);
+symmetric groups use zero point 2**(bits-1) and scale = absmax / (2**(bits-1) - 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatch
+
+import torch
+from torch import nn
+
+from ernie.moe import GroupedExperts
+from ernie.quant import QuantizedGroupedExperts, QuantizedLinear, dequantize
+
+SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LayerQuantStats:
+    """What quantizing one module did: relative Frobenius error and bytes before / after."""
+
+    name: str
+    kind: str  # linear | experts
+    rel_error: float
+    bytes_before: int
+    bytes_after: int
+
+
+def rtn_quantize(
+    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, scale_dtype=torch.float16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W [..., out, in] -> (codes uint8 [..., out, in], scales [..., out, in/g], zeros uint8 [..., out, in/g])."""
+    *lead, out_features, in_features = weight.shape
+    if group_size <= 0 or in_features % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the input dim {in_features}")
+    maxq = 2**bits - 1
+    w = weight.detach().float().reshape(*lead, out_features, in_features // group_size, group_size)
+    tiny = torch.finfo(scale_dtype).tiny  # an all-zero group gets a tiny, not a zero, scale
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = (w.abs().amax(-1) / (half - 1)).clamp(min=tiny)
+        zero = torch.full_like(scale, half)
+    else:
+        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        scale = ((hi - lo) / maxq).clamp(min=tiny)
+    scale = scale.to(scale_dtype)  # codes are computed against the scale as stored
+    if not symmetric:
+        zero = (-lo / scale.float()).round().clamp(0, maxq)
+    codes = ((w / scale.float()[..., None]).round() + zero[..., None]).clamp(0, maxq)
+    return codes.reshape(weight.shape).to(torch.uint8), scale, zero.to(torch.uint8)
+
+
+def is_skipped(name: str, skip: list[str]) -> bool:
+    """A module is skipped when a pattern matches its name (fnmatch) or one of its parents."""
+    return any(fnmatch(name, p) or name.startswith(p.rstrip(".*") + ".") for p in skip)
+
+
+def quantization_targets(model: nn.Module, skip: list[str]) -> dict[str, nn.Module]:
+    """Linear layers and stacked experts not skipped. Routers, norms and embeddings are not
+    `nn.Linear` and are never targets; lm_head is one, kept out by the default skip list."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, GroupedExperts)) and not is_skipped(name, skip)
+    }
+
+
+def input_dims(module: nn.Module) -> list[int]:
+    if isinstance(module, GroupedExperts):
+        return [module.gate_up_proj.shape[-1], module.down_proj.shape[-1]]
+    return [module.in_features]
+
+
+def quantize_model_rtn(
+    model: nn.Module,
+    bits: int = 4,
+    group_size: int | None = 32,
+    symmetric: bool = False,
+    skip: list[str] | None = None,
+    scale_dtype: torch.dtype = torch.float16,
+    on_layer=None,
+) -> list[LayerQuantStats]:
+    """Replace every target module of `model` (in place) by its RTN-quantized form.
+
+    group_size None: one group per row (per-channel scales over the whole input dim)."""
+    stats = []
+    for name, module in quantization_targets(model, skip or []).items():
+        if isinstance(module, GroupedExperts):
+            qmodule, errors = _quantize_experts(module, bits, group_size, symmetric, scale_dtype)
+            before = sum(p.numel() * p.element_size() for p in (module.gate_up_proj, module.down_proj))
+            kind, after = "experts", qmodule.gate_up.nbytes() + qmodule.down.nbytes()
+        else:
+            g = group_size or module.in_features
+            codes, scales, zeros = rtn_quantize(module.weight, bits, g, symmetric, scale_dtype)
+            qmodule = QuantizedLinear.from_codes(codes, scales, zeros, g, bits, module.bias)
+            errors = [_rel_error(module.weight, dequantize(codes, scales, zeros, g))]
+            before = module.weight.numel() * module.weight.element_size()
+            kind, after = "linear", qmodule.nbytes()
+        qmodule.to(next(iter(module.parameters())).device)
+        model.set_submodule(name, qmodule)
+        stats.append(LayerQuantStats(name, kind, _combine(errors), before, after))
+        if on_layer is not None:
+            on_layer(stats[-1])
+    return stats
+
+
+def _quantize_experts(module: GroupedExperts, bits, group_size, symmetric, scale_dtype):
+    E, two_i, H = module.gate_up_proj.shape
+    qmodule = QuantizedGroupedExperts(
+        E, H, two_i // 2, bits, group_size or H, scale_dtype, down_group_size=group_size or two_i // 2
+    )
+    errors = []
+    for packed, weight in ((qmodule.gate_up, module.gate_up_proj), (qmodule.down, module.down_proj)):
+        codes, scales, zeros = rtn_quantize(weight, bits, packed.group_size, symmetric, scale_dtype)
+        packed.fill(codes, scales, zeros)
+        errors.append(_rel_error(weight, dequantize(codes, scales, zeros, packed.group_size)))
+    return qmodule, errors
+
+
+def _rel_error(weight: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
+    """(squared error, squared norm), combined over a module's weights by `_combine`."""
+    w = weight.detach().float()
+    return float((w - approx).pow(2).sum()), float(w.pow(2).sum())
+
+
+def _combine(errors: list[tuple[float, float]]) -> float:
+    err, norm = sum(e for e, _ in errors), sum(n for _, n in errors)
+    return (err / norm) ** 0.5 if norm > 0 else 0.0

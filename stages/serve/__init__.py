@@ -1,0 +1,296 @@
+"""serve: an OpenAI-compatible Ray Serve app for the final (quantized) model.
+
+    python -m pipeline run conf=tiny stages=[serve]     # deploy, smoke-test over HTTP, shut down
+    python -m pipeline serve conf=tiny                  # serve until Ctrl-C (serve_forever)
+
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' \
+         -d '{"model": "ernie-tiny", "messages": [{"role": "user", "content": "2+3="}]}'
+
+Inputs: `model` (a qckpt, or a ckpt: told apart by quant_config.json) and `dataset` (its
+tokenizer, when the model dir carries none). Output (endpoint): `endpoint.json` with the URL,
+model name, deployment config and the smoke test (responses and latencies) sent through the
+real HTTP endpoint with the `openai` client.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.contract import Resources, StageContext, StageResult, UserError
+from pipeline.formats import TOKENIZER_FILE
+
+INPUTS = {"model": "qckpt", "dataset": "dataset"}
+"""`model` may be a qckpt or a ckpt (ACCEPTED_KINDS)."""
+ACCEPTED_KINDS = {"model": ("qckpt", "ckpt"), "dataset": ("dataset",)}
+OUTPUT_KIND = "endpoint"
+DEFAULT_MODEL_NAME = "ernie-tiny"
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    """Interface the Ray Serve HTTP proxy listens on."""
+    port: int = 8000
+    """Port of the HTTP proxy; the API is at http://host:port/v1."""
+    model_name: str = ""
+    """Name clients put in `model`; empty: "ernie-tiny" (a preset sets its own, e.g. ernie-${name})."""
+    app_name: str = "ernie"
+    """Ray Serve application name (serve.run / serve.delete)."""
+    num_replicas: int = 1
+    """Model replicas; each holds a full copy of the model."""
+    replica_cpus: float = 1.0
+    """CPUs reserved per replica (torch threads follow Ray's OMP_NUM_THREADS)."""
+    replica_gpus: float = 0.0
+    """GPUs reserved per replica."""
+    max_tokens: int = 64
+    """Completion length when a request gives no max_tokens."""
+    smoke_requests: int = 5
+    """Completion requests timed by the smoke test (latency percentiles)."""
+    smoke_prompt: str = "1+2="
+    """Prompt of the smoke test's chat and completion requests."""
+    smoke_max_tokens: int = 16
+    """max_tokens of the smoke test's requests."""
+    ready_timeout_s: float = 120.0
+    """How long to wait for the endpoint to answer after deployment."""
+    block: bool = False
+    """Keep serving after the smoke test until interrupted (Ctrl-C); else shut the app down."""
+    resources: Resources = field(default_factory=lambda: Resources(num_cpus=0.5))
+    """What the stage's own Ray actor asks for (the replicas ask for replica_cpus each)."""
+
+
+def validate(cfg: Config) -> None:
+    checks = [
+        (0 < cfg.port < 65536, "port", cfg.port, "must be a TCP port (1-65535)"),
+        (cfg.num_replicas >= 1, "num_replicas", cfg.num_replicas, "must be at least 1"),
+        (cfg.max_tokens >= 1, "max_tokens", cfg.max_tokens, "must be at least 1"),
+        (cfg.smoke_requests >= 1, "smoke_requests", cfg.smoke_requests, "must be at least 1"),
+        (cfg.smoke_max_tokens >= 1, "smoke_max_tokens", cfg.smoke_max_tokens, "must be at least 1"),
+        (cfg.replica_cpus >= 0 and cfg.replica_gpus >= 0, "replica_cpus", cfg.replica_cpus, "must be >= 0"),
+        (bool(cfg.app_name), "app_name", cfg.app_name, "must not be empty"),
+    ]
+    for ok, key, value, rule in checks:
+        if not ok:
+            raise UserError(f"serve.{key}={value!r} {rule}")
+
+
+def find_tokenizer(*dirs: Path | None) -> Path:
+    """tokenizer.json from the model dir's tokenizer/, else the dataset's (or a dir holding it)."""
+    for d in dirs:
+        if d is None:
+            continue
+        for candidate in (Path(d) / TOKENIZER_FILE, Path(d) / "tokenizer.json", Path(d)):
+            if candidate.is_file():
+                return candidate
+    raise UserError(f"no tokenizer.json in {', '.join(str(d) for d in dirs if d)} (looked in tokenizer/ and the dir)")
+
+
+def served_name(cfg: Config) -> str:
+    """The model name of the API: the same for the stage and `serve_forever`."""
+    return cfg.model_name or DEFAULT_MODEL_NAME
+
+
+# ---------------------------------------------------------------------- deploy / stop
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def start(model_dir: Path, tokenizer_path: Path, cfg: Config, model_name: str) -> str:
+    """Start Serve's HTTP proxy (if Serve is not running yet), deploy the app, wait until it
+    answers; returns the base URL (http://host:port)."""
+    import ray
+    from ray import serve
+
+    from .app import OpenAIServer
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS when set, else a local Ray
+    serve_running = bool(serve.status().proxies)
+    if not serve_running and not port_is_free(cfg.host, cfg.port):
+        raise UserError(f"serve.port={cfg.port} is already in use on {cfg.host}; pick another with serve.port=...")
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    actor_options = {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus}
+    deployment = OpenAIServer.options(num_replicas=cfg.num_replicas, ray_actor_options=actor_options)
+    app = deployment.bind(str(model_dir), str(tokenizer_path), model_name, cfg.max_tokens)
+    serve.run(app, name=cfg.app_name, route_prefix="/")
+    url = f"http://{cfg.host}:{cfg.port}"
+    _wait_ready(f"{url}/v1/models", cfg.ready_timeout_s)
+    return url
+
+
+def stop(cfg: Config, timeout_s: float = 30.0) -> None:
+    """Delete our app; shut Serve down (freeing the port) when no other app is left."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    status = serve.status()
+    if not status.proxies and not status.applications:
+        return  # Serve never started (or is already down)
+    serve.delete(cfg.app_name)
+    if not serve.status().applications:
+        serve.shutdown()
+        deadline = time.monotonic() + timeout_s
+        while not port_is_free(cfg.host, cfg.port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            last = err
+        time.sleep(0.25)
+    raise RuntimeError(f"the endpoint {url} did not answer within {timeout_s:.0f} s (last error: {last})")
+
+
+# ---------------------------------------------------------------------- smoke test
+def smoke_test(url: str, model_name: str, cfg: Config) -> tuple[dict, dict[str, float]]:
+    """Chat + completion requests through the real HTTP endpoint with the openai client."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    t0 = time.perf_counter()
+    chat = client.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "user", "content": cfg.smoke_prompt}],
+        max_tokens=cfg.smoke_max_tokens,
+        temperature=0.0,
+    )
+    chat_ms = (time.perf_counter() - t0) * 1000
+    latencies, tokens, completion = [], 0, None
+    for i in range(cfg.smoke_requests):
+        t0 = time.perf_counter()
+        completion = client.completions.create(
+            model=model_name, prompt=cfg.smoke_prompt, max_tokens=cfg.smoke_max_tokens, temperature=0.0, seed=i
+        )
+        latencies.append((time.perf_counter() - t0) * 1000)
+        tokens += completion.usage.completion_tokens
+    ordered = sorted(latencies)
+    metrics = {
+        "chat_latency_ms": chat_ms,
+        "latency_ms_p50": statistics.median(ordered),
+        "latency_ms_p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+        "latency_ms_max": ordered[-1],
+        "latency_ms_mean": statistics.fmean(ordered),
+        "completion_tokens_per_s": tokens / (sum(latencies) / 1000),
+    }
+    report = {
+        "prompt": cfg.smoke_prompt,
+        "chat": chat.model_dump(exclude_none=True),
+        "completion": completion.model_dump(exclude_none=True),
+        "latency_ms": latencies,
+        **metrics,
+    }
+    return report, metrics
+
+
+# ---------------------------------------------------------------------- stage + CLI entry points
+def run(ctx: StageContext) -> StageResult:
+    cfg: Config = ctx.config
+    validate(cfg)
+    model_dir = ctx.input("model").local_dir()
+    dataset_dir = ctx.inputs["dataset"].local_dir() if "dataset" in ctx.inputs else None
+    tokenizer_path = find_tokenizer(model_dir, dataset_dir)
+    model_name = served_name(cfg)
+    quantized = (model_dir / "quant_config.json").is_file()
+
+    ctx.progress.set_total(3, "deploying")
+    try:  # stop() runs also when the deployment itself fails, so no proxy is left on the port
+        t0 = time.perf_counter()
+        url = start(model_dir, tokenizer_path, cfg, model_name)
+        deploy_s = time.perf_counter() - t0
+        ctx.progress.update(1, "smoke test")
+        smoke, metrics = smoke_test(url, model_name, cfg)
+        metrics["deploy_seconds"] = deploy_s
+        endpoint = {
+            "url": f"{url}/v1",
+            "model": model_name,
+            "quantized": quantized,
+            "status": "serving" if cfg.block else "stopped after the smoke test",
+            "deployment": {
+                **{k: v for k, v in asdict(cfg).items() if k != "resources"},
+                "model_name": model_name,
+                "model_dir": str(model_dir),
+                "tokenizer": str(tokenizer_path),
+                "route_prefix": "/",
+            },
+            "smoke": smoke,
+        }
+        out = Path(ctx.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "endpoint.json").write_text(json.dumps(endpoint, indent=2, default=str) + "\n")
+        ctx.log.metrics(metrics)
+        ctx.progress.update(1, f"serving at {url}/v1" if cfg.block else "stopping")
+        if cfg.block:
+            print(f"serving {model_name} at {url}/v1 (Ctrl-C stops)", flush=True)
+            _block_until_interrupted()
+    finally:
+        stop(cfg)
+    ctx.progress.update(1, "done")
+    summary = (
+        f"{model_name} ({'quantized' if quantized else 'full precision'}) served at {url}/v1: "
+        f"p50 {metrics['latency_ms_p50']:.0f} ms per completion of up to {cfg.smoke_max_tokens} tokens"
+    )
+    return StageResult(metrics=metrics, summary=summary, extra={"url": f"{url}/v1", "model": model_name})
+
+
+def serve_forever(
+    model_dir: str | Path, dataset_dir_or_tokenizer_dir: str | Path | None = None, cfg: Config | None = None
+) -> None:
+    """Serve `model_dir` (ckpt or qckpt) until interrupted: `python -m pipeline serve` calls this.
+
+    The tokenizer comes from model_dir/tokenizer/, else from the given dataset or tokenizer dir
+    (or tokenizer.json path)."""
+    cfg = cfg or Config()
+    validate(cfg)
+    model_dir = Path(model_dir)
+    extra = Path(dataset_dir_or_tokenizer_dir) if dataset_dir_or_tokenizer_dir else None
+    tokenizer_path = find_tokenizer(model_dir, extra)
+    model_name = served_name(cfg)
+    try:
+        url = start(model_dir, tokenizer_path, cfg, model_name)
+        print(f"serving {model_name} from {model_dir} at {url}/v1 (Ctrl-C stops)", flush=True)
+        _block_until_interrupted()
+    finally:  # also when interrupted while deploying
+        stop(cfg)
+
+
+def _block_until_interrupted() -> None:
+    """Sleep until Ctrl-C (SIGINT) or SIGTERM (kill, a container stop); the caller then shuts down."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,114 @@
+"""The serving engine: a loaded model + tokenizer that turns one prompt into one completion.
+
+    engine = Engine.load("out/qckpt", "out/qckpt/tokenizer/tokenizer.json")
+    result = engine.complete(engine.encode("2+3="), max_tokens=8, temperature=0.0)
+
+One prefill, then one decode step per token with the KV cache (the loop of
+`ernie.generation.generate`, token by token so that stop strings end it early). A lock
+makes the engine safe to share between a replica's request threads: requests run one at a
+time (batching and PD disaggregation are later work).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ernie.cache import KVCache
+from ernie.chat_template import SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN
+from ernie.generation import sample_next
+from ernie.quant import is_quantized_dir, load_model
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (too long, ...): HTTP 400 with this message."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    """Generated tokens, the end-of-sentence token included when one was generated."""
+    finish_reason: str  # "stop" (eos or a stop string) | "length"
+
+
+class Engine:
+    def __init__(self, model, tokenizer, model_dir: str = "") -> None:
+        self.model, self.tokenizer, self.model_dir = model.eval(), tokenizer, model_dir
+        self.config = model.config
+        self.quantized = bool(model_dir) and is_quantized_dir(model_dir)
+        self._lock = threading.Lock()
+        self._drop = [t for t in SPECIAL_TOKENS if t not in (THINK_OPEN, THINK_CLOSE)]
+
+    @classmethod
+    def load(cls, model_dir: str | Path, tokenizer_path: str | Path) -> Engine:
+        from tokenizers import Tokenizer
+
+        return cls(load_model(model_dir), Tokenizer.from_file(str(tokenizer_path)), str(model_dir))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special-token strings in it (BOS, think tags) become their ids."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated ids, think tags kept (chat splits reasoning on them), pad/BOS/EOS dropped."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        for token in self._drop:
+            text = text.replace(token, "")
+        return text
+
+    @torch.no_grad()
+    def complete(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+    ) -> Completion:
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        limit = self.config.max_position_embeddings
+        if len(prompt_ids) + max_tokens > limit:
+            raise RequestError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                f"context of {limit} tokens",
+                "max_tokens",
+            )
+        stop = [s for s in (stop or []) if s]
+        eos = self.config.eos_token_id
+        with self._lock:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            cache = KVCache(self.config.num_layers)
+            logits = self.model(torch.tensor([prompt_ids]), cache=cache, logits_to_keep=1).logits
+            new: list[int] = []
+            for _ in range(max_tokens):
+                token = int(sample_next(logits[:, -1], temperature, top_p, generator)[0])
+                new.append(token)
+                if token == eos:
+                    return Completion(self.decode(new[:-1]), len(prompt_ids), len(new), "stop")
+                if stop:
+                    text = self.decode(new)
+                    cut = min((text.find(s) for s in stop if s in text), default=-1)
+                    if cut >= 0:
+                        return Completion(text[:cut], len(prompt_ids), len(new), "stop")
+                logits = self.model(torch.tensor([[token]]), cache=cache).logits
+        return Completion(self.decode(new), len(prompt_ids), len(new), "length")
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of a thinking-mode completion: what precedes </think> is the reasoning;
+    without a </think> (cut by max_tokens) everything is reasoning and the answer is empty."""
+    if THINK_CLOSE not in text:
+        return text.removeprefix(THINK_OPEN).strip(), ""
+    reasoning, _, answer = text.partition(THINK_CLOSE)
+    return reasoning.removeprefix(THINK_OPEN).strip(), answer.strip()

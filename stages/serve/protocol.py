@@ -1,0 +1,105 @@
+"""The OpenAI API subset we serve: request schemas (validated by pydantic) and response objects.
+
+Field names, defaults and response shapes follow the OpenAI API (and vLLM's server):
+completions and chat completions, `usage` token counts, `finish_reason` "stop" | "length",
+errors as {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    # unknown OpenAI fields (user, logit_bias, ...) are accepted and ignored, as vLLM does
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per prompt for now")
+    stream: Literal[False] = Field(False, description="streaming is not served yet")
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] = Field(..., min_length=1)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    enable_thinking: bool | None = None
+    """ERNIE's thinking mode: the generation prompt opens a <think> block."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """vLLM's spelling: {"enable_thinking": true}."""
+
+    def thinking(self) -> bool:
+        if self.enable_thinking is not None:
+            return self.enable_thinking
+        return bool((self.chat_template_kwargs or {}).get("enable_thinking", False))
+
+
+def error_body(
+    message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_response(model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chat_response(
+    model: str, content: str, reasoning: str | None, finish_reason: str, prompt_tokens: int, completion_tokens: int
+) -> dict:
+    message = {"role": "assistant", "content": content}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def models_response(model: str, root: str) -> dict:
+    return {
+        "object": "list",
+        "data": [
+            {"id": model, "object": "model", "created": int(time.time()), "owned_by": "ernie-pipeline", "root": root}
+        ],
+    }
