@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint format bench clean
+.PHONY: setup run test test-fast ui lint format bench clean
 
 setup: $(STAMP)
 
@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# the tiny pipeline end to end: data -> pretrain -> sft -> dpo -> quantize -> serve (CPU, local Ray)
+run: $(STAMP)
+	$(PY) -m pipeline run conf=tiny
+
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the MLflow UI on the project's tracking store: http://127.0.0.1:5000
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

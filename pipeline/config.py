@@ -167,6 +167,8 @@ def validate(cfg: PipelineConfig) -> None:
     widths = {"model.hidden_size": cfg.model.hidden_size, "model.intermediate_size": cfg.model.intermediate_size}
     if cfg.model.moe is not None:
         widths["model.moe.intermediate_size"] = cfg.model.moe.intermediate_size
+        if cfg.model.vision is not None:
+            widths["model.moe.vision_intermediate_size"] = cfg.model.moe.vision_intermediate_size
     for key, width in widths.items():
         if width % group:
             raise UserError(f"quantize.group_size={group} must divide {key}={width} (the quantized input width)")
