@@ -173,7 +173,7 @@ def _run_or_reuse(cfg, p: PlannedStage, artifacts, store, tracker, ui, outcome: 
     start = time.time()
     bar = ui.start(name)
     try:
-        result = executor.run_stage(job, section.resources, bar.update)
+        result = executor.run_stage(job, section.resources, bar.update, distributed=hasattr(section, "num_workers"))
     except executor.StageFailure:
         tracker.finish(logger.run_id, False)
         bar.close(failed=True)

@@ -66,8 +66,15 @@ def _pack(docs: list[list[int]], seq_len: int) -> list[dict[str, np.ndarray]]:
         doc = doc - doc[0]
         boundary = np.r_[True, doc[1:] != doc[:-1]]
         starts = np.maximum.accumulate(np.where(boundary, np.arange(seq_len), 0))
-        rows.append({"input_ids": ids, "labels": ids, "document_ids": doc,
-                     "position_ids": np.arange(seq_len) - starts, "modality_ids": np.zeros(seq_len)})
+        rows.append(
+            {
+                "input_ids": ids,
+                "labels": ids,
+                "document_ids": doc,
+                "position_ids": np.arange(seq_len) - starts,
+                "modality_ids": np.zeros(seq_len),
+            }
+        )
     return rows
 
 
@@ -75,10 +82,9 @@ def _chat(a: int, op: str, b: int, answer: str) -> list[dict]:
     return [{"role": "user", "content": f"What is {a} {op} {b}?"}, {"role": "assistant", "content": answer}]
 
 
-def _wrong(a: int, op: str, b: int, c: int, rng: random.Random) -> int:
-    """A wrong answer a tiny model can learn to reject: off by ten, or the other operation's result."""
-    other = a - b if op == "+" else a + b
-    return rng.choice([x for x in (c + 10, c - 10, other) if x >= 0 and x != c] or [c + 10])
+def _wrong(c: int, rng: random.Random) -> int:
+    """A plausible slip: off by one, two or ten."""
+    return rng.choice([x for x in (c - 2, c - 1, c + 1, c + 2, c + 10) if x >= 0])
 
 
 def build_dataset(root: Path, seq_len: int = 128, documents: int = 600, vocab_size: int = 320) -> Path:
@@ -96,7 +102,9 @@ def build_dataset(root: Path, seq_len: int = 128, documents: int = 600, vocab_si
     for split, n in (("train", 400), ("val", 48)):
         facts = _facts(rng, n)
         write_jsonl(root / "sft" / f"{split}.jsonl", ({"messages": _chat(a, op, b, str(c))} for a, op, b, c in facts))
-        pairs = ({"prompt": _chat(a, op, b, "")[:1], "chosen": str(c), "rejected": str(_wrong(a, op, b, c, rng))}
-                 for a, op, b, c in facts)
+        pairs = (
+            {"prompt": _chat(a, op, b, "")[:1], "chosen": str(c), "rejected": str(_wrong(c, rng))}
+            for a, op, b, c in facts
+        )
         write_jsonl(root / "preferences" / f"{split}.jsonl", pairs)
     return root

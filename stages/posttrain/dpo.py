@@ -1,0 +1,207 @@
+"""Direct preference optimisation (DPO, sigmoid loss) against the frozen input checkpoint.
+
+    python -m pipeline run conf=tiny stages=[dpo] posttrain.dpo.beta=0.1
+
+Inputs: `ckpt` (policy init and reference) and `dataset` (`preferences/{train,val}.jsonl`:
+{"prompt": [...messages], "chosen": str, "rejected": str}). A pair's log-probability is
+the sum over the answer tokens (answer + end-of-sentence) of prompt + answer rendered with
+the chat template. The reference log-probs of every pair are computed once, split over the
+ranks, before training. Loss: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), plus
+the model's weighted router losses. Logged per step (on the batch) and at every evaluation
+on the val pairs (`val_*`) and the train pairs (`train_set_*`): reward accuracy, chosen /
+rejected rewards (beta * (pi - ref)) and their margin, and the policy's own preference
+accuracy (pi_c > pi_r) next to the reference's. Output (ckpt): HF layout + tokenizer/ +
+train_state/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ernie.losses import router_losses, shifted_targets
+from pipeline.contract import StageContext, StageResult, UserError
+
+from . import common
+from .chat import Tokenised, pad_batch, read_records, tokenise_chat
+from .config import TrainConfig
+
+INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
+OUTPUT_KIND = "ckpt"
+
+
+@dataclass
+class Config(TrainConfig):
+    """DPO: AdamW steps on preference pairs against the frozen input model."""
+
+    steps: int = 80
+    lr: float = 1e-3
+    beta: float = 0.1
+    """Strength of the KL anchor to the reference: rewards are beta * (log pi - log ref)."""
+    sft_weight: float = 0.0
+    """Weight of an added NLL loss on the chosen answers (per answer token; RPO-style), which keeps
+    DPO from lowering the likelihood of the chosen answers along with the rejected ones."""
+
+    def validate(self, stage: str = "dpo") -> None:
+        super().validate(stage)
+        if self.beta <= 0:
+            raise UserError(f"posttrain.{stage}.beta={self.beta!r} must be positive")
+        if self.sft_weight < 0:
+            raise UserError(f"posttrain.{stage}.sft_weight={self.sft_weight!r} must not be negative")
+
+
+@dataclass
+class Pair:
+    index: int
+    chosen: Tokenised
+    rejected: Tokenised
+
+
+def sequence_logprobs(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Sum of log p(token) over the supervised (answer) tokens of each row [B]."""
+    targets, weight = shifted_targets(batch["labels"], batch["loss_mask"], None)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return (logp * weight).sum(-1)
+
+
+class DPOObjective:
+    """Sigmoid DPO; the reference log-probs [N, 2] (chosen, rejected) of train and val pairs live on every rank."""
+
+    def __init__(self, beta: float, sft_weight: float = 0.0) -> None:
+        self.beta, self.sft_weight = beta, sft_weight
+        self.reference: dict[str, torch.Tensor] = {}
+
+    def collate(self, pairs: list[Pair], device: torch.device) -> dict:
+        batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], device)
+        batch["index"] = torch.tensor([p.index for p in pairs], device=device)
+        return batch
+
+    def _policy(self, model, batch: dict, loop) -> tuple[torch.Tensor, torch.Tensor, object]:
+        with loop.autocast():
+            out = model(batch["input_ids"])
+        logp = sequence_logprobs(out.logits, batch)
+        half = len(logp) // 2
+        return logp[:half], logp[half:], out
+
+    def setup(self, loop) -> None:
+        """Reference log-probs of every pair, from the input checkpoint (before any train state is restored)."""
+        loop.model.eval()
+        with torch.no_grad():
+            for split, pairs in (("train", loop.train_examples), ("val", loop.val_examples)):
+                table = torch.zeros(len(pairs), 2, device=loop.device)
+                for chunk in loop.my_share(len(pairs)):
+                    batch = self.collate([pairs[i] for i in chunk], loop.device)
+                    chosen, rejected, _ = self._policy(loop.model, batch, loop)
+                    table[torch.as_tensor(chunk, device=loop.device)] = torch.stack([chosen, rejected], -1).float()
+                self.reference[split] = loop.all_sum(table)
+        loop.model.train()
+
+    def _terms(self, chosen, rejected, reference) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        reward_c = self.beta * (chosen - reference[:, 0])
+        reward_r = self.beta * (rejected - reference[:, 1])
+        loss = -F.logsigmoid(reward_c - reward_r)
+        metrics = {
+            "dpo_loss": loss.detach(),
+            "reward_accuracy": (reward_c > reward_r).float(),
+            "reward_chosen": reward_c.detach(),
+            "reward_rejected": reward_r.detach(),
+            "reward_margin": (reward_c - reward_r).detach(),
+            "preference_accuracy": (chosen > rejected).float(),
+        }
+        return loss, metrics
+
+    def loss(self, model, batch: dict, loop) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        chosen, rejected, out = self._policy(model, batch, loop)
+        loss, metrics = self._terms(chosen, rejected, self.reference["train"][batch["index"]])
+        total = loss.mean()
+        if self.sft_weight > 0:
+            half = len(batch["input_ids"]) // 2
+            answer_tokens = batch["loss_mask"][:half, 1:].sum(-1).clamp(min=1)
+            total = total + self.sft_weight * (-chosen / answer_tokens).mean()
+        weights = loop.model.config.loss
+        for name, value in router_losses([r for layer in out.routing for r in layer]).items():
+            total = total + getattr(weights, f"{name}_loss_weight") * value
+        return total, {k: v.mean() for k, v in metrics.items()}
+
+    def evaluate(self, loop) -> dict[str, float]:
+        """DPO metrics over the validation pairs (`val_*`) and the train pairs (`train_set_*`)."""
+        out = {}
+        for split, prefix in (("val", "val_"), ("train", "train_set_")):
+            pairs = loop.val_examples if split == "val" else loop.train_examples
+            out.update({prefix + k: v for k, v in self._evaluate_pairs(loop, pairs, split).items()})
+        return out
+
+    def _evaluate_pairs(self, loop, pairs: list[Pair], split: str) -> dict[str, float]:
+        """Pair-weighted means of the DPO metrics, and the reference's own preference accuracy."""
+        names = [
+            "dpo_loss",
+            "reward_accuracy",
+            "reward_chosen",
+            "reward_rejected",
+            "reward_margin",
+            "preference_accuracy",
+        ]
+        count = loop.eval_count(pairs)
+        sums = torch.zeros(len(names), device=loop.device)
+        for chunk in loop.my_share(count):
+            batch = self.collate([pairs[i] for i in chunk], loop.device)
+            chosen, rejected, _ = self._policy(loop.model, batch, loop)
+            _, metrics = self._terms(chosen, rejected, self.reference[split][batch["index"]])
+            sums += torch.stack([metrics[n].float().sum() for n in names])
+        values = dict(zip(names, (loop.all_sum(sums) / count).tolist(), strict=True))
+        ref = self.reference[split][:count]
+        values["reference_preference_accuracy"] = float((ref[:, 0] > ref[:, 1]).float().mean())
+        return values
+
+
+def tokenise_pairs(tokenizer, path, max_length: int) -> list[Pair]:
+    """Every (prompt + chosen, prompt + rejected) pair whose answers both survive truncation."""
+    pairs = []
+    for line, record in enumerate(read_records(path, "preference pairs"), start=1):
+        try:
+            sides = [
+                tokenise_chat(tokenizer, record["prompt"] + [{"role": "assistant", "content": record[key]}], max_length)
+                for key in ("chosen", "rejected")
+            ]
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{path} line {line}: not a preference record ({err})") from None
+        if all(side.supervised > 0 for side in sides):
+            pairs.append(Pair(len(pairs), *sides))
+    if not pairs:
+        raise UserError(f"{path}: no pair keeps both answers within max_length={max_length} tokens")
+    return pairs
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: Config = ctx.config
+    cfg.validate("dpo")
+    ckpt_dir, dataset_dir, tokenizer_dir = common.input_dirs(ctx)
+    tokenizer = common.load_tokenizer(tokenizer_dir)
+    common.check_vocab(tokenizer, ckpt_dir, ctx.stage)
+    train = tokenise_pairs(tokenizer, dataset_dir / "preferences" / "train.jsonl", cfg.max_length)
+    val = tokenise_pairs(tokenizer, dataset_dir / "preferences" / "val.jsonl", cfg.max_length)
+    if len(train) < cfg.batch_size:
+        raise UserError(f"posttrain.dpo.batch_size={cfg.batch_size} is larger than the {len(train)} preference pairs")
+    ctx.log.params({"pairs_train": len(train), "pairs_val": len(val)})
+    result = common.train(ctx, DPOObjective(cfg.beta, cfg.sft_weight), ckpt_dir, train, val, cfg.fingerprint())
+    curves = {
+        "dpo_loss": ["dpo_loss", "val_dpo_loss", "train_set_dpo_loss"],
+        "rewards": [
+            "reward_margin",
+            "val_reward_margin",
+            "reward_accuracy",
+            "val_reward_accuracy",
+            "train_set_reward_accuracy",
+        ],
+    }
+    common.finish_outputs(ctx, tokenizer_dir, curves)
+    m = dict(result.metrics)
+    summary = (
+        f"{int(m['steps'])} steps; train pairs: reward accuracy {m['train_set_reward_accuracy']:.2f}, "
+        f"margin {m['train_set_reward_margin']:.3f}; val pairs: reward accuracy {m['val_reward_accuracy']:.2f}, "
+        f"margin {m['val_reward_margin']:.3f}, preference accuracy "
+        f"{m['val_reference_preference_accuracy']:.2f} (reference) -> {m['val_preference_accuracy']:.2f}"
+    )
+    return StageResult(metrics=m, summary=summary)

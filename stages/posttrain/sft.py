@@ -1,0 +1,95 @@
+"""Supervised fine-tuning on chats, with the loss on the assistant's tokens only.
+
+    python -m pipeline run conf=tiny stages=[sft] posttrain.sft.steps=150
+
+Inputs: `ckpt` (the model to tune) and `dataset` (`sft/train.jsonl`, `sft/val.jsonl`:
+{"messages": [...]}). Each chat is rendered with ERNIE's chat template and tokenised piece
+by piece; user, system and template tokens get loss weight 0. Ray Train DDP workers,
+AdamW + warmup/cosine, resumable train state, as in pretraining. Validation: mean
+assistant-token loss on sft/val.jsonl at the start, every `eval_every` steps and at the end.
+Output (ckpt): HF layout + tokenizer/ + train_state/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ernie.losses import shifted_targets
+from pipeline.contract import StageContext, StageResult, UserError
+
+from . import common
+from .chat import Tokenised, pad_batch, read_records, tokenise_chat
+from .config import TrainConfig
+
+INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
+OUTPUT_KIND = "ckpt"
+
+
+@dataclass
+class Config(TrainConfig):
+    """SFT: AdamW steps on chat examples, loss on assistant tokens only."""
+
+    steps: int = 100
+    lr: float = 1e-3
+
+
+class SFTObjective:
+    """Masked next-token loss (the model's own LM + router losses, with the assistant mask)."""
+
+    def setup(self, loop) -> None:
+        pass
+
+    def collate(self, examples: list[Tokenised], device: torch.device) -> dict[str, torch.Tensor]:
+        return pad_batch(examples, device)
+
+    def loss(self, model, batch: dict, loop) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with loop.autocast():
+            out = model(**batch)
+        return out.loss, {"lm": out.losses["lm"].detach()}
+
+    def evaluate(self, loop) -> dict[str, float]:
+        """Token-weighted assistant-token loss over the validation chats."""
+        totals = torch.zeros(2, device=loop.device)
+        for chunk in loop.my_share(loop.eval_count(loop.val_examples)):
+            batch = pad_batch([loop.val_examples[i] for i in chunk], loop.device)
+            with loop.autocast():
+                out = loop.model(**batch)
+            _, weight = shifted_targets(batch["labels"], batch["loss_mask"], None)
+            totals += torch.stack([out.losses["lm"].float() * weight.sum(), weight.sum()])
+        totals = loop.all_sum(totals)
+        return {"val_loss": float(totals[0] / totals[1].clamp(min=1))}
+
+
+def tokenise_file(tokenizer, path, max_length: int) -> list[Tokenised]:
+    """Every chat of the jsonl file with at least one assistant token left after truncation."""
+    examples = []
+    for line, record in enumerate(read_records(path, "SFT chats"), start=1):
+        try:
+            example = tokenise_chat(tokenizer, record["messages"], max_length)
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{path} line {line}: not a chat record ({err})") from None
+        if example.supervised > 1:  # the first token is never a target
+            examples.append(example)
+    if not examples:
+        raise UserError(f"{path}: no chat keeps an assistant answer within max_length={max_length} tokens")
+    return examples
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: Config = ctx.config
+    cfg.validate("sft")
+    ckpt_dir, dataset_dir, tokenizer_dir = common.input_dirs(ctx)
+    tokenizer = common.load_tokenizer(tokenizer_dir)
+    common.check_vocab(tokenizer, ckpt_dir, ctx.stage)
+    train = tokenise_file(tokenizer, dataset_dir / "sft" / "train.jsonl", cfg.max_length)
+    val = tokenise_file(tokenizer, dataset_dir / "sft" / "val.jsonl", cfg.max_length)
+    if len(train) < cfg.batch_size:
+        raise UserError(f"posttrain.sft.batch_size={cfg.batch_size} is larger than the {len(train)} SFT chats")
+    ctx.log.params({"examples_train": len(train), "examples_val": len(val)})
+    result = common.train(ctx, SFTObjective(), ckpt_dir, train, val, cfg.fingerprint())
+    common.finish_outputs(ctx, tokenizer_dir, {"loss_curve": ["loss", "lm", "val_loss"]})
+    m = dict(result.metrics)
+    summary = f"{int(m['steps'])} steps: val assistant-token loss {m['val_loss_initial']:.3f} -> {m['val_loss']:.3f}"
+    return StageResult(metrics=m, summary=summary)

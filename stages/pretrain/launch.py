@@ -1,0 +1,87 @@
+"""Run a training function on Ray Train workers and relay rank 0's metrics to the stage.
+
+The stage process (often a Ray actor holding no CPU) starts a `TorchTrainer`; rank 0 puts
+(step, metrics) messages on a Ray queue that this process drains while `fit()` runs, so
+metrics are logged and the progress bar moves from the stage's own logger and `Progress`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+OnMessage = Callable[[int, dict], None]
+
+
+def ensure_ray() -> None:
+    """Connect to Ray if the orchestrator has not (RAY_ADDRESS, else a local instance)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+
+
+def fit(
+    train_fn: Callable[[dict], None],
+    loop_config: dict,
+    *,
+    num_workers: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    max_failures: int,
+    storage: Path,
+    on_message: OnMessage,
+):
+    """Train with `num_workers` DDP workers; returns Ray Train's `Result` (its checkpoint is rank 0's last)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    sink = Queue(actor_options={"num_cpus": 0})
+    resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker > 0 else {})
+    name = f"run-{uuid.uuid4().hex[:8]}"
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config={**loop_config, "sink": sink},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+    )
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            running = pool.submit(trainer.fit)
+            while not running.done():
+                _drain(sink, on_message, timeout=0.5)
+            _drain(sink, on_message, timeout=0)
+            return running.result()
+    finally:
+        ray.kill(sink.actor)
+
+
+def _drain(sink, on_message: OnMessage, timeout: float) -> None:
+    from ray.util.queue import Empty
+
+    try:
+        message = sink.get(block=timeout > 0, timeout=timeout or None)
+        while True:
+            on_message(*message)
+            message = sink.get_nowait()
+    except Empty:
+        return
+
+
+def copy_checkpoint(result, output_dir: Path, storage: Path) -> None:
+    """Copy the run's final checkpoint into `output_dir`, then drop Ray Train's copy of the run."""
+    if result.checkpoint is None:
+        raise RuntimeError("the training run ended without a final checkpoint")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result.checkpoint.to_directory(str(output_dir))
+    shutil.rmtree(storage, ignore_errors=True)

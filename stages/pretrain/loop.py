@@ -1,0 +1,237 @@
+"""The training loop every Ray Train worker runs (one data-parallel rank, DDP).
+
+Rank 0 alone writes the train state, sends per-step metrics to the stage process (which
+logs them and moves the progress bar) and hands the final checkpoint to Ray Train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ernie import ErnieConfig, ErnieForCausalLM
+from ernie.checkpoint import save_pretrained
+from ernie.losses import shifted_targets
+
+from . import train_state
+from .config import Config
+from .data import RowStream, to_batch
+from .optim import build_optimizer, lr_at, set_lr
+from .router_stats import RouterLoad
+
+LOSS_NAMES = ("loss", "lm", "aux", "z", "orthogonal")
+HISTORY_FILE = "history.json"
+
+
+@dataclass
+class Job:
+    """What every worker gets (picklable; the row arrays travel through the Ray object store)."""
+
+    config: Config
+    model: ErnieConfig
+    seed: int
+    train_rows: Any  # ray.ObjectRef of {field: [N, S] array}
+    val_rows: Any
+    state_dir: str
+    fingerprint: dict
+    sink: Any = None  # ray.util.queue.Queue for (step, metrics) messages, or None
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train entry point: train to `config.steps`, resuming from the train state if there is one."""
+    job = loop_config["job"]
+    loop = WorkerLoop(dataclasses.replace(job, sink=loop_config.get("sink", job.sink)))
+    cfg = loop.cfg
+    if loop.step == 0:
+        loop.record(0, {"val_loss": loop.evaluate()})
+    else:
+        loop.record(loop.step, {"resumed_from_step": float(loop.step)})
+    while loop.step < cfg.steps:
+        metrics = loop.train_step()
+        step = loop.step
+        if step % cfg.router_stats_every == 0 or step == cfg.steps:
+            metrics.update(loop.router_report())
+        if step % cfg.eval_every == 0 and step < cfg.steps:
+            metrics["val_loss"] = loop.evaluate()
+        loop.record(step, metrics)
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            loop.save_state()
+    loop.finish()
+
+
+class WorkerLoop:
+    """Model, optimizer, data and history of one rank."""
+
+    def __init__(self, job: Job) -> None:
+        import ray
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.job, self.cfg = job, job.config
+        torch.manual_seed(job.seed)
+        self.model = ErnieForCausalLM(job.model).to(self.device)
+        self.optimizer = build_optimizer(
+            self.model, self.cfg.lr, self.cfg.weight_decay, (self.cfg.beta1, self.cfg.beta2)
+        )
+        self.step = 0
+        self.history: dict[str, Any] = {"step": [], "val_step": [], "tokens": 0, "seconds": 0.0, "router": None}
+        self.history.update({name: [] for name in LOSS_NAMES + ("val_loss",)})
+        self.router = RouterLoad(job.model, self.device)
+        state = train_state.load(Path(job.state_dir), job.fingerprint)
+        if state is not None:
+            self._restore(state)
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        # no buffer sync per forward: the router bias is identical on every rank and the expert-load
+        # counters are per-rank statistics.
+        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, forward_sync_buffers=False)
+        self.train_rows, self.val_rows = ray.get(job.train_rows), ray.get(job.val_rows)
+        self.stream = RowStream(len(self.train_rows["input_ids"]), job.seed)
+
+    # ------------------------------------------------------------------ steps
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict[str, float]:
+        cfg, step = self.cfg, self.step + 1
+        lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        set_lr(self.optimizer, lr)
+        batch = to_batch(
+            self.train_rows, self.stream.worker_batch(self.step, cfg.batch_size, self.rank, self.world), self.device
+        )
+        started = time.perf_counter()
+        with self._autocast():
+            out = self.ddp(**batch)
+        out.loss.backward()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.router.add(out.routing)
+        losses = self._mean_over_ranks([out.loss] + [out.losses.get(n, out.loss * 0) for n in LOSS_NAMES[1:]])
+        seconds = time.perf_counter() - started
+        self.step = step
+        tokens = cfg.batch_size * batch["input_ids"].shape[1]
+        self.history["tokens"] += tokens
+        self.history["seconds"] += seconds
+        metrics = dict(zip(LOSS_NAMES, losses, strict=True))
+        return metrics | {"lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / seconds}
+
+    def _mean_over_ranks(self, values: list[torch.Tensor]) -> list[float]:
+        stacked = torch.stack([v.detach().float() for v in values])
+        dist.all_reduce(stacked)
+        return (stacked / self.world).tolist()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted LM loss over the validation rows, split over the ranks (collective)."""
+        limit = self.cfg.eval_rows or len(self.val_rows["input_ids"])
+        mine = torch.arange(min(limit, len(self.val_rows["input_ids"])))[self.rank :: self.world]
+        per_batch = max(self.cfg.batch_size // self.world, 1)
+        totals = torch.zeros(2, device=self.device)
+        self.model.eval()
+        for chunk in mine.split(per_batch):
+            batch = to_batch(self.val_rows, chunk.numpy(), self.device)
+            with self._autocast():
+                out = self.model(**batch)
+            _, weight = shifted_targets(batch["labels"], None, batch["document_ids"])
+            totals += torch.stack([out.losses["lm"].float() * weight.sum(), weight.sum()])
+        self.model.train()
+        dist.all_reduce(totals)
+        return float(totals[0] / totals[1].clamp(min=1))
+
+    def router_report(self) -> dict[str, float]:
+        metrics, counts = self.router.report()
+        if counts.numel():
+            previous = self.history["router"]
+            total = counts if previous is None else counts + torch.tensor(previous)
+            self.history["router"] = total.tolist()
+        return metrics
+
+    # ------------------------------------------------------------------ bookkeeping (rank 0)
+    def record(self, step: int, metrics: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        if "loss" in metrics:
+            self.history["step"].append(step)
+            for name in LOSS_NAMES:
+                self.history[name].append(metrics[name])
+        if "val_loss" in metrics:
+            if self.history["val_step"][-1:] == [step]:  # a rerun of a finished run evaluates again
+                self.history["val_step"].pop()
+                self.history["val_loss"].pop()
+            self.history["val_step"].append(step)
+            self.history["val_loss"].append(metrics["val_loss"])
+        if self.job.sink is not None:
+            self.job.sink.put_nowait((step, metrics))
+
+    def save_state(self) -> None:
+        """Rank 0 writes the train state (collective: the router counts since the last report are summed)."""
+        router_window = self.router.window.clone()
+        dist.all_reduce(router_window)
+        if self.rank != 0:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "cursor": self.step * self.cfg.batch_size,
+            "rng": train_state.rng_state(),
+            "history": self.history,
+            "router_window": router_window.cpu(),
+            "fingerprint": self.job.fingerprint,
+        }
+        train_state.save(Path(self.job.state_dir), state)
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history = state["step"], state["history"]
+        assert state["cursor"] == self.step * self.cfg.batch_size, "data cursor and step disagree"
+        train_state.set_rng_state(state["rng"])
+        if self.rank == 0:  # the window holds every rank's counts; the next report sums over ranks
+            self.router.window.copy_(state["router_window"])
+
+    def finish(self) -> None:
+        """Final validation, then rank 0 hands Ray Train the HF checkpoint + train state."""
+        import ray.train
+
+        val_loss = self.evaluate()
+        self.record(self.step, {"val_loss": val_loss})
+        summary = self.summary(val_loss)
+        self.save_state()
+        if self.rank != 0:
+            ray.train.report(summary)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pretrained(self.model, tmp)
+            shutil.copytree(self.job.state_dir, Path(tmp) / "train_state")
+            (Path(tmp) / "train_state" / HISTORY_FILE).write_text(json.dumps(self.history) + "\n")
+            ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def summary(self, val_loss: float) -> dict[str, float]:
+        h = self.history
+        last = h["loss"][-10:] if h["loss"] else [float("nan")]
+        return {
+            "steps": float(self.step),
+            "loss_first": h["loss"][0] if h["loss"] else float("nan"),
+            "loss_last10": sum(last) / len(last),
+            "val_loss_initial": h["val_loss"][0] if h["val_loss"] else float("nan"),
+            "val_loss": val_loss,
+            "tokens_per_s": h["tokens"] / max(h["seconds"], 1e-9),
+        }

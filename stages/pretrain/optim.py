@@ -1,0 +1,39 @@
+"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine schedule.
+
+The learning rate is a pure function of the step counter, so a resumed run reproduces it
+exactly from the saved step alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning rate for optimizer step `step` (1-based): linear warmup, then cosine to peak * min_lr_ratio."""
+    if warmup_steps > 0 and step <= warmup_steps:
+        return peak * step / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW; 2-D+ weights are decayed, norms, biases and router weights are not."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_router = name.endswith("gate.weight")
+        (no_decay if param.dim() < 2 or is_router else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,421 @@
+"""pretrain, sft and dpo stages: real Ray Train runs (2 gloo workers) on a small synthetic dataset.
+
+The slow tests share one local Ray and one pretraining run (the reference for exact resume
+and the input of SFT, whose output feeds DPO).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+from training_data import build_dataset
+
+from ernie import get_preset
+from ernie.chat_template import EOS
+from ernie.checkpoint import load_pretrained
+from pipeline.contract import Artifact, MemoryLogger, StageContext, UserError
+from stages import pretrain
+from stages.posttrain import dpo, sft
+from stages.posttrain.chat import pad_batch, tokenise_chat
+from stages.pretrain.data import RowStream
+from stages.pretrain.optim import lr_at
+
+ROOT = Path(__file__).resolve().parents[2]
+PRETRAIN = dict(
+    steps=60,
+    batch_size=8,
+    lr=3e-3,
+    warmup_steps=5,
+    eval_every=20,
+    checkpoint_every=10,
+    router_stats_every=15,
+    eval_rows=16,
+)
+STEP_LOG_KEYS = {"loss", "lm", "aux", "z", "orthogonal", "lr", "tokens_per_s", "grad_norm", "router/max_over_mean"}
+
+
+# ---------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return build_dataset(tmp_path_factory.mktemp("dataset"))
+
+
+@pytest.fixture(scope="module")
+def model_config(dataset):
+    vocab = Tokenizer.from_file(str(dataset / "tokenizer" / "tokenizer.json")).get_vocab_size()
+    return get_preset("tiny_moe").replace(vocab_size=vocab)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    # Ray Train's controller polls its workers every 2 s by default: a few seconds per run here
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def make_ctx(stage, config, model, inputs: dict[str, Path], root: Path, seed: int = 0) -> StageContext:
+    artifacts = {name: Artifact(name, str(path), cache_key=f"key-{path.name}") for name, path in inputs.items()}
+    return StageContext(
+        stage=stage,
+        config=config,
+        model=model,
+        inputs=artifacts,
+        output_dir=root / "out",
+        log=MemoryLogger(),
+        seed=seed,
+        work_dir=root / "work",
+    )
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_local, dataset, model_config, tmp_path_factory):
+    ctx = make_ctx(
+        "pretrain", pretrain.Config(**PRETRAIN), model_config, {"dataset": dataset}, tmp_path_factory.mktemp("pretrain")
+    )
+    started = time.perf_counter()
+    result = pretrain.run(ctx)
+    return ctx, result, time.perf_counter() - started
+
+
+@pytest.fixture(scope="module")
+def sft_run(pretrained, dataset, tmp_path_factory):
+    config = sft.Config(steps=40, batch_size=16, lr=2e-3, eval_every=20, checkpoint_every=20)
+    ctx = make_ctx(
+        "sft", config, None, {"ckpt": pretrained[0].output_dir, "dataset": dataset}, tmp_path_factory.mktemp("sft")
+    )
+    return ctx, sft.run(ctx)
+
+
+@pytest.fixture(scope="module")
+def dpo_run(sft_run, dataset, tmp_path_factory):
+    config = dpo.Config(steps=40, batch_size=16, lr=1e-3, beta=0.5, eval_every=20, checkpoint_every=20)
+    ctx = make_ctx(
+        "dpo", config, None, {"ckpt": sft_run[0].output_dir, "dataset": dataset}, tmp_path_factory.mktemp("dpo")
+    )
+    return ctx, dpo.run(ctx)
+
+
+# ---------------------------------------------------------------------- pretrain
+@pytest.mark.slow
+def test_pretrain_lowers_loss_and_writes_a_loadable_hf_checkpoint(pretrained):
+    ctx, result, seconds = pretrained
+    m = result.metrics
+    print(f"\npretrain {seconds:.1f}s: {result.summary}")
+    assert m["steps"] == PRETRAIN["steps"]
+    assert m["loss_last10"] < 0.4 * m["loss_first"], m
+    assert m["val_loss"] < 0.4 * m["val_loss_initial"], m
+    out = ctx.output_dir
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer/tokenizer.json",
+        "train_state/state.pt",
+        "train_state/history.json",
+    ):
+        assert (out / name).is_file(), name
+    model = load_pretrained(out)
+    ids = torch.tensor([[1, 20, 30, 40]])
+    assert torch.isfinite(model(ids).logits).all()
+    assert json.loads((out / "train_state" / "meta.json").read_text())["step"] == PRETRAIN["steps"]
+
+
+@pytest.mark.slow
+def test_pretrain_logs_every_step_router_balance_figures_and_progress(pretrained):
+    ctx, _, _ = pretrained
+    log: MemoryLogger = ctx.log
+    steps_per_key = {}
+    for key, _, step in log.metric_log:
+        steps_per_key.setdefault(key, set()).add(step)
+    assert STEP_LOG_KEYS <= set(steps_per_key), STEP_LOG_KEYS - set(steps_per_key)
+    assert steps_per_key["loss"] == set(range(1, PRETRAIN["steps"] + 1))
+    assert steps_per_key["router/layer1/max_over_mean"] == {15, 30, 45, 60}
+    assert steps_per_key["val_loss"] == {0, 20, 40, 60}
+    assert {"loss_curve.png", "router_load.png"} <= set(log.artifact_log)
+    assert ctx.progress.snapshot()["done"] == PRETRAIN["steps"]
+
+
+def _run_in_subprocess(ray_local, ctx: StageContext, root: Path) -> subprocess.Popen:
+    """Start the same pretrain run in another driver process connected to this test's Ray."""
+    job = root / "job.pkl"
+    job.write_bytes(
+        pickle.dumps(
+            {
+                "address": ray_local.get_runtime_context().gcs_address,
+                "config": ctx.config,
+                "model": ctx.model,
+                "dataset": ctx.inputs["dataset"].uri,
+                "root": str(root),
+                "seed": ctx.seed,
+            }
+        )
+    )
+    code = (
+        "import pickle, sys, ray; from pathlib import Path; "
+        "from pipeline.contract import Artifact, StageContext; from stages import pretrain; "
+        "j = pickle.loads(Path(sys.argv[1]).read_bytes()); ray.init(address=j['address'], log_to_driver=False); "
+        "pretrain.run(StageContext(stage='pretrain', config=j['config'], model=j['model'], "
+        "inputs={'dataset': Artifact('dataset', j['dataset'], 'key-dataset')}, output_dir=Path(j['root']) / 'out', "
+        "seed=j['seed'], work_dir=Path(j['root']) / 'work'))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(job)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _kill_after_checkpoint(proc: subprocess.Popen, meta: Path, past_step: int, timeout: float = 120) -> int:
+    """SIGKILL the driver once the train state holds a step > `past_step`; returns that step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        step = json.loads(meta.read_text())["step"] if meta.is_file() else 0
+        if step > past_step:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return step
+        time.sleep(0.02)
+    raise AssertionError(f"no train state past step {past_step} within {timeout}s")
+
+
+def _wait_for_idle_cluster(ray_local, timeout: float = 60) -> None:
+    """The killed driver's workers are gone once every CPU is free again."""
+    deadline = time.monotonic() + timeout
+    while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, "the killed run's workers did not go away"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_pretrain_killed_twice_resumes_to_the_same_weights(pretrained, ray_local, tmp_path):
+    reference_ctx, reference, _ = pretrained
+    ctx = make_ctx(
+        "pretrain",
+        pretrain.Config(**PRETRAIN),
+        reference_ctx.model,
+        {"dataset": Path(reference_ctx.inputs["dataset"].uri)},
+        tmp_path,
+    )
+    meta = ctx.work_dir / "train_state" / "meta.json"
+    first = _kill_after_checkpoint(_run_in_subprocess(ray_local, ctx, tmp_path), meta, past_step=0)
+    _wait_for_idle_cluster(ray_local)
+    second = _kill_after_checkpoint(_run_in_subprocess(ray_local, ctx, tmp_path), meta, past_step=first)
+    assert 0 < first < second < PRETRAIN["steps"]
+    print(f"\nkilled after the train states of steps {first} and {second}")
+    assert not (ctx.output_dir / "model.safetensors").exists()
+    _wait_for_idle_cluster(ray_local)
+
+    result = pretrain.run(ctx)
+
+    ours, theirs = (
+        load_file(ctx.output_dir / "model.safetensors"),
+        load_file(reference_ctx.output_dir / "model.safetensors"),
+    )
+    assert ours.keys() == theirs.keys()
+    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not different, f"resumed weights differ from the uninterrupted run: {different[:5]}"
+    timing = {"tokens_per_s"}
+    assert {k: v for k, v in result.metrics.items() if k not in timing} == {
+        k: v for k, v in reference.metrics.items() if k not in timing
+    }
+    history = json.loads((ctx.output_dir / "train_state" / "history.json").read_text())
+    assert history["step"] == list(range(1, PRETRAIN["steps"] + 1)), "a step was replayed or skipped"
+    reference_history = json.loads((reference_ctx.output_dir / "train_state" / "history.json").read_text())
+    for key in ("loss", "val_loss", "router", "tokens"):  # router counts span the interruptions too
+        assert history[key] == reference_history[key], key
+    assert [v for k, v, _ in ctx.log.metric_log if k == "resumed_from_step"] == [second]
+    resumed_steps = {step for key, _, step in ctx.log.metric_log if key == "loss"}
+    assert resumed_steps == set(range(second + 1, PRETRAIN["steps"] + 1))
+
+
+def _kill_a_train_worker_after_checkpoint(meta: Path, killed: list) -> None:
+    """SIGKILL one Ray Train worker process once the first train state is written (Linux /proc)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not meta.is_file():
+        time.sleep(0.02)
+    for proc in Path("/proc").iterdir():
+        try:
+            is_worker = proc.name.isdigit() and b"RayTrainWorker" in (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if is_worker:
+            killed.append(json.loads(meta.read_text())["step"])
+            os.kill(int(proc.name), signal.SIGKILL)
+            return
+
+
+@pytest.mark.slow
+def test_pretrain_restarts_a_crashed_worker_group_from_the_train_state(pretrained, ray_local, tmp_path):
+    reference_ctx, reference, _ = pretrained
+    ctx = make_ctx(
+        "pretrain",
+        pretrain.Config(**PRETRAIN),
+        reference_ctx.model,
+        {"dataset": Path(reference_ctx.inputs["dataset"].uri)},
+        tmp_path,
+    )
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=_kill_a_train_worker_after_checkpoint, args=(ctx.work_dir / "train_state" / "meta.json", killed)
+    )
+    killer.start()
+    pretrain.run(ctx)
+    killer.join()
+
+    assert killed and killed[0] < PRETRAIN["steps"], "no worker was killed mid-run"
+    resumed = [value for key, value, _ in ctx.log.metric_log if key == "resumed_from_step"]
+    assert resumed and killed[0] <= resumed[0] < PRETRAIN["steps"], "Ray Train did not restart from the train state"
+    ours, theirs = (
+        load_file(ctx.output_dir / "model.safetensors"),
+        load_file(reference_ctx.output_dir / "model.safetensors"),
+    )
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    history = json.loads((ctx.output_dir / "train_state" / "history.json").read_text())
+    assert history["step"] == list(range(1, PRETRAIN["steps"] + 1))
+
+
+def test_row_stream_splits_each_global_batch_and_visits_every_row_once_per_epoch():
+    stream = RowStream(num_rows=10, seed=3)
+    seen = []
+    for step in range(5):  # 5 steps x 4 rows = 2 epochs
+        parts = [stream.worker_batch(step, global_batch=4, rank=r, world=2) for r in range(2)]
+        assert np.array_equal(np.concatenate(parts), stream.take(step * 4, 4))
+        seen += np.concatenate(parts).tolist()
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert seen[:10] != seen[10:], "each epoch has its own order"
+    assert np.array_equal(RowStream(10, 3).take(13, 4), stream.take(13, 4)), "order is a function of the cursor"
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    lrs = [lr_at(s, 1.0, 10, 100, 0.1) for s in range(1, 101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lrs[-1] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------- sft
+def test_chat_tokenisation_masks_everything_but_the_assistant_answer(dataset):
+    tokenizer = Tokenizer.from_file(str(dataset / "tokenizer" / "tokenizer.json"))
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 3 + 4?"},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "And 2 + 2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    example = tokenise_chat(tokenizer, chat, max_length=256)
+    supervised = [t for t, m in zip(example.ids, example.mask, strict=True) if m]
+    assert tokenizer.decode(supervised, skip_special_tokens=False) == f"7{EOS}4{EOS}"
+    assert tokenizer.decode(example.ids, skip_special_tokens=False).startswith("<|begin_of_sentence|>Be brief.")
+    batch = pad_batch([example, tokenise_chat(tokenizer, chat[:3], 256)], torch.device("cpu"))
+    short = len(tokenise_chat(tokenizer, chat[:3], 256).ids)
+    assert (batch["labels"][1, short:] == -100).all() and (batch["loss_mask"][1, short:] == 0).all()
+    assert batch["loss_mask"].sum() == sum(example.mask) + 2
+
+
+@pytest.mark.slow
+def test_sft_lowers_the_assistant_token_loss_on_val(sft_run):
+    ctx, result = sft_run
+    m = result.metrics
+    print(f"\nsft: {result.summary}")
+    assert m["val_loss"] < 0.5 * m["val_loss_initial"], m
+    assert load_pretrained(ctx.output_dir) is not None
+    assert (ctx.output_dir / "tokenizer" / "tokenizer.json").is_file()
+    assert "loss_curve.png" in ctx.log.artifact_log
+
+
+# ---------------------------------------------------------------------- dpo
+@pytest.mark.slow
+def test_dpo_raises_reward_accuracy_and_margin_over_the_reference(dpo_run):
+    ctx, result = dpo_run
+    m = result.metrics
+    print(f"\ndpo: {result.summary}")
+    first_step = {k: v for k, v, step in ctx.log.metric_log if step == 1}
+    assert first_step["reward_margin"] == pytest.approx(0.0, abs=1e-5), "step 1 policy = reference"
+    assert m["train_set_reward_accuracy_initial"] == 0 and m["train_set_reward_margin_initial"] == 0
+    # a tiny model learns arithmetic slowly: 40 steps move it clearly but not far
+    assert m["train_set_dpo_loss"] < np.log(2) - 0.03, m
+    assert m["train_set_reward_accuracy"] > 0.55 and m["train_set_reward_margin"] > 0.1, m
+    assert m["train_set_preference_accuracy"] > m["train_set_reference_preference_accuracy"], m
+    assert m["val_reward_margin"] > 0, m
+    assert load_pretrained(ctx.output_dir) is not None
+    assert {"dpo_loss.png", "rewards.png"} <= set(ctx.log.artifact_log)
+
+
+# ---------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"steps": 0}, "pretrain.steps=0"),
+        ({"batch_size": 9}, "pretrain.batch_size=9"),
+        ({"precision": "fp8"}, "pretrain.precision='fp8'"),
+    ],
+)
+def test_pretrain_rejects_bad_config(overrides, message, dataset, model_config, tmp_path):
+    ctx = make_ctx("pretrain", pretrain.Config(**overrides), model_config, {"dataset": dataset}, tmp_path)
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        pretrain.run(ctx)
+
+
+def test_pretrain_names_a_missing_or_mismatched_dataset(dataset, model_config, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "tokenizer").mkdir(parents=True)
+    (empty / "tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(UserError, match="train/shard"):
+        pretrain.run(make_ctx("pretrain", pretrain.Config(), model_config, {"dataset": empty}, tmp_path))
+    with pytest.raises(UserError, match="input artifact 'dataset'"):
+        pretrain.run(make_ctx("pretrain", pretrain.Config(), model_config, {}, tmp_path))
+    small = model_config.replace(vocab_size=100)
+    with pytest.raises(UserError, match="model.vocab_size=100"):
+        pretrain.run(make_ctx("pretrain", pretrain.Config(), small, {"dataset": dataset}, tmp_path))
+
+
+def test_posttrain_names_missing_inputs_and_bad_config(dataset, tmp_path):
+    no_ckpt = tmp_path / "no-ckpt"
+    no_ckpt.mkdir()
+    with pytest.raises(UserError, match="config.json"):
+        sft.run(make_ctx("sft", sft.Config(), None, {"ckpt": no_ckpt, "dataset": dataset}, tmp_path))
+    with pytest.raises(UserError, match="posttrain.dpo.beta=0"):
+        dpo.run(make_ctx("dpo", dpo.Config(beta=0.0), None, {"ckpt": no_ckpt, "dataset": dataset}, tmp_path))
+    with pytest.raises(UserError, match="posttrain.sft.batch_size=3"):
+        sft.run(make_ctx("sft", sft.Config(batch_size=3), None, {"ckpt": no_ckpt, "dataset": dataset}, tmp_path))
+
+
+def test_posttrain_names_a_missing_jsonl(dataset, model_config, tmp_path):
+    from ernie import ErnieForCausalLM
+    from ernie.checkpoint import save_pretrained
+
+    ckpt = tmp_path / "ckpt"
+    save_pretrained(ErnieForCausalLM(model_config), ckpt)
+    bare = tmp_path / "bare-dataset"
+    (bare / "tokenizer").mkdir(parents=True)
+    (bare / "tokenizer" / "tokenizer.json").write_bytes((dataset / "tokenizer" / "tokenizer.json").read_bytes())
+    with pytest.raises(UserError, match="sft/train.jsonl"):
+        sft.run(make_ctx("sft", sft.Config(), None, {"ckpt": ckpt, "dataset": bare}, tmp_path))
+    with pytest.raises(UserError, match="preferences/train.jsonl"):
+        dpo.run(make_ctx("dpo", dpo.Config(), None, {"ckpt": ckpt, "dataset": bare}, tmp_path))
