@@ -42,8 +42,9 @@ class Case:
 
 
 def cases() -> dict[str, Case]:
-    moe4 = get_preset("ernie_21b").replace(name="ernie-4.5-21b-a3b-shaped-4-layers", num_layers=4,
-                                            tie_word_embeddings=False)
+    moe4 = get_preset("ernie_21b").replace(
+        name="ernie-4.5-21b-a3b-shaped-4-layers", num_layers=4, tie_word_embeddings=False
+    )
     return {
         "ernie-0.3b": Case("ernie-4.5-0.3b", get_preset("ernie_0_3b"), 8, 4096),
         "ernie-21b-4l": Case(moe4.name, moe4.validate(), 4, 4096),
@@ -139,8 +140,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, help="override the case's batch size")
     parser.add_argument("--seq", type=int, help="override the case's sequence length")
-    parser.add_argument("--peak-tflops", type=float, default=float(os.environ.get("PEAK_TFLOPS", "989")),
-                        help="dense bf16 peak for MFU (H100 SXM: 989); MFU is omitted on CPU")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=float(os.environ.get("PEAK_TFLOPS", "989")),
+        help="dense bf16 peak for MFU (H100 SXM: 989); MFU is omitted on CPU",
+    )
     parser.add_argument("--out", default="out/bench/model_step.json")
     args = parser.parse_args(argv)
 

@@ -34,7 +34,7 @@ class KVCache:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep only / reorder batch rows (beam search, finished sequences)."""
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
             if k is not None:
                 self.keys[i], self.values[i] = k[rows], v[rows]
         for name in ("key_valid", "document_ids", "next_position"):

@@ -197,9 +197,7 @@ def _first_names(names: list[str], limit: int = 20) -> str:
 
 
 # ---------------------------------------------------------------------- save
-def save_pretrained(
-    model: ErnieForCausalLM, directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30
-) -> Path:
+def save_pretrained(model: ErnieForCausalLM, directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write config.json, generation_config.json and safetensors shards (+ index when > 1)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

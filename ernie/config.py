@@ -201,9 +201,7 @@ class ErnieConfig:
     def _validate_moe(self, m: MoEConfig) -> None:
         _require(m.num_experts > 0, "moe.num_experts", m.num_experts, "must be positive")
         _require(m.top_k > 0, "moe.top_k", m.top_k, "must be positive")
-        _require(
-            m.top_k <= m.num_experts, "moe.top_k", m.top_k, f"must not exceed moe.num_experts={m.num_experts}"
-        )
+        _require(m.top_k <= m.num_experts, "moe.top_k", m.top_k, f"must not exceed moe.num_experts={m.num_experts}")
         _require(m.intermediate_size > 0, "moe.intermediate_size", m.intermediate_size, "must be positive")
         _require(m.num_shared_experts >= 0, "moe.num_shared_experts", m.num_shared_experts, "must be >= 0")
         _require(m.layer_interval > 0, "moe.layer_interval", m.layer_interval, "must be positive")

@@ -112,8 +112,7 @@ def from_hf_config(hf: dict[str, Any], name: str = "checkpoint") -> ErnieConfig:
     family = next((_FAMILY_OF_ARCH[a] for a in archs if a in _FAMILY_OF_ARCH), None)
     if family is None:
         raise ConfigError(
-            f"config.json architectures={archs!r} is not an ERNIE 4.5 model; expected one of "
-            f"{sorted(_FAMILY_OF_ARCH)}"
+            f"config.json architectures={archs!r} is not an ERNIE 4.5 model; expected one of {sorted(_FAMILY_OF_ARCH)}"
         )
     try:
         text = hf["text_config"] if family == "vl_moe" else hf

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .attention import AttentionMask, AttnImpl, Attention
+from .attention import Attention, AttentionMask, AttnImpl
 from .cache import KVCache
 from .config import ErnieConfig
 from .layers import RMSNorm, SwiGLU
 from .losses import lm_loss, router_losses
-from .moe import MoE, ExpertsImpl, RouterOutput
+from .moe import ExpertsImpl, MoE, RouterOutput
 from .positions import document_positions, vision_token_mask, vl_position_ids
 from .rope import frequency_axes, inv_frequencies, rope_cos_sin
 from .vision import VisionAdapter, VisionEncoder
@@ -183,10 +183,12 @@ class ErnieForCausalLM(nn.Module):
         key_valid = _append(cache.key_valid if cache else None, attention_mask, past, B, S, x.device, torch.bool)
         documents = _append(cache.document_ids if cache else None, document_ids, past, B, S, x.device, torch.long)
         if position_ids is None:
-            position_ids = self._default_positions(input_ids, B, S, x.device, document_ids, attention_mask,
-                                                   image_grid_thw, video_grid_thw, cache)
-        mask = AttentionMask(past=past, q_len=S, kv_len=past + S, key_valid=key_valid,
-                             document_ids=documents, impl=self.attn_impl).prepare(B, x.device)
+            position_ids = self._default_positions(
+                input_ids, B, S, x.device, document_ids, attention_mask, image_grid_thw, video_grid_thw, cache
+            )
+        mask = AttentionMask(
+            past=past, q_len=S, kv_len=past + S, key_valid=key_valid, document_ids=documents, impl=self.attn_impl
+        ).prepare(B, x.device)
         cos_sin = rope_cos_sin(position_ids, self.rope_inv_freq, self.rope_axes)
         cos_sin = (cos_sin[0].to(x.device), cos_sin[1].to(x.device))
 
@@ -219,8 +221,10 @@ class ErnieForCausalLM(nn.Module):
     def _merge_vision(self, x, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
         """Replace image / video placeholder embeddings by the adapter's vision tokens."""
         cfg = self.config
-        items = [(pixel_values, image_grid_thw, cfg.image_token_id, "image"),
-                 (pixel_values_videos, video_grid_thw, cfg.video_token_id, "video")]
+        items = [
+            (pixel_values, image_grid_thw, cfg.image_token_id, "image"),
+            (pixel_values_videos, video_grid_thw, cfg.video_token_id, "video"),
+        ]
         for pixels, grid, token_id, kind in items:
             if pixels is None:
                 continue
@@ -238,12 +242,15 @@ class ErnieForCausalLM(nn.Module):
             x = x.masked_scatter(slots[..., None], features)
         return x
 
-    def _default_positions(self, input_ids, B, S, device, document_ids, attention_mask,
-                           image_grid_thw, video_grid_thw, cache):
+    def _default_positions(
+        self, input_ids, B, S, device, document_ids, attention_mask, image_grid_thw, video_grid_thw, cache
+    ):
         if cache is not None and cache.next_position is not None:
             return cache.next_position[:, None].to(device) + torch.arange(S, device=device)
-        if self.config.vision is not None and input_ids is not None and (
-            image_grid_thw is not None or video_grid_thw is not None
+        if (
+            self.config.vision is not None
+            and input_ids is not None
+            and (image_grid_thw is not None or video_grid_thw is not None)
         ):
             return vl_position_ids(input_ids, self.config, image_grid_thw, video_grid_thw, document_ids)
         if document_ids is not None:

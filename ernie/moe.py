@@ -190,9 +190,7 @@ class MoE(nn.Module):
         self.text = ExpertPool(H, m.num_experts, m.intermediate_size, m.top_k, m.norm_min, "text")
         self.vision = None
         if config.vision is not None:
-            self.vision = ExpertPool(
-                H, m.vision_num_experts, m.vision_intermediate_size, m.top_k, m.norm_min, "vision"
-            )
+            self.vision = ExpertPool(H, m.vision_num_experts, m.vision_intermediate_size, m.top_k, m.norm_min, "vision")
         self.shared_experts = None
         if m.num_shared_experts > 0:
             self.shared_experts = SwiGLU(H, m.intermediate_size * m.num_shared_experts)

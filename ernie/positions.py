@@ -65,12 +65,15 @@ def vl_position_ids(
             else:
                 grid = next(grids[kind], None)
                 if grid is None:
-                    raise ValueError(f"more {'image' if kind == config.image_token_id else 'video'} blocks than grid_thw rows")
+                    raise ValueError(
+                        f"more {'image' if kind == config.image_token_id else 'video'} blocks than grid_thw rows"
+                    )
                 t_merge = 1 if kind == config.image_token_id else v.temporal_merge_size
                 block = _grid_positions(grid, t_merge, v.spatial_merge_size, pos)
                 if block.shape[1] != end - start:
                     raise ValueError(
-                        f"row {b}: {end - start} placeholder tokens at {start} but grid_thw {grid} needs {block.shape[1]}"
+                        f"row {b}: {end - start} placeholder tokens at {start} "
+                        f"but grid_thw {grid} needs {block.shape[1]}"
                     )
                 out[:, b, start:end] = block
                 pos += max(grid[1], grid[2]) // v.spatial_merge_size

@@ -60,7 +60,9 @@ def apply_rope(x_BNSD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tenso
 def vision_cos_sin(hw_positions_N2: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Axial 2D RoPE of the ViT: D/4 frequencies for height, D/4 for width, half-split pairs."""
     spatial = head_dim // 2
-    inv_freq = 1.0 / (theta ** (torch.arange(0, spatial, 2, dtype=torch.float32, device=hw_positions_N2.device) / spatial))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, spatial, 2, dtype=torch.float32, device=hw_positions_N2.device) / spatial)
+    )
     freqs_N2F = hw_positions_N2[..., None].float() * inv_freq
     freqs_ND2 = torch.cat([freqs_N2F[:, 0], freqs_N2F[:, 1]], dim=-1)
     freqs_ND = torch.cat([freqs_ND2, freqs_ND2], dim=-1)

@@ -48,7 +48,7 @@ class VisionAttention(nn.Module):
         # attention stays inside each frame (bidirectional)
         outs = [
             F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1)).transpose(0, 1)
-            for qs, ks, vs in zip(q.split(frame_lengths), k.split(frame_lengths), v.split(frame_lengths))
+            for qs, ks, vs in zip(q.split(frame_lengths), k.split(frame_lengths), v.split(frame_lengths), strict=True)
         ]
         return self.proj(torch.cat(outs).reshape(N, -1))
 
@@ -108,7 +108,9 @@ class VisionEncoder(nn.Module):
 
 def _adapter_mlp(in_dim: int, out_dim: int, eps: float) -> nn.Sequential:
     # indices 0/2/3 are the published checkpoint names (spatial_linear.0, .2, .3)
-    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim), nn.LayerNorm(out_dim, eps=eps))
+    return nn.Sequential(
+        nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim), nn.LayerNorm(out_dim, eps=eps)
+    )
 
 
 class VisionAdapter(nn.Module):

@@ -1,11 +1,11 @@
 """`python -m pipeline`: run, plan, ls, show and serve the ERNIE 4.5 pipeline.
 
-    python -m pipeline run conf=tiny                         # every stage, tiny model, local Ray
-    python -m pipeline run conf=ernie_21b dry_run=true       # the 21B graph on a shrunk model
-    python -m pipeline run conf=tiny stages=[quantize]       # rerun one stage from cached inputs
-    python -m pipeline run conf=tiny from=sft force=[dpo] pretrain.steps=200
-    python -m pipeline plan conf=ernie_21b                   # graph, cache status, memory per GPU
-    python -m pipeline ls | show RUN_ID | serve conf=tiny
+python -m pipeline run conf=tiny                         # every stage, tiny model, local Ray
+python -m pipeline run conf=ernie_21b dry_run=true       # the 21B graph on a shrunk model
+python -m pipeline run conf=tiny stages=[quantize]       # rerun one stage from cached inputs
+python -m pipeline run conf=tiny from=sft force=[dpo] pretrain.steps=200
+python -m pipeline plan conf=ernie_21b                   # graph, cache status, memory per GPU
+python -m pipeline ls | show RUN_ID | serve conf=tiny
 """
 
 from __future__ import annotations
@@ -46,9 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     words = "conf=NAME [key=value ...]: a preset from conf/ and Hydra overrides"
-    run = sub.add_parser("run", help="run the pipeline (cached stages are skipped)", description=(
-        f"Run the pipeline. Arguments: {words}; plus stages=[a,b] (run these, and missing upstream), "
-        "from=STAGE, until=STAGE, force=[a,b] (recompute even if cached), dry_run=true (tiny model, same graph)."))
+    run = sub.add_parser(
+        "run",
+        help="run the pipeline (cached stages are skipped)",
+        description=(
+            f"Run the pipeline. Arguments: {words}; plus stages=[a,b] (run these, and missing upstream), "
+            "from=STAGE, until=STAGE, force=[a,b] (recompute even if cached), dry_run=true (tiny model, same graph)."
+        ),
+    )
     run.add_argument("words", nargs="*", metavar="conf=NAME key=value")
     run.set_defaults(func=cmd_run)
     plan = sub.add_parser("plan", help="print the stage graph, cache status and resource/memory plan")
@@ -112,8 +117,12 @@ def _load(words):
     conf, overrides, options = parse_words(words)
     dry_run = _bool(options.get("dry_run"), "dry_run")
     cfg = config.load(conf, overrides, dry_run=dry_run)
-    selection = Selection(stages=_list(options.get("stages"), "stages"), from_stage=options.get("from"),
-                          until=options.get("until"), force=_list(options.get("force"), "force") or [])
+    selection = Selection(
+        stages=_list(options.get("stages"), "stages"),
+        from_stage=options.get("from"),
+        until=options.get("until"),
+        force=_list(options.get("force"), "force") or [],
+    )
     return conf, cfg, selection, dry_run, overrides
 
 

@@ -101,7 +101,9 @@ def compose(name: str, overrides: list[str]):
     from omegaconf.errors import OmegaConfBaseException
 
     if name not in presets():
-        raise UserError(f"unknown preset conf={name!r}; available presets: {', '.join(presets())} (files in {CONF_DIR})")
+        raise UserError(
+            f"unknown preset conf={name!r}; available presets: {', '.join(presets())} (files in {CONF_DIR})"
+        )
     ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
     GlobalHydra.instance().clear()
     try:
@@ -162,7 +164,9 @@ def validate(cfg: PipelineConfig) -> None:
     stages.serve.validate(cfg.serve)
     bad = [m for m in cfg.posttrain.recipe if m not in POSTTRAIN_METHODS]
     if bad:
-        raise UserError(f"posttrain.recipe={cfg.posttrain.recipe} has unknown method(s) {bad}; known: {list(POSTTRAIN_METHODS)}")
+        raise UserError(
+            f"posttrain.recipe={cfg.posttrain.recipe} has unknown method(s) {bad}; known: {list(POSTTRAIN_METHODS)}"
+        )
     group = cfg.quantize.group_size
     widths = {"model.hidden_size": cfg.model.hidden_size, "model.intermediate_size": cfg.model.intermediate_size}
     if cfg.model.moe is not None:

@@ -25,9 +25,11 @@ def connect(address: str, local_num_cpus: int) -> dict[str, float]:
     address = address or os.environ.get("RAY_ADDRESS", "")
     if ray.is_initialized():
         return ray.cluster_resources()
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-           # Ray Train polls its workers every 2 s by default: seconds lost at each short stage
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
+    env = {
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        # Ray Train polls its workers every 2 s by default: seconds lost at each short stage
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+    }
     runtime_env = {"env_vars": env}
     if address and address != "auto":
         _check_reachable(address)
@@ -35,8 +37,13 @@ def connect(address: str, local_num_cpus: int) -> dict[str, float]:
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="ERROR")
         else:
-            ray.init(num_cpus=local_num_cpus, include_dashboard=False, runtime_env=runtime_env,
-                     log_to_driver=False, logging_level="ERROR")
+            ray.init(
+                num_cpus=local_num_cpus,
+                include_dashboard=False,
+                runtime_env=runtime_env,
+                log_to_driver=False,
+                logging_level="ERROR",
+            )
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise UserError(
             f"cannot reach the Ray cluster at {address!r} ({' '.join(str(err).split())[:300]}). "
@@ -103,9 +110,13 @@ class StageActor:
             if job.eval_module:
                 self.progress.update(0, "eval")
                 metrics.update(self._evaluate(job, ctx))
-            artifact = store.commit(job.stage, job.key, job.kind, ctx.output_dir,
-                                    {**job.manifest_extra, "metrics": metrics, "summary": result.summary,
-                                     **result.extra})
+            artifact = store.commit(
+                job.stage,
+                job.key,
+                job.kind,
+                ctx.output_dir,
+                {**job.manifest_extra, "metrics": metrics, "summary": result.summary, **result.extra},
+            )
         except BaseException as err:
             raise StageFailure(job.stage, err, traceback.format_exc()) from None
         return {"artifact": artifact, "metrics": metrics, "summary": result.summary}
@@ -119,8 +130,13 @@ class StageActor:
         model_art = Artifact(kind=job.kind, uri=str(ctx.output_dir), cache_key=job.key, local_path=str(ctx.output_dir))
         eval_dir = ctx.output_dir.parent / f".eval-{ctx.output_dir.name}"
         eval_dir.mkdir(parents=True, exist_ok=True)
-        eval_ctx = dataclasses.replace(ctx, stage="eval", config=job.eval_config, output_dir=eval_dir,
-                                       inputs={"model": model_art, "dataset": ctx.inputs["dataset"]})
+        eval_ctx = dataclasses.replace(
+            ctx,
+            stage="eval",
+            config=job.eval_config,
+            output_dir=eval_dir,
+            inputs={"model": model_art, "dataset": ctx.inputs["dataset"]},
+        )
         metrics = importlib.import_module(job.eval_module).run(eval_ctx).metrics
         eval_metrics = {f"eval/{k}": v for k, v in metrics.items()}
         ctx.log.metrics(eval_metrics)
@@ -156,8 +172,11 @@ def run_stage(job: StageJob, resources: Any, on_progress, distributed: bool = Fa
     For a distributed stage `resources.num_gpus` is per Ray Train worker; its actor only
     launches and watches the workers, so it holds no GPU.
     """
-    options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": 0 if distributed else resources.num_gpus,
-                               "max_concurrency": 2}
+    options: dict[str, Any] = {
+        "num_cpus": resources.num_cpus,
+        "num_gpus": 0 if distributed else resources.num_gpus,
+        "max_concurrency": 2,
+    }
     if resources.memory_gb:
         options["memory"] = int(resources.memory_gb * 2**30)
     actor = StageActor.options(**options).remote()

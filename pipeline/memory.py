@@ -37,8 +37,9 @@ def count_params(model_cfg: ErnieConfig) -> tuple[int, int]:
     return model.num_params(), model.num_active_params()
 
 
-def training_memory(model_cfg: ErnieConfig, workers: int, micro_batch: int, seq_len: int, shard: bool,
-                    expert_parallel: int = 1) -> MemoryPlan:
+def training_memory(
+    model_cfg: ErnieConfig, workers: int, micro_batch: int, seq_len: int, shard: bool, expert_parallel: int = 1
+) -> MemoryPlan:
     total, active = count_params(model_cfg)
     expert_params = _expert_params(model_cfg)
     dense_params = total - expert_params

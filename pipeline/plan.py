@@ -22,8 +22,10 @@ def print_plan(cfg: PipelineConfig, conf: str, selection: Selection, dry_run: bo
         status = "run" if p.run else ("cached" if p.cached else "skip")
         inputs = ", ".join(f"{k}<-{v}" for k, v in p.node.inputs.items())
         cpus = section.resources.num_cpus + getattr(section, "cpus_per_worker", 0) * getattr(section, "num_workers", 0)
-        print(f"{p.node.name:9s} {status:8s} {p.key[:16]} {cpus:5g} {gpus_requested(cfg, p.node.config_path):5g}"
-              f"  {inputs}")
+        print(
+            f"{p.node.name:9s} {status:8s} {p.key[:16]} {cpus:5g} {gpus_requested(cfg, p.node.config_path):5g}"
+            f"  {inputs}"
+        )
     _print_memory(cfg)
 
 
@@ -44,10 +46,16 @@ def _print_memory(cfg: PipelineConfig) -> None:
     shard = getattr(pt, "fsdp", False)
     ep = getattr(pt, "expert_parallel", 1)
     plan = training_memory(cfg.model, workers, micro, cfg.data.seq_len, shard, ep)
-    print(f"\nmemory per GPU, pretrain (estimate: {workers} worker(s), micro-batch {micro} x {cfg.data.seq_len}, "
-          f"{'FSDP-sharded' if shard else 'replicated'} states, expert parallel {ep}):")
-    rows = [("parameters (bf16 + fp32 master)", plan.params_gb), ("gradients (fp32)", plan.grads_gb),
-            ("optimizer states (AdamW, fp32)", plan.optimizer_gb), ("activations (no recompute)", plan.activations_gb),
-            ("total", plan.total_gb)]
+    print(
+        f"\nmemory per GPU, pretrain (estimate: {workers} worker(s), micro-batch {micro} x {cfg.data.seq_len}, "
+        f"{'FSDP-sharded' if shard else 'replicated'} states, expert parallel {ep}):"
+    )
+    rows = [
+        ("parameters (bf16 + fp32 master)", plan.params_gb),
+        ("gradients (fp32)", plan.grads_gb),
+        ("optimizer states (AdamW, fp32)", plan.optimizer_gb),
+        ("activations (no recompute)", plan.activations_gb),
+        ("total", plan.total_gb),
+    ]
     for label, gb in rows:
         print(f"  {label:34s} {gb:10.2f} GiB")

@@ -54,8 +54,9 @@ def plan_stages(cfg: PipelineConfig, store: ArtifactStore, selection: Selection)
         extra = {"seed": cfg.seed, "model": model_cfg}
         if node.evaluated:
             extra["eval"] = cfg.eval
-        keys[node.name] = cache_key(node.name, cfg.section(node.config_path), code_fingerprint(STAGE_MODULES[node.name]),
-                                    inputs, extra)
+        keys[node.name] = cache_key(
+            node.name, cfg.section(node.config_path), code_fingerprint(STAGE_MODULES[node.name]), inputs, extra
+        )
         planned.append(PlannedStage(node, keys[node.name], store.find(node.name, keys[node.name])))
     wanted = set(selection.wanted(nodes))
     by_name = {p.node.name: p for p in planned}
@@ -90,8 +91,12 @@ def check_resources(cfg: PipelineConfig, planned: list[PlannedStage], cluster: d
 def git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -111,12 +116,22 @@ def execute(cfg: PipelineConfig, conf_name: str, selection: Selection, dry_run: 
     uri = tracking_uri(cfg.tracking.uri)
     tracker = PipelineTracker(uri, cfg.tracking.experiment)
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    parent = tracker.start(f"{conf_name}-{run_id}", {"conf": conf_name, "git_commit": git_commit(),
-                                                     "dry_run": str(dry_run).lower(), "pipeline_run": run_id},
-                           to_yaml(cfg))
+    tracker.start(
+        f"{conf_name}-{run_id}",
+        {"conf": conf_name, "git_commit": git_commit(), "dry_run": str(dry_run).lower(), "pipeline_run": run_id},
+        to_yaml(cfg),
+    )
     outcome = RunOutcome(run_id=run_id, parent_run=tracker.parent_id)
-    record = {"run_id": run_id, "conf": conf_name, "dry_run": dry_run, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "mlflow_uri": uri, "mlflow_run_id": tracker.parent_id, "status": "running", "stages": {}}
+    record = {
+        "run_id": run_id,
+        "conf": conf_name,
+        "dry_run": dry_run,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "mlflow_uri": uri,
+        "mlflow_run_id": tracker.parent_id,
+        "status": "running",
+        "stages": {},
+    }
     store.save_run(record)
     artifacts: dict[str, Artifact] = {}
     ok = False
@@ -145,9 +160,12 @@ def _run_or_reuse(cfg, p: PlannedStage, artifacts, store, tracker, ui, outcome: 
     section = cfg.section(p.node.config_path)
     module = stage_module(name)
     if not p.run and p.cached is not None:
-        logger = tracker.stage(name, section, {"cache": "hit", "cache_key": p.key,
-                                                "produced_by_run": p.cached.manifest.get("pipeline_run", "")},
-                               p.node.config_path)
+        logger = tracker.stage(
+            name,
+            section,
+            {"cache": "hit", "cache_key": p.key, "produced_by_run": p.cached.manifest.get("pipeline_run", "")},
+            p.node.config_path,
+        )
         logger.metrics({k: v for k, v in p.cached.manifest.get("metrics", {}).items() if isinstance(v, (int, float))})
         tracker.finish(logger.run_id, True)
         ui.cached(name, p.cached)
@@ -156,20 +174,40 @@ def _run_or_reuse(cfg, p: PlannedStage, artifacts, store, tracker, ui, outcome: 
     inputs = {}
     for input_name, upstream in p.node.inputs.items():
         if upstream not in artifacts:
-            raise UserError(f"stage {name} needs the {upstream} artifact, which is missing; rerun with "
-                            f"stages=[{upstream},{name}]")
+            raise UserError(
+                f"stage {name} needs the {upstream} artifact, which is missing; rerun with stages=[{upstream},{name}]"
+            )
         inputs[input_name] = artifacts[upstream]
     logger = tracker.stage(name, section, {"cache": "miss", "cache_key": p.key}, p.node.config_path)
-    ctx = StageContext(stage=name, config=section, model=cfg.model, inputs=inputs, output_dir=Path("."),
-                       log=logger, seed=cfg.seed, dry_run=False,
-                       num_cpus=section.resources.num_cpus, num_gpus=section.resources.num_gpus,
-                       work_dir=store.work_dir(name, p.key),
-                       tracking={"uri": tracker.uri, "run_id": logger.run_id})
-    job = executor.StageJob(stage=name, module=STAGE_MODULES[name], kind=module.OUTPUT_KIND, key=p.key, context=ctx,
-                            eval_module=EVAL_MODULE if p.node.evaluated else None, eval_config=cfg.eval,
-                            store_args=(store.root, str(store.local_root)),
-                            manifest_extra={"inputs": {k: a.cache_key for k, a in inputs.items()},
-                                            "pipeline_run": outcome.run_id, "mlflow_run_id": logger.run_id})
+    ctx = StageContext(
+        stage=name,
+        config=section,
+        model=cfg.model,
+        inputs=inputs,
+        output_dir=Path("."),
+        log=logger,
+        seed=cfg.seed,
+        dry_run=False,
+        num_cpus=section.resources.num_cpus,
+        num_gpus=section.resources.num_gpus,
+        work_dir=store.work_dir(name, p.key),
+        tracking={"uri": tracker.uri, "run_id": logger.run_id},
+    )
+    job = executor.StageJob(
+        stage=name,
+        module=STAGE_MODULES[name],
+        kind=module.OUTPUT_KIND,
+        key=p.key,
+        context=ctx,
+        eval_module=EVAL_MODULE if p.node.evaluated else None,
+        eval_config=cfg.eval,
+        store_args=(store.root, str(store.local_root)),
+        manifest_extra={
+            "inputs": {k: a.cache_key for k, a in inputs.items()},
+            "pipeline_run": outcome.run_id,
+            "mlflow_run_id": logger.run_id,
+        },
+    )
     start = time.time()
     bar = ui.start(name)
     try:
@@ -190,8 +228,13 @@ def _run_or_reuse(cfg, p: PlannedStage, artifacts, store, tracker, ui, outcome: 
 
 
 def _record(outcome: RunOutcome, record: dict, name: str, artifact: Artifact, status: str, mlflow_run: str) -> None:
-    entry = {"status": status, "cache_key": artifact.cache_key, "uri": artifact.uri, "mlflow_run_id": mlflow_run,
-             "metrics": artifact.manifest.get("metrics", {})}
+    entry = {
+        "status": status,
+        "cache_key": artifact.cache_key,
+        "uri": artifact.uri,
+        "mlflow_run_id": mlflow_run,
+        "metrics": artifact.manifest.get("metrics", {}),
+    }
     outcome.stages[name] = entry
     record["stages"][name] = entry
 
@@ -200,7 +243,7 @@ def _register(cfg: PipelineConfig, tracker, artifacts: dict[str, Artifact], outc
     if not cfg.tracking.register_model or "quantize" not in artifacts:
         return
     served = artifacts["quantize"]
-    version = tracker.register_model(f"{cfg.name}-model", served.uri, served.manifest.get("mlflow_run_id") or
-                                     tracker.parent_id)
+    version = tracker.register_model(
+        f"{cfg.name}-model", served.uri, served.manifest.get("mlflow_run_id") or tracker.parent_id
+    )
     outcome.stages.setdefault("quantize", {})["registered_version"] = version
-

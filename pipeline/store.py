@@ -101,8 +101,13 @@ class ArtifactStore:
     def fetch(self, artifact: Artifact) -> Artifact:
         """The artifact with a local directory (downloaded once for remote roots)."""
         if self.is_local:
-            return Artifact(artifact.kind, artifact.uri, artifact.cache_key, artifact.manifest,
-                            local_path=self._path(*self._rel(artifact.uri)))
+            return Artifact(
+                artifact.kind,
+                artifact.uri,
+                artifact.cache_key,
+                artifact.manifest,
+                local_path=self._path(*self._rel(artifact.uri)),
+            )
         stage = self._rel(artifact.uri)[0]
         local = self.local_root / "fetched" / stage / artifact.cache_key
         if not (local / MANIFEST).is_file():

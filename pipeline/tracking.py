@@ -7,9 +7,7 @@ through `MlflowLogger`, which is picklable (it carries only the URI and the run 
 
 from __future__ import annotations
 
-import io
 import os
-import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -129,15 +127,3 @@ class PipelineTracker:
 
     def run_url(self, run_id: str) -> str:
         return f"{self.uri} experiment {self.experiment_id} run {run_id}"
-
-
-def figure_to_png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def temp_file(suffix: str) -> Path:
-    handle, name = tempfile.mkstemp(suffix=suffix)
-    os.close(handle)
-    return Path(name)

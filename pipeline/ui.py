@@ -12,8 +12,14 @@ HEADLINE = ("val_loss", "eval/val_ppl", "eval/task_accuracy", "size_ratio", "ppl
 
 class StageBar:
     def __init__(self, name: str) -> None:
-        self.bar = tqdm(total=None, desc=f"{name:9s}", unit="step", leave=True, file=sys.stderr,
-                        bar_format="{desc} {bar} {n_fmt}/{total_fmt} {elapsed} {postfix}")
+        self.bar = tqdm(
+            total=None,
+            desc=f"{name:9s}",
+            unit="step",
+            leave=True,
+            file=sys.stderr,
+            bar_format="{desc} {bar} {n_fmt}/{total_fmt} {elapsed} {postfix}",
+        )
 
     def update(self, snapshot: dict) -> None:
         if snapshot.get("total") and self.bar.total != snapshot["total"]:

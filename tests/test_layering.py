@@ -27,7 +27,9 @@ def test_ernie_imports_only_torch_safetensors_and_the_stdlib():
         roots = _imported_roots(path)
         assert not roots & FORBIDDEN_EVERYWHERE_IN_ERNIE, f"{path.name} imports {roots & FORBIDDEN_EVERYWHERE_IN_ERNIE}"
         third_party = {r for r in roots if r not in sys.stdlib_module_names and r != "ernie"}
-        assert third_party <= ERNIE_ALLOWED_THIRD_PARTY, f"{path.name} imports {third_party - ERNIE_ALLOWED_THIRD_PARTY}"
+        assert third_party <= ERNIE_ALLOWED_THIRD_PARTY, (
+            f"{path.name} imports {third_party - ERNIE_ALLOWED_THIRD_PARTY}"
+        )
 
 
 def test_importing_ernie_pulls_in_no_orchestration_library():

@@ -44,8 +44,9 @@ def workspace(tmp_path_factory):
 
 
 def run(workspace, *words, timeout=900):
-    return pipeline(workspace["path"], "run", "conf=tiny", *FAST, f"serve.port={workspace['port']}", *words,
-                    timeout=timeout)
+    return pipeline(
+        workspace["path"], "run", "conf=tiny", *FAST, f"serve.port={workspace['port']}", *words, timeout=timeout
+    )
 
 
 def manifests(workspace, stage: str) -> list[Path]:
@@ -114,8 +115,14 @@ def test_changing_quantization_reruns_only_quantize_and_serve(workspace):
     result = run(workspace, "quantize.group_size=16")
     assert result.returncode == 0, result.stderr
     lines = stage_lines(result.stdout)
-    assert lines == {"data": "cached", "pretrain": "cached", "sft": "cached", "dpo": "cached",
-                     "quantize": "done", "serve": "done"}
+    assert lines == {
+        "data": "cached",
+        "pretrain": "cached",
+        "sft": "cached",
+        "dpo": "cached",
+        "quantize": "done",
+        "serve": "done",
+    }
     assert len(manifests(workspace, "quantize")) == 2
 
 
@@ -149,11 +156,16 @@ def test_ls_and_show_read_the_run_records(workspace):
 
 def test_killed_stage_leaves_no_manifest_and_the_rerun_completes(workspace):
     words = ["run", "conf=tiny", *FAST, "posttrain.sft.steps=40", "posttrain.sft.checkpoint_every=4", "until=sft"]
-    sft_dir = workspace["path"] / "runs" / "artifacts" / "sft"
     work_dir = workspace["path"] / "runs" / "local" / "work" / "sft"
     known_work = set(work_dir.glob("*")) if work_dir.exists() else set()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *words], cwd=workspace["path"], env=clean_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *words],
+        cwd=workspace["path"],
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline:  # wait until the new sft run has written a resumable state
@@ -179,7 +191,11 @@ def test_served_endpoint_answers_the_openai_client(workspace):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "serve", "conf=tiny", *FAST, f"serve.port={port}"],
-        cwd=workspace["path"], env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=workspace["path"],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
@@ -208,8 +224,9 @@ def test_served_endpoint_answers_the_openai_client(workspace):
 
 
 def test_dry_run_of_a_real_preset_runs_its_graph_on_a_tiny_model(tmp_path):
-    result = pipeline(tmp_path, "run", "conf=ernie_21b", "dry_run=true", *FAST, f"serve.port={free_port()}",
-                      "until=pretrain")
+    result = pipeline(
+        tmp_path, "run", "conf=ernie_21b", "dry_run=true", *FAST, f"serve.port={free_port()}", "until=pretrain"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert stage_lines(result.stdout) == {"data": "done", "pretrain": "done"}
     config = json.loads(next((tmp_path / "runs" / "artifacts" / "pretrain").glob("*/config.json")).read_text())
@@ -224,5 +241,3 @@ def test_plan_of_the_real_preset_counts_the_published_model(tmp_path):
     assert "data -> pretrain -> sft -> dpo -> quantize -> serve" in result.stdout
     assert "GiB" in result.stdout
     assert list(tmp_path.iterdir()) == []
-
-

@@ -47,8 +47,12 @@ def test_selection_picks_the_stages_asked_for(selection, expected):
 
 @pytest.mark.parametrize(
     "selection",
-    [Selection(stages=["nope"]), Selection(from_stage="x"), Selection(force=["y"]), Selection(from_stage="serve",
-                                                                                               until="data")],
+    [
+        Selection(stages=["nope"]),
+        Selection(from_stage="x"),
+        Selection(force=["y"]),
+        Selection(from_stage="serve", until="data"),
+    ],
 )
 def test_bad_selection_is_refused(selection):
     with pytest.raises(UserError):
