@@ -79,7 +79,8 @@ class ArtifactStore:
 
     def check_writable(self) -> None:
         try:
-            self.fs.makedirs(self.path, exist_ok=True)
+            if self.is_local:  # object stores have no directories (and mkdir would create a bucket)
+                self.fs.makedirs(self.path, exist_ok=True)
             probe = self._path(f".probe-{uuid.uuid4().hex}")
             self.fs.pipe(probe, b"ok")
             self.fs.rm(probe)

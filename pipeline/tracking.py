@@ -98,6 +98,7 @@ class PipelineTracker:
     def start(self, run_name: str, tags: dict[str, str], config_yaml: str) -> MlflowLogger:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.parent_id = run.info.run_id
+        self._system_metrics = _start_system_metrics(self.parent_id, self.uri)
         logger = MlflowLogger(self.uri, self.parent_id)
         logger.text(config_yaml, "config.yaml")
         return logger
@@ -112,6 +113,9 @@ class PipelineTracker:
         return logger
 
     def finish(self, run_id: str, ok: bool) -> None:
+        if run_id == self.parent_id and getattr(self, "_system_metrics", None) is not None:
+            self._system_metrics.finish()
+            self._system_metrics = None
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
     def register_model(self, name: str, source: str, run_id: str) -> str:
@@ -127,3 +131,15 @@ class PipelineTracker:
 
     def run_url(self, run_id: str) -> str:
         return f"{self.uri} experiment {self.experiment_id} run {run_id}"
+
+
+def _start_system_metrics(run_id: str, uri: str):
+    """CPU / memory / GPU of the driver's machine on the parent run, sampled every 5 s."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=5, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception:  # noqa: BLE001 - system metrics are a nice-to-have, never a reason to fail a run
+        return None
