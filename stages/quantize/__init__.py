@@ -32,7 +32,7 @@ from .rtn import SCALE_DTYPES, input_dims, quantization_targets, quantize_model_
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
 OUTPUT_KIND = "qckpt"
 METHODS = ("rtn",)
-SUPPORTED_BITS = (4,)
+SUPPORTED_BITS = (2, 4, 8)  # the packable widths of ernie.quant; RTN quantizes to any of them
 
 
 @dataclass
@@ -65,7 +65,7 @@ def validate(cfg: Config) -> None:
     if cfg.bits not in SUPPORTED_BITS:
         raise UserError(
             f"quantize.bits={cfg.bits} is not supported: the {cfg.method} method writes "
-            f"{'/'.join(map(str, SUPPORTED_BITS))}-bit weights only for now"
+            f"{'/'.join(map(str, SUPPORTED_BITS))}-bit weights"
         )
     if cfg.group_size <= 0:
         raise UserError(f"quantize.group_size={cfg.group_size} must be a positive number of weights")

@@ -112,7 +112,7 @@ def test_rerun_hits_the_cache_for_every_stage(workspace):
 
 
 def test_changing_quantization_reruns_only_quantize_and_serve(workspace):
-    result = run(workspace, "quantize.group_size=16")
+    result = run(workspace, "quantize.bits=8")
     assert result.returncode == 0, result.stderr
     lines = stage_lines(result.stdout)
     assert lines == {
@@ -241,3 +241,19 @@ def test_plan_of_the_real_preset_counts_the_published_model(tmp_path):
     assert "data -> pretrain -> sft -> dpo -> quantize -> serve" in result.stdout
     assert "GiB" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failing_stage_stops_the_run_with_its_error_and_the_resume_command(workspace):
+    data_dir = manifests(workspace, "data")[0].parent
+    shards = data_dir / "train"
+    hidden = data_dir / "train-hidden"
+    shards.rename(hidden)  # a damaged dataset artifact: the pretrain stage cannot read its rows
+    try:
+        result = run(workspace, "stages=[pretrain]")
+    finally:
+        hidden.rename(shards)
+    assert result.returncode == 2
+    assert "stage pretrain failed" in result.stderr
+    assert "train" in result.stderr
+    assert "python -m pipeline run conf=tiny" in result.stderr and "stages=[pretrain]" in result.stderr
+    assert stage_lines(result.stdout) == {}

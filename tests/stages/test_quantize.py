@@ -115,6 +115,15 @@ def test_rtn_int4_is_far_better_than_a_broken_2bit_per_row_quantization(quantize
     assert broken_delta / report["ppl_before"] > 0.10
 
 
+def test_more_bits_give_smaller_weight_error(artifacts):
+    errors = {}
+    for bits in (2, 4, 8):
+        model = load_pretrained(artifacts["ckpt"]).eval()
+        stats = quantize_model_rtn(model, bits=bits, group_size=32, skip=["lm_head"])
+        errors[bits] = sum(s.rel_error for s in stats) / len(stats)
+    assert errors[8] < errors[4] / 4 < errors[2] / 4
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     st.integers(1, 5),
@@ -145,7 +154,7 @@ def test_symmetric_groups_use_the_fixed_zero_point(artifacts, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"bits": 2}, r"quantize\.bits=2 is not supported"),
+        ({"bits": 5}, r"quantize\.bits=5 is not supported"),
         ({"bits": 3}, r"quantize\.bits=3"),
         ({"method": "gptq"}, r"quantize\.method='gptq' is not a known method; available: rtn"),
         ({"group_size": 48}, r"quantize\.group_size=48 does not divide the input features of model\.layers\.0"),
