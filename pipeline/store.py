@@ -50,6 +50,7 @@ def code_fingerprint(module_path: str) -> str:
     files = sorted(package_dir.rglob("*.py")) if package_dir.is_dir() else [package_dir.with_suffix(".py")]
     if module_path.startswith("stages.posttrain."):
         files += sorted((ROOT / "stages" / "posttrain").glob("*.py"))
+    files += sorted((ROOT / "stages" / "training").glob("*.py"))  # shared training plumbing
     files += sorted((ROOT / "ernie").rglob("*.py"))
     files += [ROOT / "pipeline" / "contract.py", ROOT / "pipeline" / "formats.py"]
     h = hashlib.sha256()

@@ -40,3 +40,34 @@ def test_importing_ernie_pulls_in_no_orchestration_library():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.strip() == ""
+
+
+STAGE_ALLOWED_PIPELINE = {"pipeline.contract", "pipeline.formats"}
+LIBRARIES = {"training"}  # shared by stages, not stages themselves
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_stages_import_only_ernie_the_contract_and_shared_libraries():
+    for package in sorted(p for p in (ROOT / "stages").iterdir() if p.is_dir() and p.name != "__pycache__"):
+        for path in sorted(package.rglob("*.py")):
+            for name in _imported_modules(path):
+                parts = name.split(".")
+                if parts[0] == "pipeline":
+                    assert name in STAGE_ALLOWED_PIPELINE, f"{path.relative_to(ROOT)} imports {name}"
+                if parts[0] == "stages" and len(parts) > 1:
+                    assert parts[1] in (package.name, *LIBRARIES), f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_contract_imports_no_orchestration_library():
+    for name in ("contract.py", "formats.py"):
+        roots = _imported_roots(ROOT / "pipeline" / name)
+        assert not roots & {"ray", "mlflow", "hydra", "omegaconf"}, f"pipeline/{name} imports {roots}"

@@ -9,8 +9,8 @@ from pathlib import Path
 from ernie.checkpoint import CheckpointError, load_config
 from pipeline.contract import StageContext, UserError
 from pipeline.formats import TOKENIZER_FILE
+from stages.training import launch
 
-from . import runtime
 from .loop import HISTORY_FILE, Job, train_worker
 
 
@@ -49,7 +49,7 @@ def train(ctx: StageContext, objective, ckpt_dir: Path, train_examples: list, va
 
     cfg = ctx.config
     work_dir = ctx.work_dir or ctx.output_dir.parent / f".{ctx.output_dir.name}.work"
-    runtime.ensure_ray()
+    launch.ensure_ray()
     job = Job(
         config=cfg,
         objective=objective,
@@ -61,8 +61,17 @@ def train(ctx: StageContext, objective, ckpt_dir: Path, train_examples: list, va
         fingerprint={ctx.stage: fingerprint, "seed": ctx.seed, "ckpt": ctx.input("ckpt").cache_key},
     )
     ctx.progress.set_total(cfg.steps, ctx.stage)
-    result = runtime.fit(train_worker, {"job": job}, cfg, work_dir / "ray", runtime.relay(ctx))
-    runtime.copy_checkpoint(result, ctx.output_dir, work_dir / "ray")
+    result = launch.fit(
+        train_worker,
+        {"job": job},
+        num_workers=cfg.num_workers,
+        cpus_per_worker=cfg.cpus_per_worker,
+        gpus_per_worker=cfg.resources.num_gpus,
+        max_failures=cfg.max_failures,
+        storage=work_dir / "ray",
+        on_message=launch.relay(ctx),
+    )
+    launch.copy_checkpoint(result, ctx.output_dir, work_dir / "ray")
     return result
 
 

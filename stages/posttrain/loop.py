@@ -24,8 +24,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ernie.checkpoint import load_pretrained, save_pretrained
-
-from . import runtime
+from stages.training import train_state
+from stages.training.optim import build_optimizer, lr_at, set_lr
 
 HISTORY_FILE = "history.json"
 
@@ -97,8 +97,10 @@ class WorkerLoop:
         self.step = 0
         self.history: dict[str, list] = {"train": [], "val": []}
         self.objective.setup(self)
-        self.optimizer = runtime.build_optimizer(self.model, self.cfg)
-        state = runtime.load_state(Path(job.state_dir), job.fingerprint)
+        self.optimizer = build_optimizer(
+            self.model, self.cfg.lr, self.cfg.weight_decay, (self.cfg.beta1, self.cfg.beta2)
+        )
+        state = train_state.load(Path(job.state_dir), job.fingerprint)
         if state is not None:
             self._restore(state)
         device_ids = [self.device] if self.device.type == "cuda" else None
@@ -137,9 +139,8 @@ class WorkerLoop:
 
     def train_step(self) -> dict[str, float]:
         cfg, step = self.cfg, self.step + 1
-        lr = runtime.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        set_lr(self.optimizer, lr)
         indices = self._batch_indices()
         batch = self.objective.collate([self.train_examples[i] for i in indices], self.device)
         started = time.perf_counter()
@@ -185,18 +186,18 @@ class WorkerLoop:
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "cursor": self.step * self.cfg.batch_size,
-            "rng": runtime.rng_state(),
+            "rng": train_state.rng_state(),
             "history": self.history,
             "fingerprint": self.job.fingerprint,
         }
-        runtime.save_state(Path(self.job.state_dir), state)
+        train_state.save(Path(self.job.state_dir), state)
 
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.history = state["step"], state["history"]
         assert state["cursor"] == self.step * self.cfg.batch_size, "data cursor and step disagree"
-        runtime.set_rng_state(state["rng"])
+        train_state.set_rng_state(state["rng"])
 
     def finish(self) -> None:
         """Final validation, then rank 0 hands Ray Train the HF checkpoint + train state."""

@@ -21,10 +21,10 @@ import shutil
 from pathlib import Path
 
 from pipeline.contract import StageContext, StageResult, UserError
+from stages.training.launch import copy_checkpoint, ensure_ray, fit, relay
 
 from .config import Config
 from .data import load_split
-from .launch import copy_checkpoint, ensure_ray, fit
 from .loop import HISTORY_FILE, Job, train_worker
 from .plots import loss_curve, router_heatmap
 from .router_stats import RouterLoad
@@ -66,7 +66,7 @@ def run(ctx: StageContext) -> StageResult:
         gpus_per_worker=cfg.resources.num_gpus,
         max_failures=cfg.max_failures,
         storage=work_dir / "ray",
-        on_message=_relay(ctx),
+        on_message=relay(ctx, loss_key="loss"),
     )
     copy_checkpoint(result, ctx.output_dir, work_dir / "ray")
     shutil.copytree(tokenizer_dir, ctx.output_dir / "tokenizer", dirs_exist_ok=True)
@@ -97,20 +97,6 @@ def _check_rows(train_rows: dict, val_rows: dict, vocab_size: int, batch_size: i
     rows = len(train_rows["input_ids"])
     if rows < batch_size:
         raise UserError(f"pretrain.batch_size={batch_size} is larger than the {rows} train rows of the dataset")
-
-
-def _relay(ctx: StageContext):
-    """Log rank 0's (step, metrics) messages and advance the progress bar to `step`."""
-    seen = {"step": 0}
-
-    def on_message(step: int, metrics: dict) -> None:
-        ctx.log.metrics(metrics, step=step)
-        if step > seen["step"]:
-            loss = metrics.get("loss", float("nan"))
-            ctx.progress.update(step - seen["step"], message=f"step {step} loss {loss:.3f}")
-            seen["step"] = step
-
-    return on_message
 
 
 def _log_figures(ctx: StageContext, history_file: Path) -> None:

@@ -23,11 +23,11 @@ from torch.nn.parallel import DistributedDataParallel
 from ernie import ErnieConfig, ErnieForCausalLM
 from ernie.checkpoint import save_pretrained
 from ernie.losses import shifted_targets
+from stages.training import train_state
+from stages.training.optim import build_optimizer, lr_at, set_lr
 
-from . import train_state
 from .config import Config
 from .data import RowStream, to_batch
-from .optim import build_optimizer, lr_at, set_lr
 from .router_stats import RouterLoad
 
 LOSS_NAMES = ("loss", "lm", "aux", "z", "orthogonal")

@@ -11,19 +11,32 @@ import pytest
 from cli import clean_env, free_port, pipeline, stage_lines
 
 pytestmark = pytest.mark.slow
-SMALL = ["data.max_documents=300", "data.arithmetic_documents=200", "pretrain.steps=10", "eval.max_items=4",
-         "eval.max_rows=8"]
+SMALL = [
+    "data.max_documents=300",
+    "data.arithmetic_documents=200",
+    "pretrain.steps=10",
+    "eval.max_items=4",
+    "eval.max_rows=8",
+]
 
 
 @pytest.fixture(scope="module")
 def s3_env():
     port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     env = clean_env()
     endpoint = f"http://127.0.0.1:{port}"
-    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-               AWS_ENDPOINT_URL=endpoint, FSSPEC_S3_ENDPOINT_URL=endpoint)
+    env.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+        FSSPEC_S3_ENDPOINT_URL=endpoint,
+    )
     import s3fs
 
     fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint)
@@ -61,7 +74,8 @@ def test_stages_write_and_read_artifacts_on_s3(tmp_path, s3_env):
 
 def test_unwritable_bucket_is_a_clear_error(tmp_path, s3_env):
     env, _ = s3_env
-    result = pipeline(tmp_path, "run", "conf=tiny", "artifacts.root=s3://no-such-bucket/x", *SMALL, "until=data",
-                      env=env)
+    result = pipeline(
+        tmp_path, "run", "conf=tiny", "artifacts.root=s3://no-such-bucket/x", *SMALL, "until=data", env=env
+    )
     assert result.returncode == 2
     assert "artifacts.root=s3://no-such-bucket/x is not writable" in result.stderr

@@ -31,7 +31,7 @@ from stages import pretrain
 from stages.posttrain import dpo, sft
 from stages.posttrain.chat import pad_batch, tokenise_chat
 from stages.pretrain.data import RowStream
-from stages.pretrain.optim import lr_at
+from stages.training.optim import lr_at
 
 ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN = dict(

@@ -85,3 +85,19 @@ def copy_checkpoint(result, output_dir: Path, storage: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     result.checkpoint.to_directory(str(output_dir))
     shutil.rmtree(storage, ignore_errors=True)
+
+
+def relay(ctx, loss_key: str | None = None) -> OnMessage:
+    """Log rank 0's (step, metrics) messages and advance the stage's progress bar to `step`."""
+    seen = {"step": 0}
+
+    def on_message(step: int, metrics: dict) -> None:
+        ctx.log.metrics(metrics, step=step)
+        if step > seen["step"]:
+            message = f"step {step}"
+            if loss_key and loss_key in metrics:
+                message += f" {loss_key} {metrics[loss_key]:.3f}"
+            ctx.progress.update(step - seen["step"], message=message)
+            seen["step"] = step
+
+    return on_message
