@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
+from ernie.evaluation import perplexity, val_loss
 from ernie.quant import is_quantized_dir, load_model
 from pipeline.contract import Resources, StageContext, StageResult, UserError
 from pipeline.formats import TOKENIZER_FILE, load_rows, read_jsonl
 
-from .metrics import accuracy_by_task, balanced_items, perplexity, task_predictions, val_loss
+from .metrics import accuracy_by_task, balanced_items, task_predictions
 
 INPUTS = {"model": "ckpt", "dataset": "dataset"}
 """`model` may be a ckpt or a qckpt (ACCEPTED_KINDS); eval tells them apart by quant_config.json."""

@@ -2,43 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ernie.chat_template import EOS, render
 from ernie.generation import generate
-from ernie.losses import shifted_targets
-
-
-@torch.no_grad()
-def val_loss(model, rows: dict[str, np.ndarray], batch_size: int) -> tuple[float, int]:
-    """(mean next-token loss, supervised tokens) on packed rows {field: [N, S]}.
-
-    Document-aware: attention and targets stay inside each packed document (document_ids),
-    positions restart per document (position_ids), labels -100 carry no loss. The mean is
-    over all supervised tokens of all rows, so batching does not change it.
-    """
-    total, count = 0.0, 0
-    for start in range(0, len(rows["input_ids"]), batch_size):
-        batch = {k: torch.from_numpy(np.asarray(v[start : start + batch_size])).long() for k, v in rows.items()}
-        logits = model(
-            batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"]
-        ).logits
-        targets, weight = shifted_targets(batch["labels"], None, batch["document_ids"])
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
-        total += float((ce * weight.flatten()).sum())
-        count += int(weight.sum())
-    if count == 0:
-        raise ValueError("the validation rows have no supervised tokens (all labels are -100)")
-    return total / count, count
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))
 
 
 def balanced_items(items: list[dict], limit: int) -> list[dict]:

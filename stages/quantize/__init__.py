@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from ernie.checkpoint import load_pretrained
+from ernie.evaluation import perplexity, val_loss
 from ernie.quant import save_quantized
 from pipeline.contract import Resources, StageContext, StageResult, UserError
 from pipeline.formats import TOKENIZER_FILE, load_rows
 
-from .quality import perplexity, plot_layer_errors, save_figure, val_loss
+from .quality import plot_layer_errors, save_figure
 from .rtn import SCALE_DTYPES, input_dims, quantization_targets, quantize_model_rtn
 
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}

@@ -15,6 +15,7 @@ import stages.eval as eval_stage
 import stages.quantize as quantize
 from ernie.chat_template import EOS, render
 from ernie.checkpoint import load_pretrained
+from ernie.evaluation import val_loss
 from pipeline.formats import load_rows, load_tokenizer, read_jsonl
 from stages.eval import metrics as eval_metrics
 
@@ -94,7 +95,7 @@ def test_only_supervised_targets_count(artifacts):
     rows = load_rows(artifacts["dataset"] / "val")
     labels = np.full_like(rows["labels"], -100)
     labels[:, 1] = rows["input_ids"][:, 1]
-    loss, tokens = eval_metrics.val_loss(model, {**rows, "labels": labels}, batch_size=4)
+    loss, tokens = val_loss(model, {**rows, "labels": labels}, batch_size=4)
     assert tokens == len(labels)
     first = torch.from_numpy(rows["input_ids"][:, :1]).long()
     with torch.no_grad():
