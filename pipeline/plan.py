@@ -40,22 +40,33 @@ def _counts(cfg: PipelineConfig) -> tuple[int, int]:
 
 
 def _print_memory(cfg: PipelineConfig) -> None:
-    pt = cfg.pretrain
-    workers = max(pt.num_workers, 1)
-    micro = max(pt.batch_size // workers, 1)
-    shard = getattr(pt, "fsdp", False)
-    ep = getattr(pt, "expert_parallel", 1)
-    plan = training_memory(cfg.model, workers, micro, cfg.data.seq_len, shard, ep)
+    """Per-GPU memory of each model stage for its configured workers (estimates)."""
+    seq = cfg.data.seq_len
+    print("\nmemory per GPU (estimate; bf16 weights + fp32 master/grads/AdamW, activations without recompute):")
     print(
-        f"\nmemory per GPU, pretrain (estimate: {workers} worker(s), micro-batch {micro} x {cfg.data.seq_len}, "
-        f"{'FSDP-sharded' if shard else 'replicated'} states, expert parallel {ep}):"
+        f"  {'stage':9s} {'workers':>7s} {'micro-batch':>11s} {'params':>9s} {'grads':>9s} {'optim':>9s} "
+        f"{'activ.':>9s} {'total':>9s}  GiB"
     )
-    rows = [
-        ("parameters (bf16 + fp32 master)", plan.params_gb),
-        ("gradients (fp32)", plan.grads_gb),
-        ("optimizer states (AdamW, fp32)", plan.optimizer_gb),
-        ("activations (no recompute)", plan.activations_gb),
-        ("total", plan.total_gb),
-    ]
-    for label, gb in rows:
-        print(f"  {label:34s} {gb:10.2f} GiB")
+    sections = [("pretrain", cfg.pretrain, seq)]
+    for method in cfg.posttrain.recipe:
+        section = getattr(cfg.posttrain, method)
+        sections.append((method, section, section.max_length))
+    for name, section, length in sections:
+        workers = max(section.num_workers, 1)
+        micro = max(section.batch_size // workers, 1)
+        plan = training_memory(
+            cfg.model, workers, micro, length, getattr(section, "fsdp", False), getattr(section, "expert_parallel", 1)
+        )
+        extra = plan.params_gb / 3 if name == "dpo" else 0.0  # the frozen reference model, bf16
+        total = plan.total_gb + extra
+        print(
+            f"  {name:9s} {workers:7d} {f'{micro} x {length}':>11s} {plan.params_gb + extra:9.2f} "
+            f"{plan.grads_gb:9.2f} {plan.optimizer_gb:9.2f} {plan.activations_gb:9.2f} {total:9.2f}"
+        )
+    weights = training_memory(cfg.model, 1, 1, 1, False).params_gb / 3  # bf16 weights only
+    print(f"  {'quantize':9s} {1:7d} {'-':>11s} {weights:9.2f} {'':9s} {'':9s} {'':9s} {weights:9.2f}  (bf16 in)")
+    bits = cfg.quantize.bits
+    print(
+        f"  {'serve':9s} {cfg.serve.num_replicas:7d} {'-':>11s} {weights * bits / 16:9.2f} {'':9s} {'':9s} {'':9s} "
+        f"{weights * bits / 16:9.2f}  (int{bits} weights, before KV cache)"
+    )
