@@ -2,88 +2,26 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
-from pipeline.contract import Resources, UserError
-
-
-def _stage_actor_resources() -> Resources:
-    # The stage actor only launches and watches the Ray Train workers (see stages.pretrain).
-    return Resources(num_cpus=0)
+from pipeline.contract import UserError
+from stages.training.config import TrainingConfig
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TrainingConfig):
     """A fixed number of AdamW steps on `num_workers` Ray Train workers (DDP), from the input checkpoint."""
 
-    resources: Resources = field(default_factory=_stage_actor_resources)
-    """The stage actor's CPUs (keep 0: it only waits on the workers) and GPUs *per worker*."""
-    num_workers: int = 2
-    """Ray Train workers (data-parallel ranks)."""
-    cpus_per_worker: float = 1.0
-    """CPUs each Ray Train worker reserves (also its torch thread count)."""
-    steps: int = 100
-    """Optimizer steps."""
-    batch_size: int = 16
-    """Global examples per step, split evenly over the workers."""
-    lr: float = 1e-3
-    """Peak learning rate (after warmup)."""
-    min_lr_ratio: float = 0.1
-    """The cosine decay ends at `lr * min_lr_ratio`."""
-    warmup_steps: int = 10
-    """Linear warmup from 0 to `lr`."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay on matrices."""
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 = no clipping)."""
-    precision: str = "fp32"
-    """fp32, or bf16 (autocast; weights and optimizer states stay fp32)."""
     max_length: int = 256
     """Tokens per example; longer chats are truncated (examples left without answer tokens are dropped)."""
-    eval_every: int = 25
-    """Validation every this many steps (and at the start and the end)."""
     eval_examples: int = 0
     """Examples evaluated per split (the first ones; 0 = all): the val set, and for DPO the train pairs too."""
-    checkpoint_every: int = 25
-    """Write the resumable train state every this many steps (and at the end)."""
-    max_failures: int = 1
-    """Worker-group restarts Ray Train may make after a worker dies; each resumes from the last train state."""
+
+    OPERATIONAL: ClassVar[set[str]] = TrainingConfig.OPERATIONAL | {"eval_examples"}
 
     def validate(self, stage: str) -> None:
         """Raise `UserError` naming the first bad field (`posttrain.<stage>.<field>=<value>`)."""
-
-        def require(ok: bool, name: str, why: str) -> None:
-            if not ok:
-                raise UserError(f"posttrain.{stage}.{name}={getattr(self, name)!r} {why}")
-
-        for name in ("steps", "batch_size", "num_workers", "eval_every", "checkpoint_every", "max_length"):
-            require(getattr(self, name) > 0, name, "must be positive")
-        require(
-            self.batch_size % self.num_workers == 0,
-            "batch_size",
-            f"must be divisible by posttrain.{stage}.num_workers={self.num_workers}",
-        )
-        require(self.lr > 0, "lr", "must be positive")
-        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must lie in [0, 1]")
-        require(self.warmup_steps >= 0, "warmup_steps", "must not be negative")
-        require(self.grad_clip >= 0, "grad_clip", "must not be negative (0 = off)")
-        require(self.eval_examples >= 0, "eval_examples", "must not be negative (0 = all)")
-        require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
-        require(self.max_failures >= 0, "max_failures", "must not be negative")
-        require(self.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16")
-
-    def fingerprint(self) -> dict:
-        """The fields that change the trained weights: a train state is only resumed under the same ones."""
-        operational = {
-            "resources",
-            "num_workers",
-            "cpus_per_worker",
-            "eval_every",
-            "eval_examples",
-            "checkpoint_every",
-            "max_failures",
-        }
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in operational}
+        self.check(f"posttrain.{stage}", positive=("max_length",))
+        if self.eval_examples < 0:
+            raise UserError(f"posttrain.{stage}.eval_examples={self.eval_examples} must not be negative (0 = all)")

@@ -1,0 +1,88 @@
+"""Settings every training stage has (pretrain, sft, dpo extend `TrainingConfig`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from pipeline.contract import Resources, UserError
+
+
+def _stage_actor_resources() -> Resources:
+    # The stage actor only launches and watches the Ray Train workers; if it held a CPU, a
+    # 2-CPU machine could not place the 2 workers (each asks for `cpus_per_worker`).
+    return Resources(num_cpus=0)
+
+
+@dataclass
+class TrainingConfig:
+    """A fixed number of AdamW steps on `num_workers` Ray Train workers (DDP)."""
+
+    resources: Resources = field(default_factory=_stage_actor_resources)
+    """The stage actor's CPUs (keep 0: it only waits on the workers) and GPUs *per worker*
+    (`num_gpus > 0` trains on GPUs with NCCL, else CPU with gloo)."""
+    num_workers: int = 2
+    """Ray Train workers (data-parallel ranks)."""
+    cpus_per_worker: float = 1.0
+    """CPUs each Ray Train worker reserves (also its torch thread count)."""
+    steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Global rows / examples per step, split evenly over the workers."""
+    lr: float = 1e-3
+    """Peak learning rate (after warmup)."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at `lr * min_lr_ratio`."""
+    warmup_steps: int = 10
+    """Linear warmup from 0 to `lr`."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay on matrices (norms, biases and routers are not decayed)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    precision: str = "fp32"
+    """fp32, or bf16 (autocast; weights and optimizer states stay fp32)."""
+    eval_every: int = 25
+    """Validation every this many steps (and at the end)."""
+    checkpoint_every: int = 25
+    """Write the resumable train state every this many steps (and at the end)."""
+    max_failures: int = 1
+    """Worker-group restarts Ray Train may make after a worker dies; each resumes from the last train state."""
+
+    OPERATIONAL: ClassVar[set[str]] = {
+        "resources",
+        "num_workers",
+        "cpus_per_worker",
+        "eval_every",
+        "checkpoint_every",
+        "max_failures",
+    }
+    """Fields that do not change the trained weights (a train state resumes across them)."""
+
+    def check(self, key: str, positive: tuple[str, ...] = ()) -> None:
+        """Raise `UserError` naming the first bad shared field (`<key>.<field>=<value>`)."""
+
+        def require(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise UserError(f"{key}.{name}={getattr(self, name)!r} {why}")
+
+        for name in ("steps", "batch_size", "num_workers", "eval_every", "checkpoint_every", *positive):
+            require(getattr(self, name) > 0, name, "must be positive")
+        require(
+            self.batch_size % self.num_workers == 0,
+            "batch_size",
+            f"must be divisible by {key}.num_workers={self.num_workers} (split evenly over workers)",
+        )
+        require(self.lr > 0, "lr", "must be positive")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must lie in [0, 1]")
+        require(self.warmup_steps >= 0, "warmup_steps", "must not be negative")
+        require(self.grad_clip >= 0, "grad_clip", "must not be negative (0 = off)")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+        require(self.max_failures >= 0, "max_failures", "must not be negative")
+        require(self.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16")
+
+    def fingerprint(self) -> dict:
+        """The fields that change the trained weights: a train state is only resumed under the same ones."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.OPERATIONAL}
