@@ -303,25 +303,31 @@ def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.T
     return tensor.to(dtype)
 
 
-def check_state_dict(model: ErnieForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise `CheckpointError` listing missing, unexpected and mis-shaped tensors."""
+def state_dict_problems(model, state: dict[str, torch.Tensor], display=lambda name: name) -> list[str]:
+    """Missing, unexpected and mis-shaped tensors of `state` against `model`, named by `display`."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
+        f"{display(k)}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
         for k in set(expected) & set(state)
         if tuple(state[k].shape) != expected[k]
     )
     problems = []
     if missing:
-        problems.append(f"missing tensors {_first_names([_to_hub_name(k) for k in missing])}")
+        problems.append(f"missing tensors {_first_names([display(k) for k in missing])}")
     if unexpected:
-        problems.append(f"unexpected tensors {_first_names([_to_hub_name(k) for k in unexpected])}")
+        problems.append(f"unexpected tensors {_first_names([display(k) for k in unexpected])}")
     if wrong:
-        problems.append(f"mis-shaped tensors {_first_names([_to_hub_name(k) for k in wrong])}")
+        problems.append(f"mis-shaped tensors {_first_names(wrong)}")
+    return problems
+
+
+def check_state_dict(model: ErnieForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise `CheckpointError` listing missing, unexpected and mis-shaped tensors (published names)."""
+    problems = state_dict_problems(model, state, _to_hub_name)
     if problems:
         raise CheckpointError(f"{source} does not fit {model.config.name}: " + "; ".join(problems))
 

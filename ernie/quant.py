@@ -410,25 +410,9 @@ def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.T
 
 
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
-        for k in set(expected) & set(state)
-        if tuple(state[k].shape) != expected[k]
-    )
-    problems = [
-        f"{what} {names[:10]}{' ...' if len(names) > 10 else ''}"
-        for what, names in (
-            ("missing tensors", missing),
-            ("unexpected tensors", unexpected),
-            ("mis-shaped tensors", wrong),
-        )
-        if names
-    ]
+    from .checkpoint import state_dict_problems
+
+    problems = state_dict_problems(model, state)
     if problems:
         raise QuantFormatError(f"{source} does not fit its quant_config.json: " + "; ".join(problems))
 
