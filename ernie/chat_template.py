@@ -14,7 +14,12 @@ from __future__ import annotations
 BOS = "<|begin_of_sentence|>"
 EOS = "<|end_of_sentence|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-SPECIAL_TOKENS = ("<pad>", BOS, EOS, THINK_OPEN, THINK_CLOSE)
+IMAGE_PLACEHOLDER, IMAGE_START, IMAGE_END = "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_START|>", "<|IMAGE_END|>"
+VIDEO_PLACEHOLDER, VIDEO_START, VIDEO_END = "<|VIDEO_PLACEHOLDER|>", "<|VIDEO_START|>", "<|VIDEO_END|>"
+VISION_TOKENS = (IMAGE_PLACEHOLDER, IMAGE_START, IMAGE_END, VIDEO_PLACEHOLDER, VIDEO_START, VIDEO_END)
+"""In `ErnieConfig` order: image_token_id, image_start/end, video_token_id, video_start/end."""
+SPECIAL_TOKENS = ("<pad>", BOS, EOS, THINK_OPEN, THINK_CLOSE, *VISION_TOKENS)
+"""The bundled tokenizer puts these at ids 0, 1, 2, ... in this order (tiny presets rely on it)."""
 ROLES = ("system", "user", "assistant")
 
 

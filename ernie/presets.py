@@ -130,12 +130,13 @@ def tiny_vl() -> ErnieConfig:
         ),
         vision=VisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=14),
         mrope_section=(3, 3, 2),
-        image_token_id=500,
-        image_start_token_id=501,
-        image_end_token_id=502,
-        video_token_id=503,
-        video_start_token_id=504,
-        video_end_token_id=505,
+        # ids of the bundled tokenizer (`ernie.chat_template.SPECIAL_TOKENS` order)
+        image_token_id=5,
+        image_start_token_id=6,
+        image_end_token_id=7,
+        video_token_id=8,
+        video_start_token_id=9,
+        video_end_token_id=10,
     )
 
 

@@ -1,4 +1,8 @@
-"""`python -m stages.data OUT_DIR [seed=N] [field=value ...]`: build a dataset without the pipeline."""
+"""`python -m stages.data OUT_DIR [seed=N] [model=PRESET] [field=value ...]`: build a dataset without the pipeline.
+
+`model` names an `ernie.presets` preset (default tiny_vl; its vocabulary is set to data.vocab_size);
+scalar fields of `stages.data.Config` are set as key=value (sources come from the config's default).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+from ernie import get_preset
 from pipeline.contract import StageContext, UserError
 
 from .config import Config
 from .stage import run
+
+CASTS = {"int": int, "float": float, "str": str}
 
 
 def main(argv: list[str]) -> int:
@@ -20,14 +27,15 @@ def main(argv: list[str]) -> int:
         return 2
     overrides = dict(arg.split("=", 1) for arg in argv[1:])
     seed = int(overrides.pop("seed", 0))
-    types = {f.name: f.type for f in dataclasses.fields(Config) if f.type in ("int", "float")}
+    preset = overrides.pop("model", "tiny_vl")
+    types = {f.name: f.type for f in dataclasses.fields(Config) if f.type in CASTS}
     try:
         unknown = sorted(set(overrides) - set(types))
         if unknown:
-            raise UserError(f"unknown data config keys {unknown}; known: {sorted(types)} and seed")
-        casts = {"int": int, "float": float}
-        config = Config(**{k: casts[types[k]](v) for k, v in overrides.items()})
-        ctx = StageContext("data", config, None, {}, Path(argv[0]), seed=seed)
+            raise UserError(f"unknown data config keys {unknown}; known: {sorted(types)}, seed and model")
+        config = Config(**{k: CASTS[types[k]](v) for k, v in overrides.items()})
+        model = get_preset(preset).replace(vocab_size=config.vocab_size)
+        ctx = StageContext("data", config, model, {}, Path(argv[0]), seed=seed)
         started = time.perf_counter()
         result = run(ctx)
     except UserError as error:

@@ -12,12 +12,89 @@ MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + BYTE_ALPHABET
 """A byte-level BPE needs every byte as a token, plus the fixed special tokens."""
 
 
+SOURCE_KINDS = ("stdlib", "arithmetic", "scenes", "jsonl", "parquet", "image-text", "interleaved", "webdataset")
+"""The first three are the bundled corpus (built on the machine); the rest read files, local or s3://."""
+ON_ERROR = ("skip", "fail")
+
+
+@dataclass
+class SourceConfig:
+    """One input of the mixture. File kinds and their records:
+
+    jsonl / parquet: one document per line / row, its text in `text_field`.
+    image-text: jsonl lines or parquet rows with `image_field` (a path relative to the file, or the
+        image bytes in parquet) and the caption in `text_field`; the document is image then caption.
+    interleaved: jsonl lines with `segments`: [{"type": "text", "text": ...}, {"type": "image",
+        "image": path}, ...] in reading order.
+    webdataset: tar shards; a sample's `txt` member is the text and an optional jpg/jpeg/png/webp
+        member an image placed before it.
+    """
+
+    name: str = ""
+    """Shown in stats and metrics; unique within `data.sources`."""
+    kind: str = "jsonl"
+    """One of SOURCE_KINDS."""
+    path: str = ""
+    """A file, a directory (all files below it) or a glob; local or s3://. Unused by bundled kinds."""
+    weight: float = 1.0
+    """Share of the mixture's tokens (weights are normalised); a source with too few tokens repeats."""
+    text_field: str = "text"
+    """Record field holding the text (jsonl, parquet, image-text)."""
+    image_field: str = "image"
+    """Record field holding the image path or bytes (image-text)."""
+
+
+def bundled_sources() -> list[SourceConfig]:
+    """The on-machine corpus: real text, arithmetic and generated scenes."""
+    return [
+        SourceConfig(name="stdlib-docs", kind="stdlib", weight=0.6),
+        SourceConfig(name="arithmetic", kind="arithmetic", weight=0.25),
+        SourceConfig(name="scenes", kind="scenes", weight=0.15),
+    ]
+
+
+@dataclass
+class ImageConfig:
+    """How images become patches (the vision encoder's variable-resolution grid)."""
+
+    min_pixels: int = 56 * 56
+    """Smaller images are upscaled to at least this many pixels."""
+    max_pixels: int = 112 * 112
+    """Larger images are downscaled to at most this many pixels (bounds tokens per image)."""
+
+
+@dataclass
+class BalanceConfig:
+    """Text:vision token balance per training micro-batch (what the token-balanced loss relies on)."""
+
+    group_rows: int = 4
+    """Rows per micro-batch whose vision-token share is balanced; consecutive rows in the shards."""
+    band: float = 0.1
+    """Allowed distance of a micro-batch's vision-token share from the split's overall share."""
+
+
 @dataclass
 class Config:
     """What the `data` stage builds: corpus, tokenizer, packed shards, post-training sets."""
 
     resources: Resources = field(default_factory=Resources)
-    """What the stage's Ray actor asks for (the stage is single-process and light)."""
+    """What the stage's Ray actor asks for (reading and encoding run as Ray Data tasks besides)."""
+    sources: list[SourceConfig] = field(default_factory=lambda: bundled_sources())
+    """The mixture: bundled kinds and/or files (see SourceConfig)."""
+    on_error: str = "skip"
+    """skip: count and drop unreadable records (corrupt image, bad UTF-8, missing file, empty source); fail: stop."""
+    tokenizer: str = ""
+    """A local directory with ERNIE 4.5's tokenizer (tokenizer.model or tokenizer.json); empty = train the BPE."""
+    total_tokens: int = 0
+    """Tokens in the mixture; 0 = as many as the sources hold in total."""
+    image: ImageConfig = field(default_factory=ImageConfig)
+    """Image resizing bounds."""
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    """Micro-batch text:vision balance."""
+    window_rows: int = 256
+    """Rows' worth of documents packed together (best-fit decreasing); also the resume granularity."""
+    scenes: int = 600
+    """Generated scenes in the bundled image corpus (each gives a caption and a question document)."""
     vocab_size: int = 1024
     """BPE vocabulary including the special tokens; must equal the model's `vocab_size`."""
     seq_len: int = 128
@@ -59,6 +136,33 @@ class Config:
             "together with arithmetic_documents must give at least 2 documents (one per split)",
         )
         _require(self.max_operand >= 5, "max_operand", self.max_operand, "must be at least 5")
+        _require(self.on_error in ON_ERROR, "on_error", self.on_error, f"must be one of {ON_ERROR}")
+        _require(self.total_tokens >= 0, "total_tokens", self.total_tokens, "must not be negative")
+        _require(self.window_rows >= 1, "window_rows", self.window_rows, "must be at least 1")
+        _require(self.scenes >= 0, "scenes", self.scenes, "must not be negative")
+        _require(self.balance.group_rows >= 1, "balance.group_rows", self.balance.group_rows, "must be at least 1")
+        _require(0 < self.balance.band <= 1, "balance.band", self.balance.band, "must lie in (0, 1]")
+        _require(
+            0 < self.image.min_pixels <= self.image.max_pixels,
+            "image.min_pixels",
+            self.image.min_pixels,
+            f"must be positive and at most image.max_pixels={self.image.max_pixels}",
+        )
+        _require(bool(self.sources), "sources", self.sources, "must name at least one source")
+        names = [s.name for s in self.sources]
+        for i, source in enumerate(self.sources):
+            key = f"sources[{i}]"
+            _require(bool(source.name), f"{key}.name", source.name, "must not be empty")
+            _require(names.count(source.name) == 1, f"{key}.name", source.name, "is used by two sources")
+            _require(source.kind in SOURCE_KINDS, f"{key}.kind", source.kind, f"must be one of {SOURCE_KINDS}")
+            _require(source.weight > 0, f"{key}.weight", source.weight, "must be positive")
+            bundled = source.kind in SOURCE_KINDS[:3]
+            _require(bundled or bool(source.path), f"{key}.path", source.path, f"is needed by kind {source.kind}")
+
+    @property
+    def has_images(self) -> bool:
+        """Whether a source always carries images (webdataset shards may or may not)."""
+        return any(s.kind in ("scenes", "image-text", "interleaved") for s in self.sources)
 
 
 def _require(ok: bool, name: str, value, why: str) -> None:

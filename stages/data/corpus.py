@@ -1,63 +1,8 @@
-"""The pretraining corpus: documents from each source, deduplicated, shuffled, split.
-
-Sources are mixed by a seeded shuffle, so every shard holds both real text and arithmetic
-in proportion. The train/val split hashes each document's text, not its position: a
-document stays on the same side whatever the seed or the corpus size.
-"""
+"""Sampling and holdout helpers for the bundled corpus and the generated post-training records."""
 
 from __future__ import annotations
 
-import hashlib
 import random
-from dataclasses import dataclass
-
-STDLIB, ARITHMETIC = "stdlib-docs", "arithmetic"
-
-
-@dataclass
-class Document:
-    """One corpus document on its way to the shards."""
-
-    id: int
-    """Global index; becomes the row's `document_ids` value."""
-    source: str
-    text: str
-    split: str = "train"
-    modality: str = "text"
-    tokens: list[int] | None = None
-    """bos + tokens + eos, filled in once the tokenizer exists."""
-
-
-def build_corpus(sources: dict[str, list[str]], val_fraction: float, rng: random.Random) -> list[Document]:
-    """Deduplicate across sources (first source wins), shuffle, number and split the documents."""
-    seen: set[str] = set()
-    pairs = []
-    for source, texts in sources.items():
-        for text in texts:
-            if text not in seen:
-                seen.add(text)
-                pairs.append((source, text))
-    rng.shuffle(pairs)
-    documents = [Document(i, source, text) for i, (source, text) in enumerate(pairs)]
-    for doc in documents:
-        doc.split = "val" if split_point(doc.text) < val_fraction else "train"
-    _make_both_splits_nonempty(documents)
-    return documents
-
-
-def split_point(text: str) -> float:
-    """A stable number in [0, 1) from the text; below `val_fraction` means validation."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
-
-
-def _make_both_splits_nonempty(documents: list[Document]) -> None:
-    """Tiny corpora can hash everything to one side; move the closest document over."""
-    if len(documents) < 2:
-        return
-    if all(d.split == "train" for d in documents):
-        min(documents, key=lambda d: split_point(d.text)).split = "val"
-    elif all(d.split == "val" for d in documents):
-        max(documents, key=lambda d: split_point(d.text)).split = "train"
 
 
 def sample_documents(texts: list[str], cap: int, rng: random.Random) -> list[str]:

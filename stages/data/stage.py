@@ -1,4 +1,4 @@
-"""The `data` stage: bundled corpus -> tokenizer -> packed shards + post-training sets.
+"""The `data` stage: sources -> tokenizer -> encoded documents -> mixture -> packed shards + stats.
 
 Run it with the rest of the pipeline, or alone:
 
@@ -6,110 +6,170 @@ Run it with the rest of the pipeline, or alone:
     python -m stages.data out/dataset                      # default config, seed 0
     python -m stages.data out/dataset seq_len=64 seed=1    # overrides as key=value
 
-It writes the `dataset` artifact described in `pipeline.formats`:
-tokenizer/, train/ and val/ shards, sft/, preferences/, tasks/val.jsonl and stats.json.
-Everything is generated from text already on the machine (stdlib docs) and from seeded
-arithmetic generators: the same seed, config and Python version give the same tokenizer,
-records and rows.
+It writes the `dataset` artifact described in `pipeline.formats`: tokenizer/, train/ and val/
+shards (each with index.json), sft/, preferences/, tasks/val.jsonl and stats.json.
+
+Flow: every source is read, parsed and encoded by Ray Data tasks (`dataflow`); the stage's own
+process interleaves the sources by their weights (`mixture`), packs each window of documents
+best-fit-decreasing (`packing`), orders the rows so every micro-batch keeps the text:vision
+balance, and writes shards atomically. After each window it saves its progress, so a stage
+that stops (crash, preemption) continues where it was without writing any row twice. The same
+seed, config and inputs give byte-identical shards.
 """
 
 from __future__ import annotations
 
 import json
-import random
+import pickle
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
+import pipeline.formats as formats
 from ernie.chat_template import SPECIAL_TOKENS, render
 from pipeline.contract import StageContext, StageResult, UserError
-from pipeline.formats import write_jsonl, write_row_shards
+from pipeline.formats import write_jsonl
 
-from . import arithmetic
+from . import arithmetic, dataflow
+from .bundled import bundled_corpus
 from .config import Config
-from .corpus import ARITHMETIC, STDLIB, Document, build_corpus, holdout_split, sample_documents
-from .packing import pack_documents
-from .stats import dataset_stats, flat_metrics, stats_figure
-from .stdlib_corpus import python_version, stdlib_documents
-from .tokenizer import PAD_ID, encode_documents, save_tokenizer, train_tokenizer
+from .encode import EncodeSpec
+from .mixture import MixtureState, interleave, realised, token_targets
+from .packing import balance_order, pack_windows
+from .stats import StatsAccumulator, flat_metrics, stats_figures
+from .stdlib_corpus import python_version
+from .tokenizer import PAD_ID, save_tokenizer, train_tokenizer
 
 INPUTS: dict[str, str] = {}
 OUTPUT_KIND = "dataset"
-STEPS = ("corpus", "post-training sets", "tokenizer", "tokenize", "pack + write shards", "stats")
+SPLITS = ("train", "val")
+PROGRESS_FILE = "progress.json"
+CARRY_FILE = "carry-{}.pkl"
+STEPS = ("corpus", "tokenizer", "read + encode", "mix + pack + write", "stats")
+TOKENIZER_SAMPLE = 20_000
+"""Records per file source used to train the BPE when no tokenizer directory is given."""
 
 
 def run(ctx: StageContext) -> StageResult:
     config: Config = ctx.config
     config.validate()
-    _check_model_vocab(config, ctx.model)
+    _check_model(config, ctx.model)
     out = Path(ctx.output_dir)
+    work = Path(ctx.work_dir) / "data" if ctx.work_dir else out / ".progress"
     ctx.progress.set_total(len(STEPS), STEPS[0])
 
-    documents, held_out, train_facts = _corpus(config, ctx.seed)
+    corpus = bundled_corpus(config, ctx.seed)
+    records = {
+        path.removesuffix(".jsonl").replace("/", "_"): write_jsonl(out / path, r) for path, r in corpus.sets.items()
+    }
+    bundled = {s.name: corpus.records.get(s.name) for s in config.sources}
+    raws = {s.name: dataflow.raw_dataset(s, i, bundled[s.name]) for i, s in enumerate(config.sources)}
     ctx.progress.update(1, STEPS[1])
 
-    sets = _post_training_sets(config, train_facts, held_out, ctx.seed)
-    records = {path.removesuffix(".jsonl").replace("/", "_"): write_jsonl(out / path, r) for path, r in sets.items()}
+    tokenizer_json = _tokenizer(config, ctx.model, corpus, bundled, raws, out)
     ctx.progress.update(1, STEPS[2])
 
-    sft_text = [_strip_special(render(r["messages"])) for r in sets["sft/train.jsonl"]]
-    tokenizer = train_tokenizer([d.text for d in documents if d.split == "train"] + sft_text, config.vocab_size)
-    save_tokenizer(tokenizer, out)
+    spec = EncodeSpec.build(
+        tokenizer_json, ctx.model, config.image.min_pixels, config.image.max_pixels, config.val_fraction
+    )
+    encoded = {name: dataflow.encoded_dataset(raw, spec) if raw is not None else None for name, raw in raws.items()}
+    scans = {name: dataflow.scan(name, ds, config.on_error) for name, ds in encoded.items()}
+    for name, found in scans.items():
+        if found.documents == 0:
+            if config.on_error == "fail":
+                raise UserError(f"data source {name!r} has no usable documents (data.on_error=fail)")
+            found.errors["empty_source"] += 1
+    weights = {s.name: s.weight for s in config.sources}
+    targets = token_targets({n: s.tokens for n, s in scans.items()}, weights, config.total_tokens)
+    if not targets:
+        raise UserError("no data.sources entry has any usable document")
     ctx.progress.update(1, STEPS[3])
 
-    for doc, tokens in zip(documents, encode_documents(tokenizer, [d.text for d in documents]), strict=True):
-        doc.tokens = tokens
+    vl = ctx.model is not None and ctx.model.vision is not None
+    state = _Progress.load(work, config, ctx.seed)
+    stream = interleave({name: _source_stream(encoded[name]) for name in targets}, targets, state.mixture)
+    packer = _WindowPacker(config, vl, _patch_dim(ctx.model), work, state)
+    for count, (_, (split, doc)) in enumerate(stream):
+        packer.add(split, doc)
+        if count % 1000 == 0:
+            ctx.progress.update(0, f"{STEPS[3]}: {sum(state.mixture.tokens.values()):,} tokens")
+    packer.finish()
     ctx.progress.update(1, STEPS[4])
 
-    rows_by_split = {split: _pack_and_write(documents, split, config, out) for split in ("train", "val")}
-    ctx.progress.update(1, STEPS[5])
+    for split in SPLITS:
+        if not state.shards[split]:
+            raise UserError(
+                f"the {split} split is empty: too few documents for data.val_fraction={config.val_fraction}"
+            )
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for info in state.shards[split]:
+            shutil.move(str(work / split / info["name"]), out / split / info["name"])
+        formats.write_index(str(out / split), state.shards[split], config.seq_len)
 
-    stats = dataset_stats(documents, rows_by_split, config.seq_len, tokenizer.get_vocab_size())
+    stats = state.stats.to_dict(config, scans, realised(state.mixture, weights), targets)
     stats["records"] = records
-    stats["eval_tasks_by_op"] = {op: sum(f.op == op for f in held_out) for op in arithmetic.SYMBOLS}
+    stats["eval_tasks_by_op"] = {op: sum(f.op == op for f in corpus.held_out) for op in arithmetic.SYMBOLS}
     stats["corpus"] = {"python_version": python_version(), "max_operand": config.max_operand}
+    stats["tokenizer_vocab_size"] = _vocab_size(tokenizer_json)
     (out / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
     metrics = flat_metrics(stats)
     ctx.log.metrics(metrics)
-    ctx.log.figure(stats_figure(documents), "data/tokens_per_source.png")
+    for name, figure in stats_figures(stats, state.stats).items():
+        ctx.log.figure(figure, f"data/{name}.png")
     ctx.progress.update(1, "done")
     return StageResult(metrics=metrics, summary=_summary(stats))
 
 
-def _corpus(config: Config, seed: int) -> tuple[list[Document], list[arithmetic.Fact], list[arithmetic.Fact]]:
-    """(corpus documents, held-out eval facts, training facts)."""
-    stdlib = sample_documents(stdlib_documents(), config.max_documents, _rng(seed, "stdlib"))
-    facts = arithmetic.all_facts(config.max_operand)
-    seen_in_docs = arithmetic.facts_in_text("\n".join(stdlib))  # such facts can never be held out
-    held_out, train_facts = arithmetic.split_facts(facts, config.eval_tasks, seen_in_docs, _rng(seed, "eval"))
-    arithmetic_docs = arithmetic.arithmetic_documents(
-        train_facts, config.arithmetic_documents, _rng(seed, "arithmetic")
-    )
-    sources = {STDLIB: stdlib, ARITHMETIC: arithmetic_docs}
-    return build_corpus(sources, config.val_fraction, _rng(seed, "corpus")), held_out, train_facts
-
-
-def _check_model_vocab(config: Config, model) -> None:
+def _check_model(config: Config, model) -> None:
     model_vocab = getattr(model, "vocab_size", None)
-    if model_vocab is not None and model_vocab != config.vocab_size:
+    if not config.tokenizer and model_vocab is not None and model_vocab != config.vocab_size:
         raise UserError(
             f"data.vocab_size={config.vocab_size} differs from the model's vocab_size={model_vocab}; "
             "the tokenizer must fill the model's embedding table, so set them equal"
         )
+    if config.has_images and (model is None or model.vision is None):
+        name = getattr(model, "name", "none")
+        kinds = sorted({s.kind for s in config.sources if s.kind in ("scenes", "image-text", "interleaved")})
+        raise UserError(
+            f"data.sources has image sources ({', '.join(kinds)}) but the model ({name}) has no vision encoder; "
+            "use a VL model or text-only sources"
+        )
 
 
-def _rng(seed: int, purpose: str) -> random.Random:
-    """One independent stream per purpose: changing one count never reshuffles the others."""
-    return random.Random(f"{seed}:{purpose}")
+def _patch_dim(model) -> int:
+    return model.vision.patch_dim if model is not None and model.vision is not None else 0
 
 
-def _post_training_sets(config: Config, train_facts, held_out, seed: int) -> dict[str, list[dict]]:
-    """{relative path: records} for sft/, preferences/ (training facts) and tasks/ (held-out facts)."""
-    sft = arithmetic.sft_examples(train_facts, config.sft_examples, _rng(seed, "sft"))
-    preferences = arithmetic.preference_pairs(train_facts, config.preference_pairs, _rng(seed, "preferences"))
-    sets = {}
-    for name, records in (("sft", sft), ("preferences", preferences)):
-        sets[f"{name}/train.jsonl"], sets[f"{name}/val.jsonl"] = holdout_split(records, config.val_fraction)
-    sets["tasks/val.jsonl"] = arithmetic.eval_tasks(held_out, _rng(seed, "tasks"))
-    return sets
+def _vocab_size(tokenizer_json: str) -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json).get_vocab_size()
+
+
+def _tokenizer(config: Config, model, corpus, bundled: dict, raws: dict, out: Path) -> str:
+    """The tokenizer as JSON (shipped to Ray Data tasks); saved into the artifact."""
+    if config.tokenizer:
+        from .tokenizer_dir import check_special_tokens, load_tokenizer_dir, save_tokenizer_dir, special_token_roles
+
+        try:
+            tokenizer = load_tokenizer_dir(config.tokenizer)
+            if model is not None:
+                check_special_tokens(tokenizer, model, special_token_roles(config.tokenizer))
+        except ValueError as error:
+            raise UserError(f"data.tokenizer={config.tokenizer!r}: {error}") from error
+        save_tokenizer_dir(tokenizer, config.tokenizer, out)
+        return tokenizer.to_str()
+    texts = [t for records in bundled.values() if records for r in records for kind, t in r.segments if kind == "text"]
+    files = {name: raw for name, raw in raws.items() if bundled[name] is None}
+    if files:
+        texts += dataflow.sample_texts(config, files, TOKENIZER_SAMPLE)
+    texts += [_strip_special(render(r["messages"])) for r in corpus.sets.get("sft/train.jsonl", [])]
+    tokenizer = train_tokenizer(texts, config.vocab_size)
+    save_tokenizer(tokenizer, out)
+    return tokenizer.to_str()
 
 
 def _strip_special(text: str) -> str:
@@ -119,20 +179,152 @@ def _strip_special(text: str) -> str:
     return text
 
 
-def _pack_and_write(documents: list[Document], split: str, config: Config, out: Path) -> list[dict]:
-    chosen = [d for d in documents if d.split == split]
-    rows = list(pack_documents([d.tokens for d in chosen], config.seq_len, [d.id for d in chosen], pad_id=PAD_ID))
-    directory = out / split
-    for stale in directory.glob("shard-*.tar"):  # a rerun into the same directory
-        stale.unlink()
-    write_row_shards(rows, directory, config.rows_per_shard)
-    return rows
+def _source_stream(ds):
+    return lambda: dataflow.documents(ds)
+
+
+class _Progress:
+    """Resume state, saved after every window: mixture position, next doc id, shards, stats so far."""
+
+    def __init__(self, work: Path, fingerprint: str) -> None:
+        self.work, self.fingerprint = work, fingerprint
+        self.mixture = MixtureState()
+        self.next_doc_id = 0
+        self.shards: dict[str, list[dict]] = {split: [] for split in SPLITS}
+        self.stats = StatsAccumulator()
+        self.saves = 0
+        """Generation of the carry file that progress.json refers to (carry-N.pkl)."""
+
+    @staticmethod
+    def load(work: Path, config: Config, seed: int) -> _Progress:
+        fingerprint = json.dumps({"config": asdict(config), "seed": seed}, sort_keys=True, default=str)
+        progress = _Progress(work, fingerprint)
+        path = work / PROGRESS_FILE
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved["fingerprint"] == fingerprint:
+                progress.mixture = MixtureState(**saved["mixture"])
+                progress.next_doc_id = saved["next_doc_id"]
+                progress.shards = saved["shards"]
+                progress.stats = StatsAccumulator.from_dict(saved["stats"])
+                progress.saves = saved["saves"]
+                progress._drop_unlisted_shards()
+                return progress
+        shutil.rmtree(work, ignore_errors=True)  # another config's leftovers
+        return progress
+
+    def _drop_unlisted_shards(self) -> None:
+        """Shards written after the last save belong to a window that will be packed again."""
+        for split in SPLITS:
+            listed = {info["name"] for info in self.shards[split]}
+            for path in (self.work / split).glob("shard-*"):
+                if path.name not in listed:
+                    path.unlink()
+
+    def load_carry(self) -> dict[str, dict[str, list]]:
+        """{"rows": rows waiting for a full shard, "pending": documents not yet packed}, per split."""
+        if self.saves:
+            return pickle.loads((self.work / CARRY_FILE.format(self.saves)).read_bytes())
+        return {"rows": {split: [] for split in SPLITS}, "pending": {split: [] for split in SPLITS}}
+
+    def save(self, carry: dict) -> None:
+        """Rows waiting for a full shard go to a new carry file, then progress.json switches to it."""
+        self.saves += 1
+        (self.work / CARRY_FILE.format(self.saves)).write_bytes(pickle.dumps(carry))
+        state = {
+            "saves": self.saves,
+            "fingerprint": self.fingerprint,
+            "mixture": asdict(self.mixture),
+            "next_doc_id": self.next_doc_id,
+            "shards": self.shards,
+            "stats": self.stats.to_state(),
+        }
+        tmp = self.work / (PROGRESS_FILE + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.work / PROGRESS_FILE)
+        (self.work / CARRY_FILE.format(self.saves - 1)).unlink(missing_ok=True)
+
+
+class _WindowPacker:
+    """Collects a window of documents per split, packs it, balances the rows, writes full shards.
+
+    Each split packs when its own window is full, so the small val split gets windows as large
+    as train's. Rows that do not fill a shard wait for the next window, so only the last shard
+    of a split is short. Waiting rows and not yet packed documents are saved with the progress.
+    """
+
+    def __init__(self, config: Config, vl: bool, patch_dim: int, work: Path, state: _Progress) -> None:
+        self.config, self.vl, self.patch_dim, self.work, self.state = config, vl, patch_dim, work, state
+        self.capacity = config.window_rows * config.seq_len
+        carry = state.load_carry()
+        self.rows: dict[str, list[dict]] = carry["rows"]
+        self.pending: dict[str, list] = carry["pending"]
+        self.pending_tokens = {split: sum(len(d.tokens) for d in docs) for split, docs in self.pending.items()}
+
+    def add(self, split: str, doc) -> None:
+        doc.doc_id = self.state.next_doc_id
+        self.state.next_doc_id += 1
+        self.pending[split].append(doc)
+        self.state.stats.add_document(split, doc)
+        self.pending_tokens[split] += len(doc.tokens)
+        if self.pending_tokens[split] >= self.capacity:
+            self.flush(split, final=False)
+
+    def finish(self) -> None:
+        for split in SPLITS:
+            self.flush(split, final=True)
+
+    def flush(self, split: str, final: bool) -> None:
+        config = self.config
+        rows = self.rows[split]
+        if self.pending[split]:
+            packed = self._pack(self.pending[split])
+            if split == "train" and self.vl:
+                vision, text = _row_counts(packed)
+                salt = self.state.next_doc_id
+                packed = [packed[i] for i in balance_order(vision, text, config.balance.group_rows, salt)]
+            rows = rows + packed
+        keep = len(rows) if final else len(rows) - len(rows) % config.rows_per_shard
+        rows, self.rows[split] = rows[:keep], rows[keep:]
+        self.pending[split], self.pending_tokens[split] = [], 0
+        if rows:
+            first = len(self.state.shards[split])
+            with formats.ShardWriter(str(self.work / split), config.rows_per_shard, first_shard=first) as writer:
+                for row in rows:
+                    writer.write(row)
+            infos = writer.infos
+            self.state.shards[split] += [_info_dict(info) for info in infos]
+            vision, text = _row_counts(rows)
+            self.state.stats.add_rows(split, vision, text, config.seq_len, [info.rows for info in infos], config)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.state.save({"rows": self.rows, "pending": self.pending})
+
+    def _pack(self, docs: list) -> list[dict]:
+        """One best-fit-decreasing window over exactly these documents."""
+        tokens = max(sum(len(d.tokens) for d in docs), self.config.seq_len)
+        windows = pack_windows(
+            docs, self.config.seq_len, window_tokens=tokens, vl=self.vl, patch_dim=self.patch_dim, pad_id=PAD_ID
+        )
+        return [row for window in windows for row in window.rows]
+
+
+def _row_counts(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(vision tokens, text tokens) per row."""
+    vision = np.array([int((r["modality_ids"] == 1).sum()) for r in rows], dtype=np.int64)
+    real = np.array([int((r["document_ids"] >= 0).sum()) for r in rows], dtype=np.int64)
+    return vision, real - vision
+
+
+def _info_dict(info) -> dict:
+    return dict(asdict(info)) if hasattr(info, "__dataclass_fields__") else dict(info)
 
 
 def _summary(stats: dict) -> str:
     sources = ", ".join(f"{v['tokens']:,} {k}" for k, v in stats["sources"].items())
+    modalities = stats["modalities"]
     return (
-        f"{stats['documents']:,} documents -> {stats['tokens']:,} tokens ({sources}) in "
+        f"{stats['documents']:,} documents -> {stats['tokens']:,} tokens ({sources}; "
+        f"{modalities.get('vision', {}).get('tokens', 0):,} vision) in "
         f"{stats['splits']['train']['rows']:,}+{stats['splits']['val']['rows']:,} rows of {stats['seq_len']} "
         f"({stats['packing_efficiency']:.1%} packed), vocab {stats['tokenizer_vocab_size']}, "
         f"{stats['records']['sft_train']} SFT / {stats['records']['preferences_train']} pref / "

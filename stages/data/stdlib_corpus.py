@@ -37,7 +37,22 @@ TOPIC_CHUNK_CHARS = 800
 
 
 def stdlib_documents() -> list[str]:
-    """Every usable, deduplicated stdlib document, in a fixed order."""
+    """Every usable, deduplicated stdlib document, in a fixed order.
+
+    Walked in a fresh interpreter: modules grow attributes when other libraries touch them
+    (concurrent.futures loads its executors lazily, for one), so the walk in a process that has
+    imported Ray would differ from one in a process that has not.
+    """
+    import json
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-I", __file__], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "0"}
+    )
+    return json.loads(result.stdout)
+
+
+def _walk() -> list[str]:
     seen: set[str] = set()
     documents: list[str] = []
     with warnings.catch_warnings():  # deprecated aliases (typing.io, ...) warn when touched
@@ -107,3 +122,9 @@ def _getdoc(obj) -> str:
 def python_version() -> str:
     """Recorded in stats.json: the corpus is a function of the Python version."""
     return ".".join(map(str, sys.version_info[:3]))
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(_walk()))

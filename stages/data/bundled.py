@@ -1,0 +1,73 @@
+"""The bundled corpus (built on the machine, DESIGN §9) as raw records, plus the post-training sets.
+
+Real text comes from the stdlib docs, generated arithmetic teaches a skill whose held-out
+questions measure learning, and generated scenes (shapes, colours, positions) give images
+whose captions and answers are known. Every part draws from its own seeded stream, so
+changing one count never reshuffles the others.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from . import arithmetic, scenes
+from .config import Config, SourceConfig
+from .corpus import holdout_split, sample_documents
+from .sources import RawRecord
+from .stdlib_corpus import stdlib_documents
+
+
+@dataclass
+class BundledCorpus:
+    records: dict[str, list[RawRecord]] = field(default_factory=dict)
+    """Raw records per bundled source name."""
+    sets: dict[str, list[dict]] = field(default_factory=dict)
+    """Post-training and eval records by relative path (sft/, preferences/, tasks/)."""
+    held_out: list[arithmetic.Fact] = field(default_factory=list)
+
+
+def rng(seed: int, purpose: str) -> random.Random:
+    return random.Random(f"{seed}:{purpose}")
+
+
+def bundled_corpus(config: Config, seed: int) -> BundledCorpus:
+    stdlib = sample_documents(stdlib_documents(), config.max_documents, rng(seed, "stdlib"))
+    facts = arithmetic.all_facts(config.max_operand)
+    seen_in_docs = arithmetic.facts_in_text("\n".join(stdlib))  # such facts can never be held out
+    held_out, train_facts = arithmetic.split_facts(facts, config.eval_tasks, seen_in_docs, rng(seed, "eval"))
+    corpus = BundledCorpus(held_out=held_out, sets=_post_training_sets(config, train_facts, held_out, seed))
+    for source in config.sources:
+        if source.kind == "stdlib":
+            corpus.records[source.name] = _text_records(source, stdlib)
+        elif source.kind == "arithmetic":
+            texts = arithmetic.arithmetic_documents(train_facts, config.arithmetic_documents, rng(seed, "arithmetic"))
+            corpus.records[source.name] = _text_records(source, texts)
+        elif source.kind == "scenes":
+            generated = scenes.generate_scenes(config.scenes, rng(seed, "scenes"))
+            documents = scenes.scene_documents(generated, rng(seed, "scene-documents"))
+            corpus.records[source.name] = [
+                RawRecord(source.name, f"{source.name}:#{i}", [_segment(s) for s in doc])
+                for i, doc in enumerate(documents)
+            ]
+    return corpus
+
+
+def _text_records(source: SourceConfig, texts: list[str]) -> list[RawRecord]:
+    unique = list(dict.fromkeys(texts))
+    return [RawRecord(source.name, f"{source.name}:#{i}", [("text", text)]) for i, text in enumerate(unique)]
+
+
+def _segment(segment: dict) -> tuple[str, object]:
+    return ("image", segment["image"]) if segment["type"] == "image" else ("text", segment["text"])
+
+
+def _post_training_sets(config: Config, train_facts, held_out, seed: int) -> dict[str, list[dict]]:
+    """{relative path: records} for sft/, preferences/ (training facts) and tasks/ (held-out facts)."""
+    sft = arithmetic.sft_examples(train_facts, config.sft_examples, rng(seed, "sft"))
+    preferences = arithmetic.preference_pairs(train_facts, config.preference_pairs, rng(seed, "preferences"))
+    sets = {}
+    for name, records in (("sft", sft), ("preferences", preferences)):
+        sets[f"{name}/train.jsonl"], sets[f"{name}/val.jsonl"] = holdout_split(records, config.val_fraction)
+    sets["tasks/val.jsonl"] = arithmetic.eval_tasks(held_out, rng(seed, "tasks"))
+    return sets
