@@ -79,3 +79,66 @@ def test_unwritable_bucket_is_a_clear_error(tmp_path, s3_env):
     )
     assert result.returncode == 2
     assert "artifacts.root=s3://no-such-bucket/x is not writable" in result.stderr
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (56, 56), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 99, 199)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_data_stage_reads_sources_from_s3_counts_corrupt_inputs_and_writes_shards_to_s3(tmp_path, s3_env):
+    import json
+
+    env, fs = s3_env
+    texts = [json.dumps({"text": f"document {i}: the quick brown fox jumps over {i} lazy dogs."}) for i in range(300)]
+    lines = [t.encode() for t in texts[:150]] + [b'{"text": "caf\xe9 au lait"}'] + [t.encode() for t in texts[150:]]
+    fs.pipe("ernie-test/src/web/part-0.jsonl", b"\n".join(lines) + b"\n")
+    captions = []
+    for i in range(60):
+        fs.pipe(f"ernie-test/src/caps/img/{i}.png", _png((4 * i, 100, 200 - 3 * i)))
+        captions.append({"image": f"img/{i}.png", "text": f"a square of colour number {i}"})
+    fs.pipe("ernie-test/src/caps/img/truncated.jpg", _jpeg()[:300])
+    captions += [{"image": "img/truncated.jpg", "text": "cut short"}, {"image": "img/absent.png", "text": "gone"}]
+    fs.pipe("ernie-test/src/caps/index.jsonl", "\n".join(json.dumps(c) for c in captions).encode() + b"\n")
+    fs.pipe("ernie-test/src/empty/none.jsonl", b"")
+    sources = (
+        "data.sources=[{name:web,kind:jsonl,path:s3://ernie-test/src/web/,weight:0.8},"
+        "{name:caps,kind:image-text,path:s3://ernie-test/src/caps/index.jsonl,weight:0.2},"
+        "{name:empty,kind:jsonl,path:s3://ernie-test/src/empty/,weight:0.1}]"
+    )
+    words = ["run", "conf=tiny", "model=tiny_vl", "model.vocab_size=1024", "quantize.group_size=16"]
+    words.append("artifacts.root=s3://ernie-test/vl")
+    result = pipeline(tmp_path, *words, sources, "until=data", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (stats_path,) = fs.glob("ernie-test/vl/data/*/stats.json")
+    stats = json.loads(fs.cat_file(stats_path))
+    assert stats["errors"]["web"]["counts"] == {"bad_utf8": 1}
+    assert "part-0.jsonl:line 151" in stats["errors"]["web"]["examples"][0]
+    assert stats["errors"]["caps"]["counts"] == {"bad_image": 1, "missing_file": 1}
+    assert stats["errors"]["empty"]["counts"] == {"empty_source": 1}
+    assert stats["modalities"]["vision"]["tokens"] > 0 and stats["modalities"]["vision"]["images"] >= 60
+    for name in ("web", "caps"):  # weights renormalised over the sources that have documents
+        assert abs(stats["mixture"][name]["realised"] - {"web": 0.8, "caps": 0.2}[name]) < 0.02
+    directory = stats_path.rsplit("/", 1)[0]
+    index = json.loads(fs.cat_file(f"{directory}/train/index.json"))
+    assert index["schema_version"] == 2 and "pixel_values" in index["fields"]
+    assert len(fs.glob(f"{directory}/train/shard-*.tar")) == len(index["shards"])
+
+    failing = pipeline(tmp_path, *words, sources, "data.on_error=fail", "until=data", env=env)
+    assert failing.returncode == 2
+    assert "part-0.jsonl:line 151" in failing.stderr and "UTF-8" in failing.stderr
