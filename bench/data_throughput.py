@@ -34,6 +34,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ernie import get_preset  # noqa: E402
@@ -54,6 +56,8 @@ PACK_SEQ_LENS = (4096, 128)
 """ERNIE 4.5's pretraining length and the tiny presets' length."""
 ENCODE_BATCH = 64
 """Rows per `encode_batch` call, as `stages.data.dataflow` asks Ray Data for."""
+TOKENIZE_BATCH = 1024
+"""Texts per HF `encode_batch` call in the tokenizer-only figure (64 or all at once differ by < 10%)."""
 PROFILE_POINTS = {
     "bundled corpus + post-training sets": ("", ("bundled_corpus", "write_jsonl")),
     "tokenizer: sample texts (Ray read)": ("dataflow.py", ("sample_texts",)),
@@ -116,20 +120,40 @@ def write_corpus(directory: Path, target_tokens: int, files: int, seed: int, rat
 
 
 # ---------------------------------------------------------------------- whole stage
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and all below it (Ray's GCS, raylet and workers).
+
+    Robust to other load on a shared machine, unlike wall time; a worker that exits mid-step takes
+    its seconds with it, so this can only undercount.
+    """
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
 class StepClock(Progress):
-    """The stage's progress, plus the time each step ended (the stage advances `done` once per step)."""
+    """The stage's progress, plus wall and CPU time at each step's end (the stage advances `done` once per step)."""
 
     def set_total(self, total: int, message: str = "") -> None:
         super().set_total(total, message)
-        self.marks = [(time.perf_counter(), message)]
+        self.marks = [(time.perf_counter(), cpu_seconds(), message)]
 
     def update(self, n: int = 1, message: str | None = None) -> None:
         super().update(n, message)
         if n:
-            self.marks.append((time.perf_counter(), message))
+            self.marks.append((time.perf_counter(), cpu_seconds(), message))
 
-    def step_seconds(self) -> dict[str, float]:
-        return {name: round(t1 - t0, 3) for (t0, name), (t1, _) in zip(self.marks, self.marks[1:], strict=False)}
+    def steps(self) -> dict[str, dict]:
+        return {
+            name: {"wall_s": round(t1 - t0, 3), "cpu_s": round(c1 - c0, 3)}
+            for (t0, c0, name), (t1, c1, _) in zip(self.marks, self.marks[1:], strict=False)
+        }
 
 
 def stage_config(corpus: Path, args) -> Config:
@@ -146,29 +170,53 @@ def run_whole_stage(config: Config, out_dir: Path, profile_path: Path | None) ->
     clock = StepClock()
     ctx = StageContext("data", config, model, {}, out_dir, progress=clock, seed=0)
     profiler = cProfile.Profile() if profile_path else None
-    start = time.perf_counter()
+    load_before, cpu_before, start = os.getloadavg(), cpu_seconds(), time.perf_counter()
     if profiler:
         profiler.enable()
     run_stage(ctx)
     if profiler:
         profiler.disable()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu_before
     stats = json.loads((out_dir / "stats.json").read_text())
+    steps = clock.steps()
     record = {
         "wall_s": round(wall, 3),
-        "steps_s": clock.step_seconds(),
+        "cpu_s": round(cpu, 3),
+        "steps": steps,
+        "wall_s_without_tokenizer_step": round(wall - steps["tokenizer"]["wall_s"], 3),
         "documents": stats["documents"],
         "tokens": stats["tokens"],
         "rows": stats["rows"],
         "seq_len": stats["seq_len"],
         "packing_efficiency": round(stats["packing_efficiency"], 5),
         "tokens_per_s": round(stats["tokens"] / wall),
+        "tokens_per_cpu_s": round(stats["tokens"] / cpu),
+        "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "profiled": profiler is not None,
     }
     if profiler:
         profiler.dump_stats(profile_path)
         record["profile"] = profile_summary(pstats.Stats(profiler))
     return record
+
+
+def measure_stage(config: Config, out_dir: Path, corpus_bytes: int, profile_path: Path | None) -> dict:
+    """The whole-stage record with per-core rates (Ray is started first, its start-up timed apart)."""
+    from stages.training.launch import ensure_ray
+
+    _, ray_init_s = timed(ensure_ray)
+    stage = run_whole_stage(config, out_dir, profile_path)
+    cores, cores_from = ray_cores()
+    return stage | {
+        "cores": cores,
+        "cores_from": cores_from,
+        "ray_init_s": round(ray_init_s, 3),
+        "tokens_per_s_per_core": round(stage["tokens_per_s"] / cores),
+        "tokens_per_s_per_core_without_tokenizer_step": round(
+            stage["tokens"] / stage["wall_s_without_tokenizer_step"] / cores
+        ),
+        "bytes_per_s_per_core": round(corpus_bytes / stage["wall_s"] / cores),
+    }
 
 
 def ray_cores() -> tuple[float, str]:
@@ -231,8 +279,10 @@ def tokenizer_only(tokenizer_json: str, texts: list[str], threads_one: bool) -> 
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
     single_thread_tokenizers(threads_one)
-    encoded, seconds = timed(tokenizer.encode_batch, texts, False)
-    tokens = sum(len(e.ids) for e in encoded)
+    tokens, start = 0, time.perf_counter()
+    for at in range(0, len(texts), TOKENIZE_BATCH):
+        tokens += sum(len(e.ids) for e in tokenizer.encode_batch(texts[at : at + TOKENIZE_BATCH], False))
+    seconds = time.perf_counter() - start
     return {
         "threads": 1 if threads_one else "all",
         "seconds": round(seconds, 3),
@@ -368,8 +418,14 @@ def print_table(report: dict) -> None:
         f"{stage['wall_s']:.1f} s = {stage['tokens_per_s']:,} tokens/s = {stage['tokens_per_s_per_core']:,} "
         f"tokens/s/core; packed {stage['packing_efficiency']:.2%} at seq_len {stage['seq_len']}"
     )
-    for name, seconds in stage["steps_s"].items():
-        print(f"  {name:28s} {seconds:9.2f} s")
+    print(
+        f"  {stage['cpu_s']:.1f} CPU s (this process + Ray) = {stage['tokens_per_cpu_s']:,} tokens per CPU s; "
+        f"without the tokenizer step {stage['tokens_per_s_per_core_without_tokenizer_step']:,} tokens/s/core; "
+        f"load average {stage['load_average_1min']}"
+    )
+    print(f"  {'step':28s} {'wall s':>9s} {'CPU s':>9s}")
+    for name, step in stage["steps"].items():
+        print(f"  {name:28s} {step['wall_s']:9.2f} {step['cpu_s']:9.2f}")
     print(f"\n{'one core, in process':48s} {'seconds':>9s} {'tokens/s':>12s}")
     for step in report["pieces"]["steps"]:
         print(f"{step['step']:48s} {step['seconds']:9.2f} {step['tokens_per_s']:12,}")
@@ -412,18 +468,9 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = chars_per_token(args.vocab_size)
         corpus = write_corpus(scratch / "corpus", int(args.tokens), args.files, args.seed, ratio)
         corpus |= {"target_tokens": int(args.tokens), "estimated_chars_per_token": round(ratio, 3)}
-        from stages.training.launch import ensure_ray
-
-        _, ray_init_s = timed(ensure_ray)
         config = stage_config(scratch / "corpus", args)
         profile_path = out.with_suffix(".prof") if args.profile else None
-        stage = run_whole_stage(config, scratch / "dataset", profile_path)
-        cores, cores_from = ray_cores()
-        stage |= {"cores": cores, "cores_from": cores_from, "ray_init_s": round(ray_init_s, 3)}
-        stage |= {
-            "tokens_per_s_per_core": round(stage["tokens_per_s"] / cores),
-            "bytes_per_s_per_core": round(corpus["bytes"] / stage["wall_s"] / cores),
-        }
+        stage = measure_stage(config, scratch / "dataset", corpus["bytes"], profile_path)
         model = get_preset("tiny_dense").replace(vocab_size=config.vocab_size)
         pieces = run_pieces(scratch / "corpus", scratch / "dataset", config, model, scratch)
     report = {

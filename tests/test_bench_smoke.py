@@ -24,3 +24,20 @@ def test_model_step_smoke_writes_both_implementations(tmp_path):
         ("tiny-moe", "hf-transformers"),
     }
     assert all(r["tokens_per_s"] > 0 for r in report["records"])
+
+
+def test_data_throughput_smoke_measures_the_stage_both_packers_and_the_tokenizer(tmp_path):
+    out = tmp_path / "data_throughput.json"
+    subprocess.run(
+        [sys.executable, "bench/data_throughput.py", "--smoke", "--out", str(out)], cwd=ROOT, check=True, timeout=300
+    )
+    report = json.loads(out.read_text())
+    stage, pieces = report["stage"], report["pieces"]
+    assert stage["cores"] >= 1 and stage["tokens_per_s_per_core"] > 0
+    assert 0 < stage["packing_efficiency"] <= 1
+    assert pieces["tokens"] == stage["tokens"]  # the one-core pieces ran on the stage's own documents
+    packers = {(r["seq_len"], r["packer"].split(":")[0]): r for r in pieces["packing"]}
+    assert set(packers) == {(seq, side) for seq in (4096, 128) for side in ("ours", "baseline")}
+    assert all(r["tokens"] == pieces["tokens"] for r in packers.values())  # every token packed exactly once
+    assert all(packers[seq, "ours"]["efficiency"] >= packers[seq, "baseline"]["efficiency"] for seq in (4096, 128))
+    assert all(t["tokens_per_s"] > 0 for t in pieces["tokenizer"])

@@ -17,7 +17,7 @@ def test_greedy_generation_matches_hf_generate(preset, tmp_path):
     model = ErnieForCausalLM(get_preset(preset)).eval()
     save_pretrained(model, tmp_path)
     hf, _ = load_hf(tmp_path)
-    prompt = torch.randint(3, model.config.vocab_size, (2, 7))
+    prompt = torch.randint(11, model.config.vocab_size, (2, 7))
     ours = generate(model, prompt, max_new_tokens=12, eos_token_id=-1)
     theirs = hf.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(ours, theirs[:, prompt.shape[1] :])
@@ -26,8 +26,8 @@ def test_greedy_generation_matches_hf_generate(preset, tmp_path):
 def test_left_padded_batch_generates_what_each_prompt_generates_alone():
     torch.manual_seed(0)
     model = ErnieForCausalLM(get_preset("tiny_moe")).eval()
-    long = torch.randint(3, 500, (1, 9))
-    short = torch.randint(3, 500, (1, 5))
+    long = torch.randint(11, 500, (1, 9))
+    short = torch.randint(11, 500, (1, 5))
     pad = model.config.pad_token_id
     batch = torch.cat([long, torch.cat([torch.full((1, 4), pad), short], dim=1)])
     mask = torch.ones_like(batch)
@@ -40,7 +40,7 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone():
 def test_rows_stop_at_eos_and_are_padded():
     torch.manual_seed(0)
     model = ErnieForCausalLM(get_preset("tiny_dense")).eval()
-    prompt = torch.randint(3, 500, (1, 4))
+    prompt = torch.randint(11, 500, (1, 4))
     free = generate(model, prompt, max_new_tokens=5, eos_token_id=-1)[0]
     stop_at = int(free[1])  # pretend the second generated token is the end of sentence
     stopped = generate(model, prompt, max_new_tokens=5, eos_token_id=stop_at)[0]

@@ -229,7 +229,7 @@ def _model_out(name: str, **loss_changes):
     cfg.initializer_range = 0.1
     model = ErnieForCausalLM(cfg)
     model.init_weights(0)
-    ids = torch.randint(3, 400, (2, 12), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(11, 400, (2, 12), generator=torch.Generator().manual_seed(5))
     return model(ids, labels=ids)
 
 

@@ -33,9 +33,9 @@ def make_model(name: str, seed: int = 0, std: float = 0.1) -> ErnieForCausalLM:
 
 
 def random_text(n: int, seed: int, batch: int = 1) -> torch.Tensor:
-    """Token ids that are never special tokens (tiny_vl's vision ids are 500..505)."""
+    """Token ids that are never special tokens (tiny_vl's vision ids are 5..10)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 400, (batch, n), generator=g)
+    return torch.randint(11, 400, (batch, n), generator=g)
 
 
 def image_prompt(cfg, h: int, w: int, before: list[int], after: list[int], seed: int = 0):
@@ -111,7 +111,7 @@ def test_vl_cached_decoding_after_image_prefill(prefill_len):
     """Prefill holds the image (3D positions); decode continues from cache.next_position."""
     model = make_model("tiny_vl")
     cfg = model.config
-    ids, pixels, grid = image_prompt(cfg, 4, 6, before=[7, 8, 9, 10], after=list(range(20, 27)))
+    ids, pixels, grid = image_prompt(cfg, 4, 6, before=[17, 18, 19, 12], after=list(range(20, 27)))
     ids = ids[None]  # 4 text, start, 6 image, end, 7 text = 19 tokens; image end at index 11
     full = model(ids, pixel_values=pixels, image_grid_thw=grid).logits
     # the 3D positions matter: 1D positions give other logits
@@ -130,7 +130,7 @@ def test_vl_cached_decoding_after_image_prefill(prefill_len):
 def test_vl_left_padded_batch_with_images_decodes_like_each_row_alone():
     model = make_model("tiny_vl")
     cfg = model.config
-    a, pa, ga = image_prompt(cfg, 4, 4, before=[7, 8], after=[9], seed=1)
+    a, pa, ga = image_prompt(cfg, 4, 4, before=[17, 18], after=[19], seed=1)
     b, pb, gb = image_prompt(cfg, 2, 4, before=[], after=[11], seed=2)
     steps = random_text(3, seed=5, batch=2)
     P = len(a)
@@ -171,7 +171,7 @@ def test_cached_decoding_after_packed_prefill_continues_the_last_document():
 
 # ================================================================ grouped vs loop experts
 def _vl_batch(cfg, seed=0):
-    a, pa, ga = image_prompt(cfg, 4, 4, before=[7, 8, 9], after=[10, 11, 12, 13], seed=seed)
+    a, pa, ga = image_prompt(cfg, 4, 4, before=[17, 18, 19], after=[20, 11, 12, 13], seed=seed)
     return dict(input_ids=a[None], pixel_values=pa, image_grid_thw=ga, labels=a[None])
 
 
@@ -353,7 +353,7 @@ def test_packed_documents_equal_separate_documents(name):
 def test_packed_vl_documents_with_image_equal_separate_documents():
     model = make_model("tiny_vl")
     cfg = model.config
-    doc_a, pixels, grid = image_prompt(cfg, 4, 4, before=[7, 8], after=[9, 10], seed=3)
+    doc_a, pixels, grid = image_prompt(cfg, 4, 4, before=[17, 18], after=[19, 20], seed=3)
     doc_b = random_text(6, seed=10)[0]
     packed = torch.cat([doc_b, doc_a])[None]  # the image sits in the second document
     document_ids = torch.tensor([[0] * len(doc_b) + [1] * len(doc_a)])

@@ -95,7 +95,7 @@ def assert_loaded_cleanly(info: dict) -> None:
 
 def text_ids(cfg: ErnieConfig, batch: int = 2, length: int = 12) -> torch.Tensor:
     torch.manual_seed(123)
-    return torch.randint(3, min(cfg.vocab_size, 500), (batch, length))  # tiny_vl's 500..505 are vision ids
+    return torch.randint(11, min(cfg.vocab_size, 500), (batch, length))  # tiny_vl ids 5..10 are vision tokens
 
 
 def vl_inputs(cfg: ErnieConfig) -> dict[str, torch.Tensor]:
@@ -105,7 +105,7 @@ def vl_inputs(cfg: ErnieConfig) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
 
     def text(n: int) -> list[int]:
-        return torch.randint(3, 500, (n,), generator=g).tolist()
+        return torch.randint(11, 500, (n,), generator=g).tolist()
 
     def image(h: int, w: int) -> list[int]:
         return [cfg.image_start_token_id] + [cfg.image_token_id] * (h * w // 4) + [cfg.image_end_token_id]
