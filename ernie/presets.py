@@ -126,7 +126,7 @@ def tiny_vl() -> ErnieConfig:
             num_shared_experts=1,
             layer_start=1,
             vision_num_experts=8,
-            vision_intermediate_size=16,
+            vision_intermediate_size=32,
         ),
         vision=VisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=14),
         mrope_section=(3, 3, 2),

@@ -7,8 +7,9 @@ then patches flattened block-major with each patch's pixels in (C, P, P) order. 
 image the processor's temporal patch size is 1 (a patch is C*P*P values); the model's adapter
 pairs the single frame with itself.
 
-Shards store the resized pixels as uint8 patches (4x smaller than float32); `normalize_patches`
-turns them into the processor's float output when a batch is loaded.
+Shards store the resized pixels as uint8 patches (4x smaller than float32); normalisation
+turns them into the processor's float output when a batch is loaded
+(`ernie.batching.normalize_pixels`, the model's input contract).
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ import io
 import math
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
+from ernie.batching import PIXEL_MEAN, PIXEL_STD, normalize_pixels
 from ernie.config import VisionConfig
 
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_MEAN = PIXEL_MEAN
 """OpenAI CLIP per-channel mean (RGB), the processor's `image_mean`."""
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_STD = PIXEL_STD
 """OpenAI CLIP per-channel std (RGB), the processor's `image_std`."""
-RESCALE_FACTOR = 1 / 255
+normalize_patches = normalize_pixels
+"""uint8 patches -> the processor's float `pixel_values` (defined with the model's input contract)."""
 MAX_ASPECT_RATIO = 200
 """smart_resize refuses images whose long side is more than 200 times the short side."""
 
@@ -110,24 +112,6 @@ def image_to_patches(
     # (block row, block col, row in block, col in block, C, P, P): a merge x merge block is consecutive
     patches = blocks.transpose(1, 4, 2, 5, 0, 3, 6).reshape(grid_h * grid_w, C * P * P)
     return np.ascontiguousarray(patches), (1, grid_h, grid_w)
-
-
-def normalize_patches(patches_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """float32 (x/255 - mean) / std per channel of uint8 patches [n, C*P*P] (channel-major inside a patch).
-
-    The rescale runs in float64 and is cast to float32 before the mean / std step, the order
-    the HF processor uses, so the result equals its `pixel_values` to the last bit in practice.
-    """
-    patches = torch.as_tensor(patches_uint8)
-    C = len(IMAGE_MEAN)
-    if patches.dtype != torch.uint8:
-        raise ValueError(f"patches must be uint8 raw pixels, got {patches.dtype}")
-    if patches.dim() != 2 or patches.shape[1] % C:
-        raise ValueError(f"patches must be [n_patches, {C}*P*P], got shape {tuple(patches.shape)}")
-    scaled = (patches.to(torch.float64) * RESCALE_FACTOR).to(torch.float32).view(patches.shape[0], C, -1)
-    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32).view(1, C, 1)
-    std = torch.tensor(IMAGE_STD, dtype=torch.float32).view(1, C, 1)
-    return ((scaled - mean) / std).reshape(patches.shape)
 
 
 def image_token_count(grid: tuple[int, int, int], vision: VisionConfig) -> int:

@@ -12,6 +12,7 @@ greedy answer, text before the end-of-sentence token, stripped, exact match) and
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 from ernie.evaluation import perplexity, val_loss
 from ernie.quant import is_quantized_dir, load_model
 from pipeline.contract import Resources, StageContext, StageResult, UserError
-from pipeline.formats import TOKENIZER_FILE, load_rows, read_jsonl
+from pipeline.formats import TOKENIZER_FILE, iter_rows, read_jsonl
 
 from .metrics import accuracy_by_task, balanced_items, task_predictions
 
@@ -61,12 +62,10 @@ def find_tokenizer(*dirs: Path) -> Path:
 def evaluate(model, tokenizer, dataset_dir: Path, cfg: Config) -> tuple[dict[str, float], dict]:
     """(metrics, details) of `model` on the dataset's val rows and task items."""
     t0 = time.perf_counter()
-    rows = load_rows(dataset_dir / "val")
-    if cfg.max_rows:
-        rows = {k: v[: cfg.max_rows] for k, v in rows.items()}
+    rows = list(itertools.islice(iter_rows(dataset_dir / "val"), cfg.max_rows or None))
     loss, tokens = val_loss(model, rows, cfg.batch_size)
     metrics = {"val_loss": loss, "val_ppl": perplexity(loss)}
-    details: dict = {"val_rows": int(len(rows["input_ids"])), "val_tokens": tokens}
+    details: dict = {"val_rows": len(rows), "val_tokens": tokens}
     tasks_path = dataset_dir / TASKS_FILE
     if tasks_path.is_file():
         items = balanced_items(read_jsonl(tasks_path), cfg.max_items)

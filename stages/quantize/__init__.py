@@ -12,6 +12,7 @@ per-layer weight reconstruction error) and `quant_error.png`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import time
@@ -25,7 +26,7 @@ from ernie.checkpoint import load_pretrained
 from ernie.evaluation import perplexity, val_loss
 from ernie.quant import save_quantized
 from pipeline.contract import Resources, StageContext, StageResult, UserError
-from pipeline.formats import TOKENIZER_FILE, load_rows
+from pipeline.formats import TOKENIZER_FILE, iter_rows
 
 from .quality import plot_layer_errors, save_figure
 from .rtn import SCALE_DTYPES, input_dims, quantization_targets, quantize_model_rtn
@@ -103,9 +104,7 @@ def run(ctx: StageContext) -> StageResult:
 
     model = load_pretrained(ckpt_dir).eval()
     check_group_size(model, cfg)
-    rows = load_rows(dataset_dir / "val")
-    if cfg.eval_rows:
-        rows = {k: v[: cfg.eval_rows] for k, v in rows.items()}
+    rows = list(itertools.islice(iter_rows(dataset_dir / "val"), cfg.eval_rows or None))
     targets = quantization_targets(model, cfg.skip)
     if not targets:
         raise UserError(f"quantize.skip={cfg.skip} leaves no layer to quantize")
@@ -168,7 +167,7 @@ def run(ctx: StageContext) -> StageResult:
         # timings stay out of the file: same inputs, same artifact bytes
         **{k: v for k, v in metrics.items() if k not in quant_config and k != "quantize_seconds"},
         "eval_tokens": n_tokens,
-        "eval_rows": int(len(rows["input_ids"])),
+        "eval_rows": len(rows),
         "layers": [asdict(s) for s in stats],
     }
     (out / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
