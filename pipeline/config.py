@@ -150,8 +150,10 @@ def validate(cfg: PipelineConfig) -> None:
             f"data.vocab_size={cfg.data.vocab_size} must equal model.vocab_size={cfg.model.vocab_size} "
             "(the tokenizer the data stage trains is the model's vocabulary)"
         )
+    from stages.data.config import IMAGE_KINDS
+
     if cfg.data.has_images and cfg.model.vision is None:
-        kinds = sorted({s.kind for s in cfg.data.sources if s.kind in ("scenes", "image-text", "interleaved")})
+        kinds = sorted({s.kind for s in cfg.data.sources if s.kind in IMAGE_KINDS})
         raise UserError(
             f"data.sources has image sources ({', '.join(kinds)}) but model {cfg.model.name} has no vision encoder; "
             "use a VL model (e.g. model=tiny_vl) or text-only sources"
@@ -189,10 +191,15 @@ def shrink_for_dry_run(cfg: PipelineConfig, overrides: list[str]) -> PipelineCon
     tiny = load("tiny", [o for o in overrides if not o.startswith("model.")])
     model = shrink(cfg.model).replace(vocab_size=tiny.data.vocab_size)
     posttrain = dataclasses.replace(tiny.posttrain, recipe=cfg.posttrain.recipe)
+    from stages.data.config import IMAGE_KINDS
+
+    data = tiny.data
+    if model.vision is None:  # a text model rehearses on the tiny mixture's text sources
+        data = dataclasses.replace(data, sources=[s for s in data.sources if s.kind not in IMAGE_KINDS])
     return dataclasses.replace(
         cfg,
         model=model,
-        data=tiny.data,
+        data=data,
         pretrain=tiny.pretrain,
         posttrain=posttrain,
         quantize=dataclasses.replace(tiny.quantize, bits=cfg.quantize.bits, method=cfg.quantize.method),

@@ -14,6 +14,8 @@ MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + BYTE_ALPHABET
 
 SOURCE_KINDS = ("stdlib", "arithmetic", "scenes", "jsonl", "parquet", "image-text", "interleaved", "webdataset")
 """The first three are the bundled corpus (built on the machine); the rest read files, local or s3://."""
+IMAGE_KINDS = ("scenes", "image-text", "interleaved")
+"""Kinds whose documents always carry images (webdataset samples may or may not)."""
 ON_ERROR = ("skip", "fail")
 
 
@@ -162,7 +164,7 @@ class Config:
     @property
     def has_images(self) -> bool:
         """Whether a source always carries images (webdataset shards may or may not)."""
-        return any(s.kind in ("scenes", "image-text", "interleaved") for s in self.sources)
+        return any(s.kind in IMAGE_KINDS for s in self.sources)
 
 
 def _require(ok: bool, name: str, value, why: str) -> None:

@@ -8,9 +8,11 @@ Best-fit decreasing, window by window (`pack_windows`):
      latest allowed position: never strictly inside an atomic range (an image block with its markers)
      or an image span, never just before an image placeholder, never where the three position axes
      differ. A piece therefore starts on a text token, whose (t, h, w) positions are equal.
-  3. Pieces are sorted longest first (ties: doc_id, then offset, so the result is deterministic) and
+  3. Pieces are taken longest first (ties: doc_id, then offset, so the result is deterministic) and
      each goes into the open row with the least room that still fits it, skipping rows that already
-     hold a piece of the same document (document masking would join the two); else a new row.
+     hold a piece of the same document (document masking would join the two). A piece that fits no
+     open row is cut at an allowed position so that its head fills the roomiest row with at least
+     FILL_MIN_TOKENS of room, and its tail goes back in line; only then does a new row open.
   4. Rows come out in the order they were opened; pieces inside a row in the order they were placed.
 
 Row format (what `ernie.positions`, `ernie.attention` and `ernie.losses` rely on):
@@ -33,6 +35,7 @@ on the three axes.
 
 from __future__ import annotations
 
+import heapq
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +49,10 @@ PLACEHOLDER = 1
 WINDOW_ROWS = 256
 """Default window, in rows of seq_len: each window loses about one row to its last, partly filled rows,
 so 64 rows reach ~98.5% on lognormal length mixes and 256 rows >= 99%."""
+
+FILL_MIN_TOKENS = 8
+"""Gaps of at least this many tokens are filled with the head of a cut piece (each cut costs the
+label of the tail's first token); smaller gaps stay padding."""
 
 Row = dict[str, np.ndarray]
 
@@ -133,7 +140,7 @@ def pack_windows(
     while window := _take_window(stream, window_tokens):
         consumed += len(window)
         pieces = [piece for doc in window for piece in split_document(doc, fmt)]
-        rows = [build_row(row, fmt) for row in best_fit_rows(pieces, seq_len)]
+        rows = [build_row(row, fmt) for row in best_fit_rows(pieces, seq_len, _CutCache(fmt))]
         yield PackedWindow(rows, consumed)
 
 
@@ -225,6 +232,18 @@ def split_document(doc: PackDocument, fmt: RowFormat) -> list[Piece]:
     return pieces
 
 
+class _CutCache:
+    """Allowed cuts per document of one window, computed when gap filling first asks."""
+
+    def __init__(self, fmt: RowFormat) -> None:
+        self.fmt, self.cuts = fmt, {}
+
+    def __call__(self, doc: PackDocument) -> np.ndarray:
+        if id(doc) not in self.cuts:
+            self.cuts[id(doc)] = _allowed_cuts(doc, _check_document(doc, self.fmt))
+        return self.cuts[id(doc)]
+
+
 def _allowed_cuts(doc: PackDocument, protected: list[tuple[int, int]]) -> np.ndarray:
     """Sorted token offsets c in (0, n] where a piece may end (and the next begin)."""
     n = len(doc.tokens)
@@ -303,13 +322,23 @@ def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 # ---------------------------------------------------------------------- placing and building
-def best_fit_rows(pieces: Sequence[Piece], seq_len: int) -> list[list[Piece]]:
-    """Pieces grouped into rows by best-fit decreasing (see the module docstring), rows in opening order."""
+def best_fit_rows(
+    pieces: Sequence[Piece], seq_len: int, cuts_of=None, fill_min: int = FILL_MIN_TOKENS
+) -> list[list[Piece]]:
+    """Pieces grouped into rows by best-fit decreasing (see the module docstring), rows in opening order.
+
+    Gap filling: a piece that fits no open row would open a new one; if `cuts_of(document)` gives
+    its allowed cuts, its head is cut to fill the roomiest open row with at least `fill_min` tokens
+    of room instead (rows that already hold the document are skipped), and the tail goes on.
+    """
     rows: list[list[Piece]] = []
     open_rooms: list[tuple[int, int]] = []  # (room left, row index), sorted: bisect finds the tightest fit
     rows_of_split_doc: dict[int, set[int]] = {}
     seen: set[tuple[int, int]] = set()
-    for piece in sorted(pieces, key=lambda p: (-p.length, p.document.doc_id, p.start)):
+    queue = [(-p.length, p.document.doc_id, p.start, p) for p in pieces]
+    heapq.heapify(queue)
+    while queue:
+        piece = heapq.heappop(queue)[3]
         doc_id = piece.document.doc_id
         if (doc_id, piece.start) in seen:
             raise ValueError(f"document {doc_id} appears twice in one window; doc_ids must be unique")
@@ -318,6 +347,14 @@ def best_fit_rows(pieces: Sequence[Piece], seq_len: int) -> list[list[Piece]]:
         slot = bisect_left(open_rooms, (piece.length, -1))
         while slot < len(open_rooms) and open_rooms[slot][1] in taken:
             slot += 1
+        if slot == len(open_rooms) and cuts_of is not None:
+            head = _fill_gap(piece, open_rooms, rows_of_split_doc.get(doc_id, ()), cuts_of, fill_min)
+            if head is not None:
+                slot, head_piece, tail = head
+                heapq.heappush(queue, (-tail.length, doc_id, tail.start, tail))
+                seen.discard((doc_id, piece.start))
+                seen.add((doc_id, head_piece.start))
+                piece = head_piece
         if slot == len(open_rooms):
             index, room = len(rows), seq_len
             rows.append([])
@@ -329,6 +366,26 @@ def best_fit_rows(pieces: Sequence[Piece], seq_len: int) -> list[list[Piece]]:
         if piece.length < len(piece.document.tokens):
             rows_of_split_doc.setdefault(doc_id, set()).add(index)
     return rows
+
+
+def _fill_gap(piece: Piece, open_rooms, holding, cuts_of, fill_min: int):
+    """(slot, head, tail): the piece cut so its head fills the roomiest usable open row, or None."""
+    cuts = cuts_of(piece.document)
+    for slot in range(len(open_rooms) - 1, -1, -1):  # roomiest first
+        room, index = open_rooms[slot]
+        if room < fill_min:
+            return None
+        if index in holding:
+            continue
+        # the latest allowed cut that fits the room, leaving a head of >= fill_min and a non-empty tail
+        at = np.searchsorted(cuts, piece.start + room, side="right") - 1
+        if at < 0:
+            return None
+        end = int(cuts[at])
+        if end - piece.start < fill_min or end >= piece.end:
+            return None
+        return slot, Piece(piece.document, piece.start, end), Piece(piece.document, end, piece.end)
+    return None
 
 
 def build_row(pieces: Sequence[Piece], fmt: RowFormat) -> Row:

@@ -34,7 +34,7 @@ from pipeline.formats import write_jsonl
 
 from . import arithmetic, dataflow
 from .bundled import bundled_corpus
-from .config import Config
+from .config import IMAGE_KINDS, Config
 from .encode import EncodeSpec
 from .mixture import MixtureState, interleave, realised, token_targets
 from .packing import balance_order, pack_windows
@@ -132,7 +132,7 @@ def _check_model(config: Config, model) -> None:
         )
     if config.has_images and (model is None or model.vision is None):
         name = getattr(model, "name", "none")
-        kinds = sorted({s.kind for s in config.sources if s.kind in ("scenes", "image-text", "interleaved")})
+        kinds = sorted({s.kind for s in config.sources if s.kind in IMAGE_KINDS})
         raise UserError(
             f"data.sources has image sources ({', '.join(kinds)}) but the model ({name}) has no vision encoder; "
             "use a VL model or text-only sources"
