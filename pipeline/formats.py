@@ -556,10 +556,16 @@ class ShardStream:
     others waiting in a collective); rows past it on ranks holding more are skipped this epoch
     only, as the next epoch deals the shards anew.
 
+    Units: with `unit_rows=u` each run of u consecutive rows of a shard (fewer at a shard's end)
+    is one buffer item, so its rows stay together and in order; the buffer then holds
+    ceil(shuffle_buffer / u) units. The data stage orders VL rows so that every
+    `data.balance.group_rows` consecutive rows have a balanced text:vision share, which a
+    row-level shuffle would undo.
+
     Resume: `start_row=k` (or `skip(k)`) yields exactly what the stream yields after its first k
-    rows. The buffer's draws depend on row positions only, never on contents, so they are
-    replayed without reading data (about a second per million rows); then only the shards holding
-    rows still buffered at k, and those after, are read.
+    rows, also when k falls inside a unit. The buffer's draws depend on unit positions only, never
+    on contents, so they are replayed without reading data (about a second per million units);
+    then only the shards holding units still buffered at k, and those after, are read.
     """
 
     def __init__(
@@ -571,6 +577,7 @@ class ShardStream:
         shuffle_buffer: int,
         epoch: int = 0,
         start_row: int = 0,
+        unit_rows: int = 1,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if world < 1 or not 0 <= rank < world:
@@ -578,8 +585,10 @@ class ShardStream:
         for name, value in (("shuffle_buffer", shuffle_buffer), ("epoch", epoch)):
             if value < 0:
                 raise ValueError(f"{name}={value} must not be negative")
+        if unit_rows < 1:
+            raise ValueError(f"unit_rows={unit_rows} must be at least 1")
         self.rank, self.world, self.seed, self.epoch = rank, world, seed, epoch
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.unit_rows = shuffle_buffer, unit_rows
         self._location = _Location.of(directory, storage_options)
         self.index = _read_index(self._location)
         n_shards = len(self.index.shards)
@@ -592,7 +601,8 @@ class ShardStream:
         self._dealt = [[self.index.shards[i] for i in order[r::world]] for r in range(world)]
         self.shards: tuple[ShardInfo, ...] = tuple(self._dealt[rank])
         """This worker's shards this epoch, in reading order."""
-        self._starts = [0, *itertools.accumulate(shard.rows for shard in self.shards)]
+        self._unit_starts = [0, *itertools.accumulate(-(-shard.rows // unit_rows) for shard in self.shards)]
+        """Index of each shard's first unit (and the unit count last)."""
         self.start_row = 0
         self._set_start(start_row)
 
@@ -624,34 +634,51 @@ class ShardStream:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         rng = random.Random(f"rows:{self.seed}:{self.epoch}:{self.rank}:{self.world}")
-        buffer = _ShuffleBuffer(self.shuffle_buffer, rng)
-        replay = buffer.stream((position, None) for position in range(self._starts[-1]))
-        for _ in range(self.start_row):
-            next(replay)
-        consumed = self.start_row + len(buffer.items)  # every row read so far was emitted or is buffered
-        buffered = self._fetch([position for position, _ in buffer.items])
-        buffer.items = [(position, buffered[position]) for position, _ in buffer.items]  # same order: same draws
-        for _, row in itertools.islice(buffer.stream(self._rows_from(consumed)), len(self)):
-            yield row
+        buffer = _ShuffleBuffer(-(-self.shuffle_buffer // self.unit_rows), rng)
+        replay = buffer.stream(range(self._unit_starts[-1]))
+        emitted_rows = emitted_units = last = 0
+        while emitted_rows < self.start_row:
+            last = next(replay)
+            emitted_rows += self._unit_size(last)
+            emitted_units += 1
+        pushed = emitted_units + len(buffer.items)  # every unit read so far was emitted or is buffered
+        overshoot = emitted_rows - self.start_row  # rows of the last emitted unit not yet yielded
+        fetched = self._fetch(list(buffer.items) + ([last] if overshoot else []))
+        head = fetched[last][len(fetched[last]) - overshoot :] if overshoot else []
+        buffer.items = [(unit, fetched[unit]) for unit in buffer.items]  # same order: same draws
+        rest = (row for _, rows in buffer.stream(self._units_from(pushed)) for row in rows)
+        yield from itertools.islice(itertools.chain(head, rest), len(self))
 
-    def _rows_from(self, position: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """(position, row) of this worker's rows from `position` on, reading shard by shard."""
-        for shard, start in zip(self.shards, self._starts, strict=False):
-            if start + shard.rows > position:
+    def _locate(self, unit: int) -> tuple[int, int, int]:
+        """(shard number, first row, end row) of `unit` within this worker's shards."""
+        k = bisect.bisect_right(self._unit_starts, unit) - 1
+        first = (unit - self._unit_starts[k]) * self.unit_rows
+        return k, first, min(first + self.unit_rows, self.shards[k].rows)
+
+    def _unit_size(self, unit: int) -> int:
+        _, first, end = self._locate(unit)
+        return end - first
+
+    def _units_from(self, unit: int) -> Iterator[tuple[int, list[dict[str, np.ndarray]]]]:
+        """(unit, rows) of this worker's units from `unit` on, reading shard by shard."""
+        for k, shard in enumerate(self.shards):
+            if self._unit_starts[k + 1] > unit:
                 rows = _read_shard(self._location, shard)
-                for offset in range(max(position - start, 0), shard.rows):
-                    yield start + offset, rows[offset]
+                for u in range(max(unit, self._unit_starts[k]), self._unit_starts[k + 1]):
+                    _, first, end = self._locate(u)
+                    yield u, rows[first:end]
 
-    def _fetch(self, positions: list[int]) -> dict[int, dict[str, np.ndarray]]:
-        """Rows at `positions`, reading only the shards that hold them."""
-        by_shard: dict[int, list[int]] = defaultdict(list)
-        for position in positions:
-            by_shard[bisect.bisect_right(self._starts, position) - 1].append(position)
-        rows = {}
+    def _fetch(self, units: list[int]) -> dict[int, list[dict[str, np.ndarray]]]:
+        """Rows of `units`, reading only the shards that hold them."""
+        by_shard: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+        for unit in units:
+            k, first, end = self._locate(unit)
+            by_shard[k].append((unit, first, end))
+        fetched = {}
         for k, wanted in by_shard.items():
             shard_rows = _read_shard(self._location, self.shards[k])
-            rows.update({position: shard_rows[position - self._starts[k]] for position in wanted})
-        return rows
+            fetched.update({unit: shard_rows[first:end] for unit, first, end in wanted})
+        return fetched
 
 
 class _ShuffleBuffer:

@@ -407,6 +407,58 @@ def test_skip_continues_exactly_where_the_full_stream_was(uneven_split, data):
     assert [row_id(r) for r in ShardStream(uneven_split, **args, start_row=k)] == full[k:]
 
 
+def units_of(ids: list[int], rows_per_shard: int, unit_rows: int, total_rows: int) -> list[list[int]]:
+    """Cut a stream of row ids into the units it must be made of (runs of `unit_rows` rows of a
+    shard of `rows_per_shard`, shorter at a shard's end); fails if a unit is split or reordered."""
+    units, at = [], 0
+    while at < len(ids):
+        shard, offset = divmod(ids[at], rows_per_shard)
+        assert offset % unit_rows == 0, f"row {ids[at]} starts no unit: {ids}"
+        shard_end = min((shard + 1) * rows_per_shard, total_rows)
+        unit = list(range(ids[at], min(ids[at] + unit_rows, shard_end)))
+        assert ids[at : at + len(unit)] == unit, f"unit {unit} was split: {ids}"
+        units.append(unit)
+        at += len(unit)
+    return units
+
+
+@pytest.mark.parametrize("unit_rows", [2, 3])
+def test_units_move_through_the_buffer_whole_and_in_order(uneven_split, unit_rows):
+    for seed in range(3):
+        ids = stream_ids(uneven_split, seed=seed, shuffle_buffer=6, unit_rows=unit_rows)
+        assert sorted(ids) == list(range(33))
+        units = units_of(ids, rows_per_shard=5, unit_rows=unit_rows, total_rows=33)
+        assert units != sorted(units), "the buffer shuffles the units"
+        assert {len(u) for u in units} <= {unit_rows, 5 % unit_rows, 3 % unit_rows or unit_rows}
+
+
+def test_a_unit_buffer_counts_rows(even_split):
+    # 8 rows of buffer = 2 units of 4: a unit leaves at most 2 units after it entered
+    ids = stream_ids(even_split, shuffle_buffer=8, unit_rows=4)
+    entered = [i // 4 for i in stream_ids(even_split, shuffle_buffer=0, unit_rows=4)[::4]]
+    left = [i // 4 for i in ids[::4]]
+    assert all(left.index(u) >= entered.index(u) - 2 for u in entered)
+    assert stream_ids(even_split, shuffle_buffer=1, unit_rows=4) != stream_ids(even_split, shuffle_buffer=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_skip_with_units_continues_exactly_also_inside_a_unit(uneven_split, data):
+    world = data.draw(st.integers(1, 3), label="world")
+    args = dict(
+        rank=data.draw(st.integers(0, world - 1), label="rank"),
+        world=world,
+        seed=data.draw(st.integers(0, 3), label="seed"),
+        shuffle_buffer=data.draw(st.integers(0, 12), label="buffer"),
+        epoch=data.draw(st.integers(0, 2), label="epoch"),
+        unit_rows=data.draw(st.integers(1, 6), label="unit_rows"),
+    )
+    full = [row_id(r) for r in ShardStream(uneven_split, **args)]
+    k = data.draw(st.integers(0, len(full)), label="k")
+    assert [row_id(r) for r in ShardStream(uneven_split, **args, start_row=k)] == full[k:]
+    assert [row_id(r) for r in ShardStream(uneven_split, **args).skip(k)] == full[k:]
+
+
 def test_resume_reads_only_the_shards_it_needs(even_split, monkeypatch):
     reads = []
     real = formats._read_shard
@@ -433,6 +485,8 @@ def test_bad_stream_arguments_are_errors(even_split):
         ShardStream(even_split, rank=0, world=1, seed=0, shuffle_buffer=4, start_row=33)
     with pytest.raises(ValueError, match=r"shuffle_buffer=-1"):
         ShardStream(even_split, rank=0, world=1, seed=0, shuffle_buffer=-1)
+    with pytest.raises(ValueError, match=r"unit_rows=0 must be at least 1"):
+        ShardStream(even_split, rank=0, world=1, seed=0, shuffle_buffer=4, unit_rows=0)
 
 
 def test_stream_reads_a_split_on_s3(s3_server):

@@ -145,6 +145,12 @@ class Config:
         _require(self.balance.group_rows >= 1, "balance.group_rows", self.balance.group_rows, "must be at least 1")
         _require(0 < self.balance.band <= 1, "balance.band", self.balance.band, "must lie in (0, 1]")
         _require(
+            self.rows_per_shard % self.balance.group_rows == 0,
+            "rows_per_shard",
+            self.rows_per_shard,
+            f"must be a multiple of data.balance.group_rows={self.balance.group_rows} (a micro-batch stays in a shard)",
+        )
+        _require(
             0 < self.image.min_pixels <= self.image.max_pixels,
             "image.min_pixels",
             self.image.min_pixels,

@@ -8,14 +8,14 @@ many nodes did the work. The stage's own process only mixes, packs and writes.
 from __future__ import annotations
 
 import pickle
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pipeline.contract import UserError
 from stages.training.launch import ensure_ray
 
-from .config import Config, SourceConfig
+from .config import SourceConfig
 from .encode import EncodeSpec, encode_batch
 from .sources import RawRecord, list_files, parse_file
 
@@ -32,6 +32,9 @@ def _data_context():
     ctx.execution_options.preserve_order = True  # determinism: documents in file order
     ctx.enable_progress_bars = False  # the stage reports its own progress
     ctx.print_on_execution_start = False
+    # Without this, Ray Data reserves CPUs per operator and on small machines runs one encode task
+    # at a time; the pipeline here is read -> parse -> encode, nothing to starve.
+    ctx.op_resource_reservation_enabled = False
     return ray.data
 
 
@@ -80,38 +83,58 @@ def scan(name: str, ds, on_error: str) -> SourceScan:
     result = SourceScan()
     if ds is None:
         return result
-    for row in ds.select_columns(["key", "error_kind", "error", "tokens", "vision_tokens"]).iter_rows():
-        if row["error_kind"]:
+    for batch in _batches(ds, ("key", "error_kind", "error", "tokens", "vision_tokens")):
+        kinds = batch["error_kind"]
+        ok = [i for i, kind in enumerate(kinds) if not kind]
+        result.documents += len(ok)
+        result.tokens += sum(batch["tokens"][i] for i in ok)
+        result.vision_tokens += sum(batch["vision_tokens"][i] for i in ok)
+        for i, kind in enumerate(kinds):
+            if not kind:
+                continue
+            where = f"{batch['key'][i]}: {batch['error'][i]}"
             if on_error == "fail":
-                raise UserError(f"data source {name!r}: {row['key']}: {row['error']} ({row['error_kind']})")
-            result.errors[row["error_kind"]] += 1
+                raise UserError(f"data source {name!r}: {where} ({kind})")
+            result.errors[kind] += 1
             if len(result.examples) < MAX_EXAMPLES:
-                result.examples.append(f"{row['key']}: {row['error']}")
-            continue
-        result.documents += 1
-        result.tokens += int(row["tokens"])
-        result.vision_tokens += int(row["vision_tokens"])
+                result.examples.append(where)
     return result
 
 
 def documents(ds) -> Iterator[tuple[int, tuple[str, object]]]:
     """(tokens, (split, PackDocument)) of every encoded document, in order; error rows skipped."""
-    for row in ds.select_columns(["split", "doc", "tokens"]).iter_rows():
-        if row["doc"]:
-            yield int(row["tokens"]), (row["split"], pickle.loads(row["doc"]))
+    for batch in _batches(ds, ("split", "doc", "tokens")):
+        for split, doc, tokens in zip(batch["split"], batch["doc"], batch["tokens"], strict=True):
+            if doc:
+                yield tokens, (split, pickle.loads(doc))
 
 
-def sample_texts(config: Config, raws: dict, limit: int) -> list[str]:
-    """Texts to train the BPE on when the sources are files and no tokenizer directory is given."""
+def _batches(ds, columns: tuple[str, ...]) -> Iterator[dict[str, list]]:
+    """Columns of a materialised dataset, block by block, as Python lists (no per-row dicts)."""
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        yield {name: batch.column(name).to_pylist() for name in columns}
+
+
+def sample_texts(sources: dict[int, SourceConfig], limit: int) -> list[str]:
+    """Texts to train the BPE on when the sources are files and no tokenizer directory is given.
+
+    Read in this process, file by file, until `limit` records per source: a few files are enough,
+    and a Ray Data pass would cost more in start-up than the reading itself.
+    """
+    import fsspec
+
     texts: list[str] = []
-    per_source = defaultdict(int)
-    for name, raw in raws.items():
-        if raw is None:
-            continue
-        for row in raw.limit(limit).iter_rows():
-            record = RawRecord.from_row(row)
-            texts += [t for kind, t in (record.segments or []) if kind == "text"]
-            per_source[name] += 1
+    for index, source in sources.items():
+        _, files = list_files(source, index)
+        records = 0
+        for url in files:
+            if records >= limit:
+                break
+            with fsspec.open(url, "rb") as f:
+                parsed = parse_file(source, url, f.read())
+            for record in parsed[: limit - records]:
+                texts += [t for kind, t in (record.segments or []) if kind == "text"]
+            records += len(parsed)
     if not texts:
         raise UserError("no text found in data.sources to train the tokenizer on; set data.tokenizer to a directory")
     return texts

@@ -68,7 +68,7 @@ def run(ctx: StageContext) -> StageResult:
     raws = {s.name: dataflow.raw_dataset(s, i, bundled[s.name]) for i, s in enumerate(config.sources)}
     ctx.progress.update(1, STEPS[1])
 
-    tokenizer_json = _tokenizer(config, ctx.model, corpus, bundled, raws, out)
+    tokenizer_json = _tokenizer(config, ctx.model, corpus, bundled, out)
     ctx.progress.update(1, STEPS[2])
 
     spec = EncodeSpec.build(
@@ -149,7 +149,7 @@ def _vocab_size(tokenizer_json: str) -> int:
     return Tokenizer.from_str(tokenizer_json).get_vocab_size()
 
 
-def _tokenizer(config: Config, model, corpus, bundled: dict, raws: dict, out: Path) -> str:
+def _tokenizer(config: Config, model, corpus, bundled: dict, out: Path) -> str:
     """The tokenizer as JSON (shipped to Ray Data tasks); saved into the artifact."""
     if config.tokenizer:
         from .tokenizer_dir import check_special_tokens, load_tokenizer_dir, save_tokenizer_dir, special_token_roles
@@ -163,9 +163,9 @@ def _tokenizer(config: Config, model, corpus, bundled: dict, raws: dict, out: Pa
         save_tokenizer_dir(tokenizer, config.tokenizer, out)
         return tokenizer.to_str()
     texts = [t for records in bundled.values() if records for r in records for kind, t in r.segments if kind == "text"]
-    files = {name: raw for name, raw in raws.items() if bundled[name] is None}
+    files = {i: s for i, s in enumerate(config.sources) if bundled[s.name] is None}
     if files:
-        texts += dataflow.sample_texts(config, files, TOKENIZER_SAMPLE)
+        texts += dataflow.sample_texts(files, TOKENIZER_SAMPLE)
     texts += [_strip_special(render(r["messages"])) for r in corpus.sets.get("sft/train.jsonl", [])]
     tokenizer = train_tokenizer(texts, config.vocab_size)
     save_tokenizer(tokenizer, out)

@@ -3,12 +3,14 @@
     python -m pipeline run conf=tiny until=pretrain pretrain.steps=300
 
 Ray Train `TorchTrainer` runs `num_workers` data-parallel ranks (DDP; gloo on CPU, NCCL on
-GPU). AdamW with warmup + cosine decay, gradient clipping, LM + router losses; validation
-loss every `eval_every` steps. Rank 0 writes the resumable train state to
+GPU), each streaming its own shards of the dataset's train split (see data.py; text or VL rows).
+AdamW with warmup + cosine decay, gradient clipping, LM + router losses; validation loss every
+`eval_every` steps. Rank 0 writes the resumable train state to
 `<work_dir>/train_state/` every `checkpoint_every` steps; a rerun with the same cache key
 (same work dir) resumes from it exactly (step, LR, RNG, optimizer, data cursor), and so
 does a worker group that Ray Train restarts after a worker died. The work dir must be
-visible to rank 0 and to every rank on resume (one node, or a shared filesystem).
+visible to rank 0 and to every rank on resume, and the dataset to every rank (one node, or a
+shared filesystem).
 
 Output (ckpt): config.json, model.safetensors, generation_config.json, tokenizer/ (copied
 from the dataset), train_state/ (the final train state and its metric history).
@@ -17,14 +19,17 @@ from the dataset), train_state/ (the final train state and its metric history).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
+from ernie import ErnieConfig
 from pipeline.contract import StageContext, StageResult, UserError
+from pipeline.formats import IMAGE_LAYOUT, ShardError, ShardIndex, load_tokenizer, read_index
 from stages.training.launch import copy_checkpoint, ensure_ray, fit, relay
 
 from .config import Config
-from .data import load_split
+from .data import TrainReader, unit_rows_for
 from .loop import HISTORY_FILE, Job, train_worker
 from .plots import loss_curve, router_heatmap
 from .router_stats import RouterLoad
@@ -40,23 +45,24 @@ def run(ctx: StageContext) -> StageResult:
     cfg.validate()
     dataset_dir = ctx.input("dataset").local_dir()
     tokenizer_dir = _tokenizer_dir(dataset_dir)
-    train_rows, val_rows = load_split(dataset_dir, "train"), load_split(dataset_dir, "val")
-    _check_rows(train_rows, val_rows, ctx.model.vocab_size, cfg.batch_size)
+    unit_rows = _check_dataset(ctx, dataset_dir)
     work_dir = ctx.work_dir or ctx.output_dir.parent / f".{ctx.output_dir.name}.work"
-
-    import ray
 
     ensure_ray()
     job = Job(
         config=cfg,
         model=ctx.model,
         seed=ctx.seed,
-        train_rows=ray.put(train_rows),
-        val_rows=ray.put(val_rows),
+        dataset_dir=str(dataset_dir),
+        unit_rows=unit_rows,
         state_dir=str(work_dir / "train_state"),
-        fingerprint={"pretrain": cfg.fingerprint(), "model": ctx.model.to_dict(), "seed": ctx.seed},
+        fingerprint={
+            "pretrain": cfg.fingerprint(),
+            "model": ctx.model.to_dict(),
+            "seed": ctx.seed,
+            "unit_rows": unit_rows,
+        },
     )
-    ctx.log.params({"rows_train": len(train_rows["input_ids"]), "seq_len": train_rows["input_ids"].shape[1]})
     ctx.progress.set_total(cfg.steps, "pretraining")
     result = fit(
         train_worker,
@@ -87,16 +93,66 @@ def _tokenizer_dir(dataset_dir: Path) -> Path:
     return tokenizer_dir
 
 
-def _check_rows(train_rows: dict, val_rows: dict, vocab_size: int, batch_size: int) -> None:
-    largest = int(max(train_rows["input_ids"].max(), val_rows["input_ids"].max()))
-    if largest >= vocab_size:
+def _check_dataset(ctx: StageContext, dataset_dir: Path) -> int:
+    """Check that the dataset can feed this model and these workers; returns the train rows per shuffle unit."""
+    cfg: Config = ctx.config
+    train = _read_split(dataset_dir, "train", ctx.model)
+    _read_split(dataset_dir, "val", ctx.model)
+    _check_vocab(dataset_dir, ctx.model.vocab_size)
+    micro_batch = cfg.batch_size // cfg.num_workers
+    unit_rows, note = unit_rows_for(dataset_dir, train, micro_batch)
+    if note:
+        logging.getLogger(__name__).warning(note)
+        ctx.log.text(note, "data_note.txt")
+    reader = TrainReader(str(dataset_dir / "train"), 0, cfg.num_workers, ctx.seed, cfg.shuffle_buffer, micro_batch)
+    try:
+        steps_per_epoch = reader.steps_in_epoch(0)
+    except ValueError as err:  # too few shards for the workers, or too few rows for a micro-batch
         raise UserError(
-            f"the dataset has token id {largest} but model.vocab_size={vocab_size}; "
+            f"the train split of {dataset_dir} cannot feed pretrain.num_workers={cfg.num_workers} workers "
+            f"with pretrain.batch_size={cfg.batch_size}: {err}"
+        ) from None
+    ctx.log.params(
+        {"rows_train": train.rows, "seq_len": train.seq_len, "steps_per_epoch": steps_per_epoch, "unit_rows": unit_rows}
+    )
+    return unit_rows
+
+
+def _read_split(dataset_dir: Path, split: str, model: ErnieConfig) -> ShardIndex:
+    """The split's index, checked to be readable and of the model's kind (text or VL)."""
+    try:
+        index = read_index(dataset_dir / split)
+    except FileNotFoundError:
+        raise UserError(
+            f"the dataset artifact at {dataset_dir} has no {split} split ({split}/index.json and "
+            f"{split}/shard-*.tar are missing); rerun the data stage"
+        ) from None
+    except ShardError as err:
+        raise UserError(f"the dataset artifact at {dataset_dir} has an unreadable {split} split: {err}") from None
+    images, vl_model = index.fields == IMAGE_LAYOUT, model.vision is not None
+    if images and not vl_model:
+        raise UserError(
+            f"the dataset artifact at {dataset_dir} holds image rows (a VL dataset) but model {model.name} is a "
+            "text model: pretrain a VL model (e.g. model=tiny_vl) or rebuild the dataset with this one"
+        )
+    if vl_model and not images:
+        raise UserError(
+            f"the dataset artifact at {dataset_dir} holds text rows but model {model.name} is a VL model: rebuild "
+            "the dataset with this model (the data stage writes image rows for VL models)"
+        )
+    return index
+
+
+def _check_vocab(dataset_dir: Path, vocab_size: int) -> None:
+    try:
+        tokens = load_tokenizer(dataset_dir).get_vocab_size(with_added_tokens=True)
+    except Exception as err:  # tokenizers raises its own exception type for a bad file
+        raise UserError(f"the tokenizer of the dataset artifact at {dataset_dir} cannot be read: {err}") from None
+    if tokens > vocab_size:
+        raise UserError(
+            f"the dataset's tokenizer has {tokens} tokens but model.vocab_size={vocab_size}; "
             "data.vocab_size and model.vocab_size must match"
         )
-    rows = len(train_rows["input_ids"])
-    if rows < batch_size:
-        raise UserError(f"pretrain.batch_size={batch_size} is larger than the {rows} train rows of the dataset")
 
 
 def _log_figures(ctx: StageContext, history_file: Path) -> None:

@@ -23,11 +23,21 @@ class Config(TrainingConfig):
     """Validation rows evaluated (the first ones of the val shards; 0 = all)."""
     router_stats_every: int = 25
     """Log router load balance (max/mean dispatch per MoE layer) every this many steps."""
+    shuffle_buffer: int = 256
+    """Train rows each worker holds to shuffle its shard stream (0 = file order); with the shards
+    dealt anew each epoch this is the whole shuffle, so more rows mix better and cost memory."""
 
-    OPERATIONAL: ClassVar[set[str]] = TrainingConfig.OPERATIONAL | {"eval_rows", "router_stats_every"}
+    OPERATIONAL: ClassVar[set[str]] = (TrainingConfig.OPERATIONAL - {"num_workers"}) | {
+        "eval_rows",
+        "router_stats_every",
+    }
+    """num_workers is not operational here: each worker streams its own shards, so the worker
+    count decides which rows form a step."""
 
     def validate(self) -> None:
         """Raise `UserError` naming the first bad field (`pretrain.<field>=<value>`)."""
         self.check("pretrain", positive=("router_stats_every",))
-        if self.eval_rows < 0:
-            raise UserError(f"pretrain.eval_rows={self.eval_rows} must not be negative (0 = all)")
+        for name, zero_means in (("eval_rows", "all"), ("shuffle_buffer", "file order")):
+            value = getattr(self, name)
+            if value < 0:
+                raise UserError(f"pretrain.{name}={value} must not be negative (0 = {zero_means})")

@@ -1,59 +1,111 @@
-"""Packed rows in a deterministic, resumable order.
+"""Train micro-batches streamed from the dataset's shards, resumable from the step count alone.
 
-The row stream is an endless sequence of epochs; epoch `e` visits every train row once in
-a permutation drawn from (seed, e). Step `t` (0-based) takes stream positions
-[t * B, (t + 1) * B) for a global batch of B rows and worker `r` of W takes its contiguous
-B / W of them. The data cursor is the number of rows consumed (t * B): from it alone a
-resumed run continues with the very next row, across epoch boundaries too, with nothing
-replayed or skipped, for any number of workers.
+Each worker reads its own shards of the train split through `pipeline.formats.ShardStream`
+(disjoint across ranks, shuffled through a buffer of `pretrain.shuffle_buffer` rows) and takes
+consecutive micro-batches of batch_size // num_workers rows. Epoch `e` gives every rank
+`rows_per_epoch() // micro_batch` steps, the same count on all ranks by construction; the rows
+past that are left out of this epoch only, as the next one deals the shards anew. The data
+cursor, (epoch, rows consumed in it), is a function of the step count: a resumed run walks the
+epochs' step counts to it and continues with the very next micro-batch on every rank.
+
+VL datasets are ordered by the data stage so that every `data.balance.group_rows` consecutive
+train rows have a balanced text:vision share; when the micro-batch is a multiple of that, the
+groups pass the shuffle buffer as whole units (`unit_rows`) and micro-batches stay balanced.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from pipeline.contract import UserError
-from pipeline.formats import load_rows
+from pipeline.formats import IMAGE_LAYOUT, ShardIndex, ShardStream, iter_rows
 
-TRAIN_FIELDS = ("input_ids", "labels", "document_ids", "position_ids")
+Row = dict[str, np.ndarray]
 
 
-class RowStream:
-    """Row indices by stream position (see the module docstring)."""
+class TrainReader:
+    """Worker `rank`'s micro-batches of the train split in `directory`, from any step on."""
 
-    def __init__(self, num_rows: int, seed: int) -> None:
-        self.num_rows, self.seed = num_rows, seed
-        self._permutations: dict[int, np.ndarray] = {}
+    def __init__(
+        self,
+        directory: str,
+        rank: int,
+        world: int,
+        seed: int,
+        shuffle_buffer: int,
+        micro_batch: int,
+        unit_rows: int = 1,
+    ) -> None:
+        self.directory, self.rank, self.world, self.seed = directory, rank, world, seed
+        self.shuffle_buffer, self.micro_batch, self.unit_rows = shuffle_buffer, micro_batch, unit_rows
+        self._steps: dict[int, int] = {}
 
-    def _epoch(self, epoch: int) -> np.ndarray:
-        if epoch not in self._permutations:
-            self._permutations = {k: v for k, v in self._permutations.items() if k >= epoch - 1}
-            self._permutations[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-        return self._permutations[epoch]
+    def stream(self, epoch: int, start_row: int = 0) -> ShardStream:
+        return ShardStream(
+            self.directory,
+            self.rank,
+            self.world,
+            self.seed,
+            self.shuffle_buffer,
+            epoch=epoch,
+            start_row=start_row,
+            unit_rows=self.unit_rows,
+        )
 
-    def take(self, start: int, count: int) -> np.ndarray:
-        positions = np.arange(start, start + count)
-        epochs, offsets = np.divmod(positions, self.num_rows)
-        return np.array([self._epoch(int(e))[o] for e, o in zip(epochs, offsets, strict=True)], dtype=np.int64)
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Micro-batches every rank takes in `epoch` (each epoch deals the shards anew, so counts may differ)."""
+        if epoch not in self._steps:
+            steps = self.stream(epoch).rows_per_epoch() // self.micro_batch
+            if steps == 0:
+                raise ValueError(
+                    f"epoch {epoch} of {self.directory} gives each of the {self.world} workers fewer rows than "
+                    f"a micro-batch of {self.micro_batch}: lower the batch size or write smaller shards"
+                )
+            self._steps[epoch] = steps
+        return self._steps[epoch]
 
-    def worker_batch(self, step: int, global_batch: int, rank: int, world: int) -> np.ndarray:
-        """Row indices of worker `rank` for 0-based step `step`."""
-        per_worker = global_batch // world
-        return self.take(step * global_batch + rank * per_worker, per_worker)
+    def cursor(self, step: int) -> tuple[int, int]:
+        """(epoch, rows of it consumed) after `step` optimizer steps."""
+        epoch = 0
+        while step >= self.steps_in_epoch(epoch):
+            step -= self.steps_in_epoch(epoch)
+            epoch += 1
+        return epoch, step * self.micro_batch
+
+    def batches(self, step: int) -> Iterator[list[Row]]:
+        """The micro-batches of steps step + 1, step + 2, ... (endless)."""
+        epoch, start_row = self.cursor(step)
+        while True:
+            rows = iter(self.stream(epoch, start_row))
+            for _ in range(self.steps_in_epoch(epoch) - start_row // self.micro_batch):
+                yield list(itertools.islice(rows, self.micro_batch))
+            epoch, start_row = epoch + 1, 0
 
 
-def load_split(dataset_dir: Path, split: str) -> dict[str, np.ndarray]:
-    """{field: [N, S]} of the dataset's `split` shards; a missing split is a `UserError`."""
-    directory = dataset_dir / split
-    if not any(directory.glob("shard-*.tar")):
-        raise UserError(f"the dataset artifact at {dataset_dir} has no {split}/shard-*.tar files; rerun the data stage")
-    rows = load_rows(directory)
-    return {name: rows[name] for name in TRAIN_FIELDS}
+def unit_rows_for(dataset_dir: Path, train: ShardIndex, micro_batch: int) -> tuple[int, str | None]:
+    """Rows that move through the shuffle buffer together, and a note when balance groups cannot be kept.
+
+    Only image (VL) train splits are ordered in balance groups; their size is the data stage's
+    `data.balance.group_rows`, recorded in stats.json.
+    """
+    if train.fields != IMAGE_LAYOUT:
+        return 1, None
+    stats_file = dataset_dir / "stats.json"
+    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    group_rows = int(stats.get("splits", {}).get("train", {}).get("micro_batches", {}).get("group_rows", 1))
+    if micro_batch % group_rows == 0:
+        return group_rows, None
+    return 1, (
+        f"the micro-batch of {micro_batch} rows per worker is not a multiple of the dataset's balance groups of "
+        f"{group_rows} rows (data.balance.group_rows): rows are shuffled one by one and micro-batches lose "
+        "their text:vision balance"
+    )
 
 
-def to_batch(rows: dict[str, np.ndarray], index: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    """The selected rows as model inputs (int64 tensors on `device`)."""
-    return {name: torch.from_numpy(rows[name][index].astype(np.int64)).to(device) for name in TRAIN_FIELDS}
+def load_val_rows(directory: str, limit: int) -> list[Row]:
+    """The first `limit` rows of the val split (0 = all); eval sets are small enough to hold."""
+    return list(itertools.islice(iter_rows(directory), limit or None))

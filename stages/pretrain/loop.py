@@ -21,13 +21,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ernie import ErnieConfig, ErnieForCausalLM
+from ernie.batching import collate
 from ernie.checkpoint import save_pretrained
 from ernie.losses import shifted_targets
+from pipeline.contract import UserError
 from stages.training import train_state
 from stages.training.optim import build_optimizer, lr_at, set_lr
 
 from .config import Config
-from .data import RowStream, to_batch
+from .data import TrainReader, load_val_rows
 from .router_stats import RouterLoad
 
 LOSS_NAMES = ("loss", "lm", "aux", "z", "orthogonal")
@@ -36,13 +38,15 @@ HISTORY_FILE = "history.json"
 
 @dataclass
 class Job:
-    """What every worker gets (picklable; the row arrays travel through the Ray object store)."""
+    """What every worker gets (picklable; workers read the dataset's shards themselves)."""
 
     config: Config
     model: ErnieConfig
     seed: int
-    train_rows: Any  # ray.ObjectRef of {field: [N, S] array}
-    val_rows: Any
+    dataset_dir: str
+    """The dataset artifact: a directory every worker can read (local, shared, or an fsspec URL)."""
+    unit_rows: int
+    """Train rows that pass the shuffle buffer together (the data stage's balance groups, or 1)."""
     state_dir: str
     fingerprint: dict
     sink: Any = None  # ray.util.queue.Queue for (step, metrics) messages, or None
@@ -74,32 +78,46 @@ class WorkerLoop:
     """Model, optimizer, data and history of one rank."""
 
     def __init__(self, job: Job) -> None:
-        import ray
         import ray.train
         import ray.train.torch
 
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.job, self.cfg = job, job.config
+        self.job = job
+        self.cfg = cfg = job.config
         torch.manual_seed(job.seed)
         self.model = ErnieForCausalLM(job.model).to(self.device)
-        self.optimizer = build_optimizer(
-            self.model, self.cfg.lr, self.cfg.weight_decay, (self.cfg.beta1, self.cfg.beta2)
-        )
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.step = 0
         self.history: dict[str, Any] = {"step": [], "val_step": [], "tokens": 0, "seconds": 0.0, "router": None}
         self.history.update({name: [] for name in LOSS_NAMES + ("val_loss",)})
         self.router = RouterLoad(job.model, self.device)
+        self.reader = TrainReader(
+            f"{job.dataset_dir}/train",
+            self.rank,
+            self.world,
+            job.seed,
+            cfg.shuffle_buffer,
+            cfg.batch_size // self.world,
+            job.unit_rows,
+        )
         state = train_state.load(Path(job.state_dir), job.fingerprint)
         if state is not None:
             self._restore(state)
         device_ids = [self.device] if self.device.type == "cuda" else None
         # no buffer sync per forward: the router bias is identical on every rank and the expert-load
-        # counters are per-rank statistics.
-        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, forward_sync_buffers=False)
-        self.train_rows, self.val_rows = ray.get(job.train_rows), ray.get(job.val_rows)
-        self.stream = RowStream(len(self.train_rows["input_ids"]), job.seed)
+        # counters are per-rank statistics. A VL micro-batch without images leaves the vision encoder
+        # and adapter out of the graph on that rank only: DDP must look for unused parameters, or the
+        # ranks' gradient buckets disagree.
+        self.ddp = DistributedDataParallel(
+            self.model,
+            device_ids=device_ids,
+            forward_sync_buffers=False,
+            find_unused_parameters=job.model.vision is not None,
+        )
+        self.batches = self.reader.batches(self.step)
+        self.val_rows = load_val_rows(f"{job.dataset_dir}/val", cfg.eval_rows)
 
     # ------------------------------------------------------------------ steps
     def _autocast(self):
@@ -111,9 +129,7 @@ class WorkerLoop:
         cfg, step = self.cfg, self.step + 1
         lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         set_lr(self.optimizer, lr)
-        batch = to_batch(
-            self.train_rows, self.stream.worker_batch(self.step, cfg.batch_size, self.rank, self.world), self.device
-        )
+        batch = collate(next(self.batches), self.device)
         started = time.perf_counter()
         with self._autocast():
             out = self.ddp(**batch)
@@ -140,13 +156,12 @@ class WorkerLoop:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-weighted LM loss over the validation rows, split over the ranks (collective)."""
-        limit = self.cfg.eval_rows or len(self.val_rows["input_ids"])
-        mine = torch.arange(min(limit, len(self.val_rows["input_ids"])))[self.rank :: self.world]
+        mine = self.val_rows[self.rank :: self.world]
         per_batch = max(self.cfg.batch_size // self.world, 1)
         totals = torch.zeros(2, device=self.device)
         self.model.eval()
-        for chunk in mine.split(per_batch):
-            batch = to_batch(self.val_rows, chunk.numpy(), self.device)
+        for start in range(0, len(mine), per_batch):
+            batch = collate(mine[start : start + per_batch], self.device)
             with self._autocast():
                 out = self.model(**batch)
             _, weight = shifted_targets(batch["labels"], None, batch["document_ids"])
@@ -190,7 +205,7 @@ class WorkerLoop:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
-            "cursor": self.step * self.cfg.batch_size,
+            "cursor": list(self.reader.cursor(self.step)),
             "rng": train_state.rng_state(),
             "history": self.history,
             "router_window": router_window.cpu(),
@@ -202,7 +217,13 @@ class WorkerLoop:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.history = state["step"], state["history"]
-        assert state["cursor"] == self.step * self.cfg.batch_size, "data cursor and step disagree"
+        cursor = list(self.reader.cursor(self.step))
+        if list(state["cursor"]) != cursor:
+            raise UserError(
+                f"the train state in {self.job.state_dir} was at (epoch, row) {list(state['cursor'])} of the train "
+                f"split after step {self.step}, but this dataset puts step {self.step} at {cursor}: the dataset "
+                "changed under the run; delete the train state to start over"
+            )
         train_state.set_rng_state(state["rng"])
         if self.rank == 0:  # the window holds every rank's counts; the next report sums over ranks
             self.router.window.copy_(state["router_window"])

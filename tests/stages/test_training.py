@@ -6,6 +6,8 @@ and the input of SFT, whose output feeds DPO).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
 import pickle
@@ -23,14 +25,16 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from training_data import build_dataset
 
-from ernie import get_preset
+from ernie import ErnieForCausalLM, get_preset
+from ernie.batching import collate
 from ernie.chat_template import EOS
 from ernie.checkpoint import load_pretrained
 from pipeline.contract import Artifact, MemoryLogger, StageContext, UserError
+from pipeline.formats import IMAGE_LAYOUT, TEXT_LAYOUT, ShardIndex, iter_rows, write_row_shards
 from stages import pretrain
 from stages.posttrain import dpo, sft
 from stages.posttrain.chat import pad_batch, tokenise_chat
-from stages.pretrain.data import RowStream
+from stages.pretrain.data import TrainReader, unit_rows_for
 from stages.training.optim import lr_at
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +48,17 @@ PRETRAIN = dict(
     router_stats_every=15,
     eval_rows=16,
 )
+VL_PRETRAIN = dict(
+    steps=20,
+    batch_size=8,
+    lr=5e-3,
+    warmup_steps=3,
+    eval_every=10,
+    checkpoint_every=10,
+    router_stats_every=10,
+    eval_rows=16,
+)
+VL_VOCAB = 400
 STEP_LOG_KEYS = {"loss", "lm", "aux", "z", "orthogonal", "lr", "tokens_per_s", "grad_norm", "router/max_over_mean"}
 
 
@@ -71,6 +86,34 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vl_dataset(ray_local, tmp_path_factory) -> Path:
+    """A small VL dataset written by the real data stage: stdlib text and generated scenes (images)."""
+    from stages import data
+
+    sources = [
+        data.config.SourceConfig(name="stdlib-docs", kind="stdlib", weight=0.5),
+        data.config.SourceConfig(name="scenes", kind="scenes", weight=0.5),
+    ]
+    config = data.Config(
+        sources=sources,
+        vocab_size=VL_VOCAB,
+        seq_len=64,
+        max_documents=80,
+        arithmetic_documents=0,
+        scenes=60,
+        rows_per_shard=8,
+        window_rows=64,
+        sft_examples=10,
+        preference_pairs=10,
+        eval_tasks=10,
+        val_fraction=0.1,
+    )
+    out = tmp_path_factory.mktemp("vl-dataset")
+    data.run(StageContext("data", config, get_preset("tiny_vl").replace(vocab_size=VL_VOCAB), {}, out))
+    return out
 
 
 def make_ctx(stage, config, model, inputs: dict[str, Path], root: Path, seed: int = 0) -> StageContext:
@@ -299,16 +342,75 @@ def test_pretrain_restarts_a_crashed_worker_group_from_the_train_state(pretraine
     assert history["step"] == list(range(1, PRETRAIN["steps"] + 1))
 
 
-def test_row_stream_splits_each_global_batch_and_visits_every_row_once_per_epoch():
-    stream = RowStream(num_rows=10, seed=3)
-    seen = []
-    for step in range(5):  # 5 steps x 4 rows = 2 epochs
-        parts = [stream.worker_batch(step, global_batch=4, rank=r, world=2) for r in range(2)]
-        assert np.array_equal(np.concatenate(parts), stream.take(step * 4, 4))
-        seen += np.concatenate(parts).tolist()
-    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
-    assert seen[:10] != seen[10:], "each epoch has its own order"
-    assert np.array_equal(RowStream(10, 3).take(13, 4), stream.take(13, 4)), "order is a function of the cursor"
+def numbered_split(directory: Path, rows: int, rows_per_shard: int) -> str:
+    """A text split whose row i holds token i everywhere (row_ids reads it back)."""
+    seq_len = 4
+    write_row_shards(
+        (
+            {
+                "input_ids": np.full(seq_len, i),
+                "labels": np.full(seq_len, i),
+                "document_ids": np.zeros(seq_len),
+                "position_ids": np.arange(seq_len),
+                "modality_ids": np.zeros(seq_len),
+            }
+            for i in range(rows)
+        ),
+        directory,
+        rows_per_shard,
+    )
+    return str(directory)
+
+
+def row_ids(batch: list[dict]) -> list[int]:
+    return [int(row["input_ids"][0]) for row in batch]
+
+
+def test_train_reader_visits_each_row_once_per_epoch_across_ranks_and_resumes_at_any_step(tmp_path):
+    split = numbered_split(tmp_path / "train", rows=30, rows_per_shard=4)  # 8 shards, the last of 2 rows
+    world, micro, epochs = 2, 3, 3
+    readers = [TrainReader(split, r, world, seed=5, shuffle_buffer=6, micro_batch=micro) for r in range(world)]
+    steps = [readers[0].steps_in_epoch(e) for e in range(epochs)]
+    assert all(readers[1].steps_in_epoch(e) == steps[e] for e in range(epochs)), "every rank takes the same steps"
+    batches = [list(itertools.islice(reader.batches(0), sum(steps))) for reader in readers]
+    assert all(len(b) == micro for rank in batches for b in rank)
+    starts = [0, *itertools.accumulate(steps)]
+    epoch_rows = []
+    for e in range(epochs):
+        per_rank = [[i for b in rank[starts[e] : starts[e + 1]] for i in row_ids(b)] for rank in batches]
+        seen = per_rank[0] + per_rank[1]
+        assert len(set(seen)) == len(seen) and set(seen) <= set(range(30)), "no row twice in an epoch"
+        stream = readers[0].stream(e)
+        uneven = sum(stream.worker_rows(r) - stream.rows_per_epoch() for r in range(world))
+        assert 30 - len(seen) == uneven + world * (stream.rows_per_epoch() % micro), "only the remainder is left out"
+        for rank, ids in enumerate(per_rank):  # each rank reads whole shards of its own
+            assert {i // 4 for i in ids} <= {int(s.name[6:11]) for s in readers[rank].stream(e).shards}
+        epoch_rows.append(seen)
+    assert epoch_rows[0] != epoch_rows[1], "each epoch has its own order"
+
+    for step in range(sum(steps) + 1):  # resume at every step, across epoch boundaries too
+        resumed = TrainReader(split, 1, world, seed=5, shuffle_buffer=6, micro_batch=micro)
+        epoch = bisect.bisect_right(starts, step) - 1
+        assert resumed.cursor(step) == (epoch, (step - starts[epoch]) * micro)
+        tail = list(itertools.islice(resumed.batches(step), sum(steps) - step))
+        assert [row_ids(b) for b in tail] == [row_ids(b) for b in batches[1][step:]]
+
+
+def test_train_reader_keeps_balance_groups_together(tmp_path):
+    split = numbered_split(tmp_path / "train", rows=36, rows_per_shard=6)
+    reader = TrainReader(split, 0, 2, seed=1, shuffle_buffer=6, micro_batch=3, unit_rows=3)
+    ids = [row_ids(b) for b in itertools.islice(reader.batches(0), 3 * reader.steps_in_epoch(0))]
+    assert all(b[0] % 3 == 0 and b == list(range(b[0], b[0] + 3)) for b in ids), ids
+    assert [b[0] for b in ids] != sorted(b[0] for b in ids), "the groups are shuffled"
+
+
+def test_balance_groups_are_kept_only_for_image_splits_whose_micro_batch_holds_whole_groups(tmp_path):
+    (tmp_path / "stats.json").write_text(json.dumps({"splits": {"train": {"micro_batches": {"group_rows": 4}}}}))
+    image, text = (ShardIndex(str(tmp_path / "train"), fields, 8, ()) for fields in (IMAGE_LAYOUT, TEXT_LAYOUT))
+    assert unit_rows_for(tmp_path, image, micro_batch=8) == (4, None)
+    assert unit_rows_for(tmp_path, text, micro_batch=8) == (1, None)
+    rows, note = unit_rows_for(tmp_path, image, micro_batch=6)
+    assert rows == 1 and "not a multiple of the dataset's balance groups of 4 rows" in note
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -316,6 +418,41 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
     assert lrs[-1] == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_pretrain_trains_a_vl_model_on_image_rows(vl_dataset, tmp_path):
+    model = get_preset("tiny_vl").replace(vocab_size=VL_VOCAB)
+    ctx = make_ctx("pretrain", pretrain.Config(**VL_PRETRAIN), model, {"dataset": vl_dataset}, tmp_path)
+    started = time.perf_counter()
+    result = pretrain.run(ctx)
+    m = result.metrics
+    print(f"\nVL pretrain {time.perf_counter() - started:.1f}s: {result.summary}")
+    assert m["steps"] == VL_PRETRAIN["steps"]
+    assert m["loss_last10"] < 0.85 * m["loss_first"] and m["val_loss"] < 0.85 * m["val_loss_initial"], m
+    assert ctx.log.param_log["unit_rows"] == 4, "micro-batches of 4 rows keep the data stage's balance groups"
+
+    trained = load_pretrained(ctx.output_dir)
+    torch.manual_seed(0)  # the workers' initialisation (seed 0)
+    initial = ErnieForCausalLM(model)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(trained.vision_encoder.parameters(), initial.vision_encoder.parameters(), strict=True)
+    ), "the vision encoder was trained, so the image patches reached the model"
+    with_images = [row for row in iter_rows(vl_dataset / "val") if len(row["image_grid_thw"])][:2]
+    assert with_images, "the val split has image rows"
+    with torch.no_grad():
+        assert torch.isfinite(trained(**collate(with_images)).loss)
+
+
+@pytest.mark.slow
+def test_pretrain_refuses_a_dataset_of_the_other_kind(vl_dataset, dataset, model_config, tmp_path):
+    text_model = model_config.replace(vocab_size=VL_VOCAB)
+    with pytest.raises(UserError, match=r"holds image rows \(a VL dataset\) but model .* is a text model"):
+        pretrain.run(make_ctx("pretrain", pretrain.Config(), text_model, {"dataset": vl_dataset}, tmp_path))
+    vl_model = get_preset("tiny_vl").replace(vocab_size=model_config.vocab_size)
+    with pytest.raises(UserError, match=r"holds text rows but model .* is a VL model"):
+        pretrain.run(make_ctx("pretrain", pretrain.Config(), vl_model, {"dataset": dataset}, tmp_path))
 
 
 # ---------------------------------------------------------------------- sft
