@@ -21,11 +21,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from ernie.checkpoint import load_pretrained, save_pretrained
 from stages.training import train_state
 from stages.training.optim import build_optimizer, lr_at, set_lr
+from stages.training.parallel import wrap_ddp
 
 HISTORY_FILE = "history.json"
 
@@ -103,8 +103,7 @@ class WorkerLoop:
         state = train_state.load(Path(job.state_dir), job.fingerprint)
         if state is not None:
             self._restore(state)
-        device_ids = [self.device] if self.device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, forward_sync_buffers=False)
+        self.ddp = wrap_ddp(self.model, self.device)
 
     # ------------------------------------------------------------------ helpers for objectives
     def autocast(self):

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from ernie import ErnieConfig, ErnieForCausalLM
 from ernie.batching import collate
@@ -27,6 +26,7 @@ from ernie.losses import shifted_targets
 from pipeline.contract import UserError
 from stages.training import train_state
 from stages.training.optim import build_optimizer, lr_at, set_lr
+from stages.training.parallel import wrap_ddp
 
 from .config import Config
 from .data import TrainReader, load_val_rows
@@ -105,17 +105,7 @@ class WorkerLoop:
         state = train_state.load(Path(job.state_dir), job.fingerprint)
         if state is not None:
             self._restore(state)
-        device_ids = [self.device] if self.device.type == "cuda" else None
-        # no buffer sync per forward: the router bias is identical on every rank and the expert-load
-        # counters are per-rank statistics. A VL micro-batch without images leaves the vision encoder
-        # and adapter out of the graph on that rank only: DDP must look for unused parameters, or the
-        # ranks' gradient buckets disagree.
-        self.ddp = DistributedDataParallel(
-            self.model,
-            device_ids=device_ids,
-            forward_sync_buffers=False,
-            find_unused_parameters=job.model.vision is not None,
-        )
+        self.ddp = wrap_ddp(self.model, self.device)
         self.batches = self.reader.batches(self.step)
         self.val_rows = load_val_rows(f"{job.dataset_dir}/val", cfg.eval_rows)
 
