@@ -16,10 +16,10 @@ from pipeline.contract import UserError
 from stages.training.launch import ensure_ray
 
 from .config import SourceConfig
-from .encode import EncodeSpec, encode_batch
+from .encode import EncodeSpec, encode_batch, encode_records
 from .sources import RawRecord, list_files, parse_file
 
-ENCODE_BATCH = 64
+ENCODE_BATCH = 256
 MAX_EXAMPLES = 5
 """Error examples kept per source in stats.json (the counts are complete)."""
 
@@ -56,15 +56,33 @@ def raw_dataset(source: SourceConfig, index: int, bundled: list[RawRecord] | Non
         override_num_blocks=len(files),
     )
     protocol = "" if local else files[0].split("://", 1)[0] + "://"
+    return FileSource(ds, source, protocol)
 
-    def parse(row: dict) -> list[dict]:
-        return [r.to_row() for r in parse_file(source, protocol + row["path"], row["bytes"])]
 
-    return ds.flat_map(parse)
+@dataclass
+class FileSource:
+    """A source's files as a Ray dataset of (path, bytes); parsed and encoded in one task per file."""
+
+    files: object
+    source: SourceConfig
+    protocol: str
+
+
+def _parse_and_encode(batch: dict, source: SourceConfig, protocol: str, spec: EncodeSpec) -> dict:
+    """One task per file: parse it and encode its records, with no raw-record block in between."""
+    records = [
+        r
+        for path, data in zip(batch["path"], batch["bytes"], strict=True)
+        for r in parse_file(source, protocol + path, data)
+    ]
+    return encode_records(records, spec)
 
 
 def encoded_dataset(raw, spec: EncodeSpec):
     """Encode and materialise (blocks stay in the object store, spilled to disk when large)."""
+    if isinstance(raw, FileSource):
+        kwargs = {"source": raw.source, "protocol": raw.protocol, "spec": spec}
+        return raw.files.map_batches(_parse_and_encode, fn_kwargs=kwargs, batch_size=1).materialize()
     return raw.map_batches(encode_batch, fn_kwargs={"spec": spec}, batch_size=ENCODE_BATCH).materialize()
 
 

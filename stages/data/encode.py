@@ -10,6 +10,7 @@ text for positions, as in the model. Text-model runs keep 1D positions and refus
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 from dataclasses import dataclass
 
@@ -48,6 +49,8 @@ _TOKENIZERS: dict[str, object] = {}
 
 
 def _tokenizer(spec: EncodeSpec):
+    # One encode task per CPU already: the tokenizer's own thread pool would only oversubscribe the cores.
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
     from tokenizers import Tokenizer
 
     digest = hashlib.sha256(spec.tokenizer_json.encode()).hexdigest()
@@ -65,7 +68,11 @@ def split_point(segments: list) -> float:
 
 def encode_batch(batch: dict, spec: EncodeSpec) -> dict:
     """Ray Data `map_batches` function: raw-record rows in, encoded-document rows out."""
-    records = [RawRecord.from_row({k: batch[k][i] for k in batch}) for i in range(len(batch["key"]))]
+    return encode_records([RawRecord.from_row({k: batch[k][i] for k in batch}) for i in range(len(batch["key"]))], spec)
+
+
+def encode_records(records: list[RawRecord], spec: EncodeSpec) -> dict:
+    """Encoded-document columns of `records` (errors become error rows)."""
     texts = [text for r in records if r.segments for kind, text in r.segments if kind == "text"]
     encoded = iter(_tokenizer(spec).encode_batch(texts, add_special_tokens=False)) if texts else iter(())
     out = {k: [] for k in ("source", "key", "split", "error_kind", "error", "doc", "tokens", "vision_tokens")}
@@ -97,6 +104,9 @@ def encode_batch(batch: dict, spec: EncodeSpec) -> dict:
 
 
 def _document(record: RawRecord, text_ids: list[list[int]], spec: EncodeSpec) -> PackDocument:
+    if spec.vision is None and len(text_ids) == len(record.segments):  # text model, text only: the common case
+        ids = [BOS_ID, *(i for ids in text_ids for i in ids), EOS_ID]
+        return PackDocument(doc_id=0, tokens=np.array(ids, dtype=np.int32), source=record.source)
     tokens: list[np.ndarray] = [np.array([BOS_ID], np.int32)]
     positions: list[np.ndarray] = []
     modality: list[np.ndarray] = [np.zeros(1, np.int8)]

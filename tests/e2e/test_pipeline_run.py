@@ -24,6 +24,7 @@ STAGES = ["data", "pretrain", "sft", "dpo", "quantize", "serve"]
 FAST = [
     "data.max_documents=600",
     "data.arithmetic_documents=300",
+    "data.scenes=200",
     "pretrain.steps=40",
     "pretrain.checkpoint_every=10",
     "posttrain.sft.steps=12",
@@ -72,6 +73,22 @@ def test_full_run_produces_every_artifact(workspace):
     assert (manifests(workspace, "quantize")[0].parent / "quant_report.json").is_file()
     assert "artifacts:" in out and "MLflow:" in out and "python -m pipeline serve conf=tiny" in out
     assert f"http://127.0.0.1:{workspace['port']}/v1" in out
+
+
+def test_the_tiny_dataset_holds_both_modalities_in_balanced_micro_batches(workspace):
+    stats = json.loads((manifests(workspace, "data")[0].parent / "stats.json").read_text())
+    assert stats["modalities"]["vision"]["tokens"] > 0 and stats["modalities"]["text"]["tokens"] > 0
+    assert stats["sources"]["scenes"]["images"] > 0
+    assert stats["packing_efficiency"] >= 0.99
+    micro_batches = stats["splits"]["train"]["micro_batches"]
+    assert micro_batches["within_band"] == 1.0, micro_batches
+    client = mlflow_client(workspace)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("ernie-pipeline").experiment_id], "tags.stage = 'data'", max_results=1
+    )
+    assert run.data.metrics["tokens/modality/vision"] == stats["modalities"]["vision"]["tokens"]
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert {"data/tokens_per_source.png", "data/token_balance.png", "data/document_length.png"} <= names
 
 
 def test_pretraining_loss_falls(workspace):
