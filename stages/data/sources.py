@@ -23,6 +23,14 @@ from pipeline.contract import UserError
 from .config import SourceConfig
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+EXTENSIONS = {
+    "jsonl": (".jsonl", ".json"),
+    "parquet": (".parquet",),
+    "image-text": (".jsonl", ".parquet"),
+    "interleaved": (".jsonl", ".json"),
+    "webdataset": (".tar",),
+}
+"""Files a directory source reads, per kind (a glob or a single file is taken as given)."""
 ERROR_KINDS = ("bad_utf8", "bad_json", "missing_field", "bad_record", "missing_file", "bad_image", "bad_file")
 """Error record kinds, as counted in stats.json and logged as `errors/<source>/<kind>`."""
 
@@ -62,16 +70,13 @@ def list_files(source: SourceConfig, index: int) -> tuple[fsspec.AbstractFileSys
         raise UserError(f"data.sources[{index}].path={source.path!r} cannot be opened: {error}") from error
     if any(ch in path for ch in "*?["):
         files = [f for f in fs.glob(path) if fs.isfile(f)]
-    elif fs.isdir(path):
-        files = [f for f in fs.find(path) if not posixpath.basename(f).startswith(".")]
+    elif fs.isdir(path):  # images may sit next to the records: only files of the kind's extensions are read
+        found = [f for f in fs.find(path) if not posixpath.basename(f).startswith(".")]
+        files = [f for f in found if f.endswith(EXTENSIONS[source.kind])]
     elif fs.exists(path):
         files = [path]
     else:
         raise UserError(f"data.sources[{index}].path={source.path!r} does not exist")
-    if source.kind == "image-text":  # images sit next to the index files; only the index files are read
-        files = [f for f in files if f.endswith((".jsonl", ".parquet"))]
-    elif source.kind == "webdataset":
-        files = [f for f in files if f.endswith(".tar")]
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return fs, sorted(f if protocol == "file" else f"{protocol}://{f}" for f in files)
 
