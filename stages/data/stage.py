@@ -202,7 +202,9 @@ class _Progress:
         path = work / PROGRESS_FILE
         if path.is_file():
             saved = json.loads(path.read_text())
-            if saved["fingerprint"] == fingerprint:
+            listed = [work / split / info["name"] for split in SPLITS for info in saved["shards"][split]]
+            # shards already moved into an output that did not survive: start over rather than drop rows
+            if saved["fingerprint"] == fingerprint and all(shard.is_file() for shard in listed):
                 progress.mixture = MixtureState(**saved["mixture"])
                 progress.next_doc_id = saved["next_doc_id"]
                 progress.shards = saved["shards"]
