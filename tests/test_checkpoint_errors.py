@@ -111,7 +111,7 @@ def test_missing_lm_head_of_untied_model_is_named(tmp_path):
         ("tiny_moe", "model.layers.1.mlp.gate.weight", (64, 8), (8, 64)),  # text routers are [E, H]
         ("tiny_moe", "model.layers.1.mlp.moe_statics.e_score_correction_bias", (2, 8), (1, 8)),
         ("tiny_vl", "model.layers.1.mlp.gate.weight_1", (8, 64), (64, 8)),  # VL routers are [H, E]
-        ("tiny_vl", "model.layers.1.mlp.experts.9.gate_proj.weight", (32, 64), (16, 64)),
+        ("tiny_vl", "model.layers.1.mlp.experts.9.gate_proj.weight", (48, 64), (32, 64)),
     ],
 )
 def test_misshaped_tensor_is_named_with_both_shapes(saved, tmp_path, name, tensor, bad_shape, good_shape):
