@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ernie import get_preset  # noqa: E402
 from pipeline.contract import Progress, StageContext  # noqa: E402
-from pipeline.formats import TOKENIZER_FILE, ShardWriter  # noqa: E402
+from pipeline.formats import TOKENIZER_FILE  # noqa: E402
+from pipeline.shards import ShardWriter  # noqa: E402
 from stages.data import Config  # noqa: E402
 from stages.data import run as run_stage  # noqa: E402
 from stages.data.config import SourceConfig  # noqa: E402

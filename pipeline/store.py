@@ -52,7 +52,7 @@ def code_fingerprint(module_path: str) -> str:
         files += sorted((ROOT / "stages" / "posttrain").glob("*.py"))
     files += sorted((ROOT / "stages" / "training").glob("*.py"))  # shared training plumbing
     files += sorted((ROOT / "ernie").rglob("*.py"))
-    files += [ROOT / "pipeline" / "contract.py", ROOT / "pipeline" / "formats.py"]
+    files += [ROOT / "pipeline" / name for name in ("contract.py", "formats.py", "shards.py")]
     h = hashlib.sha256()
     for path in sorted(set(files)):
         h.update(str(path.relative_to(ROOT)).encode())

@@ -1,4 +1,4 @@
-"""The dataset shard format (`pipeline.formats`): schema v2 with index.json, atomic writes on a
+"""The dataset shard format (`pipeline.shards`): schema v2 with index.json, atomic writes on a
 local disk and on a real S3 API (moto_server), corruption errors, and the streaming reader
 pretraining workers use (`ShardStream`: disjoint shards per worker, seeded shuffle, exact resume)."""
 
@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from s3_server import S3Server, moto_s3
 
-from pipeline import formats
-from pipeline.formats import (
+from pipeline import shards
+from pipeline.shards import (
     IMAGE_LAYOUT,
     INDEX_FILE,
     ROW_FIELDS,
@@ -81,7 +81,7 @@ def assert_rows_equal(got: list[dict], want: list[dict]) -> None:
     for g, w in zip(got, want, strict=True):
         assert g.keys() == w.keys()
         for name in w:
-            assert g[name].dtype == formats.FIELD_DTYPES[name], name
+            assert g[name].dtype == shards.FIELD_DTYPES[name], name
             np.testing.assert_array_equal(g[name], w[name], err_msg=name)
 
 
@@ -208,7 +208,7 @@ def test_a_writer_that_dies_mid_shard_leaves_no_partial_shard_and_no_index(place
             assert visible == ["shard-00000.tar", "shard-00001.tar"]  # not shard-00002.tar, 2 rows into it
             raise RuntimeError("boom")
     assert place.names() == ["shard-00000.tar", "shard-00001.tar"]  # two full new shards, nothing else
-    assert [row_id(r) for r in formats._parse_tar(place.read("shard-00001.tar"), TEXT_LAYOUT)] == [104, 105, 106, 107]
+    assert [row_id(r) for r in shards._parse_tar(place.read("shard-00001.tar"), TEXT_LAYOUT)] == [104, 105, 106, 107]
     with pytest.raises(ShardError, match=rf"{place.url} has shard-\*\.tar files but no index\.json"):
         list(iter_rows(place.url, place.options))
 
@@ -461,13 +461,13 @@ def test_skip_with_units_continues_exactly_also_inside_a_unit(uneven_split, data
 
 def test_resume_reads_only_the_shards_it_needs(even_split, monkeypatch):
     reads = []
-    real = formats._read_shard
+    real = shards._read_shard
 
     def counting_read(location, shard):
         reads.append(shard.name)
         return real(location, shard)
 
-    monkeypatch.setattr(formats, "_read_shard", counting_read)
+    monkeypatch.setattr(shards, "_read_shard", counting_read)
     stream = ShardStream(even_split, 0, 1, seed=0, shuffle_buffer=2)
     tail = [row_id(r) for r in stream.skip(30)]
     assert len(tail) == 2 and len(reads) < 4  # the buffered rows' shards and the last one, not all 8

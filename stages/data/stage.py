@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-import pipeline.formats as formats
+import pipeline.shards as shards
 from ernie.chat_template import SPECIAL_TOKENS, render
 from pipeline.contract import StageContext, StageResult, UserError
 from pipeline.formats import write_jsonl
@@ -106,7 +106,7 @@ def run(ctx: StageContext) -> StageResult:
         (out / split).mkdir(parents=True, exist_ok=True)
         for info in state.shards[split]:
             shutil.move(str(work / split / info["name"]), out / split / info["name"])
-        formats.write_index(str(out / split), state.shards[split], config.seq_len)
+        shards.write_index(str(out / split), state.shards[split], config.seq_len)
 
     stats = state.stats.to_dict(config, scans, realised(state.mixture, weights), targets)
     stats["records"] = records
@@ -291,7 +291,7 @@ class _WindowPacker:
         self.pending[split], self.pending_tokens[split] = [], 0
         if rows:
             first = len(self.state.shards[split])
-            with formats.ShardWriter(str(self.work / split), config.rows_per_shard, first_shard=first) as writer:
+            with shards.ShardWriter(str(self.work / split), config.rows_per_shard, first_shard=first) as writer:
                 for row in rows:
                     writer.write(row)
             infos = writer.infos

@@ -23,7 +23,8 @@ import torch
 from ernie.evaluation import perplexity, val_loss
 from ernie.quant import is_quantized_dir, load_model
 from pipeline.contract import Resources, StageContext, StageResult, UserError
-from pipeline.formats import TOKENIZER_FILE, iter_rows, read_jsonl
+from pipeline.formats import TOKENIZER_FILE, read_jsonl
+from pipeline.shards import iter_rows
 
 from .metrics import accuracy_by_task, balanced_items, task_predictions
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from ernie import ErnieConfig
 from pipeline.contract import StageContext, StageResult, UserError
-from pipeline.formats import IMAGE_LAYOUT, ShardError, ShardIndex, load_tokenizer, read_index
+from pipeline.formats import load_tokenizer
+from pipeline.shards import IMAGE_LAYOUT, ShardError, ShardIndex, read_index
 from stages.training.launch import copy_checkpoint, ensure_ray, fit, relay
 
 from .config import Config

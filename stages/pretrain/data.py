@@ -1,6 +1,6 @@
 """Train micro-batches streamed from the dataset's shards, resumable from the step count alone.
 
-Each worker reads its own shards of the train split through `pipeline.formats.ShardStream`
+Each worker reads its own shards of the train split through `pipeline.shards.ShardStream`
 (disjoint across ranks, shuffled through a buffer of `pretrain.shuffle_buffer` rows) and takes
 consecutive micro-batches of batch_size // num_workers rows. Epoch `e` gives every rank
 `rows_per_epoch() // micro_batch` steps, the same count on all ranks by construction; the rows
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.formats import IMAGE_LAYOUT, ShardIndex, ShardStream, iter_rows
+from pipeline.shards import IMAGE_LAYOUT, ShardIndex, ShardStream, iter_rows
 
 Row = dict[str, np.ndarray]
 

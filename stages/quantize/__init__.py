@@ -26,7 +26,8 @@ from ernie.checkpoint import load_pretrained
 from ernie.evaluation import perplexity, val_loss
 from ernie.quant import save_quantized
 from pipeline.contract import Resources, StageContext, StageResult, UserError
-from pipeline.formats import TOKENIZER_FILE, iter_rows
+from pipeline.formats import TOKENIZER_FILE
+from pipeline.shards import iter_rows
 
 from .quality import plot_layer_errors, save_figure
 from .rtn import SCALE_DTYPES, input_dims, quantization_targets, quantize_model_rtn

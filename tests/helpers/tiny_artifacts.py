@@ -20,7 +20,8 @@ from ernie import ErnieForCausalLM, get_preset
 from ernie.chat_template import SPECIAL_TOKENS, render
 from ernie.checkpoint import save_pretrained
 from pipeline.contract import Artifact, StageContext
-from pipeline.formats import write_jsonl, write_row_shards
+from pipeline.formats import write_jsonl
+from pipeline.shards import write_row_shards
 
 SEQ_LEN = 64
 VOCAB = 320

@@ -14,7 +14,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ernie.chat_template import SPECIAL_TOKENS
-from pipeline.formats import TOKENIZER_FILE, write_jsonl, write_row_shards
+from pipeline.formats import TOKENIZER_FILE, write_jsonl
+from pipeline.shards import write_row_shards
 
 BOS_ID, EOS_ID = 1, 2
 

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from ernie import get_preset
 from ernie.chat_template import SPECIAL_TOKENS, render
 from pipeline.contract import MemoryLogger, StageContext, StageResult, UserError
-from pipeline.formats import ROW_FIELDS, TOKENIZER_FILE, load_rows, load_tokenizer, read_jsonl
+from pipeline.formats import TOKENIZER_FILE, load_tokenizer, read_jsonl
+from pipeline.shards import ROW_FIELDS, load_rows
 from stages import data
 from stages.data.packing import pack_documents
 
@@ -350,7 +351,7 @@ def test_packing_keeps_every_token_once_in_order(seq_len, lengths):
 def test_a_stage_stopped_mid_run_resumes_without_duplicating_or_dropping_rows(tmp_path, monkeypatch):
     """Killed while writing its third window, then rerun with the same work dir: the shards equal an
     uninterrupted run's, byte for byte."""
-    import pipeline.formats as formats
+    import pipeline.shards as shards
 
     options = dict(window_rows=8, rows_per_shard=4, max_documents=120, arithmetic_documents=60)
     model = get_preset("tiny_dense").replace(vocab_size=SMALL["vocab_size"])
@@ -359,7 +360,7 @@ def test_a_stage_stopped_mid_run_resumes_without_duplicating_or_dropping_rows(tm
 
     config = data.Config(**{**SMALL, **options})
     work = tmp_path / "work"
-    real_write = formats.ShardWriter.write
+    real_write = shards.ShardWriter.write
     written = {"rows": 0}
 
     def dying_write(self, row):
@@ -368,7 +369,7 @@ def test_a_stage_stopped_mid_run_resumes_without_duplicating_or_dropping_rows(tm
             raise RuntimeError("node lost")
         real_write(self, row)
 
-    monkeypatch.setattr(formats.ShardWriter, "write", dying_write)
+    monkeypatch.setattr(shards.ShardWriter, "write", dying_write)
     with pytest.raises(RuntimeError, match="node lost"):
         data.run(StageContext("data", config, model, {}, tmp_path / "first", work_dir=work))
     progress = json.loads((work / "data" / "progress.json").read_text())
@@ -379,7 +380,7 @@ def test_a_stage_stopped_mid_run_resumes_without_duplicating_or_dropping_rows(tm
         second_run["rows"] += 1
         real_write(self, row)
 
-    monkeypatch.setattr(formats.ShardWriter, "write", counting_write)
+    monkeypatch.setattr(shards.ShardWriter, "write", counting_write)
     data.run(StageContext("data", config, model, {}, tmp_path / "second", work_dir=work))
     assert _shard_members(tmp_path / "second") == _shard_members(reference)
     total_rows = sum(json.loads((reference / s / "index.json").read_text())["rows"] for s in SPLITS)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ernie import get_preset
 from pipeline.contract import StageContext
-from pipeline.formats import read_index
+from pipeline.shards import read_index
 from stages import data
 from stages.data.config import SourceConfig
 
@@ -71,7 +71,7 @@ def test_each_kind_contributes_documents_and_images_without_errors(built):
 
 def test_rows_carry_the_images_their_placeholders_need(built):
     out, _ = built
-    from pipeline.formats import iter_rows
+    from pipeline.shards import iter_rows
 
     model = get_preset("tiny_vl")
     index = read_index(out / "train")

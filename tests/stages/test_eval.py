@@ -16,7 +16,8 @@ import stages.quantize as quantize
 from ernie.chat_template import EOS, render
 from ernie.checkpoint import load_pretrained
 from ernie.evaluation import val_loss
-from pipeline.formats import load_rows, load_tokenizer, read_jsonl
+from pipeline.formats import load_tokenizer, read_jsonl
+from pipeline.shards import load_rows
 from stages.eval import metrics as eval_metrics
 
 

@@ -15,7 +15,7 @@ from ernie.checkpoint import load_pretrained
 from ernie.evaluation import perplexity, val_loss
 from ernie.quant import QuantizedGroupedExperts, QuantizedLinear, dequantize, load_quantized, quantized_modules
 from pipeline.contract import UserError
-from pipeline.formats import load_rows
+from pipeline.shards import load_rows
 from stages.quantize.rtn import quantize_model_rtn, rtn_quantize
 
 

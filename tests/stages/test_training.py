@@ -30,7 +30,7 @@ from ernie.batching import collate
 from ernie.chat_template import EOS
 from ernie.checkpoint import load_pretrained
 from pipeline.contract import Artifact, MemoryLogger, StageContext, UserError
-from pipeline.formats import IMAGE_LAYOUT, TEXT_LAYOUT, ShardIndex, iter_rows, write_row_shards
+from pipeline.shards import IMAGE_LAYOUT, TEXT_LAYOUT, ShardIndex, iter_rows, write_row_shards
 from stages import pretrain
 from stages.posttrain import dpo, sft
 from stages.posttrain.chat import pad_batch, tokenise_chat
