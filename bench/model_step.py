@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ernie import ErnieForCausalLM, get_preset  # noqa: E402
 from ernie.config import ErnieConfig  # noqa: E402
+from ernie.flops import training_flops_per_token  # noqa: E402
 from ernie.hf_config import to_hf_config  # noqa: E402
 
 
@@ -71,11 +72,6 @@ def build_hf(cfg: ErnieConfig, device, dtype) -> torch.nn.Module:
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     return model.train()
-
-
-def flops_per_token(model: ErnieForCausalLM, cfg: ErnieConfig, seq: int) -> float:
-    active_with_head = model.num_active_params() + cfg.vocab_size * cfg.hidden_size
-    return 6 * active_with_head + 6 * cfg.num_layers * cfg.hidden_size * seq
 
 
 def time_steps(model, ids, steps: int, warmup: int, device) -> tuple[float, float]:
@@ -163,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.seq:
             case.seq = args.seq
         with torch.device("meta"):
-            flops_tok = flops_per_token(ErnieForCausalLM(case.config), case.config, case.seq)
+            flops_tok = training_flops_per_token(ErnieForCausalLM(case.config), case.seq)
         for impl in ("hf", "ours"):
             record = run_case(case, impl, device, dtype, steps, warmup, args.compile, peak_flops, flops_tok)
             print(json.dumps(record), flush=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -217,3 +218,25 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out_TH = out_TH + self.shared_experts(x_TH)
         return out_TH.view(B, S, H), routings
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module, rate: float) -> None:
+    """Aux-loss-free balancing, after each optimizer step: every router's selection bias moves by
+    `rate` toward its under-used experts, `bias += rate * sign(mean(load) - load)`, from the tokens
+    dispatched since the last update (summed over data-parallel ranks), then the counts restart.
+
+    Only the top-k selection sees the bias; the combine weights stay the unbiased probabilities.
+    Collective when torch.distributed is initialised: every rank calls it at the same step, and all
+    ranks end with the same biases.
+    """
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    if not routers:
+        return
+    loads = torch.cat([r.expert_load for r in routers])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loads)
+    for router, load in zip(routers, loads.split([r.expert_load.numel() for r in routers]), strict=True):
+        if load.sum() > 0:
+            router.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+        router.expert_load.zero_()

@@ -23,6 +23,9 @@ class Config(TrainingConfig):
     """Validation rows evaluated (the first ones of the val shards; 0 = all)."""
     router_stats_every: int = 25
     """Log router load balance (max/mean dispatch per MoE layer) every this many steps."""
+    router_bias_rate: float = 1e-3
+    """Aux-loss-free balancing: after every step each MoE router's selection bias moves this much
+    toward its under-used experts (`ernie.moe.update_router_biases`); 0 turns it off."""
     shuffle_buffer: int = 256
     """Train rows each worker holds to shuffle its shard stream (0 = file order); with the shards
     dealt anew each epoch this is the whole shuffle, so more rows mix better and cost memory."""
@@ -37,7 +40,7 @@ class Config(TrainingConfig):
     def validate(self) -> None:
         """Raise `UserError` naming the first bad field (`pretrain.<field>=<value>`)."""
         self.check("pretrain", positive=("router_stats_every",))
-        for name, zero_means in (("eval_rows", "all"), ("shuffle_buffer", "file order")):
+        for name, zero_means in (("eval_rows", "all"), ("shuffle_buffer", "file order"), ("router_bias_rate", "off")):
             value = getattr(self, name)
             if value < 0:
                 raise UserError(f"pretrain.{name}={value} must not be negative (0 = {zero_means})")

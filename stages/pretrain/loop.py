@@ -22,7 +22,9 @@ import torch.distributed as dist
 from ernie import ErnieConfig, ErnieForCausalLM
 from ernie.batching import collate
 from ernie.checkpoint import save_pretrained
+from ernie.flops import peak_flops, training_flops_per_token
 from ernie.losses import shifted_targets
+from ernie.moe import update_router_biases
 from pipeline.contract import UserError
 from stages.training import train_state
 from stages.training.optim import build_optimizer, lr_at, set_lr
@@ -106,6 +108,8 @@ class WorkerLoop:
         if state is not None:
             self._restore(state)
         self.ddp = wrap_ddp(self.model, self.device)
+        self.flops_per_token: float | None = None  # known once the first batch shows the row length
+        self.peak_flops = peak_flops(self.device)
         self.batches = self.reader.batches(self.step)
         self.val_rows = load_val_rows(f"{job.dataset_dir}/val", cfg.eval_rows)
 
@@ -128,6 +132,8 @@ class WorkerLoop:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if cfg.router_bias_rate > 0:  # collective: every rank, every step
+            update_router_biases(self.model, cfg.router_bias_rate)
         self.router.add(out.routing)
         losses = self._mean_over_ranks([out.loss] + [out.losses.get(n, out.loss * 0) for n in LOSS_NAMES[1:]])
         seconds = time.perf_counter() - started
@@ -136,7 +142,14 @@ class WorkerLoop:
         self.history["tokens"] += tokens
         self.history["seconds"] += seconds
         metrics = dict(zip(LOSS_NAMES, losses, strict=True))
-        return metrics | {"lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / seconds}
+        throughput = {"tokens_per_s": tokens / seconds}
+        # achieved FLOP/s per device (every rank does the same work), and MFU where the peak is known
+        if self.flops_per_token is None:
+            self.flops_per_token = training_flops_per_token(self.model, batch["input_ids"].shape[1])
+        throughput["tflops_per_device"] = self.flops_per_token * tokens / seconds / self.world / 1e12
+        if self.peak_flops:
+            throughput["mfu"] = throughput["tflops_per_device"] * 1e12 / self.peak_flops
+        return metrics | {"lr": lr, "grad_norm": float(grad_norm)} | throughput
 
     def _mean_over_ranks(self, values: list[torch.Tensor]) -> list[float]:
         stacked = torch.stack([v.detach().float() for v in values])
@@ -245,4 +258,11 @@ class WorkerLoop:
             "val_loss_initial": h["val_loss"][0] if h["val_loss"] else float("nan"),
             "val_loss": val_loss,
             "tokens_per_s": h["tokens"] / max(h["seconds"], 1e-9),
+            **self._flops_summary(h["tokens"] / max(h["seconds"], 1e-9)),
         }
+
+    def _flops_summary(self, tokens_per_s: float) -> dict[str, float]:
+        if self.flops_per_token is None:  # no step ran (a finished run evaluated again)
+            return {}
+        flops = self.flops_per_token * tokens_per_s / self.world
+        return {"tflops_per_device": flops / 1e12} | ({"mfu": flops / self.peak_flops} if self.peak_flops else {})
