@@ -22,6 +22,7 @@ from .layers import RMSNorm, SwiGLU
 from .losses import lm_loss, router_losses
 from .moe import ExpertsImpl, MoE, RouterOutput
 from .positions import document_positions, vision_token_mask, vl_position_ids
+from .recompute import POLICIES, recompute
 from .rope import frequency_axes, inv_frequencies, rope_cos_sin
 from .vision import VisionAdapter, VisionEncoder
 
@@ -57,13 +58,22 @@ class DecoderLayer(nn.Module):
         cache: KVCache | None,
         vision_mask: torch.Tensor | None,
         experts_impl: ExpertsImpl,
+        policy: str = "none",
     ) -> tuple[torch.Tensor, list[RouterOutput]]:
+        if policy == "layers":
+            return recompute(self._forward, x, cos_sin, mask, cache, vision_mask, experts_impl, False)
+        return self._forward(x, cos_sin, mask, cache, vision_mask, experts_impl, policy == "mlp")
+
+    def _forward(self, x, cos_sin, mask, cache, vision_mask, experts_impl, recompute_mlp: bool):
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, mask, cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            y, routing = self.mlp(h, vision_mask, experts_impl)
+            if recompute_mlp:
+                y, routing = recompute(self.mlp, h, vision_mask, experts_impl)
+            else:
+                y, routing = self.mlp(h, vision_mask, experts_impl)
             return x + y, routing
-        return x + self.mlp(h), []
+        return x + (recompute(self.mlp, h) if recompute_mlp else self.mlp(h)), []
 
 
 class ErnieModel(nn.Module):
@@ -91,6 +101,8 @@ class ErnieForCausalLM(nn.Module):
         self.register_buffer("rope_axes", frequency_axes(config.head_dim, mrope), persistent=False)
         self.attn_impl: AttnImpl = "sdpa"
         self.experts_impl: ExpertsImpl = "auto"
+        self.recompute: str = "none"
+        """Activation recomputation policy in training (`ernie.recompute.POLICIES`)."""
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -193,8 +205,11 @@ class ErnieForCausalLM(nn.Module):
         cos_sin = (cos_sin[0].to(x.device), cos_sin[1].to(x.device))
 
         routing: list[list[RouterOutput]] = []
+        policy = self.recompute if self.training and torch.is_grad_enabled() and cache is None else "none"
+        if policy not in POLICIES:
+            raise ValueError(f"recompute={policy!r} is not one of {POLICIES}")
         for layer in self.model.layers:
-            x, layer_routing = layer(x, cos_sin, mask, cache, vision_mask, self.experts_impl)
+            x, layer_routing = layer(x, cos_sin, mask, cache, vision_mask, self.experts_impl, policy)
             if layer_routing:
                 routing.append(layer_routing)
         x = self.model.norm(x)

@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import ErnieConfig
 from .layers import SwiGLU
+from .recompute import recomputing
 
 ExpertsImpl = Literal["auto", "grouped", "loop"]
 
@@ -57,7 +58,7 @@ class Router(nn.Module):
             topk_ids_TK = torch.topk(biased_TE, self.top_k, dim=-1).indices
             topk_probs_TK = probs_TE.gather(-1, topk_ids_TK)
             topk_weights_TK = topk_probs_TK / topk_probs_TK.sum(-1, keepdim=True).clamp(min=self.norm_min)
-        if self.training:
+        if self.training and not recomputing():  # a recomputed forward must not count its tokens twice
             with torch.no_grad():
                 self.expert_load += count_per_expert(topk_ids_TK, self.weight.shape[0]).float()
         return RouterOutput(

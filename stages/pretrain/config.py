@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ernie.recompute import POLICIES
 from pipeline.contract import UserError
 from stages.training.config import TrainingConfig
 
@@ -23,6 +24,9 @@ class Config(TrainingConfig):
     """Validation rows evaluated (the first ones of the val shards; 0 = all)."""
     router_stats_every: int = 25
     """Log router load balance (max/mean dispatch per MoE layer) every this many steps."""
+    recompute: str = "none"
+    """Activation recomputation: none, layers (whole decoder layers) or mlp (only the FFN / MoE
+    part); trades compute for activation memory, results stay the same."""
     router_bias_rate: float = 1e-3
     """Aux-loss-free balancing: after every step each MoE router's selection bias moves this much
     toward its under-used experts (`ernie.moe.update_router_biases`); 0 turns it off."""
@@ -40,6 +44,8 @@ class Config(TrainingConfig):
     def validate(self) -> None:
         """Raise `UserError` naming the first bad field (`pretrain.<field>=<value>`)."""
         self.check("pretrain", positive=("router_stats_every",))
+        if self.recompute not in POLICIES:
+            raise UserError(f"pretrain.recompute={self.recompute!r} must be one of {POLICIES}")
         for name, zero_means in (("eval_rows", "all"), ("shuffle_buffer", "file order"), ("router_bias_rate", "off")):
             value = getattr(self, name)
             if value < 0:

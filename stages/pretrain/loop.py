@@ -107,6 +107,7 @@ class WorkerLoop:
         state = train_state.load(Path(job.state_dir), job.fingerprint)
         if state is not None:
             self._restore(state)
+        self.model.recompute = self.cfg.recompute
         self.ddp = wrap_ddp(self.model, self.device)
         self.flops_per_token: float | None = None  # known once the first batch shows the row length
         self.peak_flops = peak_flops(self.device)

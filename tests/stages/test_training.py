@@ -515,6 +515,8 @@ def test_dpo_raises_reward_accuracy_and_margin_over_the_reference(dpo_run):
         ({"steps": 0}, "pretrain.steps=0"),
         ({"batch_size": 9}, "pretrain.batch_size=9"),
         ({"precision": "fp8"}, "pretrain.precision='fp8'"),
+        ({"recompute": "all"}, "pretrain.recompute='all'"),
+        ({"router_bias_rate": -0.1}, "pretrain.router_bias_rate=-0.1"),
     ],
 )
 def test_pretrain_rejects_bad_config(overrides, message, dataset, model_config, tmp_path):
