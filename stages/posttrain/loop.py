@@ -138,7 +138,7 @@ class WorkerLoop:
 
     def train_step(self) -> dict[str, float]:
         cfg, step = self.cfg, self.step + 1
-        lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.schedule, cfg.decay_fraction)
         set_lr(self.optimizer, lr)
         indices = self._batch_indices()
         batch = self.objective.collate([self.train_examples[i] for i in indices], self.device)

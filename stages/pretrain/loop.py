@@ -122,7 +122,7 @@ class WorkerLoop:
 
     def train_step(self) -> dict[str, float]:
         cfg, step = self.cfg, self.step + 1
-        lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.schedule, cfg.decay_fraction)
         set_lr(self.optimizer, lr)
         batch = collate(next(self.batches), self.device)
         started = time.perf_counter()

@@ -8,6 +8,8 @@ from typing import ClassVar
 
 from pipeline.contract import Resources, UserError
 
+from .optim import SCHEDULES
+
 
 def _stage_actor_resources() -> Resources:
     # The stage actor only launches and watches the Ray Train workers; if it held a CPU, a
@@ -33,7 +35,12 @@ class TrainingConfig:
     lr: float = 1e-3
     """Peak learning rate (after warmup)."""
     min_lr_ratio: float = 0.1
-    """The cosine decay ends at `lr * min_lr_ratio`."""
+    """The decay ends at `lr * min_lr_ratio`."""
+    schedule: str = "cosine"
+    """After warmup: cosine (decay over all remaining steps) or wsd (warmup-stable-decay: constant, then
+    a linear decay over the last `decay_fraction` of the steps)."""
+    decay_fraction: float = 0.2
+    """wsd only: share of the steps spent decaying."""
     warmup_steps: int = 10
     """Linear warmup from 0 to `lr`."""
     weight_decay: float = 0.0
@@ -78,6 +85,8 @@ class TrainingConfig:
         require(self.lr > 0, "lr", "must be positive")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must lie in [0, 1]")
         require(self.warmup_steps >= 0, "warmup_steps", "must not be negative")
+        require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+        require(0 < self.decay_fraction <= 1, "decay_fraction", "must lie in (0, 1]")
         require(self.grad_clip >= 0, "grad_clip", "must not be negative (0 = off)")
         require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
         require(self.max_failures >= 0, "max_failures", "must not be negative")

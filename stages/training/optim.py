@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine schedule.
+"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedules.
 
 The learning rate is a pure function of the step counter, so a resumed run reproduces it
 exactly from the saved step alone.
@@ -11,11 +11,31 @@ import math
 import torch
 from torch import nn
 
+SCHEDULES = ("cosine", "wsd")
 
-def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Learning rate for optimizer step `step` (1-based): linear warmup, then cosine to peak * min_lr_ratio."""
+
+def lr_at(
+    step: int,
+    peak: float,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float,
+    schedule: str = "cosine",
+    decay_fraction: float = 0.2,
+) -> float:
+    """Learning rate for optimizer step `step` (1-based), after a linear warmup:
+
+    cosine: cosine decay from peak to peak * min_lr_ratio over the remaining steps;
+    wsd (warmup-stable-decay): peak until the last `decay_fraction` of the steps, then linear to
+    peak * min_lr_ratio, so a run can be extended or branched from its stable phase.
+    """
     if warmup_steps > 0 and step <= warmup_steps:
         return peak * step / warmup_steps
+    if schedule == "wsd":
+        decay_steps = max(round(total_steps * decay_fraction), 1)
+        decay_start = max(total_steps - decay_steps, warmup_steps)
+        progress = min(max(step - decay_start, 0) / max(total_steps - decay_start, 1), 1.0)
+        return peak * (1.0 - (1.0 - min_lr_ratio) * progress)
     decay_steps = max(total_steps - warmup_steps, 1)
     progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -424,6 +424,15 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[-1] == pytest.approx(0.1)
 
 
+def test_wsd_schedule_holds_the_peak_then_decays_linearly_over_its_last_fraction():
+    lrs = [lr_at(s, 1.0, 10, 100, 0.1, schedule="wsd", decay_fraction=0.2) for s in range(1, 101)]
+    assert lrs[9] == pytest.approx(1.0) and all(lr == 1.0 for lr in lrs[10:80])  # stable phase
+    decay = lrs[80:]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False)) and decay[-1] == pytest.approx(0.1)
+    steps = [b - a for a, b in zip(decay, decay[1:], strict=False)]
+    assert max(steps) == pytest.approx(min(steps))  # linear
+
+
 @pytest.mark.slow
 def test_pretrain_trains_a_vl_model_on_image_rows(vl_dataset, tmp_path):
     model = get_preset("tiny_vl").replace(vocab_size=VL_VOCAB)
@@ -516,6 +525,7 @@ def test_dpo_raises_reward_accuracy_and_margin_over_the_reference(dpo_run):
         ({"batch_size": 9}, "pretrain.batch_size=9"),
         ({"precision": "fp8"}, "pretrain.precision='fp8'"),
         ({"recompute": "all"}, "pretrain.recompute='all'"),
+        ({"schedule": "linear"}, "pretrain.schedule='linear'"),
         ({"router_bias_rate": -0.1}, "pretrain.router_bias_rate=-0.1"),
     ],
 )
