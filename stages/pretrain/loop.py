@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -150,7 +151,13 @@ class WorkerLoop:
         throughput["tflops_per_device"] = self.flops_per_token * tokens / seconds / self.world / 1e12
         if self.peak_flops:
             throughput["mfu"] = throughput["tflops_per_device"] * 1e12 / self.peak_flops
-        return metrics | {"lr": lr, "grad_norm": float(grad_norm)} | throughput
+        return metrics | {"lr": lr, "grad_norm": float(grad_norm), "memory_gb": self._memory_gb()} | throughput
+
+    def _memory_gb(self) -> float:
+        """Peak device memory of this worker (GPU: allocated by torch; CPU: the process's resident set)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return psutil.Process().memory_info().rss / 2**30
 
     def _mean_over_ranks(self, values: list[torch.Tensor]) -> list[float]:
         stacked = torch.stack([v.detach().float() for v in values])

@@ -59,7 +59,10 @@ VL_PRETRAIN = dict(
     eval_rows=16,
 )
 VL_VOCAB = 400
-STEP_LOG_KEYS = {"loss", "lm", "aux", "z", "orthogonal", "lr", "tokens_per_s", "grad_norm", "router/max_over_mean"}
+STEP_LOG_KEYS = {
+    *("loss", "lm", "aux", "z", "orthogonal", "lr", "tokens_per_s", "grad_norm", "router/max_over_mean"),
+    *("tflops_per_device", "memory_gb"),
+}
 
 
 # ---------------------------------------------------------------------- fixtures
