@@ -150,14 +150,7 @@ def validate(cfg: PipelineConfig) -> None:
             f"data.vocab_size={cfg.data.vocab_size} must equal model.vocab_size={cfg.model.vocab_size} "
             "(the tokenizer the data stage trains is the model's vocabulary)"
         )
-    from stages.data.config import IMAGE_KINDS
-
-    if cfg.data.has_images and cfg.model.vision is None:
-        kinds = sorted({s.kind for s in cfg.data.sources if s.kind in IMAGE_KINDS})
-        raise UserError(
-            f"data.sources has image sources ({', '.join(kinds)}) but model {cfg.model.name} has no vision encoder; "
-            "use a VL model (e.g. model=tiny_vl) or text-only sources"
-        )
+    cfg.data.check_model(cfg.model)
     for path in ("data", "pretrain", "posttrain.sft", "posttrain.dpo", "quantize", "serve", "eval"):
         section = cfg.section(path)
         if hasattr(section, "validate"):  # each stage's own rules, raising UserError with its key path

@@ -167,6 +167,15 @@ class Config:
             bundled = source.kind in SOURCE_KINDS[:3]
             _require(bundled or bool(source.path), f"{key}.path", source.path, f"is needed by kind {source.kind}")
 
+    def check_model(self, model) -> None:
+        """Image sources need a model with a vision encoder (`UserError` otherwise)."""
+        if self.has_images and (model is None or model.vision is None):
+            kinds = sorted({s.kind for s in self.sources if s.kind in IMAGE_KINDS})
+            raise UserError(
+                f"data.sources has image sources ({', '.join(kinds)}) but model {getattr(model, 'name', None)} "
+                "has no vision encoder; use a VL model (e.g. model=tiny_vl) or text-only sources"
+            )
+
     @property
     def has_images(self) -> bool:
         """Whether a source always carries images (webdataset shards may or may not)."""

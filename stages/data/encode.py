@@ -21,8 +21,7 @@ from ernie.config import ErnieConfig, VisionConfig
 from .images import ImageError, decode_image, image_to_patches
 from .packing import PackDocument, PackImage
 from .sources import RawRecord, fetch_image
-
-BOS_ID, EOS_ID = 1, 2
+from .tokenizer import BOS_ID, EOS_ID
 
 
 @dataclass(frozen=True)

@@ -139,9 +139,13 @@ def pack_windows(
     stream = iter(documents)
     while window := _take_window(stream, window_tokens):
         consumed += len(window)
-        pieces = [piece for doc in window for piece in split_document(doc, fmt)]
-        rows = [build_row(row, fmt) for row in best_fit_rows(pieces, seq_len, _CutCache(fmt))]
-        yield PackedWindow(rows, consumed)
+        yield PackedWindow(pack_window(window, fmt), consumed)
+
+
+def pack_window(documents: Sequence[PackDocument], fmt: RowFormat) -> list[Row]:
+    """Best-fit-decreasing rows of exactly these documents (one window)."""
+    pieces = [piece for doc in documents for piece in split_document(doc, fmt)]
+    return [build_row(row, fmt) for row in best_fit_rows(pieces, fmt.seq_len, _CutCache(fmt))]
 
 
 def pack_best_fit(

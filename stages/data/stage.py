@@ -34,10 +34,10 @@ from pipeline.formats import write_jsonl
 
 from . import arithmetic, dataflow
 from .bundled import bundled_corpus
-from .config import IMAGE_KINDS, Config
+from .config import Config
 from .encode import EncodeSpec
 from .mixture import MixtureState, interleave, realised, token_targets
-from .packing import balance_order, pack_windows
+from .packing import RowFormat, balance_order, pack_window
 from .stats import StatsAccumulator, flat_metrics, stats_figures
 from .stdlib_corpus import python_version
 from .tokenizer import PAD_ID, save_tokenizer, train_tokenizer
@@ -130,13 +130,7 @@ def _check_model(config: Config, model) -> None:
             f"data.vocab_size={config.vocab_size} differs from the model's vocab_size={model_vocab}; "
             "the tokenizer must fill the model's embedding table, so set them equal"
         )
-    if config.has_images and (model is None or model.vision is None):
-        name = getattr(model, "name", "none")
-        kinds = sorted({s.kind for s in config.sources if s.kind in IMAGE_KINDS})
-        raise UserError(
-            f"data.sources has image sources ({', '.join(kinds)}) but the model ({name}) has no vision encoder; "
-            "use a VL model or text-only sources"
-        )
+    config.check_model(model)
 
 
 def _patch_dim(model) -> int:
@@ -256,8 +250,9 @@ class _WindowPacker:
     """
 
     def __init__(self, config: Config, vl: bool, patch_dim: int, work: Path, state: _Progress) -> None:
-        self.config, self.vl, self.patch_dim, self.work, self.state = config, vl, patch_dim, work, state
+        self.config, self.work, self.state = config, work, state
         self.capacity = config.window_rows * config.seq_len
+        self.format = RowFormat(config.seq_len, vl, patch_dim, PAD_ID)
         carry = state.load_carry()
         self.rows: dict[str, list[dict]] = carry["rows"]
         self.pending: dict[str, list] = carry["pending"]
@@ -280,11 +275,11 @@ class _WindowPacker:
         config = self.config
         rows = self.rows[split]
         if self.pending[split]:
-            packed = self._pack(self.pending[split])
-            if split == "train" and self.vl:
+            packed = pack_window(self.pending[split], self.format)
+            if split == "train" and self.format.vl:  # the seed varies per window, fixed by the stream
                 vision, text = _row_counts(packed)
-                salt = self.state.next_doc_id
-                packed = [packed[i] for i in balance_order(vision, text, config.balance.group_rows, salt)]
+                order = balance_order(vision, text, config.balance.group_rows, self.state.next_doc_id)
+                packed = [packed[i] for i in order]
             rows = rows + packed
         keep = len(rows) if final else len(rows) - len(rows) % config.rows_per_shard
         rows, self.rows[split] = rows[:keep], rows[keep:]
@@ -295,19 +290,11 @@ class _WindowPacker:
                 for row in rows:
                     writer.write(row)
             infos = writer.infos
-            self.state.shards[split] += [_info_dict(info) for info in infos]
+            self.state.shards[split] += [asdict(info) for info in infos]
             vision, text = _row_counts(rows)
-            self.state.stats.add_rows(split, vision, text, config.seq_len, [info.rows for info in infos], config)
+            self.state.stats.add_rows(split, vision, text, config.seq_len, [info.rows for info in infos])
         self.work.mkdir(parents=True, exist_ok=True)
         self.state.save({"rows": self.rows, "pending": self.pending})
-
-    def _pack(self, docs: list) -> list[dict]:
-        """One best-fit-decreasing window over exactly these documents."""
-        tokens = max(sum(len(d.tokens) for d in docs), self.config.seq_len)
-        windows = pack_windows(
-            docs, self.config.seq_len, window_tokens=tokens, vl=self.vl, patch_dim=self.patch_dim, pad_id=PAD_ID
-        )
-        return [row for window in windows for row in window.rows]
 
 
 def _row_counts(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -315,10 +302,6 @@ def _row_counts(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     vision = np.array([int((r["modality_ids"] == 1).sum()) for r in rows], dtype=np.int64)
     real = np.array([int((r["document_ids"] >= 0).sum()) for r in rows], dtype=np.int64)
     return vision, real - vision
-
-
-def _info_dict(info) -> dict:
-    return dict(asdict(info)) if hasattr(info, "__dataclass_fields__") else dict(info)
 
 
 def _summary(stats: dict) -> str:

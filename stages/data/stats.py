@@ -13,6 +13,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from .packing import group_vision_fractions
+
 LENGTH_BINS = 24
 """Document-length histogram bins: [2^k, 2^(k+1)) tokens."""
 
@@ -44,7 +46,7 @@ class StatsAccumulator:
         if len(self.lengths) < 100_000:
             self.lengths.append(n)
 
-    def add_rows(self, split: str, vision: np.ndarray, text: np.ndarray, seq_len: int, shard_rows: list[int], config):
+    def add_rows(self, split: str, vision: np.ndarray, text: np.ndarray, seq_len: int, shard_rows: list[int]) -> None:
         self.row_vision[split] += vision.tolist()
         self.row_text[split] += text.tolist()
         self.splits[split]["rows"] += len(vision)
@@ -172,11 +174,8 @@ def _row_balance(vision: np.ndarray, text: np.ndarray) -> dict:
 
 
 def group_shares(vision: np.ndarray, text: np.ndarray, group_rows: int) -> np.ndarray:
-    """Vision-token share of each micro-batch (consecutive `group_rows` rows; a short last group counts)."""
-    starts = range(0, len(vision), group_rows)
-    v = np.array([vision[s : s + group_rows].sum() for s in starts], dtype=np.float64)
-    t = np.array([text[s : s + group_rows].sum() for s in starts], dtype=np.float64)
-    return v / np.maximum(v + t, 1)
+    """Vision-token share of each micro-batch: consecutive `group_rows` rows as written (a short last group counts)."""
+    return group_vision_fractions(np.arange(len(vision)), vision, text, group_rows)
 
 
 def _group_balance(vision: np.ndarray, text: np.ndarray, group_rows: int, band: float) -> dict:

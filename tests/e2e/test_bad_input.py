@@ -15,6 +15,8 @@ from cli import clean_env, pipeline
         (["run", "conf=tiny", "model.moe.top_k=99"], "model.moe.top_k=99"),
         (["run", "conf=tiny", "data.vocab_size=2048"], "data.vocab_size=2048 must equal model.vocab_size"),
         (["run", "conf=tiny", "quantize.group_size=48"], "quantize.group_size=48"),
+        (["run", "conf=tiny", "model=tiny_moe"], "image sources (scenes) but model tiny-moe has no vision encoder"),
+        (["run", "conf=tiny", "data.sources=[{name:a,kind:jsonl}]"], "data.sources[0].path=''"),
         (["run", "conf=tiny", "stages=[pretrian]"], "unknown stage(s) ['pretrian']"),
         (["run", "pretrain.steps=3"], "missing conf=NAME"),
         (["plan", "conf=tiny", "from=serve", "until=data"], "nothing to run"),

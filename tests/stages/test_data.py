@@ -297,6 +297,13 @@ def test_bad_config_is_a_user_error_naming_the_field(tmp_path, field, value):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_image_sources_need_a_vl_model_and_nothing_is_written(tmp_path):
+    scenes = [*TEXT_SOURCES, data.config.SourceConfig(name="scenes", kind="scenes", weight=0.2)]
+    with pytest.raises(UserError, match=r"image sources \(scenes\) but model tiny-dense has no vision encoder"):
+        run_stage(tmp_path, sources=scenes)
+    assert not any(tmp_path.iterdir())
+
+
 def test_vocab_size_must_match_the_model(tmp_path):
     from ernie import get_preset
 

@@ -48,16 +48,7 @@ PRETRAIN = dict(
     router_stats_every=15,
     eval_rows=16,
 )
-VL_PRETRAIN = dict(
-    steps=20,
-    batch_size=8,
-    lr=5e-3,
-    warmup_steps=3,
-    eval_every=10,
-    checkpoint_every=10,
-    router_stats_every=10,
-    eval_rows=16,
-)
+VL_PRETRAIN = {**PRETRAIN, "steps": 20, "lr": 5e-3, "warmup_steps": 3, "eval_every": 10, "router_stats_every": 10}
 VL_VOCAB = 400
 STEP_LOG_KEYS = {
     *("loss", "lm", "aux", "z", "orthogonal", "lr", "tokens_per_s", "grad_norm", "router/max_over_mean"),
