@@ -8,7 +8,9 @@ files in a temp dir), then:
   2. the same work piece by piece on one core, in this process, on the same documents: parsing,
      the stage's encode function, unpickling, packing (ours `pack_windows` best-fit decreasing vs
      the greedy baseline `pack_greedy`, at seq_len 4096 and 128) and shard writing;
-  3. HF tokenizers `encode_batch` alone (one thread and all threads): the ceiling for tokens/s per core.
+  3. the tokenizer alone: tiktoken on the bundled BPE as the stage runs it (same ids as HF
+     tokenizers, tests/stages/test_fast_bpe.py), and HF tokenizers `encode_batch` (one thread and
+     all threads), the library the stage would otherwise use.
 
     python bench/data_throughput.py --smoke          # tiny corpus, seq_len 128, < 60 s on 2 cores (make test)
     python bench/data_throughput.py                  # default corpus (see --tokens), stage at seq_len 4096
@@ -45,7 +47,8 @@ from pipeline.shards import ShardWriter  # noqa: E402
 from stages.data import Config  # noqa: E402
 from stages.data import run as run_stage  # noqa: E402
 from stages.data.config import SourceConfig  # noqa: E402
-from stages.data.encode import EncodeSpec, encode_batch  # noqa: E402
+from stages.data.encode import EncodeSpec, encode_batch, table_documents  # noqa: E402
+from stages.data.fast_bpe import fast_encoder  # noqa: E402
 from stages.data.packing import pack_best_fit, pack_greedy  # noqa: E402
 from stages.data.sources import parse_file  # noqa: E402
 from stages.data.stdlib_corpus import stdlib_documents  # noqa: E402
@@ -65,13 +68,12 @@ PROFILE_POINTS = {
     "tokenizer: BPE training": ("tokenizer.py", ("train_tokenizer",)),
     "read + parse + encode (Ray, materialize)": ("dataflow.py", ("encoded_dataset",)),
     "scan encoded rows": ("dataflow.py", ("scan",)),
-    "iterate docs (Ray iter_rows + unpickle)": ("dataflow.py", ("documents",)),
-    "  of which pickle.loads": ("~", ("<built-in method _pickle.loads>",)),
+    "iterate docs (Ray iter_batches + Arrow -> documents)": ("dataflow.py", ("documents",)),
     "mixture interleave (incl. iterate)": ("mixture.py", ("interleave",)),
     "stats per document": ("stats.py", ("add_document",)),
     "window flush (pack + write + stats + save)": ("stage.py", ("flush",)),
-    "  pack": ("stage.py", ("_pack",)),
-    "  shard write": ("formats.py", ("write", "close")),
+    "  pack": ("packing.py", ("pack_window",)),
+    "  shard write": ("shards.py", ("write", "close")),
     "  progress save": ("stage.py", ("save",)),
     "stats.json + figures": ("stats.py", ("to_dict", "stats_figures")),
 }
@@ -254,17 +256,18 @@ def parse_corpus(corpus: Path, source: SourceConfig) -> list[dict]:
     return [r.to_row() for path in sorted(corpus.iterdir()) for r in parse_file(source, str(path), path.read_bytes())]
 
 
-def encode_rows(rows: list[dict], spec: EncodeSpec) -> list[bytes]:
-    """The stage's `encode_batch` over batches of ENCODE_BATCH rows; the pickled documents."""
-    docs = []
+def encode_rows(rows: list[dict], spec: EncodeSpec) -> list:
+    """The stage's `encode_batch` over batches of ENCODE_BATCH rows; the Arrow tables it returns."""
+    tables = []
     for at in range(0, len(rows), ENCODE_BATCH):
         batch = rows[at : at + ENCODE_BATCH]
-        docs += encode_batch({k: [r[k] for r in batch] for k in batch[0]}, spec)["doc"]
-    return docs
+        tables.append(encode_batch({k: [r[k] for r in batch] for k in batch[0]}, spec))
+    return tables
 
 
-def unpickle(blobs: list[bytes]) -> list:
-    docs = [pickle.loads(b) for b in blobs if b]
+def read_documents(tables: list) -> list:
+    """The stage process's side: encoded tables -> PackDocuments (numpy views for text)."""
+    docs = [doc for table in tables for _, (_, doc) in table_documents(table)]
     for doc_id, doc in enumerate(docs):  # the stage numbers documents in stream order
         doc.doc_id = doc_id
     return docs
@@ -275,16 +278,28 @@ def single_thread_tokenizers(enabled: bool) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false" if enabled else "true"
 
 
-def tokenizer_only(tokenizer_json: str, texts: list[str], threads_one: bool) -> dict:
-    from tokenizers import Tokenizer
+def tokenizer_only(tokenizer_json: str, texts: list[str], library: str, threads_one: bool = True) -> dict:
+    """Token ids alone: HF tokenizers `encode_batch` (the library), or tiktoken as the stage runs it."""
+    if library == "tiktoken":
+        encode = fast_encoder(tokenizer_json)
+        if encode is None:
+            raise SystemExit("the stage's tokenizer is not the bundled closed BPE; tiktoken does not apply")
+    else:
+        from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_str(tokenizer_json)
-    single_thread_tokenizers(threads_one)
+        tokenizer = Tokenizer.from_str(tokenizer_json)
+        single_thread_tokenizers(threads_one)
+
+        def encode(batch):
+            return [e.ids for e in tokenizer.encode_batch(batch, False)]
+
     tokens, start = 0, time.perf_counter()
     for at in range(0, len(texts), TOKENIZE_BATCH):
-        tokens += sum(len(e.ids) for e in tokenizer.encode_batch(texts[at : at + TOKENIZE_BATCH], False))
+        tokens += sum(len(ids) for ids in encode(texts[at : at + TOKENIZE_BATCH]))
     seconds = time.perf_counter() - start
+    single_thread_tokenizers(True)
     return {
+        "library": library,
         "threads": 1 if threads_one else "all",
         "seconds": round(seconds, 3),
         "tokens": tokens,
@@ -339,11 +354,15 @@ def run_pieces(corpus: Path, stage_out: Path, config: Config, model, scratch: Pa
     )
     single_thread_tokenizers(True)
     rows, parse_s = timed(parse_corpus, corpus, config.sources[0])
-    blobs, encode_s = timed(encode_rows, rows, spec)
-    docs, unpickle_s = timed(unpickle, blobs)
+    tables, encode_s = timed(encode_rows, rows, spec)
+    docs, read_s = timed(read_documents, tables)
     tokens = sum(len(d.tokens) for d in docs)
     texts = [pickle.loads(r["payload"])[0][1] for r in rows if r["payload"]]
-    tokenizer = [tokenizer_only(tokenizer_json, texts, one) for one in (True, False)]
+    tokenizer = [
+        tokenizer_only(tokenizer_json, texts, "tiktoken"),
+        tokenizer_only(tokenizer_json, texts, "HF tokenizers", threads_one=True),
+        tokenizer_only(tokenizer_json, texts, "HF tokenizers", threads_one=False),
+    ]
     packing, stage_rows = [], []
     for seq_len in PACK_SEQ_LENS:
         for name in ("bfd", "greedy"):
@@ -357,7 +376,7 @@ def run_pieces(corpus: Path, stage_out: Path, config: Config, model, scratch: Pa
     steps = [
         rate("parse jsonl (sources.parse_file)", parse_s, tokens),
         rate("encode (encode.encode_batch, 1 thread)", encode_s, tokens),
-        rate("unpickle documents (driver)", unpickle_s, tokens),
+        rate("encoded rows -> documents (driver)", read_s, tokens),
         rate(f"shard write at seq_len {config.seq_len} (ShardWriter)", write_s, tokens),
     ]
     return {"documents": len(docs), "tokens": tokens, "steps": steps, "tokenizer": tokenizer, "packing": packing}
@@ -380,12 +399,14 @@ def versions() -> dict:
     import numpy
     import pyarrow
     import ray
+    import tiktoken
     import tokenizers
 
     return {
         "python": platform.python_version(),
         "ray": ray.__version__,
         "tokenizers": tokenizers.__version__,
+        "tiktoken": tiktoken.__version__,
         "numpy": numpy.__version__,
         "pyarrow": pyarrow.__version__,
     }
@@ -432,7 +453,7 @@ def print_table(report: dict) -> None:
         print(f"{step['step']:48s} {step['seconds']:9.2f} {step['tokens_per_s']:12,}")
     for tok in report["pieces"]["tokenizer"]:
         print(
-            f"{'HF tokenizers encode_batch, threads=' + str(tok['threads']):48s} {tok['seconds']:9.2f} "
+            f"{tok['library'] + ' alone, threads=' + str(tok['threads']):48s} {tok['seconds']:9.2f} "
             f"{tok['tokens_per_s']:12,}"
         )
     print(f"\n{'packer':42s} {'seq':>5s} {'rows':>8s} {'effic.':>8s} {'docs/s':>10s} {'tokens/s':>12s}")

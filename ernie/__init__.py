@@ -1,15 +1,31 @@
 """ERNIE 4.5 in PyTorch: dense, text MoE and multimodal heterogeneous MoE models.
 
 Importable with PyTorch and safetensors alone (no Ray, MLflow or Hydra), so the GPU
-benchmarks and kernels run on machines that only have PyTorch.
+benchmarks and kernels run on machines that only have PyTorch. The names below load on
+first use, so torch-free modules (`ernie.config`, `ernie.chat_template`) stay cheap to
+import: the data stage's Ray workers use them and never need torch for text.
 """
 
-from .cache import KVCache
-from .config import ConfigError, ErnieConfig, LossConfig, MoEConfig, VisionConfig
-from .model import ErnieForCausalLM, ErnieOutput
-from .presets import PRESETS, get_preset, shrink
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "ConfigError": "config",
+    "ErnieConfig": "config",
+    "LossConfig": "config",
+    "MoEConfig": "config",
+    "VisionConfig": "config",
+    "KVCache": "cache",
+    "ErnieForCausalLM": "model",
+    "ErnieOutput": "model",
+    "PRESETS": "presets",
+    "get_preset": "presets",
+    "shrink": "presets",
+}
 __all__ = [
+    "PRESETS",
     "ConfigError",
     "ErnieConfig",
     "ErnieForCausalLM",
@@ -17,8 +33,26 @@ __all__ = [
     "KVCache",
     "LossConfig",
     "MoEConfig",
-    "PRESETS",
     "VisionConfig",
     "get_preset",
     "shrink",
 ]
+
+if TYPE_CHECKING:
+    from .cache import KVCache
+    from .config import ConfigError, ErnieConfig, LossConfig, MoEConfig, VisionConfig
+    from .model import ErnieForCausalLM, ErnieOutput
+    from .presets import PRESETS, get_preset, shrink
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    try:  # a submodule: `import ernie` then `ernie.<submodule>` works as when this file imported them all
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as error:
+        if error.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

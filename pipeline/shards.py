@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import copy
+import functools
 import io
 import itertools
 import json
@@ -341,8 +342,15 @@ def _row_seq_len(arrays: dict[str, np.ndarray], where: str) -> int:
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
+    """What `np.save` writes for a C-order array, with the header built once per dtype and shape."""
+    return _npy_header(array.dtype.str, array.shape) + array.tobytes()
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
+    header = {"descr": dtype, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
     return buffer.getvalue()
 
 

@@ -8,9 +8,32 @@ answers), `images` (Pillow -> ViT patches), `tokenizer` (bundled byte-level BPE)
 patches, 3D positions), `dataflow` (the Ray Data read/encode pipeline), `mixture` (source
 weights -> interleaved stream), `packing` (best-fit-decreasing rows, micro-batch balance),
 `stats` (stats.json, metrics, plots).
+
+The stage's names load on first use, so a Ray Data task that imports `stages.data.encode` does
+not import the whole stage (and torch with it).
 """
 
-from .config import Config
-from .stage import INPUTS, OUTPUT_KIND, run
+from __future__ import annotations
 
-__all__ = ["Config", "INPUTS", "OUTPUT_KIND", "run"]
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {"Config": "config", "INPUTS": "stage", "OUTPUT_KIND": "stage", "run": "stage"}
+__all__ = ["INPUTS", "OUTPUT_KIND", "Config", "run"]
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .stage import INPUTS, OUTPUT_KIND, run
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    try:  # a submodule: `import stages.data` then `stages.data.<submodule>` works as when this file imported them
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as error:
+        if error.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -7,16 +7,17 @@ many nodes did the work. The stage's own process only mixes, packs and writes.
 
 from __future__ import annotations
 
-import pickle
+import functools
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pipeline.contract import UserError
 from stages.training.launch import ensure_ray
 
 from .config import SourceConfig
-from .encode import EncodeSpec, encode_batch, encode_records
+from .encode import EncodeSpec, encode_batch, encode_records, table_documents
 from .sources import RawRecord, list_files, parse_file
 
 ENCODE_BATCH = 256
@@ -36,6 +37,26 @@ def _data_context():
     # at a time; the pipeline here is read -> parse -> encode, nothing to starve.
     ctx.op_resource_reservation_enabled = False
     return ray.data
+
+
+def warm_up() -> Future:
+    """Start Ray Data's helper actors and import the encode code in the workers, in the background.
+
+    The first Ray Data run of a process spends seconds on this; the stage starts it before it
+    builds the corpus and trains the tokenizer, so the two overlap.
+    """
+    rd = _data_context()
+    import ray
+
+    workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    warm = rd.range(workers, override_num_blocks=workers).map_batches(_imported, batch_size=None)
+    return ThreadPoolExecutor(1, thread_name_prefix="ray-data-warm-up").submit(warm.materialize)
+
+
+def _imported(batch: dict) -> dict:
+    import stages.data.encode  # noqa: F401  (what every encode task needs; cached for the worker's life)
+
+    return batch
 
 
 def raw_dataset(source: SourceConfig, index: int, bundled: list[RawRecord] | None):
@@ -121,10 +142,8 @@ def scan(name: str, ds, on_error: str) -> SourceScan:
 
 def documents(ds) -> Iterator[tuple[int, tuple[str, object]]]:
     """(tokens, (split, PackDocument)) of every encoded document, in order; error rows skipped."""
-    for batch in _batches(ds, ("split", "doc", "tokens")):
-        for split, doc, tokens in zip(batch["split"], batch["doc"], batch["tokens"], strict=True):
-            if doc:
-                yield tokens, (split, pickle.loads(doc))
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        yield from table_documents(table)
 
 
 def _batches(ds, columns: tuple[str, ...]) -> Iterator[dict[str, list]]:
@@ -133,26 +152,60 @@ def _batches(ds, columns: tuple[str, ...]) -> Iterator[dict[str, list]]:
         yield {name: batch.column(name).to_pylist() for name in columns}
 
 
-def sample_texts(sources: dict[int, SourceConfig], limit: int) -> list[str]:
+def write_shards(directory: str, rows: list[dict], rows_per_shard: int, first_shard: int):
+    """Write `rows` as shards in a Ray task on this node (the stage's work dir is local); an ObjectRef
+    of their `ShardInfo`s as dicts."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # No CPU reservation: it runs beside the stage like a thread of it, and a node whose CPUs the
+    # stage holds must not leave it waiting forever (it cannot go to another node).
+    task = _remote(_write_shards).options(num_cpus=0, scheduling_strategy=here, max_retries=0)
+    return task.remote(directory, rows, rows_per_shard, first_shard)
+
+
+@functools.cache
+def _remote(fn):
+    import ray
+
+    return ray.remote(fn)
+
+
+def _write_shards(directory: str, rows: list[dict], rows_per_shard: int, first_shard: int) -> list[dict]:
+    from dataclasses import asdict
+
+    from pipeline.shards import ShardWriter
+
+    with ShardWriter(directory, rows_per_shard, first_shard=first_shard) as writer:
+        for row in rows:
+            writer.write(row)
+    return [asdict(info) for info in writer.infos]
+
+
+def sample_texts(sources: dict[int, SourceConfig], max_chars: int) -> list[str]:
     """Texts to train the BPE on when the sources are files and no tokenizer directory is given.
 
-    Read in this process, file by file, until `limit` records per source: a few files are enough,
-    and a Ray Data pass would cost more in start-up than the reading itself.
+    The first `max_chars` characters of text per source, read in this process file by file: a
+    small BPE's merges settle within a few million characters, and a Ray Data pass would cost
+    more in start-up than the reading itself.
     """
     import fsspec
 
     texts: list[str] = []
     for index, source in sources.items():
         _, files = list_files(source, index)
-        records = 0
+        chars = 0
         for url in files:
-            if records >= limit:
+            if chars >= max_chars:
                 break
             with fsspec.open(url, "rb") as f:
                 parsed = parse_file(source, url, f.read())
-            for record in parsed[: limit - records]:
-                texts += [t for kind, t in (record.segments or []) if kind == "text"]
-            records += len(parsed)
+            for record in parsed:
+                for kind, text in record.segments or []:
+                    if kind == "text" and chars < max_chars:
+                        texts.append(text)
+                        chars += len(text)
     if not texts:
         raise UserError("no text found in data.sources to train the tokenizer on; set data.tokenizer to a directory")
     return texts

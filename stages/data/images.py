@@ -20,15 +20,9 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
-from ernie.batching import PIXEL_MEAN, PIXEL_STD, normalize_pixels
 from ernie.config import VisionConfig
 
-IMAGE_MEAN = PIXEL_MEAN
-"""OpenAI CLIP per-channel mean (RGB), the processor's `image_mean`."""
-IMAGE_STD = PIXEL_STD
-"""OpenAI CLIP per-channel std (RGB), the processor's `image_std`."""
-normalize_patches = normalize_pixels
-"""uint8 patches -> the processor's float `pixel_values` (defined with the model's input contract)."""
+RGB_CHANNELS = 3
 MAX_ASPECT_RATIO = 200
 """smart_resize refuses images whose long side is more than 200 times the short side."""
 
@@ -98,7 +92,7 @@ def image_to_patches(
     image: Image.Image, vision: VisionConfig, min_pixels: int, max_pixels: int
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Resized uint8 patches [n_patches, C*P*P] in the model's block-major order, and grid (1, h, w) in patches."""
-    if vision.in_channels != len(IMAGE_MEAN):
+    if vision.in_channels != RGB_CHANNELS:
         raise ValueError(f"images are RGB but the vision config has in_channels={vision.in_channels}")
     P, merge = vision.patch_size, vision.spatial_merge_size
     height, width = fit_resolution(image.height, image.width, P * merge, min_pixels, max_pixels)

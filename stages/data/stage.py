@@ -12,9 +12,10 @@ shards (each with index.json), sft/, preferences/, tasks/val.jsonl and stats.jso
 Flow: every source is read, parsed and encoded by Ray Data tasks (`dataflow`); the stage's own
 process interleaves the sources by their weights (`mixture`), packs each window of documents
 best-fit-decreasing (`packing`), orders the rows so every micro-batch keeps the text:vision
-balance, and writes shards atomically. After each window it saves its progress, so a stage
-that stops (crash, preemption) continues where it was without writing any row twice. The same
-seed, config and inputs give byte-identical shards.
+balance, and hands each window's full shards to a Ray task on its node, which writes them
+atomically while the next window packs. Once a window's shards are on disk its progress is
+saved, so a stage that stops (crash, preemption) continues where it was without writing any row
+twice. The same seed, config and inputs give byte-identical shards.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ SPLITS = ("train", "val")
 PROGRESS_FILE = "progress.json"
 CARRY_FILE = "carry-{}.pkl"
 STEPS = ("corpus", "tokenizer", "read + encode", "mix + pack + write", "stats")
-TOKENIZER_SAMPLE = 20_000
-"""Records per file source used to train the BPE when no tokenizer directory is given."""
+TOKENIZER_SAMPLE_CHARS = 4_000_000
+"""Characters of text per file source the BPE trains on when no tokenizer directory is given."""
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -59,6 +60,7 @@ def run(ctx: StageContext) -> StageResult:
     out = Path(ctx.output_dir)
     work = Path(ctx.work_dir) / "data" if ctx.work_dir else out / ".progress"
     ctx.progress.set_total(len(STEPS), STEPS[0])
+    warm = dataflow.warm_up()
 
     corpus = bundled_corpus(config, ctx.seed)
     records = {
@@ -74,6 +76,7 @@ def run(ctx: StageContext) -> StageResult:
     spec = EncodeSpec.build(
         tokenizer_json, ctx.model, config.image.min_pixels, config.image.max_pixels, config.val_fraction
     )
+    warm.result()
     encoded = {name: dataflow.encoded_dataset(raw, spec) if raw is not None else None for name, raw in raws.items()}
     scans = {name: dataflow.scan(name, ds, config.on_error) for name, ds in encoded.items()}
     for name, found in scans.items():
@@ -91,11 +94,14 @@ def run(ctx: StageContext) -> StageResult:
     state = _Progress.load(work, config, ctx.seed)
     stream = interleave({name: _source_stream(encoded[name]) for name in targets}, targets, state.mixture)
     packer = _WindowPacker(config, vl, _patch_dim(ctx.model), work, state)
-    for count, (_, (split, doc)) in enumerate(stream):
-        packer.add(split, doc)
-        if count % 1000 == 0:
-            ctx.progress.update(0, f"{STEPS[3]}: {sum(state.mixture.tokens.values()):,} tokens")
-    packer.finish()
+    try:
+        for count, (_, (split, doc)) in enumerate(stream):
+            packer.add(split, doc)
+            if count % 1000 == 0:
+                ctx.progress.update(0, f"{STEPS[3]}: {sum(state.mixture.tokens.values()):,} tokens")
+        packer.finish()
+    finally:
+        packer.close()  # windows already handed over are written and saved, whatever stopped the loop
     ctx.progress.update(1, STEPS[4])
 
     for split in SPLITS:
@@ -159,7 +165,7 @@ def _tokenizer(config: Config, model, corpus, bundled: dict, out: Path) -> str:
     texts = [t for records in bundled.values() if records for r in records for kind, t in r.segments if kind == "text"]
     files = {i: s for i, s in enumerate(config.sources) if bundled[s.name] is None}
     if files:
-        texts += dataflow.sample_texts(files, TOKENIZER_SAMPLE)
+        texts += dataflow.sample_texts(files, TOKENIZER_SAMPLE_CHARS)
     texts += [_strip_special(render(r["messages"])) for r in corpus.sets.get("sft/train.jsonl", [])]
     tokenizer = train_tokenizer(texts, config.vocab_size)
     save_tokenizer(tokenizer, out)
@@ -223,22 +229,66 @@ class _Progress:
             return pickle.loads((self.work / CARRY_FILE.format(self.saves)).read_bytes())
         return {"rows": {split: [] for split in SPLITS}, "pending": {split: [] for split in SPLITS}}
 
-    def save(self, carry: dict) -> None:
-        """Rows waiting for a full shard go to a new carry file, then progress.json switches to it."""
-        self.saves += 1
-        (self.work / CARRY_FILE.format(self.saves)).write_bytes(pickle.dumps(carry))
+    def snapshot(self, carry: dict) -> tuple[bytes, dict]:
+        """The state after a window, taken by the packing thread before it reads on (shards come later)."""
         state = {
-            "saves": self.saves,
             "fingerprint": self.fingerprint,
             "mixture": asdict(self.mixture),
             "next_doc_id": self.next_doc_id,
-            "shards": self.shards,
             "stats": self.stats.to_state(),
         }
+        return pickle.dumps(carry), state
+
+    def commit(self, snapshot: tuple[bytes, dict], shards_so_far: dict[str, list[dict]]) -> None:
+        """Once a window's shards are on disk: its carry file, then progress.json switches to it."""
+        carry, state = snapshot
+        self.saves += 1
+        (self.work / CARRY_FILE.format(self.saves)).write_bytes(carry)
         tmp = self.work / (PROGRESS_FILE + ".tmp")
-        tmp.write_text(json.dumps(state))
+        tmp.write_text(json.dumps(state | {"saves": self.saves, "shards": shards_so_far}))
         tmp.replace(self.work / PROGRESS_FILE)
         (self.work / CARRY_FILE.format(self.saves - 1)).unlink(missing_ok=True)
+
+
+class _ShardWrites:
+    """Each window's full shards are written by a Ray task on this node while the next window packs.
+
+    Windows commit in order: once a window's shards are on disk, its progress (taken when it was
+    packed) is saved with the shard list so far. At most `AHEAD` windows are in flight.
+    """
+
+    AHEAD = 2
+
+    def __init__(self, config: Config, work: Path, state: _Progress) -> None:
+        self.config, self.work, self.state = config, work, state
+        self.shards = {split: list(infos) for split, infos in state.shards.items()}
+        self.in_flight: list[tuple[str, object, tuple[bytes, dict]]] = []
+
+    def submit(self, split: str, rows: list[dict], first_shard: int, snapshot: tuple[bytes, dict]) -> None:
+        directory = str(self.work / split)
+        written = dataflow.write_shards(directory, rows, self.config.rows_per_shard, first_shard) if rows else None
+        self.in_flight.append((split, written, snapshot))
+        self._commit(wait=len(self.in_flight) > self.AHEAD)
+
+    def close(self) -> dict[str, list[dict]]:
+        """Wait for every window handed over; the shard list of each split."""
+        while self.in_flight:
+            self._commit(wait=True)
+        return self.shards
+
+    def _commit(self, wait: bool) -> None:
+        import ray
+
+        while self.in_flight:
+            split, written, snapshot = self.in_flight[0]
+            if written is not None:
+                if not wait and not ray.wait([written], timeout=0)[0]:
+                    return
+                self.shards[split] = self.shards[split] + ray.get(written)
+            self.in_flight.pop(0)
+            self.work.mkdir(parents=True, exist_ok=True)
+            self.state.commit(snapshot, self.shards)
+            wait = False
 
 
 class _WindowPacker:
@@ -257,6 +307,8 @@ class _WindowPacker:
         self.rows: dict[str, list[dict]] = carry["rows"]
         self.pending: dict[str, list] = carry["pending"]
         self.pending_tokens = {split: sum(len(d.tokens) for d in docs) for split, docs in self.pending.items()}
+        self.shard_count = {split: len(infos) for split, infos in state.shards.items()}
+        self.writer = _ShardWrites(config, work, state)
 
     def add(self, split: str, doc) -> None:
         doc.doc_id = self.state.next_doc_id
@@ -268,8 +320,13 @@ class _WindowPacker:
             self.flush(split, final=False)
 
     def finish(self) -> None:
+        """Pack what is left, wait for the writes; the state's shard lists are then complete."""
         for split in SPLITS:
             self.flush(split, final=True)
+        self.state.shards = self.close()
+
+    def close(self) -> dict[str, list[dict]]:
+        return self.writer.close()
 
     def flush(self, split: str, final: bool) -> None:
         config = self.config
@@ -284,17 +341,13 @@ class _WindowPacker:
         keep = len(rows) if final else len(rows) - len(rows) % config.rows_per_shard
         rows, self.rows[split] = rows[:keep], rows[keep:]
         self.pending[split], self.pending_tokens[split] = [], 0
+        first = self.shard_count[split]
         if rows:
-            first = len(self.state.shards[split])
-            with shards.ShardWriter(str(self.work / split), config.rows_per_shard, first_shard=first) as writer:
-                for row in rows:
-                    writer.write(row)
-            infos = writer.infos
-            self.state.shards[split] += [asdict(info) for info in infos]
+            sizes = [min(config.rows_per_shard, len(rows) - at) for at in range(0, len(rows), config.rows_per_shard)]
             vision, text = _row_counts(rows)
-            self.state.stats.add_rows(split, vision, text, config.seq_len, [info.rows for info in infos])
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.state.save({"rows": self.rows, "pending": self.pending})
+            self.state.stats.add_rows(split, vision, text, config.seq_len, sizes)
+            self.shard_count[split] += len(sizes)
+        self.writer.submit(split, rows, first, self.state.snapshot({"rows": self.rows, "pending": self.pending}))
 
 
 def _row_counts(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,9 @@ Special tokens come first, in `ernie.chat_template.SPECIAL_TOKENS` order, so pad
 bos=1, eos=2, <think>=3, </think>=4 whatever the corpus (the model config hard-codes
 pad/bos/eos ids). Digits are split one per token before BPE, so "42" is "4" "2": numbers
 share digit embeddings and a small model can learn arithmetic digit by digit instead of
-memorising one token per number. Byte-level means no text is ever out of vocabulary.
+memorising one token per number. Byte-level means no text is ever out of vocabulary. The
+merges are closed (`fast_bpe`), so the data stage can encode with tiktoken and get the ids HF
+tokenizers gives everywhere else.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ernie.chat_template import BOS, EOS, SPECIAL_TOKENS
 from pipeline.formats import TOKENIZER_FILE
+
+from .fast_bpe import close_merges
 
 PAD = SPECIAL_TOKENS[0]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -37,6 +41,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer = Tokenizer.from_str(close_merges(tokenizer.to_str()))  # tiktoken then encodes it identically
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != expected_id:  # a tokenizers upgrade changed the layout
             raise RuntimeError(f"special token {token!r} got id {tokenizer.token_to_id(token)}, not {expected_id}")

@@ -356,9 +356,11 @@ def test_packing_keeps_every_token_once_in_order(seq_len, lengths):
 
 # ---------------------------------------------------------------------- resume
 def test_a_stage_stopped_mid_run_resumes_without_duplicating_or_dropping_rows(tmp_path, monkeypatch):
-    """Killed while writing its third window, then rerun with the same work dir: the shards equal an
-    uninterrupted run's, byte for byte."""
-    import pipeline.shards as shards
+    """Stopped while its third window's shards were half written, then rerun with the same work dir:
+    the shards equal an uninterrupted run's, byte for byte."""
+    import ray
+
+    from stages.data import dataflow
 
     options = dict(window_rows=8, rows_per_shard=4, max_documents=120, arithmetic_documents=60)
     model = get_preset("tiny_dense").replace(vocab_size=SMALL["vocab_size"])
@@ -367,29 +369,31 @@ def test_a_stage_stopped_mid_run_resumes_without_duplicating_or_dropping_rows(tm
 
     config = data.Config(**{**SMALL, **options})
     work = tmp_path / "work"
-    real_write = shards.ShardWriter.write
-    written = {"rows": 0}
+    real_write = dataflow.write_shards
+    windows = {"written": 0}
 
-    def dying_write(self, row):
-        written["rows"] += 1
-        if written["rows"] > 20:
+    def dying_write(directory, rows, rows_per_shard, first_shard):
+        windows["written"] += 1
+        if windows["written"] == 3:  # a shard of this window reaches the disk, then the node is lost
+            ray.get(real_write(directory, rows[:rows_per_shard], rows_per_shard, first_shard))
             raise RuntimeError("node lost")
-        real_write(self, row)
+        return real_write(directory, rows, rows_per_shard, first_shard)
 
-    monkeypatch.setattr(shards.ShardWriter, "write", dying_write)
+    monkeypatch.setattr(dataflow, "write_shards", dying_write)
     with pytest.raises(RuntimeError, match="node lost"):
         data.run(StageContext("data", config, model, {}, tmp_path / "first", work_dir=work))
     progress = json.loads((work / "data" / "progress.json").read_text())
     assert 0 < progress["next_doc_id"]  # it stopped after some windows were saved
+    assert progress["saves"] == 2, "the windows handed over before the failure are saved"
     second_run = {"rows": 0}
 
-    def counting_write(self, row):
-        second_run["rows"] += 1
-        real_write(self, row)
+    def counting_write(directory, rows, rows_per_shard, first_shard):
+        second_run["rows"] += len(rows)
+        return real_write(directory, rows, rows_per_shard, first_shard)
 
-    monkeypatch.setattr(shards.ShardWriter, "write", counting_write)
+    monkeypatch.setattr(dataflow, "write_shards", counting_write)
     data.run(StageContext("data", config, model, {}, tmp_path / "second", work_dir=work))
     assert _shard_members(tmp_path / "second") == _shard_members(reference)
     total_rows = sum(json.loads((reference / s / "index.json").read_text())["rows"] for s in SPLITS)
-    assert second_run["rows"] < total_rows  # it continued; the saved windows were not written again
+    assert 0 < second_run["rows"] < total_rows  # it continued; the saved windows were not written again
     assert not (work / "data").exists()  # progress is dropped once the artifact is complete

@@ -13,20 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from ernie.batching import PIXEL_MEAN as IMAGE_MEAN
+from ernie.batching import PIXEL_STD as IMAGE_STD
+from ernie.batching import normalize_pixels as normalize_patches
 from ernie.config import VisionConfig
 from ernie.model import ErnieForCausalLM
 from ernie.presets import tiny_vl
 from ernie.vision import patch_positions
-from stages.data.images import (
-    IMAGE_MEAN,
-    IMAGE_STD,
-    ImageError,
-    decode_image,
-    fit_resolution,
-    image_to_patches,
-    image_token_count,
-    normalize_patches,
-)
+from stages.data.images import ImageError, decode_image, fit_resolution, image_to_patches, image_token_count
 
 VISION = VisionConfig()
 HF_MIN_PIXELS, HF_MAX_PIXELS = 56 * 56, 28 * 28 * 6177  # the processor's default `size`
