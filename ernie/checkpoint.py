@@ -284,10 +284,23 @@ def load_pretrained(
 ) -> ErnieForCausalLM:
     """Build the model on the meta device and fill it from the checkpoint, checking every tensor."""
     cfg = load_config(directory)
+    state = from_hub_state_dict(dict(iter_checkpoint_tensors(directory)), cfg, source=str(directory))
+    return model_from_state_dict(cfg, state, str(directory), dtype, device)
+
+
+def model_from_state_dict(
+    cfg: ErnieConfig,
+    state: dict[str, torch.Tensor],
+    source: str,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> ErnieForCausalLM:
+    """A model holding exactly `state` (our names), built on the meta device: no weight is initialised twice."""
     with torch.device("meta"):
         model = ErnieForCausalLM(cfg)
-    state = from_hub_state_dict(dict(iter_checkpoint_tensors(directory)), cfg, source=str(directory))
-    check_state_dict(model, state, source=str(directory))
+    if cfg.tie_word_embeddings:  # a model's own state_dict lists the tied head too
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    check_state_dict(model, state, source=source)
     state = {k: _cast(k, v, dtype).to(device) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:

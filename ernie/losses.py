@@ -80,11 +80,14 @@ def orthogonal_loss(gate_weight_EH: torch.Tensor) -> torch.Tensor:
 
 
 def router_losses(routings: list[RouterOutput]) -> dict[str, torch.Tensor]:
-    """aux / z / orthogonal losses averaged over every (layer, pool) routing decision."""
+    """aux / z / orthogonal losses averaged over every (layer, pool) routing decision (orthogonal only
+    where gradients are on)."""
     if not routings:
         return {}
-    return {
+    losses = {
         "aux": torch.stack([load_balance_loss(r) for r in routings]).mean(),
         "z": torch.stack([z_loss(r) for r in routings]).mean(),
-        "orthogonal": torch.stack([orthogonal_loss(r.gate_weight_EH) for r in routings]).mean(),
     }
+    if all(r.orthogonal is not None for r in routings):  # not under no_grad (see RouterOutput)
+        losses["orthogonal"] = torch.stack([r.orthogonal for r in routings]).mean()
+    return losses

@@ -8,7 +8,7 @@ Shape legend used in names below:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,9 @@ from torch import nn
 from .config import ErnieConfig
 from .layers import SwiGLU
 from .recompute import recomputing
+
+if TYPE_CHECKING:
+    from .expert_parallel import ExpertShard
 
 ExpertsImpl = Literal["auto", "grouped", "loop"]
 
@@ -31,7 +34,9 @@ class RouterOutput:
     probs_TE: torch.Tensor  # fp32 softmax
     topk_ids_TK: torch.Tensor
     topk_weights_TK: torch.Tensor
-    gate_weight_EH: torch.Tensor  # the router weight, for the orthogonal loss
+    orthogonal: torch.Tensor | None
+    """The router weight's orthogonality loss, computed in the router's forward: a sharded model
+    (FSDP2) frees the gathered weight once the layer has run. None under no_grad (inference)."""
 
 
 class Router(nn.Module):
@@ -51,6 +56,8 @@ class Router(nn.Module):
         self.top_k, self.norm_min = top_k, norm_min
 
     def forward(self, x_TH: torch.Tensor) -> RouterOutput:
+        from .losses import orthogonal_loss  # losses imports this module
+
         with torch.autocast(device_type=x_TH.device.type, enabled=False):
             logits_TE = F.linear(x_TH.float(), self.weight.float())
             probs_TE = logits_TE.softmax(dim=-1)
@@ -67,7 +74,7 @@ class Router(nn.Module):
             probs_TE=probs_TE,
             topk_ids_TK=topk_ids_TK,
             topk_weights_TK=topk_weights_TK.to(x_TH.dtype),
-            gate_weight_EH=self.weight,
+            orthogonal=orthogonal_loss(self.weight) if torch.is_grad_enabled() else None,
         )
 
 
@@ -96,6 +103,9 @@ class GroupedExperts(nn.Module):
     expert) and `grouped` (sort slots by expert, then two grouped GEMMs through
     `torch._grouped_mm`, or one matmul per contiguous expert segment where that op is
     not supported).
+
+    With expert parallelism (`ernie.expert_parallel.shard_experts`) the parameters hold only
+    this rank's experts, `ep` says which, and forward exchanges slots with the other ranks.
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
@@ -103,6 +113,7 @@ class GroupedExperts(nn.Module):
         self.num_experts, self.intermediate = num_experts, intermediate
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.ep: ExpertShard | None = None
 
     def forward(
         self,
@@ -111,6 +122,10 @@ class GroupedExperts(nn.Module):
         topk_weights_TK: torch.Tensor,
         impl: ExpertsImpl = "auto",
     ) -> torch.Tensor:
+        if self.ep is not None:
+            from .expert_parallel import ep_forward
+
+            return ep_forward(self, x_TH, topk_ids_TK, topk_weights_TK, impl)
         if impl == "loop":
             return self._forward_loop(x_TH, topk_ids_TK, topk_weights_TK)
         return self._forward_grouped(x_TH, topk_ids_TK, topk_weights_TK)
@@ -139,21 +154,25 @@ class GroupedExperts(nn.Module):
         tokens_per_expert_E = count_per_expert(expert_of_slot_N, self.num_experts)
         x_NH = x_TH[token_of_slot_N]
         # 2. experts: two grouped GEMMs over contiguous expert segments
-        if grouped_mm_supported(x_NH):
-            offsets_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
-            h_N2I = torch._grouped_mm(x_NH, self.gate_up_proj.transpose(-2, -1), offs=offsets_E)
-            y_NH = torch._grouped_mm(self._swiglu(h_N2I), self.down_proj.transpose(-2, -1), offs=offsets_E)
-        else:
-            segments = x_NH.split(tokens_per_expert_E.tolist())
-            y_NH = torch.cat(
-                [
-                    F.linear(self._swiglu(F.linear(seg, self.gate_up_proj[e])), self.down_proj[e])
-                    for e, seg in enumerate(segments)
-                ]
-            )
+        y_NH = self.run_experts(x_NH, tokens_per_expert_E)
         # 3. combine: weight each slot and add it back to its token
         y_NH = y_NH * topk_weights_TK.flatten()[order_N, None]
         return torch.zeros_like(x_TH).index_add_(0, token_of_slot_N, y_NH.to(x_TH.dtype))
+
+    def run_experts(self, x_NH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        """Each stored expert's SwiGLU on its contiguous segment of x_NH (slots sorted by expert; E here is
+        the experts this module holds: all of them, or this rank's under expert parallelism)."""
+        if grouped_mm_supported(x_NH):
+            offsets_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
+            h_N2I = torch._grouped_mm(x_NH, self.gate_up_proj.transpose(-2, -1), offs=offsets_E)
+            return torch._grouped_mm(self._swiglu(h_N2I), self.down_proj.transpose(-2, -1), offs=offsets_E)
+        segments = x_NH.split(tokens_per_expert_E.tolist())
+        return torch.cat(
+            [
+                F.linear(self._swiglu(F.linear(seg, self.gate_up_proj[e])), self.down_proj[e])
+                for e, seg in enumerate(segments)
+            ]
+        )
 
 
 class ExpertPool(nn.Module):
@@ -202,7 +221,11 @@ class MoE(nn.Module):
     ) -> tuple[torch.Tensor, list[RouterOutput]]:
         B, S, H = x_BSH.shape
         x_TH = x_BSH.reshape(-1, H)
-        if self.vision is None or vision_mask_BS is None or not bool(vision_mask_BS.any()):
+        # under expert parallelism every rank calls every pool, even with no tokens: the all-to-alls are collective
+        vision_ep = self.vision is not None and self.vision.experts.ep is not None
+        if vision_ep and vision_mask_BS is None:
+            vision_mask_BS = torch.zeros(B, S, dtype=torch.bool, device=x_BSH.device)
+        if self.vision is None or vision_mask_BS is None or not (vision_ep or bool(vision_mask_BS.any())):
             out_TH, routing = self.text(x_TH, impl)
             routings = [routing]
         else:
@@ -211,11 +234,12 @@ class MoE(nn.Module):
             out_TH = torch.zeros_like(x_TH)
             routings = []
             for pool, idx in ((self.text, text_idx), (self.vision, vision_idx)):
-                if idx.numel() == 0:
+                if idx.numel() == 0 and pool.experts.ep is None:
                     continue
                 pool_out, routing = pool(x_TH[idx], impl)
                 out_TH = out_TH.index_copy(0, idx, pool_out)
-                routings.append(routing)
+                if idx.numel() > 0:  # the router losses average over the pools that saw tokens
+                    routings.append(routing)
         if self.shared_experts is not None:
             out_TH = out_TH + self.shared_experts(x_TH)
         return out_TH.view(B, S, H), routings

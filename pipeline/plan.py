@@ -54,9 +54,9 @@ def _print_memory(cfg: PipelineConfig) -> None:
     for name, section, length in sections:
         workers = max(section.num_workers, 1)
         micro = max(section.batch_size // workers, 1)
-        plan = training_memory(
-            cfg.model, workers, micro, length, getattr(section, "fsdp", False), getattr(section, "expert_parallel", 1)
-        )
+        # the workers' own choice (pretrain.parallel, auto resolved per model); post-training replicates (DDP)
+        sharded = hasattr(section, "parallel_for") and section.parallel_for(cfg.model) == "fsdp"
+        plan = training_memory(cfg.model, workers, micro, length, sharded, getattr(section, "expert_parallel", 1))
         extra = plan.params_gb / 3 if name == "dpo" else 0.0  # the frozen reference model, bf16
         total = plan.total_gb + extra
         print(

@@ -34,7 +34,7 @@ def routing_from(logits_TE: torch.Tensor, top_k: int, topk_ids_TK: torch.Tensor 
         probs_TE=probs,
         topk_ids_TK=ids,
         topk_weights_TK=chosen / chosen.sum(-1, keepdim=True),
-        gate_weight_EH=torch.randn(logits_TE.shape[1], 8),
+        orthogonal=orthogonal_loss(torch.randn(logits_TE.shape[1], 8)),
     )
 
 
@@ -216,7 +216,7 @@ def test_router_losses_average_over_layers_and_pools():
     for name, fn in (("aux", load_balance_loss), ("z", z_loss)):
         expected = sum(fn(r) for r in routings) / 3
         assert losses[name].item() == pytest.approx(expected.item(), rel=1e-6)
-    expected = sum(orthogonal_loss(r.gate_weight_EH) for r in routings) / 3
+    expected = sum(r.orthogonal for r in routings) / 3
     assert losses["orthogonal"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert router_losses([]) == {}
 

@@ -27,6 +27,7 @@ from ernie import ErnieConfig
 from pipeline.contract import StageContext, StageResult, UserError
 from pipeline.formats import load_tokenizer
 from pipeline.shards import IMAGE_LAYOUT, ShardError, ShardIndex, read_index
+from stages.training import train_state
 from stages.training.launch import copy_checkpoint, ensure_ray, fit, relay
 
 from .config import Config
@@ -46,8 +47,9 @@ def run(ctx: StageContext) -> StageResult:
     cfg.validate()
     dataset_dir = ctx.input("dataset").local_dir()
     tokenizer_dir = _tokenizer_dir(dataset_dir)
-    unit_rows = _check_dataset(ctx, dataset_dir)
     work_dir = ctx.work_dir or ctx.output_dir.parent / f".{ctx.output_dir.name}.work"
+    streams = _data_streams(cfg, work_dir / "train_state")
+    unit_rows = _check_dataset(ctx, dataset_dir, streams)
 
     ensure_ray()
     job = Job(
@@ -56,9 +58,10 @@ def run(ctx: StageContext) -> StageResult:
         seed=ctx.seed,
         dataset_dir=str(dataset_dir),
         unit_rows=unit_rows,
+        data_streams=streams,
         state_dir=str(work_dir / "train_state"),
         fingerprint={
-            "pretrain": cfg.fingerprint(),
+            "pretrain": cfg.fingerprint() | {"data_streams": streams},
             "model": ctx.model.to_dict(),
             "seed": ctx.seed,
             "unit_rows": unit_rows,
@@ -87,6 +90,15 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(metrics=metrics, summary=summary)
 
 
+def _data_streams(cfg: Config, state_dir: Path) -> int:
+    """The run's data streams: as configured, else those its train state was written with, else the workers."""
+    meta = train_state.read_meta(state_dir)
+    recorded = meta["fingerprint"]["pretrain"].get("data_streams") if meta else None
+    streams = cfg.data_streams or recorded or cfg.num_workers
+    cfg.check_streams(streams)
+    return streams
+
+
 def _tokenizer_dir(dataset_dir: Path) -> Path:
     tokenizer_dir = dataset_dir / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():
@@ -94,27 +106,35 @@ def _tokenizer_dir(dataset_dir: Path) -> Path:
     return tokenizer_dir
 
 
-def _check_dataset(ctx: StageContext, dataset_dir: Path) -> int:
+def _check_dataset(ctx: StageContext, dataset_dir: Path, streams: int) -> int:
     """Check that the dataset can feed this model and these workers; returns the train rows per shuffle unit."""
     cfg: Config = ctx.config
     train = _read_split(dataset_dir, "train", ctx.model)
     _read_split(dataset_dir, "val", ctx.model)
     _check_vocab(dataset_dir, ctx.model.vocab_size)
     micro_batch = cfg.batch_size // cfg.num_workers
-    unit_rows, note = unit_rows_for(dataset_dir, train, micro_batch)
+    unit_rows, note = unit_rows_for(dataset_dir, train, cfg.batch_size // streams)
     if note:
         logging.getLogger(__name__).warning(note)
         ctx.log.text(note, "data_note.txt")
-    reader = TrainReader(str(dataset_dir / "train"), 0, cfg.num_workers, ctx.seed, cfg.shuffle_buffer, micro_batch)
+    reader = TrainReader(
+        str(dataset_dir / "train"), 0, cfg.num_workers, ctx.seed, cfg.shuffle_buffer, micro_batch, streams=streams
+    )
     try:
         steps_per_epoch = reader.steps_in_epoch(0)
     except ValueError as err:  # too few shards for the workers, or too few rows for a micro-batch
         raise UserError(
-            f"the train split of {dataset_dir} cannot feed pretrain.num_workers={cfg.num_workers} workers "
-            f"with pretrain.batch_size={cfg.batch_size}: {err}"
+            f"the train split of {dataset_dir} cannot feed {streams} data streams (pretrain.num_workers="
+            f"{cfg.num_workers}) with pretrain.batch_size={cfg.batch_size}: {err}"
         ) from None
     ctx.log.params(
-        {"rows_train": train.rows, "seq_len": train.seq_len, "steps_per_epoch": steps_per_epoch, "unit_rows": unit_rows}
+        {
+            "rows_train": train.rows,
+            "seq_len": train.seq_len,
+            "steps_per_epoch": steps_per_epoch,
+            "unit_rows": unit_rows,
+            "data_streams": streams,
+        }
     )
     return unit_rows
 

@@ -8,11 +8,12 @@ from typing import ClassVar
 from ernie.recompute import POLICIES
 from pipeline.contract import UserError
 from stages.training.config import TrainingConfig
+from stages.training.parallel import PARALLEL_MODES
 
 
 @dataclass
 class Config(TrainingConfig):
-    """Pretraining: a fixed number of AdamW steps on the packed rows, on `num_workers` Ray Train workers (DDP)."""
+    """Pretraining: a fixed number of AdamW steps on the packed rows, on `num_workers` Ray Train workers."""
 
     steps: int = 300
     lr: float = 3e-3
@@ -30,23 +31,60 @@ class Config(TrainingConfig):
     router_bias_rate: float = 1e-3
     """Aux-loss-free balancing: after every step each MoE router's selection bias moves this much
     toward its under-used experts (`ernie.moe.update_router_biases`); 0 turns it off."""
+    parallel: str = "auto"
+    """How the workers share the model: fsdp (FSDP2: parameters, gradients and optimizer states
+    sharded over the workers, each decoder layer gathered just before it runs), ddp (a full
+    replica per worker) or auto (fsdp for text models, ddp for VL models: a micro-batch without
+    an image leaves the vision parameters unused on that worker, which FSDP2 cannot reduce)."""
     shuffle_buffer: int = 256
     """Train rows each worker holds to shuffle its shard stream (0 = file order); with the shards
     dealt anew each epoch this is the whole shuffle, so more rows mix better and cost memory."""
 
-    OPERATIONAL: ClassVar[set[str]] = (TrainingConfig.OPERATIONAL - {"num_workers"}) | {
-        "eval_rows",
-        "router_stats_every",
-    }
-    """num_workers is not operational here: each worker streams its own shards, so the worker
-    count decides which rows form a step."""
+    data_streams: int = 0
+    """Independent row streams the train split is dealt into; each worker reads data_streams /
+    num_workers of them. The rows of every step depend on this, not on num_workers, so a run
+    resumes (and gives the same global batches) under any worker count that divides it. 0: the
+    worker count of the run's first start."""
+
+    OPERATIONAL: ClassVar[set[str]] = TrainingConfig.OPERATIONAL | {"eval_rows", "router_stats_every"}
+    """num_workers is operational: the data order follows data_streams (data_streams=0 resolves to
+    the first start's worker count, which the train state records)."""
 
     def validate(self) -> None:
         """Raise `UserError` naming the first bad field (`pretrain.<field>=<value>`)."""
         self.check("pretrain", positive=("router_stats_every",))
+        if self.parallel not in ("auto", *PARALLEL_MODES):
+            raise UserError(f"pretrain.parallel={self.parallel!r} must be one of {('auto', *PARALLEL_MODES)}")
         if self.recompute not in POLICIES:
             raise UserError(f"pretrain.recompute={self.recompute!r} must be one of {POLICIES}")
-        for name, zero_means in (("eval_rows", "all"), ("shuffle_buffer", "file order"), ("router_bias_rate", "off")):
+        zeros = {"eval_rows": "all", "shuffle_buffer": "file order", "router_bias_rate": "off"}
+        zeros["data_streams"] = "the first start's worker count"
+        for name, zero_means in zeros.items():
             value = getattr(self, name)
             if value < 0:
                 raise UserError(f"pretrain.{name}={value} must not be negative (0 = {zero_means})")
+
+    def check_streams(self, streams: int) -> None:
+        """`streams` data streams must split evenly over the workers, and the batch over the streams."""
+        if streams % self.num_workers:
+            raise UserError(
+                f"pretrain.num_workers={self.num_workers} must divide the run's {streams} data streams "
+                "(pretrain.data_streams, or the worker count the run started with): every worker reads "
+                "whole streams"
+            )
+        if self.batch_size % streams:
+            raise UserError(
+                f"pretrain.batch_size={self.batch_size} must be divisible by the run's {streams} data streams "
+                "(each stream gives the same rows a step)"
+            )
+
+    def parallel_for(self, model) -> str:
+        """The data-parallel mode for `model` (`parallel`, with auto resolved)."""
+        if self.parallel == "auto":
+            return "ddp" if model.vision is not None else "fsdp"
+        if self.parallel == "fsdp" and model.vision is not None:
+            raise UserError(
+                f"pretrain.parallel=fsdp does not support VL models yet ({model.name}): a worker whose micro-batch "
+                "has no image leaves the vision parameters unused, which FSDP2 cannot reduce; use parallel=ddp"
+            )
+        return self.parallel

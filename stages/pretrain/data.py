@@ -28,7 +28,16 @@ Row = dict[str, np.ndarray]
 
 
 class TrainReader:
-    """Worker `rank`'s micro-batches of the train split in `directory`, from any step on."""
+    """Worker `rank`'s micro-batches of the train split in `directory`, from any step on.
+
+    The split is dealt into `streams` independent row streams (`ShardStream`s of a world of
+    `streams`); worker `rank` of `world` reads the consecutive block of streams/world of them and
+    its micro-batch is their rows side by side, each stream giving micro_batch / (streams/world)
+    rows a step. The rows of a step, taken over the workers in rank order, depend on `streams`
+    only, so a run resumes under any worker count that divides `streams` and continues with the
+    very rows it would have read, and runs of 1, 2 or 4 workers with the same streams train on the
+    same global batches. Default: one stream per worker.
+    """
 
     def __init__(
         self,
@@ -39,16 +48,29 @@ class TrainReader:
         shuffle_buffer: int,
         micro_batch: int,
         unit_rows: int = 1,
+        streams: int | None = None,
     ) -> None:
+        streams = streams or world
+        if streams % world or micro_batch % (streams // world):
+            raise ValueError(
+                f"{streams} data streams cannot be split over {world} workers with micro-batches of {micro_batch} "
+                "rows: the worker count must divide the streams, and the streams per worker the micro-batch"
+            )
         self.directory, self.rank, self.world, self.seed = directory, rank, world, seed
         self.shuffle_buffer, self.micro_batch, self.unit_rows = shuffle_buffer, micro_batch, unit_rows
+        self.streams = streams
+        per_worker = streams // world
+        self.my_streams = range(rank * per_worker, (rank + 1) * per_worker)
+        self.stream_rows = micro_batch // per_worker
+        """Rows each stream gives a step."""
         self._steps: dict[int, int] = {}
 
-    def stream(self, epoch: int, start_row: int = 0) -> ShardStream:
+    def stream(self, epoch: int, start_row: int = 0, index: int | None = None) -> ShardStream:
+        """Stream `index` (default: this worker's first) of `epoch`, from its row `start_row`."""
         return ShardStream(
             self.directory,
-            self.rank,
-            self.world,
+            self.my_streams[0] if index is None else index,
+            self.streams,
             self.seed,
             self.shuffle_buffer,
             epoch=epoch,
@@ -57,32 +79,32 @@ class TrainReader:
         )
 
     def steps_in_epoch(self, epoch: int) -> int:
-        """Micro-batches every rank takes in `epoch` (each epoch deals the shards anew, so counts may differ)."""
+        """Steps every worker takes in `epoch` (each epoch deals the shards anew, so counts may differ)."""
         if epoch not in self._steps:
-            steps = self.stream(epoch).rows_per_epoch() // self.micro_batch
+            steps = self.stream(epoch).rows_per_epoch() // self.stream_rows
             if steps == 0:
                 raise ValueError(
-                    f"epoch {epoch} of {self.directory} gives each of the {self.world} workers fewer rows than "
-                    f"a micro-batch of {self.micro_batch}: lower the batch size or write smaller shards"
+                    f"epoch {epoch} of {self.directory} gives each of the {self.streams} data streams fewer rows "
+                    f"than the {self.stream_rows} it gives a step: lower the batch size or write smaller shards"
                 )
             self._steps[epoch] = steps
         return self._steps[epoch]
 
     def cursor(self, step: int) -> tuple[int, int]:
-        """(epoch, rows of it consumed) after `step` optimizer steps."""
+        """(epoch, rows of each stream consumed) after `step` optimizer steps."""
         epoch = 0
         while step >= self.steps_in_epoch(epoch):
             step -= self.steps_in_epoch(epoch)
             epoch += 1
-        return epoch, step * self.micro_batch
+        return epoch, step * self.stream_rows
 
     def batches(self, step: int) -> Iterator[list[Row]]:
         """The micro-batches of steps step + 1, step + 2, ... (endless)."""
         epoch, start_row = self.cursor(step)
         while True:
-            rows = iter(self.stream(epoch, start_row))
-            for _ in range(self.steps_in_epoch(epoch) - start_row // self.micro_batch):
-                yield list(itertools.islice(rows, self.micro_batch))
+            streams = [iter(self.stream(epoch, start_row, v)) for v in self.my_streams]
+            for _ in range(self.steps_in_epoch(epoch) - start_row // self.stream_rows):
+                yield [row for rows in streams for row in itertools.islice(rows, self.stream_rows)]
             epoch, start_row = epoch + 1, 0
 
 

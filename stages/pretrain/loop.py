@@ -1,7 +1,8 @@
-"""The training loop every Ray Train worker runs (one data-parallel rank, DDP).
+"""The training loop every Ray Train worker runs (one data-parallel rank; FSDP2 or DDP).
 
-Rank 0 alone writes the train state, sends per-step metrics to the stage process (which
-logs them and moves the progress bar) and hands the final checkpoint to Ray Train.
+Every rank writes its shards of the train state (torch.distributed.checkpoint); rank 0 alone
+sends per-step metrics to the stage process (which logs them and moves the progress bar) and
+hands the final checkpoint to Ray Train.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ import torch.distributed as dist
 
 from ernie import ErnieConfig, ErnieForCausalLM
 from ernie.batching import collate
-from ernie.checkpoint import save_pretrained
+from ernie.checkpoint import model_from_state_dict, save_pretrained
 from ernie.flops import peak_flops, training_flops_per_token
 from ernie.losses import shifted_targets
 from ernie.moe import update_router_biases
 from pipeline.contract import UserError
 from stages.training import train_state
 from stages.training.optim import build_optimizer, lr_at, set_lr
-from stages.training.parallel import wrap_ddp
+from stages.training.parallel import full_state_dict, shard_fsdp, wrap_ddp
 
 from .config import Config
 from .data import TrainReader, load_val_rows
@@ -50,6 +51,8 @@ class Job:
     """The dataset artifact: a directory every worker can read (local, shared, or an fsspec URL)."""
     unit_rows: int
     """Train rows that pass the shuffle buffer together (the data stage's balance groups, or 1)."""
+    data_streams: int
+    """Row streams the train split is dealt into (a multiple of the worker count; see TrainReader)."""
     state_dir: str
     fingerprint: dict
     sink: Any = None  # ray.util.queue.Queue for (step, metrics) messages, or None
@@ -91,6 +94,13 @@ class WorkerLoop:
         self.cfg = cfg = job.config
         torch.manual_seed(job.seed)
         self.model = ErnieForCausalLM(job.model).to(self.device)
+        self.model.recompute = cfg.recompute
+        self.parallel = cfg.parallel_for(job.model)
+        if self.parallel == "fsdp":
+            self.train_model = shard_fsdp(self.model, self.device)
+        else:
+            self.train_model = wrap_ddp(self.model, self.device)
+        # after sharding: the optimizer holds this rank's shards of the parameters
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.step = 0
         self.history: dict[str, Any] = {"step": [], "val_step": [], "tokens": 0, "seconds": 0.0, "router": None}
@@ -104,12 +114,11 @@ class WorkerLoop:
             cfg.shuffle_buffer,
             cfg.batch_size // self.world,
             job.unit_rows,
+            streams=job.data_streams,
         )
-        state = train_state.load(Path(job.state_dir), job.fingerprint)
-        if state is not None:
-            self._restore(state)
-        self.model.recompute = self.cfg.recompute
-        self.ddp = wrap_ddp(self.model, self.device)
+        extra = train_state.load_sharded(Path(job.state_dir), job.fingerprint, self.model, self.optimizer)
+        if extra is not None:
+            self._restore(extra)
         self.flops_per_token: float | None = None  # known once the first batch shows the row length
         self.peak_flops = peak_flops(self.device)
         self.batches = self.reader.batches(self.step)
@@ -128,10 +137,12 @@ class WorkerLoop:
         batch = collate(next(self.batches), self.device)
         started = time.perf_counter()
         with self._autocast():
-            out = self.ddp(**batch)
+            out = self.train_model(**batch)
         out.loss.backward()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.router_bias_rate > 0:  # collective: every rank, every step
@@ -166,17 +177,24 @@ class WorkerLoop:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Token-weighted LM loss over the validation rows, split over the ranks (collective)."""
+        """Token-weighted LM loss over the validation rows, split over the ranks (collective).
+
+        Every rank runs the same number of forwards (FSDP2 gathers parameters in each): a rank
+        that runs out of rows repeats its first one with weight 0.
+        """
         mine = self.val_rows[self.rank :: self.world]
         per_batch = max(self.cfg.batch_size // self.world, 1)
+        batches = -(-len(self.val_rows[:: self.world]) // per_batch)  # rank 0 holds the most rows
         totals = torch.zeros(2, device=self.device)
         self.model.eval()
-        for start in range(0, len(mine), per_batch):
-            batch = collate(mine[start : start + per_batch], self.device)
+        for start in range(0, batches * per_batch, per_batch):
+            rows = mine[start : start + per_batch]
+            batch = collate(rows or self.val_rows[:1], self.device)
             with self._autocast():
-                out = self.model(**batch)
+                out = self.train_model(**batch)
             _, weight = shifted_targets(batch["labels"], None, batch["document_ids"])
-            totals += torch.stack([out.losses["lm"].float() * weight.sum(), weight.sum()])
+            if rows:
+                totals += torch.stack([out.losses["lm"].float() * weight.sum(), weight.sum()])
         self.model.train()
         dist.all_reduce(totals)
         return float(totals[0] / totals[1].clamp(min=1))
@@ -207,14 +225,10 @@ class WorkerLoop:
             self.job.sink.put_nowait((step, metrics))
 
     def save_state(self) -> None:
-        """Rank 0 writes the train state (collective: the router counts since the last report are summed)."""
+        """Collective: every rank writes its shards of the train state (router counts since the last report summed)."""
         router_window = self.router.window.clone()
         dist.all_reduce(router_window)
-        if self.rank != 0:
-            return
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+        extra = {
             "step": self.step,
             "cursor": list(self.reader.cursor(self.step)),
             "rng": train_state.rng_state(),
@@ -222,22 +236,21 @@ class WorkerLoop:
             "router_window": router_window.cpu(),
             "fingerprint": self.job.fingerprint,
         }
-        train_state.save(Path(self.job.state_dir), state)
+        train_state.save_sharded(Path(self.job.state_dir), self.model, self.optimizer, extra, self.rank)
 
-    def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.history = state["step"], state["history"]
+    def _restore(self, extra: dict) -> None:
+        """The non-tensor state; model and optimizer are already loaded (`train_state.load_sharded`)."""
+        self.step, self.history = extra["step"], extra["history"]
         cursor = list(self.reader.cursor(self.step))
-        if list(state["cursor"]) != cursor:
+        if list(extra["cursor"]) != cursor:
             raise UserError(
-                f"the train state in {self.job.state_dir} was at (epoch, row) {list(state['cursor'])} of the train "
+                f"the train state in {self.job.state_dir} was at (epoch, row) {list(extra['cursor'])} of the train "
                 f"split after step {self.step}, but this dataset puts step {self.step} at {cursor}: the dataset "
                 "changed under the run; delete the train state to start over"
             )
-        train_state.set_rng_state(state["rng"])
+        train_state.set_rng_state(extra["rng"])
         if self.rank == 0:  # the window holds every rank's counts; the next report sums over ranks
-            self.router.window.copy_(state["router_window"])
+            self.router.window.copy_(extra["router_window"])
 
     def finish(self) -> None:
         """Final validation, then rank 0 hands Ray Train the HF checkpoint + train state."""
@@ -247,11 +260,12 @@ class WorkerLoop:
         self.record(self.step, {"val_loss": val_loss})
         summary = self.summary(val_loss)
         self.save_state()
+        weights = full_state_dict(self.model, self.rank)  # collective under FSDP2
         if self.rank != 0:
             ray.train.report(summary)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            save_pretrained(self.model, tmp)
+            save_pretrained(model_from_state_dict(self.job.model, weights, "the trained model"), tmp)
             shutil.copytree(self.job.state_dir, Path(tmp) / "train_state")
             (Path(tmp) / "train_state" / HISTORY_FILE).write_text(json.dumps(self.history) + "\n")
             ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -1,9 +1,13 @@
 """The resumable train state: model, optimizer, step, data cursor, RNG and metric history.
 
-`train_state/state.pt` is written by rank 0 to a temporary file and renamed into place, so
-a process killed mid-write leaves the previous state intact; `meta.json` beside it says
-which step it holds. torch.save of the full (replicated) state is enough for DDP on small
-models; sharded models will move to torch.distributed.checkpoint.
+Two layouts, both atomic (a process killed mid-write leaves the previous state intact) and both
+announced by `meta.json`, written last, which says which step the state holds:
+
+- `save` / `load` (post-training, DDP): rank 0 writes `state.pt`, the full replicated state.
+- `save_sharded` / `load_sharded` (pretraining, FSDP2 or DDP): every rank writes its own shards of
+  the model and optimizer with torch.distributed.checkpoint into `step-NNNNNNNN/`, beside rank
+  0's `extra.pt` (step, cursor, RNG, history); the directory is renamed into place once complete.
+  DCP reshards on load, so a state resumes under another worker count.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +25,8 @@ from pipeline.contract import UserError
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+EXTRA_FILE = "extra.pt"
+SHARDED_PREFIX = "step-"
 
 
 def rng_state() -> dict:
@@ -47,10 +54,7 @@ def save(directory: Path, state: dict) -> None:
     tmp = directory / f".{STATE_FILE}.tmp-{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, directory / STATE_FILE)
-    meta = {"step": state["step"], "cursor": state["cursor"], "fingerprint": state["fingerprint"]}
-    tmp_meta = directory / f".{META_FILE}.tmp-{os.getpid()}"
-    tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp_meta, directory / META_FILE)
+    _write_meta(directory, {"step": state["step"], "cursor": state["cursor"], "fingerprint": state["fingerprint"]})
 
 
 def load(directory: Path, fingerprint: dict) -> dict | None:
@@ -69,3 +73,70 @@ def load(directory: Path, fingerprint: dict) -> dict | None:
 
 def _normalise(value) -> str:
     return json.dumps(value, sort_keys=True, default=str)
+
+
+# ---------------------------------------------------------------------- sharded (DCP)
+def save_sharded(directory: Path, model: torch.nn.Module, optimizer, extra: dict, rank: int) -> None:
+    """Collective: every rank writes its model and optimizer shards, rank 0 the rest and `meta.json`.
+
+    `extra` must hold "step", "cursor" and "fingerprint" (they go to meta.json as well).
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    name = f"{SHARDED_PREFIX}{extra['step']:08d}"
+    tmp = directory / f".{name}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    if rank == 0:
+        torch.save(extra, tmp / EXTRA_FILE)
+        shutil.rmtree(directory / name, ignore_errors=True)
+        os.replace(tmp, directory / name)
+        meta = {k: extra[k] for k in ("step", "cursor", "fingerprint")} | {"dir": name}
+        _write_meta(directory, meta)
+        for old in directory.glob(f"{SHARDED_PREFIX}*"):  # the state before this one, once this one is in place
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_sharded(directory: Path, fingerprint: dict, model: torch.nn.Module, optimizer) -> dict | None:
+    """Collective: load the latest sharded state into `model` and `optimizer` (already wrapped and
+    sharded for this run's workers); returns rank 0's `extra`, or None when there is no state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if _normalise(meta["fingerprint"]) != _normalise(fingerprint):
+        raise UserError(
+            f"{directory} holds a train state of a different configuration (step {meta['step']}); "
+            "delete it to start over, or rerun with the configuration that wrote it"
+        )
+    if "dir" not in meta:
+        raise UserError(f"{directory} holds a train state in an older layout (state.pt); delete it to start over")
+    path = directory / meta["dir"]
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return torch.load(path / EXTRA_FILE, map_location="cpu", weights_only=True)
+
+
+def read_meta(directory: Path) -> dict | None:
+    """What `meta.json` says of the latest state (step, cursor, ...), or None when there is none."""
+    path = directory / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_meta(directory: Path, meta: dict) -> None:
+    tmp_meta = directory / f".{META_FILE}.tmp-{os.getpid()}"
+    tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp_meta, directory / META_FILE)

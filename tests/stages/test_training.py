@@ -48,6 +48,7 @@ PRETRAIN = dict(
     router_stats_every=15,
     eval_rows=16,
 )
+PRETRAIN_WORKERS = pretrain.Config(**PRETRAIN).num_workers
 VL_PRETRAIN = {**PRETRAIN, "steps": 20, "lr": 5e-3, "warmup_steps": 3, "eval_every": 10, "router_stats_every": 10}
 VL_VOCAB = 400
 STEP_LOG_KEYS = {
@@ -167,10 +168,15 @@ def test_pretrain_lowers_loss_and_writes_a_loadable_hf_checkpoint(pretrained):
         "model.safetensors",
         "generation_config.json",
         "tokenizer/tokenizer.json",
-        "train_state/state.pt",
         "train_state/history.json",
+        f"train_state/step-{PRETRAIN['steps']:08d}/extra.pt",
+        f"train_state/step-{PRETRAIN['steps']:08d}/.metadata",  # torch.distributed.checkpoint's index
     ):
         assert (out / name).is_file(), name
+    assert len(list((out / "train_state").glob("step-*"))) == 1, "only the last train state is kept"
+    shards = list((out / "train_state" / f"step-{PRETRAIN['steps']:08d}").glob("*.distcp"))
+    assert len(shards) == PRETRAIN_WORKERS, "each worker writes its own shard of the train state"
+    assert pretrain.Config(**PRETRAIN).parallel_for(ctx.model) == "fsdp", "text models train sharded by default"
     model = load_pretrained(out)
     ids = torch.tensor([[1, 20, 30, 40]])
     assert torch.isfinite(model(ids).logits).all()
@@ -294,6 +300,33 @@ def test_pretrain_killed_twice_resumes_to_the_same_weights(pretrained, ray_local
     assert resumed_steps == set(range(second + 1, PRETRAIN["steps"] + 1))
 
 
+@pytest.mark.slow
+def test_pretrain_resumes_on_another_worker_count_with_the_same_batches(pretrained, ray_local, tmp_path):
+    """Started on 2 workers (FSDP2), killed after a train state, resumed on 1 worker: the sharded state
+    is resharded, the data continues with the rows the 2-worker run would have read next (the same
+    global batches: the run's 2 data streams), and the losses follow the uninterrupted 2-worker run's
+    up to the order of floating-point reductions."""
+    reference_ctx, reference, _ = pretrained
+    inputs = {"dataset": Path(reference_ctx.inputs["dataset"].uri)}
+    ctx = make_ctx("pretrain", pretrain.Config(**PRETRAIN), reference_ctx.model, inputs, tmp_path)
+    meta = ctx.work_dir / "train_state" / "meta.json"
+    stopped = _kill_after_checkpoint(_run_in_subprocess(ray_local, ctx, tmp_path), meta, past_step=0)
+    _wait_for_idle_cluster(ray_local)
+    one_worker = make_ctx("pretrain", pretrain.Config(**PRETRAIN, num_workers=1), reference_ctx.model, inputs, tmp_path)
+    result = pretrain.run(one_worker)
+
+    assert [v for k, v, _ in one_worker.log.metric_log if k == "resumed_from_step"] == [stopped]
+    assert one_worker.log.param_log["data_streams"] == 2, "the streams the run started with"
+    history = json.loads((one_worker.output_dir / "train_state" / "history.json").read_text())
+    reference_history = json.loads((reference_ctx.output_dir / "train_state" / "history.json").read_text())
+    assert history["step"] == list(range(1, PRETRAIN["steps"] + 1)), "a step was replayed or skipped"
+    assert history["loss"][:stopped] == reference_history["loss"][:stopped], "the 2-worker part is the same run"
+    gaps = np.abs(np.array(history["loss"]) - np.array(reference_history["loss"]))
+    print(f"\nresumed at step {stopped} on 1 worker: largest loss gap {gaps.max():.2e}")
+    assert gaps.max() < 0.02 * max(reference_history["loss"][stopped:]), gaps
+    assert result.metrics["val_loss"] == pytest.approx(reference.metrics["val_loss"], rel=0.02)
+
+
 def _kill_a_train_worker_after_checkpoint(meta: Path, killed: list) -> None:
     """SIGKILL one Ray Train worker process once the first train state is written (Linux /proc)."""
     deadline = time.monotonic() + 120
@@ -392,6 +425,29 @@ def test_train_reader_visits_each_row_once_per_epoch_across_ranks_and_resumes_at
         assert resumed.cursor(step) == (epoch, (step - starts[epoch]) * micro)
         tail = list(itertools.islice(resumed.batches(step), sum(steps) - step))
         assert [row_ids(b) for b in tail] == [row_ids(b) for b in batches[1][step:]]
+
+
+def test_train_reader_steps_depend_on_the_streams_not_the_worker_count(tmp_path):
+    """4 streams over 1, 2 or 4 workers: the same rows every step, and a resume under another worker
+    count continues with exactly the rows the uninterrupted run reads next."""
+    split = numbered_split(tmp_path / "train", rows=40, rows_per_shard=4)
+    streams, batch = 4, 8
+    steps = sum(TrainReader(split, 0, 1, 3, 5, batch, streams=streams).steps_in_epoch(e) for e in range(2))
+
+    def global_batches(world: int, start: int = 0) -> list[list[int]]:
+        readers = [TrainReader(split, r, world, 3, 5, batch // world, streams=streams) for r in range(world)]
+        per_rank = [list(itertools.islice(reader.batches(start), steps - start)) for reader in readers]
+        return [[i for rank in range(world) for i in row_ids(per_rank[rank][s])] for s in range(steps - start)]
+
+    one = global_batches(1)
+    assert all(len(b) == batch for b in one)
+    assert global_batches(2) == one and global_batches(4) == one
+    cursors = {TrainReader(split, 0, w, 3, 5, batch // w, streams=streams).cursor(steps - 1) for w in (1, 2, 4)}
+    assert len(cursors) == 1, "the data cursor is the same whatever the worker count"
+    for world, start in ((2, 3), (4, 7), (1, 5)):  # a run that stopped at `start` and resumes on `world` workers
+        assert global_batches(world, start) == one[start:], (world, start)
+    with pytest.raises(ValueError, match="4 data streams cannot be split over 3 workers"):
+        TrainReader(split, 0, 3, 3, 5, 3, streams=4)
 
 
 def test_train_reader_keeps_balance_groups_together(tmp_path):
