@@ -91,19 +91,32 @@ def reduce_expert_grads(model: nn.Module, replica_group: ProcessGroup | None, wo
 
 
 # ---------------------------------------------------------------------------------------------- state dicts
+def named_expert_parameters(model: nn.Module) -> dict[str, tuple[nn.Parameter, ExpertShard]]:
+    """State-dict key -> (this rank's slice, where the slice sits) of every sharded expert tensor."""
+    return {
+        _key(name, param_name): (getattr(experts, param_name), experts.ep)
+        for name, experts in _sharded(model)
+        for param_name in EXPERT_PARAMS
+    }
+
+
+def full_expert_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every sharded expert tensor all-gathered to its full [E, ...] shape, by state-dict key (collective)."""
+    full = {}
+    for key, (param, shard) in named_expert_parameters(model).items():
+        local = param.detach().contiguous()
+        parts = [torch.empty_like(local) for _ in range(shard.size)]
+        dist.all_gather(parts, local, group=shard.group)
+        full[key] = torch.cat(parts)
+    return full
+
+
 def full_expert_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with every expert tensor all-gathered to its full [E, ...] shape (collective).
 
     Keys and shapes are those of the unsharded model, so export and checkpoint code take it unchanged.
     """
-    state = model.state_dict()
-    for name, experts in _sharded(model):
-        for param_name in EXPERT_PARAMS:
-            local = getattr(experts, param_name).detach().contiguous()
-            parts = [torch.empty_like(local) for _ in range(experts.ep.size)]
-            dist.all_gather(parts, local, group=experts.ep.group)
-            state[_key(name, param_name)] = torch.cat(parts)
-    return state
+    return model.state_dict() | full_expert_tensors(model)
 
 
 def load_full_expert_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .attention import Attention, AttentionMask, AttnImpl
 from .cache import KVCache
+from .chunked_loss import chunked_lm_loss
 from .config import ErnieConfig
 from .layers import RMSNorm, SwiGLU
 from .losses import lm_loss, router_losses
@@ -103,6 +104,9 @@ class ErnieForCausalLM(nn.Module):
         self.experts_impl: ExpertsImpl = "auto"
         self.recompute: str = "none"
         """Activation recomputation policy in training (`ernie.recompute.POLICIES`)."""
+        self.loss_impl: str = "logits"
+        """"logits" | "chunked": chunked never materialises the full logits in training (`ernie.chunked_loss`);
+        `out.logits` is then None (with labels, no cache, logits_to_keep 0)."""
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -220,15 +224,20 @@ class ErnieForCausalLM(nn.Module):
             last = position_ids[..., -1] if position_ids.dim() == 2 else position_ids[..., -1].amax(dim=0)
             cache.next_position = last + 1
 
-        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        chunked = labels is not None and self.loss_impl == "chunked" and logits_to_keep == 0 and cache is None
+        logits = None if chunked else self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         out = ErnieOutput(logits=logits, routing=routing, hidden_states=x)
         if labels is not None:
-            self._add_losses(out, labels, loss_mask, document_ids)
+            self._add_losses(out, labels, loss_mask, document_ids, chunked)
         return out
 
-    def _add_losses(self, out: ErnieOutput, labels, loss_mask, document_ids) -> None:
+    def _add_losses(self, out: ErnieOutput, labels, loss_mask, document_ids, chunked: bool = False) -> None:
         lc = self.config.loss
-        out.losses["lm"] = lm_loss(out.logits, labels, loss_mask, document_ids, lc.token_balanced)
+        if chunked:
+            hidden, weight = out.hidden_states, self.lm_head.weight
+            out.losses["lm"] = chunked_lm_loss(hidden, weight, labels, loss_mask, document_ids, lc.token_balanced)
+        else:
+            out.losses["lm"] = lm_loss(out.logits, labels, loss_mask, document_ids, lc.token_balanced)
         out.losses.update(router_losses([r for layer in out.routing for r in layer]))
         weights = {"lm": 1.0, "aux": lc.aux_loss_weight, "z": lc.z_loss_weight, "orthogonal": lc.orthogonal_loss_weight}
         out.loss = sum(weights[name] * value for name, value in out.losses.items() if weights[name] != 0)

@@ -42,7 +42,7 @@ def _counts(cfg: PipelineConfig) -> tuple[int, int]:
 def _print_memory(cfg: PipelineConfig) -> None:
     """Per-GPU memory of each model stage for its configured workers (estimates)."""
     seq = cfg.data.seq_len
-    print("\nmemory per GPU (estimate; bf16 weights + fp32 master/grads/AdamW, activations without recompute):")
+    print("\nmemory per GPU (estimate; fp32 weights, grads and AdamW states, activations without recompute):")
     print(
         f"  {'stage':9s} {'workers':>7s} {'micro-batch':>11s} {'params':>9s} {'grads':>9s} {'optim':>9s} "
         f"{'activ.':>9s} {'total':>9s}  GiB"
@@ -56,14 +56,15 @@ def _print_memory(cfg: PipelineConfig) -> None:
         micro = max(section.batch_size // workers, 1)
         # the workers' own choice (pretrain.parallel, auto resolved per model); post-training replicates (DDP)
         sharded = hasattr(section, "parallel_for") and section.parallel_for(cfg.model) == "fsdp"
-        plan = training_memory(cfg.model, workers, micro, length, sharded, getattr(section, "expert_parallel", 1))
-        extra = plan.params_gb / 3 if name == "dpo" else 0.0  # the frozen reference model, bf16
+        ep = getattr(section, "expert_parallel", 1)
+        plan = training_memory(cfg.model, workers, micro, length, sharded, ep, section.precision)
+        extra = plan.params_gb / 2 if name == "dpo" else 0.0  # the frozen reference model, bf16
         total = plan.total_gb + extra
         print(
             f"  {name:9s} {workers:7d} {f'{micro} x {length}':>11s} {plan.params_gb + extra:9.2f} "
             f"{plan.grads_gb:9.2f} {plan.optimizer_gb:9.2f} {plan.activations_gb:9.2f} {total:9.2f}"
         )
-    weights = training_memory(cfg.model, 1, 1, 1, False).params_gb / 3  # bf16 weights only
+    weights = training_memory(cfg.model, 1, 1, 1, False).params_gb / 2  # bf16 weights only
     print(f"  {'quantize':9s} {1:7d} {'-':>11s} {weights:9.2f} {'':9s} {'':9s} {'':9s} {weights:9.2f}  (bf16 in)")
     bits = cfg.quantize.bits
     print(

@@ -10,6 +10,8 @@ from pipeline.contract import UserError
 from stages.training.config import TrainingConfig
 from stages.training.parallel import PARALLEL_MODES
 
+LOSS_IMPLS = ("logits", "chunked")
+
 
 @dataclass
 class Config(TrainingConfig):
@@ -40,21 +42,43 @@ class Config(TrainingConfig):
     """Train rows each worker holds to shuffle its shard stream (0 = file order); with the shards
     dealt anew each epoch this is the whole shuffle, so more rows mix better and cost memory."""
 
+    loss_impl: str = "logits"
+    """logits (the output projection's full [tokens, vocab] logits, then cross-entropy) or chunked
+    (projection + cross-entropy a chunk of tokens at a time, in forward and backward: the same loss
+    and gradients without the largest activation of a 100k-vocabulary model)."""
+    compile: bool = False
+    """torch.compile each decoder layer (same results up to kernel-fusion rounding; the first steps
+    pay the compilation, minutes for large models)."""
+    expert_parallel: int = 1
+    """Workers each MoE pool's experts are split over (consecutive ranks: keep a group inside a
+    node); tokens reach their experts by all-to-all. Must divide num_workers and every pool's
+    expert count; 1 = every worker holds every expert."""
     data_streams: int = 0
     """Independent row streams the train split is dealt into; each worker reads data_streams /
     num_workers of them. The rows of every step depend on this, not on num_workers, so a run
     resumes (and gives the same global batches) under any worker count that divides it. 0: the
     worker count of the run's first start."""
 
-    OPERATIONAL: ClassVar[set[str]] = TrainingConfig.OPERATIONAL | {"eval_rows", "router_stats_every"}
+    OPERATIONAL: ClassVar[set[str]] = TrainingConfig.OPERATIONAL | {
+        "eval_rows",
+        "router_stats_every",
+        "compile",
+        "loss_impl",
+    }
     """num_workers is operational: the data order follows data_streams (data_streams=0 resolves to
     the first start's worker count, which the train state records)."""
 
     def validate(self) -> None:
         """Raise `UserError` naming the first bad field (`pretrain.<field>=<value>`)."""
-        self.check("pretrain", positive=("router_stats_every",))
+        self.check("pretrain", positive=("router_stats_every", "expert_parallel"))
+        if self.num_workers % self.expert_parallel:
+            raise UserError(
+                f"pretrain.expert_parallel={self.expert_parallel} must divide pretrain.num_workers={self.num_workers}"
+            )
         if self.parallel not in ("auto", *PARALLEL_MODES):
             raise UserError(f"pretrain.parallel={self.parallel!r} must be one of {('auto', *PARALLEL_MODES)}")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise UserError(f"pretrain.loss_impl={self.loss_impl!r} must be one of {LOSS_IMPLS}")
         if self.recompute not in POLICIES:
             raise UserError(f"pretrain.recompute={self.recompute!r} must be one of {POLICIES}")
         zeros = {"eval_rows": "all", "shuffle_buffer": "file order", "router_bias_rate": "off"}
@@ -79,7 +103,21 @@ class Config(TrainingConfig):
             )
 
     def parallel_for(self, model) -> str:
-        """The data-parallel mode for `model` (`parallel`, with auto resolved)."""
+        """The data-parallel mode for `model` (`parallel`, with auto resolved); checks expert_parallel fits it."""
+        if self.expert_parallel > 1:
+            pools = [] if model.moe is None else [("text", model.moe.num_experts)]
+            if model.moe is not None and model.vision is not None:
+                pools.append(("vision", model.moe.vision_num_experts))
+            if not pools:
+                raise UserError(
+                    f"pretrain.expert_parallel={self.expert_parallel} needs an MoE model; {model.name} is dense"
+                )
+            for pool, experts in pools:
+                if experts % self.expert_parallel:
+                    raise UserError(
+                        f"pretrain.expert_parallel={self.expert_parallel} must divide the {experts} experts of "
+                        f"{model.name}'s {pool} pool"
+                    )
         if self.parallel == "auto":
             return "ddp" if model.vision is not None else "fsdp"
         if self.parallel == "fsdp" and model.vision is not None:

@@ -30,7 +30,7 @@ from ernie.moe import update_router_biases
 from pipeline.contract import UserError
 from stages.training import train_state
 from stages.training.optim import build_optimizer, lr_at, set_lr
-from stages.training.parallel import full_state_dict, shard_fsdp, wrap_ddp
+from stages.training.parallel import Layout, compile_layers
 
 from .config import Config
 from .data import TrainReader, load_val_rows
@@ -95,11 +95,11 @@ class WorkerLoop:
         torch.manual_seed(job.seed)
         self.model = ErnieForCausalLM(job.model).to(self.device)
         self.model.recompute = cfg.recompute
-        self.parallel = cfg.parallel_for(job.model)
-        if self.parallel == "fsdp":
-            self.train_model = shard_fsdp(self.model, self.device)
-        else:
-            self.train_model = wrap_ddp(self.model, self.device)
+        self.model.loss_impl = cfg.loss_impl
+        if cfg.compile:
+            compile_layers(self.model)
+        self.layout = Layout.build(cfg.parallel_for(job.model), self.world, cfg.expert_parallel, self.device)
+        self.train_model = self.layout.apply(self.model)
         # after sharding: the optimizer holds this rank's shards of the parameters
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.step = 0
@@ -116,7 +116,7 @@ class WorkerLoop:
             job.unit_rows,
             streams=job.data_streams,
         )
-        extra = train_state.load_sharded(Path(job.state_dir), job.fingerprint, self.model, self.optimizer)
+        extra = train_state.load_sharded(Path(job.state_dir), job.fingerprint, self.model, self.optimizer, self.layout)
         if extra is not None:
             self._restore(extra)
         self.flops_per_token: float | None = None  # known once the first batch shows the row length
@@ -139,10 +139,9 @@ class WorkerLoop:
         with self._autocast():
             out = self.train_model(**batch)
         out.loss.backward()
+        self.layout.reduce_expert_grads(self.model)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm over every rank's shards
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = self.layout.clip_grad_norm_(self.model, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.router_bias_rate > 0:  # collective: every rank, every step
@@ -236,7 +235,7 @@ class WorkerLoop:
             "router_window": router_window.cpu(),
             "fingerprint": self.job.fingerprint,
         }
-        train_state.save_sharded(Path(self.job.state_dir), self.model, self.optimizer, extra, self.rank)
+        train_state.save_sharded(Path(self.job.state_dir), self.model, self.optimizer, extra, self.rank, self.layout)
 
     def _restore(self, extra: dict) -> None:
         """The non-tensor state; model and optimizer are already loaded (`train_state.load_sharded`)."""
@@ -260,7 +259,7 @@ class WorkerLoop:
         self.record(self.step, {"val_loss": val_loss})
         summary = self.summary(val_loss)
         self.save_state()
-        weights = full_state_dict(self.model, self.rank)  # collective under FSDP2
+        weights = self.layout.full_state_dict(self.model, self.rank)  # collective
         if self.rank != 0:
             ray.train.report(summary)
             return

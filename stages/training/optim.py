@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 SCHEDULES = ("cosine", "wsd")
 
@@ -43,15 +44,22 @@ def lr_at(
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    """AdamW; 2-D+ weights are decayed, norms, biases and router weights are not."""
-    decay, no_decay = [], []
+    """AdamW; 2-D+ weights are decayed, norms, biases and router weights are not.
+
+    FSDP2 shards (DTensors) and plain tensors (expert-parallel slices beside them) go in separate
+    groups: the foreach kernels take one kind at a time.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        is_router = name.endswith("gate.weight")
-        (no_decay if param.dim() < 2 or is_router else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+        decayed = param.dim() >= 2 and not name.endswith("gate.weight")
+        groups.setdefault((decayed, isinstance(param, DTensor)), []).append(param)
+    ordered = sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))  # decayed first, as before
+    param_groups = [
+        {"params": params, "weight_decay": weight_decay if decayed else 0.0} for (decayed, _), params in ordered
+    ]
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, foreach=True)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

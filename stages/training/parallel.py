@@ -1,23 +1,31 @@
-"""Data-parallel wrapping shared by pretraining and post-training: DDP, or FSDP2 sharding."""
+"""Data-parallel wrapping shared by pretraining and post-training: DDP, or FSDP2 sharding; expert
+parallelism for the MoE pools beside either (`Layout`)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 PARALLEL_MODES = ("fsdp", "ddp")
 
 
-def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+def wrap_ddp(model: torch.nn.Module, device: torch.device, ignore: list[str] = ()) -> DistributedDataParallel:
     """DDP over `model` on `device`.
 
     No buffer sync per forward: the router bias is identical on every rank and the expert-load
     counters are per-rank statistics. A VL model looks for unused parameters: a batch without
     images (every post-training chat, some pretraining micro-batches) leaves the vision encoder,
     the adapter and the vision experts out of the graph, on some ranks only, and the ranks'
-    gradient buckets would otherwise disagree.
+    gradient buckets would otherwise disagree. `ignore`: parameter names DDP leaves alone (expert
+    slices under expert parallelism, whose gradients `Layout` reduces itself).
     """
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
     return DistributedDataParallel(
         model,
         device_ids=[device] if device.type == "cuda" else None,
@@ -26,7 +34,14 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataPar
     )
 
 
-def shard_fsdp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def compile_layers(model: nn.Module) -> None:
+    """torch.compile each decoder layer in place (names unchanged, so state dicts and FSDP2 units stay
+    as they are); the first step of each new input shape pays the compilation."""
+    for layer in model.model.layers:
+        layer.compile()
+
+
+def shard_fsdp(model: torch.nn.Module, device: torch.device, ignore: set[nn.Parameter] = frozenset()) -> nn.Module:
     """FSDP2 (`fully_shard`) over all ranks: each decoder layer is one unit (its parameters are
     gathered just before it runs and freed after), the rest (embeddings, final norm, head, and in
     VL models the vision encoder and adapter) forms the root unit. Shards in place; returns `model`.
@@ -34,6 +49,7 @@ def shard_fsdp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     Every rank must run the same forwards: parameters are all-gathered per unit, a collective. The
     vision parts stay in the root unit, which every forward gathers, so a rank whose micro-batch has
     no image does not skip a collective the others make; their gradients are zero on that rank.
+    `ignore`: parameters FSDP2 leaves alone (expert slices under expert parallelism).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -42,8 +58,9 @@ def shard_fsdp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     layers = list(model.model.layers)
     for i, layer in enumerate(layers):
         # the last layer's gradients are reduced right away, nothing is gained by keeping them gathered
-        fully_shard(layer, mesh=mesh, reshard_after_forward=i < len(layers) - 1)
-    fully_shard(model, mesh=mesh)
+        mine = {p for p in layer.parameters() if p in ignore}
+        fully_shard(layer, mesh=mesh, reshard_after_forward=i < len(layers) - 1, ignored_params=mine or None)
+    fully_shard(model, mesh=mesh, ignored_params=set(ignore) or None)
     return model
 
 
@@ -61,3 +78,135 @@ def full_state_dict(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
+
+
+@dataclass
+class Layout:
+    """How a training run spreads the model over its `world` workers.
+
+    Dense parameters: `mode` fsdp (FSDP2 over all workers) or ddp (replicated). MoE experts, with
+    `expert_parallel` = P > 1: every pool's experts are split over groups of P consecutive ranks
+    (inside a node on GPUs), tokens reach them by all-to-all (`ernie.expert_parallel`); the world /
+    P groups are replicas of each other. The 2-D mesh (replica, ep) names both.
+    """
+
+    mode: str
+    world: int
+    expert_parallel: int
+    device: torch.device
+    mesh: object = None
+    """DeviceMesh (replica, ep) when expert_parallel > 1."""
+
+    @staticmethod
+    def build(mode: str, world: int, expert_parallel: int, device: torch.device) -> Layout:
+        layout = Layout(mode, world, expert_parallel, device)
+        if expert_parallel > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            shape = (world // expert_parallel, expert_parallel)
+            layout.mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replica", "ep"))
+        return layout
+
+    # ------------------------------------------------------------------ wrapping
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Shard the experts, then the dense parameters; returns the module to call for training."""
+        expert_names: list[str] = []
+        if self.mesh is not None:
+            from ernie.expert_parallel import named_expert_parameters, shard_experts
+
+            shard_experts(model, self.mesh.get_group("ep"))
+            expert_names = list(named_expert_parameters(model))
+        experts = {p for name, p in model.named_parameters() if name in expert_names}
+        if self.mode == "fsdp":
+            return shard_fsdp(model, self.device, experts)
+        return wrap_ddp(model, self.device, expert_names)
+
+    # ------------------------------------------------------------------ gradients
+    def reduce_expert_grads(self, model: nn.Module) -> None:
+        """After backward: expert gradients become those of the mean loss (DDP/FSDP average the rest)."""
+        if self.mesh is None:
+            return
+        from ernie.expert_parallel import reduce_expert_grads
+
+        replicas = self.mesh.get_group("replica") if self.world > self.expert_parallel else None
+        reduce_expert_grads(model, replicas, self.world)
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
+        """Scale all gradients so their global norm is at most `max_norm`; returns the norm before."""
+        if self.mesh is None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        from torch.distributed.tensor import DTensor
+
+        from ernie.expert_parallel import named_expert_parameters
+
+        experts = {id(p) for p, _ in named_expert_parameters(model).values()}
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        squares = {"sharded": 0.0, "replicated": 0.0, "experts": 0.0}
+        for p in model.parameters():
+            if p.grad is None:
+                continue
+            if isinstance(p.grad, DTensor):  # an FSDP2 shard: every rank's shards add up
+                squares["sharded"] += p.grad.to_local().float().pow(2).sum()
+            elif id(p) in experts:  # this EP rank's experts: the EP group's slices add up
+                squares["experts"] += p.grad.float().pow(2).sum()
+            else:  # a DDP replica: the same on every rank
+                squares["replicated"] += p.grad.float().pow(2).sum()
+        sums = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in squares.values()])
+        sharded, experts_sum = sums[:1].clone(), sums[2:].clone()
+        dist.all_reduce(sharded)
+        dist.all_reduce(experts_sum, group=self.mesh.get_group("ep"))
+        norm = float((sharded + sums[1:2] + experts_sum).sqrt())
+        if math.isfinite(max_norm) and norm > max_norm:
+            scale = max_norm / (norm + 1e-6)
+            for g in grads:
+                g.mul_(scale)
+        return norm
+
+    # ------------------------------------------------------------------ state
+    def checkpoint_state(self, model: nn.Module, model_state: dict, optimizer_state: dict) -> None:
+        """In place: expert slices (and their AdamW moments) become DTensors of the global expert tensors,
+        so torch.distributed.checkpoint writes each slice once and can load them under another layout."""
+        if self.mesh is None:
+            return
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        from ernie.expert_parallel import named_expert_parameters
+
+        def spread(t: torch.Tensor) -> DTensor:
+            return DTensor.from_local(t, self.mesh, [Replicate(), Shard(0)], run_check=False)
+
+        for key in named_expert_parameters(model):
+            model_state[key] = spread(model_state[key])
+            if key in optimizer_state["state"]:  # a new dict: the old one may be the optimizer's own
+                moments = optimizer_state["state"][key]
+                optimizer_state["state"][key] = {
+                    name: spread(v) if isinstance(v, torch.Tensor) and v.dim() > 0 else v for name, v in moments.items()
+                }
+
+    def restored_state(self, model: nn.Module, model_state: dict, optimizer_state: dict) -> None:
+        """In place: the inverse of `checkpoint_state` after a load (each DTensor back to this rank's slice)."""
+        if self.mesh is None:
+            return
+        from torch.distributed.tensor import DTensor
+
+        from ernie.expert_parallel import named_expert_parameters
+
+        for key in named_expert_parameters(model):
+            model_state[key] = model_state[key].to_local()
+            if key in optimizer_state["state"]:
+                moments = optimizer_state["state"][key]
+                optimizer_state["state"][key] = {
+                    name: v.to_local() if isinstance(v, DTensor) else v for name, v in moments.items()
+                }
+
+    def full_state_dict(self, model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
+        """Collective: the unsharded state dict (dense and experts), on CPU, at rank 0 (empty elsewhere)."""
+        state = full_state_dict(model, rank)
+        if self.mesh is not None:
+            from ernie.expert_parallel import full_expert_tensors
+
+            experts = full_expert_tensors(model)
+            if rank == 0:
+                state |= {k: v.cpu() for k, v in experts.items()}
+        return state

@@ -76,10 +76,11 @@ def _normalise(value) -> str:
 
 
 # ---------------------------------------------------------------------- sharded (DCP)
-def save_sharded(directory: Path, model: torch.nn.Module, optimizer, extra: dict, rank: int) -> None:
+def save_sharded(directory: Path, model: torch.nn.Module, optimizer, extra: dict, rank: int, layout=None) -> None:
     """Collective: every rank writes its model and optimizer shards, rank 0 the rest and `meta.json`.
 
-    `extra` must hold "step", "cursor" and "fingerprint" (they go to meta.json as well).
+    `extra` must hold "step", "cursor" and "fingerprint" (they go to meta.json as well). `layout`
+    (`stages.training.parallel.Layout`) turns expert-parallel slices into global tensors.
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -92,6 +93,8 @@ def save_sharded(directory: Path, model: torch.nn.Module, optimizer, extra: dict
         tmp.mkdir(parents=True)
     dist.barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    if layout is not None:
+        layout.checkpoint_state(model, model_state, optimizer_state)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
     if rank == 0:
         torch.save(extra, tmp / EXTRA_FILE)
@@ -105,7 +108,7 @@ def save_sharded(directory: Path, model: torch.nn.Module, optimizer, extra: dict
     dist.barrier()
 
 
-def load_sharded(directory: Path, fingerprint: dict, model: torch.nn.Module, optimizer) -> dict | None:
+def load_sharded(directory: Path, fingerprint: dict, model: torch.nn.Module, optimizer, layout=None) -> dict | None:
     """Collective: load the latest sharded state into `model` and `optimizer` (already wrapped and
     sharded for this run's workers); returns rank 0's `extra`, or None when there is no state."""
     import torch.distributed.checkpoint as dcp
@@ -124,8 +127,12 @@ def load_sharded(directory: Path, fingerprint: dict, model: torch.nn.Module, opt
         raise UserError(f"{directory} holds a train state in an older layout (state.pt); delete it to start over")
     path = directory / meta["dir"]
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    if layout is not None:
+        layout.checkpoint_state(model, model_state, optimizer_state)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=str(path))
+    if layout is not None:
+        layout.restored_state(model, state["model"], state["optimizer"])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return torch.load(path / EXTRA_FILE, map_location="cpu", weights_only=True)
 

@@ -327,6 +327,30 @@ def test_pretrain_resumes_on_another_worker_count_with_the_same_batches(pretrain
     assert result.metrics["val_loss"] == pytest.approx(reference.metrics["val_loss"], rel=0.02)
 
 
+@pytest.mark.slow
+def test_pretrain_with_expert_parallelism_follows_the_replicated_experts_run(pretrained, tmp_path):
+    """2 workers, each MoE pool's experts split over both (all-to-all dispatch), dense parameters FSDP2,
+    the loss computed chunk by chunk: the same losses as the run where every worker holds every expert
+    and the full logits are formed, and a full HF checkpoint."""
+    reference_ctx, reference, _ = pretrained
+    inputs = {"dataset": Path(reference_ctx.inputs["dataset"].uri)}
+    config = pretrain.Config(**PRETRAIN, expert_parallel=2, loss_impl="chunked")
+    ctx = make_ctx("pretrain", config, reference_ctx.model, inputs, tmp_path)
+    result = pretrain.run(ctx)
+
+    history = json.loads((ctx.output_dir / "train_state" / "history.json").read_text())
+    reference_history = json.loads((reference_ctx.output_dir / "train_state" / "history.json").read_text())
+    gaps = np.abs(np.array(history["loss"]) - np.array(reference_history["loss"]))
+    print(f"\nexpert parallel vs replicated experts: largest loss gap {gaps.max():.2e} over {len(gaps)} steps")
+    assert gaps.max() < 1e-4, gaps
+    assert np.allclose(history["router"], reference_history["router"], rtol=0.01), "the same routing"
+    ours, theirs = (load_file(d / "model.safetensors") for d in (ctx.output_dir, reference_ctx.output_dir))
+    assert ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours), "experts gathered"
+    experts = [k for k in ours if "experts" in k]
+    assert experts and max((ours[k] - theirs[k]).abs().max().item() for k in experts) < 1e-2
+    assert result.metrics["val_loss"] == pytest.approx(reference.metrics["val_loss"], rel=1e-3)
+
+
 def _kill_a_train_worker_after_checkpoint(meta: Path, killed: list) -> None:
     """SIGKILL one Ray Train worker process once the first train state is written (Linux /proc)."""
     deadline = time.monotonic() + 120
