@@ -55,6 +55,7 @@ def _train(
     state_dir, start = Path(out) / "state", 0
     if checkpoint == "load":
         start = train_state.load_sharded(state_dir, {"run": 1}, model, optimizer, layout)["step"]
+    checkpointer = train_state.ShardedCheckpointer(state_dir, rank, layout, background=True)
     losses, norms = [], []
     for step in range(start, STEPS):
         ids = batches[step][rank * 2 : rank * 2 + 2]
@@ -69,7 +70,9 @@ def _train(
         losses.append(loss.item() / WORLD)
         if checkpoint == "save" and step + 1 == SAVE_AFTER:
             extra = {"step": SAVE_AFTER, "cursor": [0, 0], "fingerprint": {"run": 1}}
-            train_state.save_sharded(state_dir, model, optimizer, extra, rank, layout)
+            checkpointer.save(model, optimizer, extra)  # written in the background while the next steps run
+        checkpointer.commit_finished()
+    checkpointer.close()
     weights = layout.full_state_dict(model, rank)
     state_bytes = _state_bytes(model, optimizer)
     if rank == 0:

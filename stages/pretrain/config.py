@@ -49,6 +49,9 @@ class Config(TrainingConfig):
     compile: bool = False
     """torch.compile each decoder layer (same results up to kernel-fusion rounding; the first steps
     pay the compilation, minutes for large models)."""
+    async_checkpoint: bool = True
+    """Write the train state in the background: each worker copies its shards to memory and
+    training goes on while a thread writes them (the state counts once written)."""
     expert_parallel: int = 1
     """Workers each MoE pool's experts are split over (consecutive ranks: keep a group inside a
     node); tokens reach their experts by all-to-all. Must divide num_workers and every pool's
@@ -64,6 +67,7 @@ class Config(TrainingConfig):
         "router_stats_every",
         "compile",
         "loss_impl",
+        "async_checkpoint",
     }
     """num_workers is operational: the data order follows data_streams (data_streams=0 resolves to
     the first start's worker count, which the train state records)."""

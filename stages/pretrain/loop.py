@@ -117,6 +117,9 @@ class WorkerLoop:
             streams=job.data_streams,
         )
         extra = train_state.load_sharded(Path(job.state_dir), job.fingerprint, self.model, self.optimizer, self.layout)
+        self.checkpointer = train_state.ShardedCheckpointer(
+            Path(job.state_dir), self.rank, self.layout, background=cfg.async_checkpoint
+        )
         if extra is not None:
             self._restore(extra)
         self.flops_per_token: float | None = None  # known once the first batch shows the row length
@@ -147,6 +150,7 @@ class WorkerLoop:
         if cfg.router_bias_rate > 0:  # collective: every rank, every step
             update_router_biases(self.model, cfg.router_bias_rate)
         self.router.add(out.routing)
+        self.checkpointer.commit_finished()
         losses = self._mean_over_ranks([out.loss] + [out.losses.get(n, out.loss * 0) for n in LOSS_NAMES[1:]])
         seconds = time.perf_counter() - started
         self.step = step
@@ -235,7 +239,7 @@ class WorkerLoop:
             "router_window": router_window.cpu(),
             "fingerprint": self.job.fingerprint,
         }
-        train_state.save_sharded(Path(self.job.state_dir), self.model, self.optimizer, extra, self.rank, self.layout)
+        self.checkpointer.save(self.model, self.optimizer, extra)
 
     def _restore(self, extra: dict) -> None:
         """The non-tensor state; model and optimizer are already loaded (`train_state.load_sharded`)."""
@@ -259,6 +263,7 @@ class WorkerLoop:
         self.record(self.step, {"val_loss": val_loss})
         summary = self.summary(val_loss)
         self.save_state()
+        self.checkpointer.close()  # the final state is on disk before it is copied into the checkpoint
         weights = self.layout.full_state_dict(self.model, self.rank)  # collective
         if self.rank != 0:
             ray.train.report(summary)

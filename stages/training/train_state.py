@@ -4,10 +4,11 @@ Two layouts, both atomic (a process killed mid-write leaves the previous state i
 announced by `meta.json`, written last, which says which step the state holds:
 
 - `save` / `load` (post-training, DDP): rank 0 writes `state.pt`, the full replicated state.
-- `save_sharded` / `load_sharded` (pretraining, FSDP2 or DDP): every rank writes its own shards of
-  the model and optimizer with torch.distributed.checkpoint into `step-NNNNNNNN/`, beside rank
-  0's `extra.pt` (step, cursor, RNG, history); the directory is renamed into place once complete.
-  DCP reshards on load, so a state resumes under another worker count.
+- `ShardedCheckpointer` / `load_sharded` (pretraining, FSDP2 or DDP): every rank writes its own
+  shards of the model and optimizer with torch.distributed.checkpoint into `step-NNNNNNNN/`
+  (optionally in the background), beside rank 0's `extra.pt` (step, cursor, RNG, history); the
+  directory is renamed into place once complete. DCP reshards on load, so a state resumes under
+  another worker count.
 """
 
 from __future__ import annotations
@@ -76,36 +77,79 @@ def _normalise(value) -> str:
 
 
 # ---------------------------------------------------------------------- sharded (DCP)
-def save_sharded(directory: Path, model: torch.nn.Module, optimizer, extra: dict, rank: int, layout=None) -> None:
-    """Collective: every rank writes its model and optimizer shards, rank 0 the rest and `meta.json`.
+class ShardedCheckpointer:
+    """Writes the sharded train state: every rank its shards of the model and optimizer, rank 0 the
+    rest (`extra`) and `meta.json`.
 
-    `extra` must hold "step", "cursor" and "fingerprint" (they go to meta.json as well). `layout`
-    (`stages.training.parallel.Layout`) turns expert-parallel slices into global tensors.
+    With `background=True` the shards are copied to CPU memory at `save` and written by a thread
+    (`torch.distributed.checkpoint.async_save` over a gloo group of its own) while training goes
+    on; the state is committed (directory renamed into place, then `meta.json`) once rank 0's
+    write, which waits for every rank's, has finished. At most one write is in flight: the next
+    `save`, `commit_finished` after a step, and `close` commit it. A run killed mid-write resumes
+    from the previous committed state.
     """
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    name = f"{SHARDED_PREFIX}{extra['step']:08d}"
-    tmp = directory / f".{name}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    if layout is not None:
-        layout.checkpoint_state(model, model_state, optimizer_state)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
-    if rank == 0:
-        torch.save(extra, tmp / EXTRA_FILE)
-        shutil.rmtree(directory / name, ignore_errors=True)
-        os.replace(tmp, directory / name)
+    def __init__(self, directory: Path, rank: int, layout=None, background: bool = False) -> None:
+        import torch.distributed as dist
+
+        self.directory, self.rank, self.layout = directory, rank, layout
+        self.group = dist.new_group(backend="gloo") if background else None  # collective: every rank
+        self.pending: tuple | None = None  # (future, tmp dir, name, meta)
+        if rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            for stale in directory.glob(f".{SHARDED_PREFIX}*.tmp"):  # writes a killed run left unfinished
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def save(self, model: torch.nn.Module, optimizer, extra: dict) -> None:
+        """Collective. `extra` must hold "step", "cursor" and "fingerprint" (they go to meta.json too)."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.close()
+        name = f"{SHARDED_PREFIX}{extra['step']:08d}"
+        tmp = self.directory / f".{name}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save(extra, tmp / EXTRA_FILE)
+        dist.barrier()
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        if self.layout is not None:
+            self.layout.checkpoint_state(model, model_state, optimizer_state)
+        state = {"model": model_state, "optimizer": optimizer_state}
         meta = {k: extra[k] for k in ("step", "cursor", "fingerprint")} | {"dir": name}
-        _write_meta(directory, meta)
-        for old in directory.glob(f"{SHARDED_PREFIX}*"):  # the state before this one, once this one is in place
+        if self.group is None:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._commit(tmp, name, meta)
+            dist.barrier()
+            return
+        future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group)
+        self.pending = (getattr(future, "upload_completion", future), tmp, name, meta)
+
+    def commit_finished(self) -> None:
+        """Commit the write in flight if it has finished (cheap; call after every step)."""
+        if self.pending is not None and self.pending[0].done():
+            self.close()
+
+    def close(self) -> None:
+        """Wait for the write in flight, if any, and commit it."""
+        if self.pending is None:
+            return
+        future, tmp, name, meta = self.pending
+        self.pending = None
+        future.result()
+        self._commit(tmp, name, meta)
+
+    def _commit(self, tmp: Path, name: str, meta: dict) -> None:
+        if self.rank != 0:
+            return
+        shutil.rmtree(self.directory / name, ignore_errors=True)
+        os.replace(tmp, self.directory / name)
+        _write_meta(self.directory, meta)
+        for old in self.directory.glob(f"{SHARDED_PREFIX}*"):  # the state before this one, once this one is in place
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
 
 
 def load_sharded(directory: Path, fingerprint: dict, model: torch.nn.Module, optimizer, layout=None) -> dict | None:
