@@ -1,4 +1,4 @@
-"""Direct preference optimisation (DPO, sigmoid loss) against the frozen input checkpoint.
+"""Direct preference optimisation (DPO; sigmoid, label-smoothed or IPO loss) against the frozen input checkpoint.
 
     python -m pipeline run conf=tiny stages=[dpo] posttrain.dpo.beta=0.1
 
@@ -6,8 +6,12 @@ Inputs: `ckpt` (policy init and reference) and `dataset` (`preferences/{train,va
 {"prompt": [...messages], "chosen": str, "rejected": str}). A pair's log-probability is
 the sum over the answer tokens (answer + end-of-sentence) of prompt + answer rendered with
 the chat template. The reference log-probs of every pair are computed once, split over the
-ranks, before training. Loss: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), plus
-the model's weighted router losses. Logged per step (on the batch) and at every evaluation
+ranks, before training. With h = (pi_c - ref_c) - (pi_r - ref_r), the loss per pair is
+  sigmoid (Rafailov et al. 2023):  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+                                   (eps = label_smoothing: the pair's label is wrong with
+                                   probability eps, "conservative DPO"; 0 is plain DPO),
+  ipo (Azar et al. 2023, eq. 17):  (h - 1 / (2 beta))^2, on the summed answer log-probs,
+plus the model's weighted router losses. Logged per step (on the batch) and at every evaluation
 on the val pairs (`val_*`) and the train pairs (`train_set_*`): reward accuracy, chosen /
 rejected rewards (beta * (pi - ref)) and their margin, and the policy's own preference
 accuracy (pi_c > pi_r) next to the reference's. Output (ckpt): HF layout + tokenizer/ +
@@ -30,6 +34,7 @@ from .config import TrainConfig
 
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
 OUTPUT_KIND = "ckpt"
+LOSS_TYPES = ("sigmoid", "ipo")
 
 
 @dataclass
@@ -40,6 +45,10 @@ class Config(TrainConfig):
     lr: float = 1e-3
     beta: float = 0.1
     """Strength of the KL anchor to the reference: rewards are beta * (log pi - log ref)."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO, with optional label_smoothing) or ipo (squared loss toward a margin of 1 / (2 beta))."""
+    label_smoothing: float = 0.0
+    """sigmoid only: the probability that a pair's preference label is flipped (conservative DPO), in [0, 0.5)."""
     sft_weight: float = 0.0
     """Weight of an added NLL loss on the chosen answers (per answer token; RPO-style), which keeps
     DPO from lowering the likelihood of the chosen answers along with the rejected ones."""
@@ -48,6 +57,14 @@ class Config(TrainConfig):
         super().validate(stage)
         if self.beta <= 0:
             raise UserError(f"posttrain.{stage}.beta={self.beta!r} must be positive")
+        if self.loss_type not in LOSS_TYPES:
+            raise UserError(f"posttrain.{stage}.loss_type={self.loss_type!r} must be one of {LOSS_TYPES}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"posttrain.{stage}.label_smoothing={self.label_smoothing!r} must lie in [0, 0.5)")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise UserError(
+                f"posttrain.{stage}.label_smoothing applies to loss_type=sigmoid only, not {self.loss_type!r}"
+            )
         if self.sft_weight < 0:
             raise UserError(f"posttrain.{stage}.sft_weight={self.sft_weight!r} must not be negative")
 
@@ -57,6 +74,22 @@ class Pair:
     index: int
     chosen: Tokenised
     rejected: Tokenised
+
+
+def preference_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair loss from the summed answer log-probs of policy and reference (see the module docstring)."""
+    h = (chosen - reference_chosen) - (rejected - reference_rejected)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 
 
 def sequence_logprobs(logits: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -69,8 +102,11 @@ def sequence_logprobs(logits: torch.Tensor, batch: dict) -> torch.Tensor:
 class DPOObjective:
     """Sigmoid DPO; the reference log-probs [N, 2] (chosen, rejected) of train and val pairs live on every rank."""
 
-    def __init__(self, beta: float, sft_weight: float = 0.0) -> None:
+    def __init__(
+        self, beta: float, sft_weight: float = 0.0, loss_type: str = "sigmoid", label_smoothing: float = 0.0
+    ) -> None:
         self.beta, self.sft_weight = beta, sft_weight
+        self.loss_type, self.label_smoothing = loss_type, label_smoothing
         self.reference: dict[str, torch.Tensor] = {}
 
     def collate(self, pairs: list[Pair], device: torch.device) -> dict:
@@ -101,7 +137,9 @@ class DPOObjective:
     def _terms(self, chosen, rejected, reference) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         reward_c = self.beta * (chosen - reference[:, 0])
         reward_r = self.beta * (rejected - reference[:, 1])
-        loss = -F.logsigmoid(reward_c - reward_r)
+        loss = preference_loss(
+            chosen, rejected, reference[:, 0], reference[:, 1], self.beta, self.loss_type, self.label_smoothing
+        )
         metrics = {
             "dpo_loss": loss.detach(),
             "reward_accuracy": (reward_c > reward_r).float(),
@@ -185,7 +223,8 @@ def run(ctx: StageContext) -> StageResult:
     if len(train) < cfg.batch_size:
         raise UserError(f"posttrain.dpo.batch_size={cfg.batch_size} is larger than the {len(train)} preference pairs")
     ctx.log.params({"pairs_train": len(train), "pairs_val": len(val)})
-    result = common.train(ctx, DPOObjective(cfg.beta, cfg.sft_weight), ckpt_dir, train, val, cfg.fingerprint())
+    objective = DPOObjective(cfg.beta, cfg.sft_weight, cfg.loss_type, cfg.label_smoothing)
+    result = common.train(ctx, objective, ckpt_dir, train, val, cfg.fingerprint())
     curves = {
         "dpo_loss": ["dpo_loss", "val_dpo_loss", "train_set_dpo_loss"],
         "rewards": [
