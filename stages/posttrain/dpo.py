@@ -205,6 +205,8 @@ def tokenise_pairs(tokenizer, path, max_length: int) -> list[Pair]:
             ]
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{path} line {line}: not a preference record ({err})") from None
+        if sides[0].ids == sides[1].ids:
+            raise UserError(f"{path} line {line}: the chosen and rejected answers are the same, so no preference")
         if all(side.supervised > 0 for side in sides):
             pairs.append(Pair(len(pairs), *sides))
     if not pairs:

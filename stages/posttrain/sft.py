@@ -70,6 +70,8 @@ def tokenise_file(tokenizer, path, max_length: int) -> list[Tokenised]:
             example = tokenise_chat(tokenizer, record["messages"], max_length)
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{path} line {line}: not a chat record ({err})") from None
+        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in record["messages"]):
+            raise UserError(f"{path} line {line}: the chat has no assistant turn, so nothing to learn from")
         if example.supervised > 1:  # the first token is never a target
             examples.append(example)
     if not examples:
