@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ernie.checkpoint import load_pretrained, save_pretrained
+from ernie.lora import merge_lora
 from stages.training import train_state
 from stages.training.optim import build_optimizer, lr_at, set_lr
 from stages.training.parallel import wrap_ddp
@@ -209,6 +210,7 @@ class WorkerLoop:
             ray.train.report(summary)
             return
         self.save_state()
+        merge_lora(self.model)  # adapters, if any, become part of the exported weights
         with tempfile.TemporaryDirectory() as tmp:
             save_pretrained(self.model, tmp)
             shutil.copytree(self.job.state_dir, Path(tmp) / "train_state")

@@ -7,15 +7,18 @@ Inputs: `ckpt` (the model to tune) and `dataset` (`sft/train.jsonl`, `sft/val.js
 by piece; user, system and template tokens get loss weight 0. Ray Train DDP workers,
 AdamW + warmup/cosine, resumable train state, as in pretraining. Validation: mean
 assistant-token loss on sft/val.jsonl at the start, every `eval_every` steps and at the end.
-Output (ckpt): HF layout + tokenizer/ + train_state/.
+With `lora_rank` > 0 only low-rank adapters on `lora_targets` train (`ernie.lora`); they are
+merged into the weights of the output checkpoint. Output (ckpt): HF layout + tokenizer/ + train_state/.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ernie.lora import TARGETS as LORA_TARGETS
+from ernie.lora import add_lora
 from ernie.losses import shifted_targets
 from pipeline.contract import StageContext, StageResult, UserError
 
@@ -33,13 +36,40 @@ class Config(TrainConfig):
 
     steps: int = 100
     lr: float = 1e-3
+    lora_rank: int = 0
+    """0: tune every weight. > 0: train low-rank adapters of this rank on `lora_targets` only, the
+    base weights frozen; they are merged into the weights of the output checkpoint."""
+    lora_alpha: float = 16.0
+    """Adapter scale: the update is (lora_alpha / lora_rank) * B @ A."""
+    lora_targets: list[str] = field(default_factory=lambda: ["attention", "experts"])
+    """Which weights get adapters: attention (q/k/v/o), mlp (dense SwiGLU layers), experts (each routed expert)."""
+
+    def validate(self, stage: str = "sft") -> None:
+        super().validate(stage)
+        if self.lora_rank < 0:
+            raise UserError(f"posttrain.{stage}.lora_rank={self.lora_rank} must not be negative (0 = no LoRA)")
+        if self.lora_rank and self.lora_alpha <= 0:
+            raise UserError(f"posttrain.{stage}.lora_alpha={self.lora_alpha} must be positive")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if self.lora_rank and (unknown or not self.lora_targets):
+            raise UserError(
+                f"posttrain.{stage}.lora_targets={list(self.lora_targets)}: each must be one of {LORA_TARGETS}"
+            )
 
 
 class SFTObjective:
     """Masked next-token loss (the model's own LM + router losses, with the assistant mask)."""
 
+    def __init__(self, lora_rank: int = 0, lora_alpha: float = 16.0, lora_targets: tuple[str, ...] = ()) -> None:
+        self.lora_rank, self.lora_alpha, self.lora_targets = lora_rank, lora_alpha, tuple(lora_targets)
+
     def setup(self, loop) -> None:
-        pass
+        """Adapters go on before the optimizer is built and any train state is restored."""
+        if self.lora_rank:
+            try:
+                add_lora(loop.model, self.lora_rank, self.lora_alpha, self.lora_targets, seed=loop.job.seed)
+            except ValueError as err:
+                raise UserError(f"posttrain.sft LoRA: {err}") from None
 
     def collate(self, examples: list[Tokenised], device: torch.device) -> dict[str, torch.Tensor]:
         return pad_batch(examples, device)
@@ -90,7 +120,8 @@ def run(ctx: StageContext) -> StageResult:
     if len(train) < cfg.batch_size:
         raise UserError(f"posttrain.sft.batch_size={cfg.batch_size} is larger than the {len(train)} SFT chats")
     ctx.log.params({"examples_train": len(train), "examples_val": len(val)})
-    result = common.train(ctx, SFTObjective(), ckpt_dir, train, val, cfg.fingerprint())
+    objective = SFTObjective(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    result = common.train(ctx, objective, ckpt_dir, train, val, cfg.fingerprint())
     common.finish_outputs(ctx, tokenizer_dir, {"loss_curve": ["loss", "lm", "val_loss"]})
     m = dict(result.metrics)
     summary = f"{int(m['steps'])} steps: val assistant-token loss {m['val_loss_initial']:.3f} -> {m['val_loss']:.3f}"

@@ -573,6 +573,26 @@ def test_sft_lowers_the_assistant_token_loss_on_val(sft_run):
     assert "loss_curve.png" in ctx.log.artifact_log
 
 
+@pytest.mark.slow
+def test_sft_with_lora_trains_adapters_only_and_exports_them_merged(pretrained, dataset, tmp_path):
+    """LoRA on attention and experts: the val loss falls, and the exported checkpoint differs from the
+    input only in the adapted weights, under the base model's names."""
+    config = sft.Config(
+        steps=40, batch_size=16, lr=5e-3, eval_every=20, checkpoint_every=20, lora_rank=8, lora_alpha=16
+    )
+    ctx = make_ctx("sft", config, None, {"ckpt": pretrained[0].output_dir, "dataset": dataset}, tmp_path)
+    m = sft.run(ctx).metrics
+    print(f"\nsft with LoRA: val loss {m['val_loss_initial']:.3f} -> {m['val_loss']:.3f}")
+    assert m["val_loss"] < 0.8 * m["val_loss_initial"], m
+    ours, base = (load_file(d / "model.safetensors") for d in (ctx.output_dir, pretrained[0].output_dir))
+    assert ours.keys() == base.keys()
+    changed = {k for k in base if not torch.equal(ours[k], base[k])}
+    adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "experts")
+    assert changed and all(any(a in k for a in adapted) for k in changed), sorted(changed)[:5]
+    assert any("experts" in k for k in changed) and any("q_proj" in k for k in changed)
+    assert not any("embed_tokens" in k or "norm" in k or "gate.weight" in k for k in changed)
+
+
 # ---------------------------------------------------------------------- dpo
 @pytest.mark.slow
 def test_dpo_raises_reward_accuracy_and_margin_over_the_reference(dpo_run):
