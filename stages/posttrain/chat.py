@@ -20,6 +20,8 @@ from pipeline.formats import read_jsonl
 
 PAD_ID = 0
 IGNORE_INDEX = -100
+PAD_DOCUMENT = -1
+"""document_ids of padding in a packed batch: a document of its own, never attended to by a chat."""
 
 
 @dataclass
@@ -74,3 +76,36 @@ def pad_batch(examples: list[Tokenised], device: torch.device) -> dict[str, torc
         labels[row, :n] = torch.tensor(example.ids)
         loss_mask[row, :n] = torch.tensor(example.mask)
     return {"input_ids": input_ids.to(device), "labels": labels.to(device), "loss_mask": loss_mask.to(device)}
+
+
+def pack_batch(examples: list[Tokenised], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """`pad_batch`'s tensors with the chats packed several to a row (first fit, longest first), plus
+    document_ids: attention, positions and targets stay inside each chat, so the assistant-token
+    loss equals the padded batch's, on fewer padding tokens."""
+    rows: list[list[Tokenised]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: -len(e.ids)):
+        row = next((r for r, free in enumerate(room) if free >= len(example.ids)), None)
+        if row is None:
+            rows.append([])
+            room.append(max_length)
+            row = len(rows) - 1
+        rows[row].append(example)
+        room[row] -= len(example.ids)
+    length = max(max_length - free for free in room)
+    shape = (len(rows), length)
+    input_ids = torch.full(shape, PAD_ID, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    loss_mask = torch.zeros(shape, dtype=torch.long)
+    document_ids = torch.full(shape, PAD_DOCUMENT, dtype=torch.long)
+    for r, chats in enumerate(rows):
+        at = 0
+        for d, example in enumerate(chats):
+            n = len(example.ids)
+            input_ids[r, at : at + n] = torch.tensor(example.ids)
+            labels[r, at : at + n] = torch.tensor(example.ids)
+            loss_mask[r, at : at + n] = torch.tensor(example.mask)
+            document_ids[r, at : at + n] = d
+            at += n
+    batch = {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask, "document_ids": document_ids}
+    return {k: v.to(device) for k, v in batch.items()}

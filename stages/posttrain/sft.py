@@ -23,7 +23,7 @@ from ernie.losses import shifted_targets
 from pipeline.contract import StageContext, StageResult, UserError
 
 from . import common
-from .chat import Tokenised, pad_batch, read_records, tokenise_chat
+from .chat import Tokenised, pack_batch, pad_batch, read_records, tokenise_chat
 from .config import TrainConfig
 
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
@@ -36,6 +36,9 @@ class Config(TrainConfig):
 
     steps: int = 100
     lr: float = 1e-3
+    pack: bool = False
+    """Pack each step's chats several to a row of max_length (first fit, longest first) instead of
+    one padded row each: the same assistant-token loss on fewer padding tokens."""
     lora_rank: int = 0
     """0: tune every weight. > 0: train low-rank adapters of this rank on `lora_targets` only, the
     base weights frozen; they are merged into the weights of the output checkpoint."""
@@ -60,8 +63,16 @@ class Config(TrainConfig):
 class SFTObjective:
     """Masked next-token loss (the model's own LM + router losses, with the assistant mask)."""
 
-    def __init__(self, lora_rank: int = 0, lora_alpha: float = 16.0, lora_targets: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
+        lora_targets: tuple[str, ...] = (),
+        pack_length: int = 0,
+    ) -> None:
         self.lora_rank, self.lora_alpha, self.lora_targets = lora_rank, lora_alpha, tuple(lora_targets)
+        self.pack_length = pack_length
+        """0: one padded row per chat; else chats packed into rows of this many tokens."""
 
     def setup(self, loop) -> None:
         """Adapters go on before the optimizer is built and any train state is restored."""
@@ -72,6 +83,8 @@ class SFTObjective:
                 raise UserError(f"posttrain.sft LoRA: {err}") from None
 
     def collate(self, examples: list[Tokenised], device: torch.device) -> dict[str, torch.Tensor]:
+        if self.pack_length:
+            return pack_batch(examples, self.pack_length, device)
         return pad_batch(examples, device)
 
     def loss(self, model, batch: dict, loop) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -83,10 +96,10 @@ class SFTObjective:
         """Token-weighted assistant-token loss over the validation chats."""
         totals = torch.zeros(2, device=loop.device)
         for chunk in loop.my_share(loop.eval_count(loop.val_examples)):
-            batch = pad_batch([loop.val_examples[i] for i in chunk], loop.device)
+            batch = self.collate([loop.val_examples[i] for i in chunk], loop.device)
             with loop.autocast():
                 out = loop.model(**batch)
-            _, weight = shifted_targets(batch["labels"], batch["loss_mask"], None)
+            _, weight = shifted_targets(batch["labels"], batch["loss_mask"], batch.get("document_ids"))
             totals += torch.stack([out.losses["lm"].float() * weight.sum(), weight.sum()])
         totals = loop.all_sum(totals)
         return {"val_loss": float(totals[0] / totals[1].clamp(min=1))}
@@ -120,7 +133,7 @@ def run(ctx: StageContext) -> StageResult:
     if len(train) < cfg.batch_size:
         raise UserError(f"posttrain.sft.batch_size={cfg.batch_size} is larger than the {len(train)} SFT chats")
     ctx.log.params({"examples_train": len(train), "examples_val": len(val)})
-    objective = SFTObjective(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    objective = SFTObjective(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.max_length if cfg.pack else 0)
     result = common.train(ctx, objective, ckpt_dir, train, val, cfg.fingerprint())
     common.finish_outputs(ctx, tokenizer_dir, {"loss_curve": ["loss", "lm", "val_loss"]})
     m = dict(result.metrics)

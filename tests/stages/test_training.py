@@ -575,10 +575,10 @@ def test_sft_lowers_the_assistant_token_loss_on_val(sft_run):
 
 @pytest.mark.slow
 def test_sft_with_lora_trains_adapters_only_and_exports_them_merged(pretrained, dataset, tmp_path):
-    """LoRA on attention and experts: the val loss falls, and the exported checkpoint differs from the
-    input only in the adapted weights, under the base model's names."""
+    """LoRA on attention and experts, chats packed several to a row: the val loss falls, and the exported
+    checkpoint differs from the input only in the adapted weights, under the base model's names."""
     config = sft.Config(
-        steps=40, batch_size=16, lr=5e-3, eval_every=20, checkpoint_every=20, lora_rank=8, lora_alpha=16
+        steps=40, batch_size=16, lr=5e-3, eval_every=20, checkpoint_every=20, lora_rank=8, lora_alpha=16, pack=True
     )
     ctx = make_ctx("sft", config, None, {"ckpt": pretrained[0].output_dir, "dataset": dataset}, tmp_path)
     m = sft.run(ctx).metrics
