@@ -220,9 +220,11 @@ class _DenseExperts:
     (so the quantized and the float experts share one implementation)."""
 
     forward = GroupedExperts.forward
+    run_experts = GroupedExperts.run_experts
     _swiglu = GroupedExperts._swiglu
     _forward_loop = GroupedExperts._forward_loop
     _forward_grouped = GroupedExperts._forward_grouped
+    ep = None  # quantized experts are whole on every rank
 
     def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, num_experts: int, intermediate: int):
         self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
@@ -245,6 +247,7 @@ class QuantizedGroupedExperts(nn.Module):
     ) -> None:
         super().__init__()
         self.num_experts, self.intermediate = num_experts, intermediate
+        self.ep = None  # whole on every rank: `MoE` asks, as it does of `GroupedExperts`
         self.gate_up = _PackedWeight((num_experts, 2 * intermediate, hidden), bits, group_size, scale_dtype)
         self.down = _PackedWeight((num_experts, hidden, intermediate), bits, down_group_size or group_size, scale_dtype)
 
