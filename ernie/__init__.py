@@ -8,8 +8,9 @@ import: the data stage's Ray workers use them and never need torch for text.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .lazy import lazy_getattr
 
 _EXPORTS = {
     "ConfigError": "config",
@@ -45,14 +46,4 @@ if TYPE_CHECKING:
     from .presets import PRESETS, get_preset, shrink
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    try:  # a submodule: `import ernie` then `ernie.<submodule>` works as when this file imported them all
-        return importlib.import_module(f".{name}", __name__)
-    except ModuleNotFoundError as error:
-        if error.name != f"{__name__}.{name}":
-            raise
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)

@@ -15,8 +15,9 @@ not import the whole stage (and torch with it).
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ernie.lazy import lazy_getattr
 
 _EXPORTS = {"Config": "config", "INPUTS": "stage", "OUTPUT_KIND": "stage", "run": "stage"}
 __all__ = ["INPUTS", "OUTPUT_KIND", "Config", "run"]
@@ -26,14 +27,4 @@ if TYPE_CHECKING:
     from .stage import INPUTS, OUTPUT_KIND, run
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    try:  # a submodule: `import stages.data` then `stages.data.<submodule>` works as when this file imported them
-        return importlib.import_module(f".{name}", __name__)
-    except ModuleNotFoundError as error:
-        if error.name != f"{__name__}.{name}":
-            raise
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)

@@ -230,7 +230,7 @@ class _Progress:
         return {"rows": {split: [] for split in SPLITS}, "pending": {split: [] for split in SPLITS}}
 
     def snapshot(self, carry: dict) -> tuple[bytes, dict]:
-        """The state after a window, taken by the packing thread before it reads on (shards come later)."""
+        """The state right after a window is packed (its shards are listed at `commit`, once written)."""
         state = {
             "fingerprint": self.fingerprint,
             "mixture": asdict(self.mixture),

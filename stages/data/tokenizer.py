@@ -27,7 +27,16 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train the BPE; deterministic for the same texts (the trainer breaks ties by pair order)."""
+    """Train the BPE and close its merges; deterministic for the same texts (the trainer breaks ties by pair order)."""
+    tokenizer = Tokenizer.from_str(close_merges(train_bpe(texts, vocab_size).to_str()))  # tiktoken encodes it alike
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != expected_id:  # a tokenizers upgrade changed the layout
+            raise RuntimeError(f"special token {token!r} got id {tokenizer.token_to_id(token)}, not {expected_id}")
+    return tokenizer
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """The bundled layout as HF tokenizers trains it, merges not yet closed."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -35,16 +44,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        min_frequency=2,
+        min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    tokenizer = Tokenizer.from_str(close_merges(tokenizer.to_str()))  # tiktoken then encodes it identically
-    for expected_id, token in enumerate(SPECIAL_TOKENS):
-        if tokenizer.token_to_id(token) != expected_id:  # a tokenizers upgrade changed the layout
-            raise RuntimeError(f"special token {token!r} got id {tokenizer.token_to_id(token)}, not {expected_id}")
     return tokenizer
 
 

@@ -110,16 +110,15 @@ class Layout:
     # ------------------------------------------------------------------ wrapping
     def apply(self, model: nn.Module) -> nn.Module:
         """Shard the experts, then the dense parameters; returns the module to call for training."""
-        expert_names: list[str] = []
+        experts: dict = {}
         if self.mesh is not None:
             from ernie.expert_parallel import named_expert_parameters, shard_experts
 
             shard_experts(model, self.mesh.get_group("ep"))
-            expert_names = list(named_expert_parameters(model))
-        experts = {p for name, p in model.named_parameters() if name in expert_names}
+            experts = named_expert_parameters(model)
         if self.mode == "fsdp":
-            return shard_fsdp(model, self.device, experts)
-        return wrap_ddp(model, self.device, expert_names)
+            return shard_fsdp(model, self.device, {param for param, _ in experts.values()})
+        return wrap_ddp(model, self.device, list(experts))
 
     # ------------------------------------------------------------------ gradients
     def reduce_expert_grads(self, model: nn.Module) -> None:
@@ -141,26 +140,24 @@ class Layout:
         from ernie.expert_parallel import named_expert_parameters
 
         experts = {id(p) for p, _ in named_expert_parameters(model).values()}
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        squares = {"sharded": 0.0, "replicated": 0.0, "experts": 0.0}
+        sharded, replicated, expert_slices = (torch.zeros((), device=self.device) for _ in range(3))
         for p in model.parameters():
             if p.grad is None:
                 continue
             if isinstance(p.grad, DTensor):  # an FSDP2 shard: every rank's shards add up
-                squares["sharded"] += p.grad.to_local().float().pow(2).sum()
-            elif id(p) in experts:  # this EP rank's experts: the EP group's slices add up
-                squares["experts"] += p.grad.float().pow(2).sum()
+                sharded += p.grad.to_local().float().pow(2).sum()
+            elif id(p) in experts:  # this rank's experts: the EP group's slices add up
+                expert_slices += p.grad.float().pow(2).sum()
             else:  # a DDP replica: the same on every rank
-                squares["replicated"] += p.grad.float().pow(2).sum()
-        sums = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in squares.values()])
-        sharded, experts_sum = sums[:1].clone(), sums[2:].clone()
+                replicated += p.grad.float().pow(2).sum()
         dist.all_reduce(sharded)
-        dist.all_reduce(experts_sum, group=self.mesh.get_group("ep"))
-        norm = float((sharded + sums[1:2] + experts_sum).sqrt())
+        dist.all_reduce(expert_slices, group=self.mesh.get_group("ep"))
+        norm = float((sharded + replicated + expert_slices).sqrt())
         if math.isfinite(max_norm) and norm > max_norm:
             scale = max_norm / (norm + 1e-6)
-            for g in grads:
-                g.mul_(scale)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
         return norm
 
     # ------------------------------------------------------------------ state

@@ -64,12 +64,17 @@ def load(directory: Path, fingerprint: dict) -> dict | None:
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if _normalise(state["fingerprint"]) != _normalise(fingerprint):
+    _check_fingerprint(directory, state, fingerprint)
+    return state
+
+
+def _check_fingerprint(directory: Path, saved: dict, fingerprint: dict) -> None:
+    """A state (or its meta) written under another configuration is a `UserError`."""
+    if _normalise(saved["fingerprint"]) != _normalise(fingerprint):
         raise UserError(
-            f"{directory} holds a train state of a different configuration (step {state['step']}); "
+            f"{directory} holds a train state of a different configuration (step {saved['step']}); "
             "delete it to start over, or rerun with the configuration that wrote it"
         )
-    return state
 
 
 def _normalise(value) -> str:
@@ -158,15 +163,10 @@ def load_sharded(directory: Path, fingerprint: dict, model: torch.nn.Module, opt
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    meta_path = directory / META_FILE
-    if not meta_path.is_file():
+    meta = read_meta(directory)
+    if meta is None:
         return None
-    meta = json.loads(meta_path.read_text())
-    if _normalise(meta["fingerprint"]) != _normalise(fingerprint):
-        raise UserError(
-            f"{directory} holds a train state of a different configuration (step {meta['step']}); "
-            "delete it to start over, or rerun with the configuration that wrote it"
-        )
+    _check_fingerprint(directory, meta, fingerprint)
     if "dir" not in meta:
         raise UserError(f"{directory} holds a train state in an older layout (state.pt); delete it to start over")
     path = directory / meta["dir"]

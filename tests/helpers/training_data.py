@@ -11,11 +11,10 @@ import random
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from ernie.chat_template import SPECIAL_TOKENS
 from pipeline.formats import TOKENIZER_FILE, write_jsonl
 from pipeline.shards import write_row_shards
+from stages.data.tokenizer import train_bpe
 
 BOS_ID, EOS_ID = 1, 2
 
@@ -37,22 +36,6 @@ def _document(rng: random.Random) -> str:
     for a, op, b, c in _facts(rng, rng.randint(3, 8)):
         lines.append(rng.choice([f"{a} {op} {b} = {c}.", f"Question: What is {a} {op} {b}? Answer: {c}."]))
     return "\n".join(lines)
-
-
-def _tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return tokenizer
 
 
 def _pack(docs: list[list[int]], seq_len: int) -> list[dict[str, np.ndarray]]:
@@ -92,7 +75,7 @@ def build_dataset(root: Path, seq_len: int = 128, documents: int = 600, vocab_si
     """Write the artifact under `root` and return it; the tokenizer vocabulary is `vocab_size`."""
     rng = random.Random(0)
     texts = [_document(rng) for _ in range(documents)]
-    tokenizer = _tokenizer(texts, vocab_size)
+    tokenizer = train_bpe(texts, vocab_size, min_frequency=0)
     (root / TOKENIZER_FILE).parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(root / TOKENIZER_FILE))
     docs = [[BOS_ID, *enc.ids, EOS_ID] for enc in tokenizer.encode_batch(texts)]

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from ernie.chat_template import SPECIAL_TOKENS
 from stages.data.encode import EncodeSpec, encode_records, table_documents
 from stages.data.fast_bpe import close_merges, fast_encoder, is_closed
 from stages.data.sources import RawRecord
 from stages.data.stdlib_corpus import stdlib_documents
-from stages.data.tokenizer import BOS_ID, EOS_ID, train_tokenizer
+from stages.data.tokenizer import BOS_ID, EOS_ID, train_bpe, train_tokenizer
 
 FRAGMENTS = [
     " ",
@@ -81,14 +81,14 @@ def test_trained_bpe_is_closed_and_closing_again_changes_nothing(bundled):
 
 
 def test_closing_keeps_every_trained_merge():
-    raw = _raw_bpe(stdlib_documents()[:200], 400)
+    raw = train_bpe(stdlib_documents()[:200], 400, min_frequency=0)
     trained = [tuple(m) for m in json.loads(raw.to_str())["model"]["merges"]]
     closed = {tuple(m) for m in json.loads(close_merges(raw.to_str()))["model"]["merges"]}
     assert set(trained) <= closed and len(closed) >= len(trained)
 
 
 def test_other_tokenizers_keep_hf_tokenizers():
-    raw = _raw_bpe(stdlib_documents()[:200], 400)
+    raw = train_bpe(stdlib_documents()[:200], 400, min_frequency=0)
     assert fast_encoder(raw.to_str()) is None, "merges not closed: tiktoken could merge differently"
     spec = json.loads(close_merges(raw.to_str()))
     spec["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
@@ -103,19 +103,3 @@ def test_encode_records_gives_hf_ids_with_bos_and_eos(bundled):
     docs = [doc for _, (_, doc) in table_documents(encode_records(records, spec))]
     assert [d.tokens.tolist() for d in docs] == [[BOS_ID, *ids, EOS_ID] for ids in hf_ids(tokenizer, texts)]
     assert [d.source for d in docs] == ["s"] * 3
-
-
-def _raw_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
-    """The bundled layout trained without closing the merges."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return tokenizer
