@@ -55,7 +55,7 @@ def _train(
     state_dir, start = Path(out) / "state", 0
     if checkpoint == "load":
         start = train_state.load_sharded(state_dir, {"run": 1}, model, optimizer, layout)["step"]
-    checkpointer = train_state.ShardedCheckpointer(state_dir, rank, layout, background=True)
+    checkpointer = train_state.ShardedCheckpointer(state_dir, rank, layout, background=checkpoint != "save-sync")
     losses, norms = [], []
     for step in range(start, STEPS):
         ids = batches[step][rank * 2 : rank * 2 + 2]
@@ -68,9 +68,9 @@ def _train(
         loss = out_.loss.detach().clone()
         dist.all_reduce(loss)
         losses.append(loss.item() / WORLD)
-        if checkpoint == "save" and step + 1 == SAVE_AFTER:
+        if checkpoint.startswith("save") and step + 1 == SAVE_AFTER:
             extra = {"step": SAVE_AFTER, "cursor": [0, 0], "fingerprint": {"run": 1}}
-            checkpointer.save(model, optimizer, extra)  # written in the background while the next steps run
+            checkpointer.save(model, optimizer, extra)  # "save": written in the background while the next steps run
         checkpointer.commit_finished()
     checkpointer.close()
     weights = layout.full_state_dict(model, rank)
@@ -131,9 +131,10 @@ def test_planned_state_memory_matches_what_each_worker_holds(runs):
     assert runs[("fsdp", 2)]["state_bytes"] < 0.6 * runs[("ddp", 1)]["state_bytes"], "sharding saves memory"
 
 
-def test_expert_parallel_train_state_resumes_exactly(runs, tmp_path):
+@pytest.mark.parametrize("save", ["save", "save-sync"])
+def test_expert_parallel_train_state_resumes_exactly(runs, tmp_path, save):
     uninterrupted = runs[("fsdp", 2)]
-    saved = run_layout(tmp_path, "fsdp", 2, "save")
+    saved = run_layout(tmp_path, "fsdp", 2, save)
     assert saved["losses"] == uninterrupted["losses"]
     meta = json.loads((tmp_path / "state" / "meta.json").read_text())
     assert meta["step"] == SAVE_AFTER and len(list((tmp_path / "state" / meta["dir"]).glob("*.distcp"))) == WORLD
