@@ -24,20 +24,34 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 def _stage_configs():
     from stages import data, pretrain, quantize, serve
     from stages.eval import Config as EvalConfig
-    from stages.posttrain import dpo, sft
+    from stages.posttrain import dpo, rlvr, sft, upo
 
-    return data.Config, pretrain.Config, sft.Config, dpo.Config, quantize.Config, serve.Config, EvalConfig
+    posttrain = (sft.Config, dpo.Config, upo.Config, rlvr.Config)
+    return data.Config, pretrain.Config, *posttrain, quantize.Config, serve.Config, EvalConfig
 
 
-DataConfig, PretrainConfig, SFTConfig, DPOConfig, QuantizeConfig, ServeConfig, EvalConfig = _stage_configs()
+(
+    DataConfig,
+    PretrainConfig,
+    SFTConfig,
+    DPOConfig,
+    UPOConfig,
+    RLVRConfig,
+    QuantizeConfig,
+    ServeConfig,
+    EvalConfig,
+) = _stage_configs()
 
 
 @dataclass
 class PosttrainConfig:
     recipe: list[str] = field(default_factory=lambda: ["sft", "dpo"])
-    """Post-training methods run in order after pretrain (ERNIE text models: sft, dpo)."""
+    """Post-training methods run in order after pretrain: any of sft, dpo, upo, rlvr (ERNIE text models: sft then
+    dpo or upo)."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    upo: UPOConfig = field(default_factory=UPOConfig)
+    rlvr: RLVRConfig = field(default_factory=RLVRConfig)
 
 
 @dataclass
@@ -151,7 +165,8 @@ def validate(cfg: PipelineConfig) -> None:
             "(the tokenizer the data stage trains is the model's vocabulary)"
         )
     cfg.data.check_model(cfg.model)
-    for path in ("data", "pretrain", "posttrain.sft", "posttrain.dpo", "quantize", "serve", "eval"):
+    posttrain = [f"posttrain.{m}" for m in POSTTRAIN_METHODS]
+    for path in ("data", "pretrain", *posttrain, "quantize", "serve", "eval"):
         section = cfg.section(path)
         if hasattr(section, "validate"):  # each stage's own rules, raising UserError with its key path
             if path.startswith("posttrain."):

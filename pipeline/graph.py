@@ -2,7 +2,8 @@
 
     data ──dataset──▶ pretrain ──ckpt──▶ sft ──ckpt──▶ dpo ──ckpt──▶ quantize ──qckpt──▶ serve
 
-`posttrain.recipe` decides the post-training chain after pretrain. Every stage also takes
+`posttrain.recipe` decides the post-training chain after pretrain (any of sft, dpo, upo, rlvr,
+in order). Every stage also takes
 the dataset (tokenizer, validation data). Stages are found through `STAGE_MODULES`.
 """
 
@@ -19,17 +20,21 @@ STAGE_MODULES = {
     "pretrain": "stages.pretrain",
     "sft": "stages.posttrain.sft",
     "dpo": "stages.posttrain.dpo",
+    "upo": "stages.posttrain.upo",
+    "rlvr": "stages.posttrain.rlvr",
     "quantize": "stages.quantize",
     "serve": "stages.serve",
 }
 EVAL_MODULE = "stages.eval"
-POSTTRAIN_METHODS = ("sft", "dpo")
+POSTTRAIN_METHODS = ("sft", "dpo", "upo", "rlvr")
 # the config section of each stage inside `PipelineConfig`
 CONFIG_PATHS = {
     "data": "data",
     "pretrain": "pretrain",
     "sft": "posttrain.sft",
     "dpo": "posttrain.dpo",
+    "upo": "posttrain.upo",
+    "rlvr": "posttrain.rlvr",
     "quantize": "quantize",
     "serve": "serve",
 }

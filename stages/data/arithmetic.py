@@ -136,6 +136,17 @@ def preference_pairs(facts: list[Fact], n: int, rng: random.Random) -> list[dict
     return pairs
 
 
+def verifiable_prompts(facts: list[Fact], n: int, rng: random.Random) -> list[dict]:
+    """Questions in the SFT prompt style with their exact answers, for RL with verifiable rewards."""
+    records = []
+    for _ in range(n):
+        fact = rng.choice(facts)
+        records.append(
+            {"task": fact.op, "prompt": [{"role": "user", "content": question(fact, rng)}], "answer": str(fact.answer)}
+        )
+    return records
+
+
 def plausible_wrong_answer(fact: Fact, rng: random.Random) -> int:
     """An off-by-one / off-by-ten slip, or the other operation's result: never the answer."""
     other = fact.a - fact.b if fact.op == "add" else fact.a + fact.b

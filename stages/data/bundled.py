@@ -23,7 +23,7 @@ class BundledCorpus:
     records: dict[str, list[RawRecord]] = field(default_factory=dict)
     """Raw records per bundled source name."""
     sets: dict[str, list[dict]] = field(default_factory=dict)
-    """Post-training and eval records by relative path (sft/, preferences/, tasks/)."""
+    """Post-training and eval records by relative path (sft/, preferences/, rlvr/, tasks/)."""
     held_out: list[arithmetic.Fact] = field(default_factory=list)
 
 
@@ -63,11 +63,15 @@ def _segment(segment: dict) -> tuple[str, object]:
 
 
 def _post_training_sets(config: Config, train_facts, held_out, seed: int) -> dict[str, list[dict]]:
-    """{relative path: records} for sft/, preferences/ (training facts) and tasks/ (held-out facts)."""
+    """{relative path: records} for sft/, preferences/, rlvr/ (training facts) and tasks/ (held-out facts).
+
+    The val splits of sft/, preferences/ and rlvr/ are held-out records of the training facts;
+    held-out facts are for tasks/ only, where eval measures what generalises."""
     sft = arithmetic.sft_examples(train_facts, config.sft_examples, rng(seed, "sft"))
     preferences = arithmetic.preference_pairs(train_facts, config.preference_pairs, rng(seed, "preferences"))
+    prompts = arithmetic.verifiable_prompts(train_facts, config.rlvr_prompts, rng(seed, "rlvr"))
     sets = {}
-    for name, records in (("sft", sft), ("preferences", preferences)):
+    for name, records in (("sft", sft), ("preferences", preferences), ("rlvr", prompts)):
         sets[f"{name}/train.jsonl"], sets[f"{name}/val.jsonl"] = holdout_split(records, config.val_fraction)
     sets["tasks/val.jsonl"] = arithmetic.eval_tasks(held_out, rng(seed, "tasks"))
     return sets

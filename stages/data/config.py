@@ -113,6 +113,8 @@ class Config:
     """Chat examples for SFT (user asks an arithmetic question, assistant answers)."""
     preference_pairs: int = 400
     """(prompt, chosen, rejected) pairs for DPO / UPO."""
+    rlvr_prompts: int = 400
+    """Questions with their exact answers for RLVR / UPO rollouts (rlvr/), from the training facts."""
     eval_tasks: int = 100
     """Held-out arithmetic questions: never seen in the corpus, SFT or preference data."""
     max_operand: int = 20
@@ -129,7 +131,14 @@ class Config:
         )
         _require(0 < self.val_fraction < 0.5, "val_fraction", self.val_fraction, "must lie in (0, 0.5)")
         _require(self.rows_per_shard >= 1, "rows_per_shard", self.rows_per_shard, "must be at least 1")
-        for name in ("max_documents", "arithmetic_documents", "sft_examples", "preference_pairs", "eval_tasks"):
+        for name in (
+            "max_documents",
+            "arithmetic_documents",
+            "sft_examples",
+            "preference_pairs",
+            "rlvr_prompts",
+            "eval_tasks",
+        ):
             _require(getattr(self, name) >= 0, name, getattr(self, name), "must not be negative")
         _require(
             self.max_documents + self.arithmetic_documents >= 2,

@@ -7,7 +7,7 @@ Run it with the rest of the pipeline, or alone:
     python -m stages.data out/dataset seq_len=64 seed=1    # overrides as key=value
 
 It writes the `dataset` artifact described in `pipeline.formats`: tokenizer/, train/ and val/
-shards (each with index.json), sft/, preferences/, tasks/val.jsonl and stats.json.
+shards (each with index.json), sft/, preferences/, rlvr/, tasks/val.jsonl and stats.json.
 
 Flow: every source is read, parsed and encoded by Ray Data tasks (`dataflow`); the stage's own
 process interleaves the sources by their weights (`mixture`), packs each window of documents
@@ -366,5 +366,6 @@ def _summary(stats: dict) -> str:
         f"{stats['splits']['train']['rows']:,}+{stats['splits']['val']['rows']:,} rows of {stats['seq_len']} "
         f"({stats['packing_efficiency']:.1%} packed), vocab {stats['tokenizer_vocab_size']}, "
         f"{stats['records']['sft_train']} SFT / {stats['records']['preferences_train']} pref / "
+        f"{stats['records'].get('rlvr_train', 0)} RLVR prompts / "
         f"{stats['records']['tasks_val']} eval items"
     )

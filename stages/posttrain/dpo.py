@@ -108,6 +108,13 @@ class DPOObjective:
         self.beta, self.sft_weight = beta, sft_weight
         self.loss_type, self.label_smoothing = loss_type, label_smoothing
         self.reference: dict[str, torch.Tensor] = {}
+        self.pairs: dict[str, list[Pair]] | None = None
+        """Train / val pairs when they are not the loop's examples (UPO trains on prompts)."""
+
+    def split(self, loop, name: str) -> list[Pair]:
+        if self.pairs is not None:
+            return self.pairs[name]
+        return loop.train_examples if name == "train" else loop.val_examples
 
     def collate(self, pairs: list[Pair], device: torch.device) -> dict:
         batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], device)
@@ -125,7 +132,8 @@ class DPOObjective:
         """Reference log-probs of every pair, from the input checkpoint (before any train state is restored)."""
         loop.model.eval()
         with torch.no_grad():
-            for split, pairs in (("train", loop.train_examples), ("val", loop.val_examples)):
+            for split in ("train", "val"):
+                pairs = self.split(loop, split)
                 table = torch.zeros(len(pairs), 2, device=loop.device)
                 for chunk in loop.my_share(len(pairs)):
                     batch = self.collate([pairs[i] for i in chunk], loop.device)
@@ -167,7 +175,7 @@ class DPOObjective:
         """DPO metrics over the validation pairs (`val_*`) and the train pairs (`train_set_*`)."""
         out = {}
         for split, prefix in (("val", "val_"), ("train", "train_set_")):
-            pairs = loop.val_examples if split == "val" else loop.train_examples
+            pairs = self.split(loop, split)
             out.update({prefix + k: v for k, v in self._evaluate_pairs(loop, pairs, split).items()})
         return out
 

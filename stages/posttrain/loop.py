@@ -32,7 +32,11 @@ HISTORY_FILE = "history.json"
 
 
 class Objective(Protocol):
-    """What SFT and DPO define: how a batch is built, trained on and evaluated."""
+    """What SFT and DPO define: how a batch is built, trained on and evaluated.
+
+    An objective may instead define `make_batch(loop, step)` to build step `step`'s batch itself
+    (RLVR and UPO sample it from the policy).
+    """
 
     def setup(self, loop: WorkerLoop) -> None:
         """Before the train state is restored (the model is still the input checkpoint)."""
@@ -127,9 +131,10 @@ class WorkerLoop:
         return values
 
     # ------------------------------------------------------------------ steps
-    def _batch_indices(self) -> np.ndarray:
+    def batch_indices(self, step: int) -> np.ndarray:
+        """This rank's example indices for step `step` (1-based)."""
         per_worker = self.cfg.batch_size // self.world
-        start = self.step * self.cfg.batch_size + self.rank * per_worker
+        start = (step - 1) * self.cfg.batch_size + self.rank * per_worker
         positions = np.arange(start, start + per_worker)
         epochs, offsets = np.divmod(positions, len(self.train_examples))
         return np.array([self._epoch(int(e))[o] for e, o in zip(epochs, offsets, strict=True)])
@@ -141,8 +146,11 @@ class WorkerLoop:
         cfg, step = self.cfg, self.step + 1
         lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.schedule, cfg.decay_fraction)
         set_lr(self.optimizer, lr)
-        indices = self._batch_indices()
-        batch = self.objective.collate([self.train_examples[i] for i in indices], self.device)
+        make_batch = getattr(self.objective, "make_batch", None)  # objectives that sample their own batches (RL)
+        if make_batch is not None:
+            batch = make_batch(self, step)
+        else:
+            batch = self.objective.collate([self.train_examples[i] for i in self.batch_indices(step)], self.device)
         started = time.perf_counter()
         loss, metrics = self.objective.loss(self.ddp, batch, self)
         loss.backward()

@@ -2,7 +2,7 @@
 
 Arithmetic statements tokenised by a byte-level BPE (digits split, ERNIE's special tokens
 first: pad=0, bos=1, eos=2), packed into rows of `seq_len` tokens; SFT chats and
-preference pairs about the same facts.
+preference pairs about the same facts, and verifiable prompts (rlvr/) with their answers.
 """
 
 from __future__ import annotations
@@ -91,4 +91,9 @@ def build_dataset(root: Path, seq_len: int = 128, documents: int = 600, vocab_si
             for a, op, b, c in facts
         )
         write_jsonl(root / "preferences" / f"{split}.jsonl", pairs)
+        prompts = (
+            {"task": "add" if op == "+" else "sub", "prompt": _chat(a, op, b, "")[:1], "answer": str(c)}
+            for a, op, b, c in _facts(rng, n)
+        )
+        write_jsonl(root / "rlvr" / f"{split}.jsonl", prompts)
     return root

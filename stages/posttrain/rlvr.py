@@ -1,0 +1,384 @@
+"""Reinforcement learning with verifiable rewards (RLVR): GRPO on prompts whose answers can be checked.
+
+    python -m pipeline run conf=tiny stages=[rlvr] posttrain.rlvr.group_size=8
+
+Inputs: `ckpt` (policy init and KL reference) and `dataset` (`rlvr/{train,val}.jsonl`:
+{"prompt": [...messages], "answer": str, "task": str}). Every `updates_per_rollout` steps a
+rollout round starts: the learner's weights go to the `rollout_workers` Ray actors
+(`rollout.RolloutWorker`, KV-cache decoding), which sample `group_size` completions of each
+prompt the round's steps will train on. Each completion is scored by the configured reward
+functions (`rewards`, dotted paths; weighted sum), advantages are group-relative, and the
+learner (Ray Train DDP workers) minimises GRPO's clipped surrogate plus `kl_coef` times the
+k3 KL estimate to the frozen input model (`grpo`). Log-probs are taken at the sampling
+temperature throughout. Validation: greedy answers to rlvr/val.jsonl scored by the same
+rewards (`val_reward`, and `val_reward/<function>` each). Output (ckpt): HF layout +
+tokenizer/ + train_state/.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ernie.chat_template import render
+from ernie.losses import router_losses
+from pipeline.contract import StageContext, StageResult, UserError
+
+from . import common, rewards
+from .chat import PAD_ID, read_records
+from .config import TrainConfig
+from .grpo import group_advantages, policy_loss, token_logprobs
+from .rollout import RolloutWorker, complete, request_seed
+
+INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
+OUTPUT_KIND = "ckpt"
+
+
+@dataclass
+class Config(TrainConfig):
+    """RLVR: GRPO steps on verifiable prompts, sampled by Ray rollout actors."""
+
+    steps: int = 60
+    batch_size: int = 8
+    """Prompts per step (global); each is sampled group_size times."""
+    lr: float = 2e-4
+    warmup_steps: int = 5
+    group_size: int = 8
+    """Completions sampled per prompt; advantages are relative to the group."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    """Tokens sampled per completion (and generated per validation answer)."""
+    clip_eps: float = 0.2
+    """PPO ratio clipping: the surrogate ignores ratio moves beyond 1 +- clip_eps."""
+    kl_coef: float = 0.02
+    """Weight of the k3 KL estimate to the input model in the loss (0: no reference model)."""
+    scale_advantages: bool = True
+    """Divide each group's centred rewards by the group's std (GRPO); false keeps them centred only."""
+    updates_per_rollout: int = 1
+    """Optimizer steps per rollout round: one round samples the prompts of this many steps with the
+    round's first weights, so later steps learn off-policy and the ratio clipping engages."""
+    rewards: list[str] = field(default_factory=lambda: ["exact_match"])
+    """Reward functions `(completion, record) -> float` by dotted path (bare names: stages.posttrain.rewards)."""
+    reward_weights: list[float] = field(default_factory=list)
+    """One weight per reward (empty: all 1)."""
+    enable_thinking: bool = False
+    """Render prompts with an open think block (thinking mode) instead of an empty one."""
+    eval_samples: int = 4
+    """Completions sampled per validation prompt at the rollout temperature (val_reward is their mean
+    reward; a greedy answer is scored too, as val_greedy_reward). 0: greedy only."""
+    rollout_workers: int = 1
+    """Ray actors sampling completions, each with its own copy of the policy."""
+    rollout_cpus: float = 1.0
+    """CPUs each rollout actor reserves (also its torch thread count)."""
+
+    OPERATIONAL: ClassVar[set[str]] = TrainConfig.OPERATIONAL | {"rollout_workers", "rollout_cpus", "eval_samples"}
+
+    def validate(self, stage: str = "rlvr") -> None:
+        super().validate(stage)
+        key = f"posttrain.{stage}"
+        if self.eval_samples < 0:
+            raise UserError(f"{key}.eval_samples={self.eval_samples} must not be negative (0 = greedy only)")
+        for name in ("group_size", "max_new_tokens", "updates_per_rollout", "rollout_workers"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{key}.{name}={getattr(self, name)!r} must be positive")
+        if self.group_size < 2:
+            raise UserError(f"{key}.group_size={self.group_size} must be at least 2 (advantages compare a group)")
+        if self.temperature <= 0:
+            raise UserError(f"{key}.temperature={self.temperature!r} must be positive (rollouts sample)")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"{key}.top_p={self.top_p!r} must lie in (0, 1]")
+        if self.clip_eps <= 0 or self.kl_coef < 0 or self.rollout_cpus <= 0:
+            raise UserError(f"{key}: clip_eps and rollout_cpus must be positive and kl_coef non-negative")
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            raise UserError(
+                f"{key}.reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} rewards"
+            )
+        if self.max_new_tokens >= self.max_length:
+            raise UserError(f"{key}.max_new_tokens={self.max_new_tokens} leaves no room for a prompt in max_length")
+        for name in ("steps", "checkpoint_every"):
+            if getattr(self, name) % self.updates_per_rollout:
+                raise UserError(
+                    f"{key}.{name}={getattr(self, name)} must be a multiple of updates_per_rollout="
+                    f"{self.updates_per_rollout} (train states are written at rollout-round boundaries)"
+                )
+
+    def weights(self) -> list[float]:
+        return list(self.reward_weights) or [1.0] * len(self.rewards)
+
+
+@dataclass
+class Prompt:
+    """One verifiable prompt: its rendered, tokenised chat prompt and its record (answer, task...)."""
+
+    index: int
+    ids: list[int]
+    record: dict
+
+
+def tokenise_prompts(tokenizer, path, max_prompt_tokens: int, enable_thinking: bool) -> list[Prompt]:
+    """Every prompt of the jsonl file that fits in `max_prompt_tokens`, with the generation prompt appended."""
+    prompts = []
+    for line, record in enumerate(read_records(path, "verifiable prompts"), start=1):
+        try:
+            if "answer" not in record:
+                raise KeyError("answer")
+            text = render(record["prompt"], add_generation_prompt=True, enable_thinking=enable_thinking)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise UserError(f"{path} line {line}: not a verifiable prompt record ({err!r})") from None
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        if len(ids) <= max_prompt_tokens:
+            prompts.append(Prompt(len(prompts), ids, record))
+    if not prompts:
+        raise UserError(f"{path}: no prompt fits in {max_prompt_tokens} tokens (max_length - max_new_tokens)")
+    return prompts
+
+
+class RLVRObjective:
+    """GRPO with rollouts from Ray actors; the KL reference is a frozen copy of the input model on every rank."""
+
+    def __init__(self, cfg: Config, tokenizer_json: str, actors: list, stage: str = "rlvr") -> None:
+        self.cfg, self.tokenizer_json, self.actors, self.stage = cfg, tokenizer_json, actors, stage
+        self.round: dict[int, dict] = {}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, loop) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_str(self.tokenizer_json)
+        self.reward_fns = rewards.resolve(self.cfg.rewards, f"posttrain.{self.stage}.rewards")
+        self.reward_names = [getattr(f, "__name__", f"reward{i}") for i, f in enumerate(self.reward_fns)]
+        self.reference = None
+        if self.needs_reference():
+            self.reference = copy.deepcopy(loop.model).eval().requires_grad_(False)
+
+    def needs_reference(self) -> bool:
+        return self.cfg.kl_coef > 0
+
+    # ------------------------------------------------------------------ rollouts
+    def make_batch(self, loop, step: int) -> dict:
+        """This rank's batch of step `step` (1-based): sampled at the start of its rollout round."""
+        u = self.cfg.updates_per_rollout
+        start = step - (step - 1) % u
+        if step not in self.round:
+            if step != start:
+                raise RuntimeError(f"step {step} is inside a rollout round that was not sampled (round start {start})")
+            self.round = self._rollout_round(loop, start)
+        return self.round.pop(step)
+
+    def _sync_weights(self, loop, version: int) -> None:
+        import ray
+        import torch.distributed as dist
+
+        if loop.rank == 0:
+            state = {k: v.detach().cpu() for k, v in loop.model.state_dict().items()}
+            ref = ray.put(state)
+            ray.get([actor.load_weights.remote(ref, version) for actor in self.actors])
+        dist.barrier()
+
+    def _sample(self, loop, start: int, prompts: list[Prompt]) -> tuple[list[list[list[int]]], float]:
+        """`group_size` completions of each prompt from the actors, and the seconds it took."""
+        import ray
+
+        cfg, began = self.cfg, time.perf_counter()
+        n = len(self.actors)
+        shares: list[list[int]] = [[] for _ in range(n)]
+        for i in range(len(prompts)):  # spread this rank's prompts over the actors, ranks offset
+            shares[(loop.rank + i) % n].append(i)
+        futures = {}
+        for a, share in enumerate(shares):
+            if share:
+                requests = [(prompts[i].ids, request_seed(loop.job.seed, start, prompts[i].index)) for i in share]
+                futures[a] = self.actors[a].sample.remote(
+                    requests, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p
+                )
+        completions: list = [None] * len(prompts)
+        for a, future in futures.items():
+            version, groups = ray.get(future)
+            if version != start:
+                raise RuntimeError(f"rollout actor {a} sampled with weights of step {version}, not {start}")
+            for i, group in zip(shares[a], groups, strict=True):
+                completions[i] = group
+        return completions, time.perf_counter() - began
+
+    def _rollout_round(self, loop, start: int) -> dict[int, dict]:
+        self._sync_weights(loop, start)
+        steps = range(start, start + self.cfg.updates_per_rollout)
+        per_step = [[loop.train_examples[i] for i in loop.batch_indices(s)] for s in steps]
+        flat = [p for prompts in per_step for p in prompts]
+        completions, seconds = self._sample(loop, start, flat)
+        batches, at = {}, 0
+        for s, prompts in zip(steps, per_step, strict=True):
+            batch = self.collate_rollouts(prompts, completions[at : at + len(prompts)], loop.device)
+            at += len(prompts)
+            batch["stats"]["rollout_seconds"] = torch.tensor(seconds / len(steps))
+            self._add_old_logprobs(loop, batch, needed=len(steps) > 1)
+            batches[s] = batch
+        return batches
+
+    def collate_rollouts(self, prompts: list[Prompt], groups: list[list[list[int]]], device) -> dict:
+        """Right-padded prompt + completion rows, the completion mask over targets, rewards and advantages."""
+        cfg = self.cfg
+        rows, mask_rows, scores = [], [], []
+        for prompt, group in zip(prompts, groups, strict=True):
+            for completion in group:
+                rows.append(prompt.ids + completion)
+                mask_rows.append([0] * (len(prompt.ids) - 1) + [1] * len(completion))
+                scores.append(self._score(completion, prompt)[1:])
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(rows), width - 1))
+        for i, (row, m) in enumerate(zip(rows, mask_rows, strict=True)):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(m)] = torch.tensor(m, dtype=torch.float)
+        per_reward = torch.tensor(scores)  # [rows, rewards]
+        reward = per_reward @ torch.tensor(cfg.weights())
+        grouped = reward.view(len(prompts), cfg.group_size)
+        advantages = group_advantages(grouped, cfg.scale_advantages).flatten()
+        lengths = mask.sum(-1)
+        stats = {
+            "reward": reward.mean(),
+            "reward_std_in_group": grouped.std(-1, unbiased=False).mean(),
+            "groups_without_signal": (grouped.std(-1) == 0).float().mean(),
+            "completion_tokens": lengths.mean(),
+            "truncated": (torch.tensor([r[-1] for r in rows]) != self._eos).float().mean(),
+        }
+        stats.update({f"reward/{name}": per_reward[:, k].mean() for k, name in enumerate(self.reward_names)})
+        batch = {"input_ids": input_ids, "mask": mask, "advantages": advantages, "reward": reward}
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch["stats"] = stats
+        batch["groups"] = grouped
+        return batch
+
+    @property
+    def _eos(self) -> int:
+        return self.tokenizer.token_to_id("<|end_of_sentence|>")
+
+    @torch.no_grad()
+    def _add_old_logprobs(self, loop, batch: dict, needed: bool) -> None:
+        """Log-probs of the sampled tokens under the round's weights (for the ratio) and the reference (for KL)."""
+        temperature = self.cfg.temperature
+        if needed:
+            with loop.autocast():
+                logits = loop.model(batch["input_ids"]).logits
+            batch["old_logp"] = token_logprobs(logits, batch["input_ids"], temperature)
+        if self.reference is not None:
+            with loop.autocast():
+                logits = self.reference(batch["input_ids"]).logits
+            batch["ref_logp"] = token_logprobs(logits, batch["input_ids"], temperature)
+
+    # ------------------------------------------------------------------ learner
+    def policy_terms(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """GRPO loss and metrics from the policy's logits over the rollout rows."""
+        logp = token_logprobs(logits, batch["input_ids"], self.cfg.temperature)
+        old = batch.get("old_logp", logp.detach())
+        return policy_loss(
+            logp, old, batch["advantages"], batch["mask"], self.cfg.clip_eps, self.cfg.kl_coef, batch.get("ref_logp")
+        )
+
+    def loss(self, model, batch: dict, loop) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with loop.autocast():
+            out = model(batch["input_ids"])
+        total, metrics = self.policy_terms(out.logits, batch)
+        total = total + weighted_router_losses(out, loop)
+        return total, metrics | {k: v.to(total.device) for k, v in batch["stats"].items()}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, loop) -> dict[str, float]:
+        """Validation prompts scored by the rewards: `eval_samples` completions each at the rollout
+        temperature (`val_reward`, `val_reward/<name>`; the same seeds at every evaluation, so
+        evaluations differ only by the weights) and the greedy answer (`val_greedy_reward`)."""
+        cfg, count = self.cfg, loop.eval_count(loop.val_examples)
+        names = ["greedy_reward", "reward", *(f"reward/{n}" for n in self.reward_names)]
+        sums = torch.zeros(len(names), device=loop.device)
+        for chunk in loop.my_share(count):
+            prompts = [loop.val_examples[i] for i in chunk]
+            greedy = complete(loop.model, [p.ids for p in prompts], cfg.max_new_tokens)
+            for prompt, answer in zip(prompts, greedy, strict=True):
+                greedy_scores = self._score(answer, prompt)
+                row = [greedy_scores[0], *greedy_scores]  # eval_samples=0: the greedy answer is the sample
+                if cfg.eval_samples:
+                    samples = complete(
+                        loop.model,
+                        [prompt.ids] * cfg.eval_samples,
+                        cfg.max_new_tokens,
+                        cfg.temperature,
+                        cfg.top_p,
+                        request_seed(loop.job.seed, 0, prompt.index),
+                    )
+                    scores = torch.tensor([self._score(s, prompt) for s in samples]).mean(0).tolist()
+                    row = [greedy_scores[0], *scores]
+                sums += torch.tensor(row, device=loop.device)
+        means = (loop.all_sum(sums) / count).tolist()
+        return {f"val_{n}": v for n, v in zip(names, means, strict=True)}
+
+    def _score(self, completion: list[int], prompt: Prompt) -> list[float]:
+        """[weighted reward, each reward] of one completion."""
+        text = self.tokenizer.decode(completion, skip_special_tokens=False)
+        values = [float(f(text, prompt.record)) for f in self.reward_fns]
+        return [sum(w * v for w, v in zip(self.cfg.weights(), values, strict=True)), *values]
+
+
+def weighted_router_losses(out, loop) -> torch.Tensor:
+    """The model's router losses (aux, z, orthogonal) at their configured weights; 0 for a dense model."""
+    weights = loop.model.config.loss
+    total = torch.zeros((), device=out.logits.device)
+    for name, value in router_losses([r for layer in out.routing for r in layer]).items():
+        total = total + getattr(weights, f"{name}_loss_weight") * value
+    return total
+
+
+def start_actors(cfg: Config, ckpt_dir) -> list:
+    """The rollout actors, each loading the input checkpoint (the learner sends newer weights every round)."""
+    import ray
+
+    from stages.training import launch
+
+    launch.ensure_ray()
+    actor = ray.remote(num_cpus=cfg.rollout_cpus, num_gpus=cfg.resources.num_gpus)(RolloutWorker)
+    return [actor.remote(str(ckpt_dir), int(np.ceil(cfg.rollout_cpus))) for _ in range(cfg.rollout_workers)]
+
+
+def stop_actors(actors: list) -> None:
+    import ray
+
+    for actor in actors:
+        ray.kill(actor)
+
+
+def load_prompts(ctx: StageContext, cfg: Config, tokenizer, dataset_dir) -> tuple[list[Prompt], list[Prompt]]:
+    limit = cfg.max_length - cfg.max_new_tokens
+    train = tokenise_prompts(tokenizer, dataset_dir / "rlvr" / "train.jsonl", limit, cfg.enable_thinking)
+    val = tokenise_prompts(tokenizer, dataset_dir / "rlvr" / "val.jsonl", limit, cfg.enable_thinking)
+    if len(train) < cfg.batch_size:
+        raise UserError(f"posttrain.{ctx.stage}.batch_size={cfg.batch_size} is larger than the {len(train)} prompts")
+    return train, val
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: Config = ctx.config
+    cfg.validate("rlvr")
+    rewards.resolve(cfg.rewards, "posttrain.rlvr.rewards")  # fail before anything starts
+    ckpt_dir, dataset_dir, tokenizer_dir = common.input_dirs(ctx)
+    tokenizer = common.load_tokenizer(tokenizer_dir)
+    common.check_vocab(tokenizer, ckpt_dir, ctx.stage)
+    train, val = load_prompts(ctx, cfg, tokenizer, dataset_dir)
+    ctx.log.params({"prompts_train": len(train), "prompts_val": len(val)})
+    actors = start_actors(cfg, ckpt_dir)
+    try:
+        objective = RLVRObjective(cfg, tokenizer.to_str(), actors)
+        result = common.train(ctx, objective, ckpt_dir, train, val, cfg.fingerprint())
+    finally:
+        stop_actors(actors)
+    common.finish_outputs(ctx, tokenizer_dir, {"reward": ["reward", "val_reward"], "kl": ["kl", "pg_loss"]})
+    m = dict(result.metrics)
+    summary = (
+        f"{int(m['steps'])} steps: val reward {m['val_reward_initial']:.3f} -> {m['val_reward']:.3f}, "
+        f"train reward (last 10 steps) {m['train_reward_last10']:.3f}"
+    )
+    return StageResult(metrics=m, summary=summary)

@@ -1,0 +1,84 @@
+"""Rollouts: sampled completions of chat prompts with the model's KV-cache decoding.
+
+`RolloutWorker` is the Ray actor RLVR and UPO sample from: it holds its own copy of the
+policy, takes the learner's weights at the start of every rollout round (`load_weights`,
+tagged with the round's step so a stale copy is caught), and answers `sample` with G
+completions per prompt. Each prompt's G samples are drawn from a generator seeded by the
+request, so the same weights and seed give the same tokens on any actor: a resumed run
+samples what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ernie.generation import generate
+
+
+def request_seed(seed: int, step: int, index: int) -> int:
+    """A sampling seed for prompt `index` in the round starting at `step`, independent of which actor serves it."""
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0])
+
+
+def trim(row: list[int], eos_id: int) -> list[int]:
+    """Generated ids up to and including the first end-of-sentence token (all of them if none came)."""
+    return row[: row.index(eos_id) + 1] if eos_id in row else row
+
+
+@torch.no_grad()
+def complete(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """One completion per prompt (left-padded into one batch), each trimmed after its end-of-sentence token."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), cfg.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        mask[i, width - len(prompt) :] = 1
+    new = generate(
+        model,
+        input_ids.to(device),
+        max_new_tokens=max_new_tokens,
+        attention_mask=mask.to(device),
+        temperature=temperature,
+        top_p=top_p,
+        eos_token_id=cfg.eos_token_id,
+        seed=seed,
+    )
+    return [trim(row, cfg.eos_token_id) for row in new.tolist()]
+
+
+class RolloutWorker:
+    """A Ray actor holding a copy of the policy for sampling (wrap with `ray.remote` to start one)."""
+
+    def __init__(self, ckpt_dir: str, threads: int = 1) -> None:
+        from ernie.checkpoint import load_pretrained
+
+        torch.set_num_threads(max(int(threads), 1))
+        self.model = load_pretrained(ckpt_dir)
+        self.model.eval()
+        self.version = -1
+
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        """Take the learner's weights (model state dict, through the object store) for rollout round `version`."""
+        self.model.load_state_dict(state)
+        self.version = version
+        return version
+
+    def sample(
+        self, requests: list[tuple[list[int], int]], group: int, max_new_tokens: int, temperature: float, top_p: float
+    ) -> tuple[int, list[list[list[int]]]]:
+        """(weights version, for each (prompt ids, seed) request: `group` completions)."""
+        out = []
+        for prompt, seed in requests:
+            out.append(complete(self.model, [prompt] * group, max_new_tokens, temperature, top_p, seed))
+        return self.version, out

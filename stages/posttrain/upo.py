@@ -1,0 +1,205 @@
+"""Unified preference optimisation (UPO): on-policy RL and a DPO preference term in the same updates.
+
+    python -m pipeline run conf=tiny stages=[upo] posttrain.upo.dpo_weight=1.0
+
+ERNIE 4.5 describes UPO as its RL objective plus a DPO pairwise preference loss, with pairs
+either fixed in advance (offline) or built online by rejection sampling several answers of
+the current policy per prompt (ERNIE_FACTS §5). This stage implements, per step,
+
+    loss = L_GRPO(rollouts) + dpo_weight * mean over pairs of L_DPO(pair)
+
+L_GRPO is RLVR's loss (`rlvr`, `grpo`): verifiable prompts from rlvr/, sampled by the Ray
+rollout actors, group-relative advantages, clipped surrogate, k3 KL to the input model.
+The pairs are `pairs=offline` (preferences/train.jsonl, `pairs_per_step` of them a step, in
+a seeded order), `online` (for each sampled group whose rewards differ: its best completion
+chosen, its worst rejected, log-probs at the sampling temperature) or `both`. L_DPO is the
+DPO stage's loss (sigmoid / ipo, label smoothing) against the frozen input model. All rows go
+through one forward pass. Validation: RLVR's val rewards and DPO's pair metrics on
+preferences/val.jsonl (`val_preference_accuracy`, `val_reward_accuracy`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.contract import StageContext, StageResult, UserError
+
+from . import common, rewards
+from .chat import PAD_ID
+from .dpo import LOSS_TYPES, DPOObjective, Pair, preference_loss, sequence_logprobs, tokenise_pairs
+from .grpo import token_logprobs
+from .rlvr import Config as RLVRConfig
+from .rlvr import RLVRObjective, load_prompts, start_actors, stop_actors, weighted_router_losses
+
+INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
+OUTPUT_KIND = "ckpt"
+PAIR_SOURCES = ("offline", "online", "both")
+
+
+@dataclass
+class Config(RLVRConfig):
+    """UPO: RLVR's GRPO steps plus a DPO term on offline and/or online preference pairs."""
+
+    dpo_weight: float = 1.0
+    """Weight of the mean DPO pair loss next to the GRPO loss."""
+    pairs: str = "both"
+    """offline (preferences/train.jsonl), online (best vs worst sampled completion of a group) or both."""
+    pairs_per_step: int = 8
+    """Offline pairs per step (global; split over the workers)."""
+    beta: float = 0.1
+    """DPO's beta: rewards are beta * (log pi - log ref)."""
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+
+    def validate(self, stage: str = "upo") -> None:
+        super().validate(stage)
+        key = f"posttrain.{stage}"
+        if self.pairs not in PAIR_SOURCES:
+            raise UserError(f"{key}.pairs={self.pairs!r} must be one of {PAIR_SOURCES}")
+        if self.dpo_weight < 0 or self.beta <= 0:
+            raise UserError(f"{key}: dpo_weight must not be negative and beta must be positive")
+        if self.loss_type not in LOSS_TYPES:
+            raise UserError(f"{key}.loss_type={self.loss_type!r} must be one of {LOSS_TYPES}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"{key}.label_smoothing={self.label_smoothing!r} must lie in [0, 0.5)")
+        if self.pairs != "online" and (self.pairs_per_step <= 0 or self.pairs_per_step % self.num_workers):
+            raise UserError(
+                f"{key}.pairs_per_step={self.pairs_per_step} must be positive and divisible by "
+                f"num_workers={self.num_workers}"
+            )
+
+
+class UPOObjective(RLVRObjective):
+    """RLVR's objective with DPO pairs added to every batch (one forward over rollouts and pairs)."""
+
+    def __init__(self, cfg: Config, tokenizer_json: str, actors: list, pairs: dict[str, list[Pair]]) -> None:
+        super().__init__(cfg, tokenizer_json, actors, stage="upo")
+        self.dpo = DPOObjective(cfg.beta, 0.0, cfg.loss_type, cfg.label_smoothing)
+        self.dpo.pairs = pairs
+
+    def setup(self, loop) -> None:
+        super().setup(loop)
+        self.dpo.setup(loop)  # reference log-probs of the offline pairs, from the input model
+
+    def needs_reference(self) -> bool:
+        return True  # DPO's rewards are measured against the input model
+
+    # ------------------------------------------------------------------ batches
+    def make_batch(self, loop, step: int) -> dict:
+        batch = super().make_batch(loop, step)
+        cfg = self.cfg
+        rollout_rows = batch["input_ids"].shape[0]
+        parts = [batch["input_ids"]]
+        if cfg.pairs in ("offline", "both"):
+            pairs = [self.dpo.pairs["train"][i] for i in self._pair_indices(loop, step)]
+            offline = self.dpo.collate(pairs, loop.device)
+            batch["offline"] = offline
+            parts.append(offline["input_ids"])
+        width = max(p.shape[1] for p in parts)
+        batch["all_ids"] = torch.cat([_pad_right(p, width) for p in parts])
+        batch["rollout_rows"] = rollout_rows
+        return batch
+
+    def _pair_indices(self, loop, step: int) -> np.ndarray:
+        """This rank's offline pairs of step `step`: a seeded permutation per epoch, consumed in order."""
+        total, per_rank = len(self.dpo.pairs["train"]), self.cfg.pairs_per_step // loop.world
+        start = (step - 1) * self.cfg.pairs_per_step + loop.rank * per_rank
+        positions = np.arange(start, start + per_rank)
+        epochs, offsets = np.divmod(positions, total)
+        orders = {int(e): np.random.default_rng([loop.job.seed, 7, int(e)]).permutation(total) for e in set(epochs)}
+        return np.array([orders[int(e)][o] for e, o in zip(epochs, offsets, strict=True)])
+
+    # ------------------------------------------------------------------ learner
+    def loss(self, model, batch: dict, loop) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with loop.autocast():
+            out = model(batch["all_ids"])
+        rows = batch["rollout_rows"]
+        width = batch["input_ids"].shape[1]
+        rollout_logits = out.logits[:rows, :width]
+        total, metrics = self.policy_terms(rollout_logits, batch)
+        pair_losses, pair_metrics = [], {}
+        if "offline" in batch:
+            offline = batch["offline"]
+            logits = out.logits[rows:, : offline["input_ids"].shape[1]]
+            logp = sequence_logprobs(logits, offline)
+            half = len(logp) // 2
+            loss, terms = self.dpo._terms(logp[:half], logp[half:], self.dpo.reference["train"][offline["index"]])
+            pair_losses.append(loss)
+            pair_metrics |= {f"offline_{k}": v.mean() for k, v in terms.items()}
+        if self.cfg.pairs in ("online", "both"):
+            loss, count = self._online_pairs(rollout_logits, batch)
+            pair_losses.append(loss)
+            pair_metrics["online_pairs"] = count
+        dpo_loss = torch.cat(pair_losses).mean() if sum(len(x) for x in pair_losses) else total * 0
+        total = total + self.cfg.dpo_weight * dpo_loss + weighted_router_losses(out, loop)
+        metrics = metrics | pair_metrics | {"pair_dpo_loss": dpo_loss.detach()}
+        return total, metrics | {k: v.to(total.device) for k, v in batch["stats"].items()}
+
+    def _online_pairs(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """DPO losses of (best, worst) completions of each group whose rewards differ, and their count."""
+        rewards_pg = batch["groups"]  # [prompts, G] on the CPU
+        group = rewards_pg.shape[1]
+        keep = rewards_pg.max(-1).values > rewards_pg.min(-1).values
+        firsts = torch.arange(rewards_pg.shape[0]) * group
+        best = (firsts + rewards_pg.argmax(-1))[keep].to(logits.device)
+        worst = (firsts + rewards_pg.argmin(-1))[keep].to(logits.device)
+        if not len(best):
+            return logits.new_zeros(0), torch.zeros((), device=logits.device)
+        mask = batch["mask"]
+        logp = (token_logprobs(logits, batch["input_ids"], self.cfg.temperature) * mask).sum(-1)
+        ref = (batch["ref_logp"] * mask).sum(-1)
+        losses = preference_loss(
+            logp[best], logp[worst], ref[best], ref[worst], self.cfg.beta, self.cfg.loss_type, self.cfg.label_smoothing
+        )
+        return losses, torch.tensor(float(len(best)), device=logits.device)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, loop) -> dict[str, float]:
+        out = super().evaluate(loop)
+        for split, prefix in (("val", "val_"), ("train", "train_set_")):
+            pairs = self.dpo.pairs[split]
+            metrics = self.dpo._evaluate_pairs(loop, pairs, split)
+            out.update({prefix + k: v for k, v in metrics.items()})
+        return out
+
+
+def _pad_right(ids: torch.Tensor, width: int) -> torch.Tensor:
+    if ids.shape[1] == width:
+        return ids
+    return torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=PAD_ID)
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: Config = ctx.config
+    cfg.validate("upo")
+    rewards.resolve(cfg.rewards, "posttrain.upo.rewards")
+    ckpt_dir, dataset_dir, tokenizer_dir = common.input_dirs(ctx)
+    tokenizer = common.load_tokenizer(tokenizer_dir)
+    common.check_vocab(tokenizer, ckpt_dir, ctx.stage)
+    train, val = load_prompts(ctx, cfg, tokenizer, dataset_dir)
+    pairs = {
+        split: tokenise_pairs(tokenizer, dataset_dir / "preferences" / f"{split}.jsonl", cfg.max_length)
+        for split in ("train", "val")
+    }
+    ctx.log.params({"prompts_train": len(train), "prompts_val": len(val), "pairs_train": len(pairs["train"])})
+    actors = start_actors(cfg, ckpt_dir)
+    try:
+        objective = UPOObjective(cfg, tokenizer.to_str(), actors, pairs)
+        result = common.train(ctx, objective, ckpt_dir, train, val, cfg.fingerprint())
+    finally:
+        stop_actors(actors)
+    curves = {
+        "reward": ["reward", "val_reward"],
+        "preferences": ["pair_dpo_loss", "val_reward_accuracy", "val_preference_accuracy"],
+    }
+    common.finish_outputs(ctx, tokenizer_dir, curves)
+    m = dict(result.metrics)
+    summary = (
+        f"{int(m['steps'])} steps: val reward {m['val_reward_initial']:.3f} -> {m['val_reward']:.3f}; val pairs: "
+        f"preference accuracy {m['val_reference_preference_accuracy']:.2f} (reference) -> "
+        f"{m['val_preference_accuracy']:.2f}, reward accuracy {m['val_reward_accuracy']:.2f}"
+    )
+    return StageResult(metrics=m, summary=summary)
