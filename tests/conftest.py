@@ -1,6 +1,10 @@
+import os
 import sys
 from pathlib import Path
 
 # shared test helpers (e.g. hf_reference) import as top-level modules; tests themselves are
 # imported by path (--import-mode=importlib), so tests/stages never shadows the stages package
-sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+HELPERS = str(Path(__file__).resolve().parent / "helpers")
+sys.path.insert(0, HELPERS)
+# Ray workers start from this environment: test-only reward functions import there by dotted path
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HELPERS, os.environ.get("PYTHONPATH", "")) if p)

@@ -32,8 +32,9 @@ from ernie.checkpoint import load_pretrained
 from pipeline.contract import Artifact, MemoryLogger, StageContext, UserError
 from pipeline.shards import IMAGE_LAYOUT, TEXT_LAYOUT, ShardIndex, iter_rows, write_row_shards
 from stages import pretrain
-from stages.posttrain import dpo, sft
+from stages.posttrain import dpo, rewards, rlvr, sft, upo
 from stages.posttrain.chat import pad_batch, tokenise_chat
+from stages.posttrain.rollout import complete, request_seed
 from stages.pretrain.data import TrainReader, unit_rows_for
 from stages.training.optim import lr_at
 
@@ -351,6 +352,28 @@ def test_pretrain_with_expert_parallelism_follows_the_replicated_experts_run(pre
     assert result.metrics["val_loss"] == pytest.approx(reference.metrics["val_loss"], rel=1e-3)
 
 
+@pytest.mark.slow
+def test_pretrain_in_micro_batches_follows_the_whole_batch_run(pretrained, tmp_path):
+    """micro_batch_size=1: each worker's 4 rows a step run one at a time, gradients accumulated, one
+    optimizer step. The LM loss of step 1 is the whole batch's; later steps follow the reference up to
+    the load-balance loss, which is a product of per-batch means and so taken per micro-batch."""
+    reference_ctx, reference, _ = pretrained
+    inputs = {"dataset": Path(reference_ctx.inputs["dataset"].uri)}
+    ctx = make_ctx("pretrain", pretrain.Config(**PRETRAIN, micro_batch_size=1), reference_ctx.model, inputs, tmp_path)
+    result = pretrain.run(ctx)
+
+    history = json.loads((ctx.output_dir / "train_state" / "history.json").read_text())
+    reference_history = json.loads((reference_ctx.output_dir / "train_state" / "history.json").read_text())
+    assert history["step"] == reference_history["step"] and history["tokens"] == reference_history["tokens"]
+    assert history["lm"][0] == pytest.approx(reference_history["lm"][0], rel=1e-5)
+    assert history["val_loss"][0] == pytest.approx(reference_history["val_loss"][0], rel=1e-5), "eval in micro-batches"
+    assert np.sum(history["router"]) == np.sum(reference_history["router"]), "every micro-batch's routing counted"
+    gaps = np.abs(np.array(history["loss"]) - np.array(reference_history["loss"]))
+    print(f"\nmicro-batches of 1 row vs the whole batch: largest loss gap {gaps.max():.2e} over {len(gaps)} steps")
+    assert gaps.max() < 0.02 * max(reference_history["loss"]), gaps
+    assert result.metrics["val_loss"] == pytest.approx(reference.metrics["val_loss"], rel=0.02)
+
+
 def _kill_a_train_worker_after_checkpoint(meta: Path, killed: list) -> None:
     """SIGKILL one Ray Train worker process once the first train state is written (Linux /proc)."""
     deadline = time.monotonic() + 120
@@ -611,6 +634,67 @@ def test_dpo_raises_reward_accuracy_and_margin_over_the_reference(dpo_run):
     assert {"dpo_loss.png", "rewards.png"} <= set(ctx.log.artifact_log)
 
 
+# ---------------------------------------------------------------------- rlvr and upo
+ARITHMETIC_REWARDS = ["exact_match", "numeric_closeness"]
+RL = dict(steps=40, batch_size=8, lr=2e-3, kl_coef=0.01, eval_every=20, checkpoint_every=10)
+
+
+def sampled_val_reward(ckpt_dir: Path, dataset: Path, samples: int = 4) -> float:
+    """Mean exact-match + closeness reward of `samples` completions per rlvr/val prompt, drawn with the
+    seeds the rlvr stage's validation uses (seed 0), from a checkpoint loaded afresh."""
+    tokenizer = Tokenizer.from_file(str(dataset / "tokenizer" / "tokenizer.json"))
+    prompts = rlvr.tokenise_prompts(tokenizer, dataset / "rlvr" / "val.jsonl", 200, False)
+    model = load_pretrained(ckpt_dir).eval()
+    fns = rewards.resolve(ARITHMETIC_REWARDS, "test")
+    total = 0.0
+    for prompt in prompts:
+        for completion in complete(model, [prompt.ids] * samples, 16, 1.0, 1.0, request_seed(0, 0, prompt.index)):
+            text = tokenizer.decode(completion, skip_special_tokens=False)
+            total += rewards.score(fns, [1.0, 1.0], text, prompt.record)
+    return total / (len(prompts) * samples)
+
+
+@pytest.mark.slow
+def test_rlvr_raises_the_held_out_reward_and_a_scrambled_reward_does_not(sft_run, dataset, tmp_path):
+    """GRPO on exact-match + closeness rewards raises the val prompts' reward over the SFT model; the same
+    run rewarded for matching a random number per prompt (the reward shuffled) does not."""
+    runs = {}
+    for name, reward_paths in (("real", ARITHMETIC_REWARDS), ("shuffled", ["control_rewards.shuffled_exact_match"])):
+        config = rlvr.Config(**RL, rewards=reward_paths)
+        ctx = make_ctx("rlvr", config, None, {"ckpt": sft_run[0].output_dir, "dataset": dataset}, tmp_path / name)
+        runs[name] = (ctx, rlvr.run(ctx))
+    ctx, result = runs["real"]
+    m = result.metrics
+    print(f"\nrlvr: {result.summary}")
+    base = sampled_val_reward(sft_run[0].output_dir, dataset)
+    assert m["val_reward_initial"] == pytest.approx(base, abs=1e-6), "the stage measures what this test measures"
+    assert sampled_val_reward(ctx.output_dir, dataset) == pytest.approx(m["val_reward"], abs=1e-6)
+    shuffled = sampled_val_reward(runs["shuffled"][0].output_dir, dataset)
+    print(f"val reward: sft {base:.3f}, rlvr {m['val_reward']:.3f}, rlvr on a shuffled reward {shuffled:.3f}")
+    assert m["val_reward"] > base + 0.08, m
+    assert m["val_reward"] - base > 2 * (shuffled - base) + 0.05, (base, m["val_reward"], shuffled)
+    steps = {k for k, _, step in ctx.log.metric_log if step == 5}
+    assert {"reward", "kl", "pg_loss", "clip_fraction", "reward/exact_match", "rollout_seconds"} <= steps
+    assert {"reward.png", "kl.png"} <= set(ctx.log.artifact_log)
+    assert load_pretrained(ctx.output_dir) is not None
+
+
+@pytest.mark.slow
+def test_upo_prefers_as_well_as_dpo_and_raises_the_reward(sft_run, dpo_run, dataset, tmp_path):
+    """UPO (GRPO + DPO on offline and online pairs, same steps as the DPO fixture) reaches at least DPO's
+    val preference accuracy and raises the verifiable reward too."""
+    config = upo.Config(**RL, beta=0.5, rewards=ARITHMETIC_REWARDS)
+    ctx = make_ctx("upo", config, None, {"ckpt": sft_run[0].output_dir, "dataset": dataset}, tmp_path)
+    result = upo.run(ctx)
+    m, d = result.metrics, dpo_run[1].metrics
+    print(f"\nupo: {result.summary}\ndpo: val preference accuracy {d['val_preference_accuracy']:.3f}")
+    assert m["val_preference_accuracy"] >= d["val_preference_accuracy"], (m, d)
+    assert m["val_preference_accuracy"] > m["val_reference_preference_accuracy"], m
+    assert m["val_reward"] > m["val_reward_initial"] + 0.05, m
+    assert m["train_online_pairs_last10"] > 0 and m["train_offline_reward_accuracy_last10"] > 0.5, m
+    assert {"reward.png", "preferences.png"} <= set(ctx.log.artifact_log)
+
+
 # ---------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("overrides", "message"),
@@ -621,6 +705,8 @@ def test_dpo_raises_reward_accuracy_and_margin_over_the_reference(dpo_run):
         ({"recompute": "all"}, "pretrain.recompute='all'"),
         ({"schedule": "linear"}, "pretrain.schedule='linear'"),
         ({"router_bias_rate": -0.1}, "pretrain.router_bias_rate=-0.1"),
+        ({"micro_batch_size": -1}, "pretrain.micro_batch_size=-1 must not be negative"),
+        ({"micro_batch_size": 3}, "pretrain.micro_batch_size=3 must divide the 8 rows each worker takes a step"),
     ],
 )
 def test_pretrain_rejects_bad_config(overrides, message, dataset, model_config, tmp_path):
