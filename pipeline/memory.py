@@ -35,6 +35,12 @@ class MemoryPlan:
         return self.params_gb + self.grads_gb + self.optimizer_gb + self.activations_gb
 
 
+def micro_batch_rows(batch_size: int, workers: int, micro_batch_size: int = 0) -> int:
+    """Rows one worker runs forward + backward at a time, which activation memory follows: the
+    stage's micro_batch_size (gradient accumulation), else its whole share of the batch."""
+    return micro_batch_size or max(batch_size // max(workers, 1), 1)
+
+
 def count_params(model_cfg: ErnieConfig) -> tuple[int, int]:
     with torch.device("meta"):
         model = ErnieForCausalLM(model_cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .config import PipelineConfig, gpus_requested
 from .graph import Selection
-from .memory import training_memory
+from .memory import micro_batch_rows, training_memory
 from .runner import make_store, plan_stages
 
 
@@ -53,7 +53,7 @@ def _print_memory(cfg: PipelineConfig) -> None:
         sections.append((method, section, section.max_length))
     for name, section, length in sections:
         workers = max(section.num_workers, 1)
-        micro = max(section.batch_size // workers, 1)
+        micro = micro_batch_rows(section.batch_size, workers, getattr(section, "micro_batch_size", 0))
         # the workers' own choice (pretrain.parallel, auto resolved per model); post-training replicates (DDP)
         sharded = hasattr(section, "parallel_for") and section.parallel_for(cfg.model) == "fsdp"
         ep = getattr(section, "expert_parallel", 1)

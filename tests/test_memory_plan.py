@@ -54,3 +54,29 @@ def test_recomputation_saves_fewer_activations_than_planned_without_it():
     full = saved_activation_bytes(model, ids, "fp32")
     model.recompute = "layers"
     assert saved_activation_bytes(model, ids, "fp32") < 0.5 * full
+
+
+def planned_pretrain(capsys, preset: str, *overrides: str) -> tuple[str, float, float]:
+    """`plan`'s pretrain row for `preset`: (micro-batch column, activations GiB, total GiB)."""
+    from pipeline.config import load
+    from pipeline.plan import _print_memory
+
+    _print_memory(load(preset, list(overrides)))
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  pretrain "))
+    return " ".join(row[2:5]), float(row[-2]), float(row[-1])
+
+
+def test_planned_activations_follow_the_micro_batch_not_the_worker_batch(capsys):
+    """ernie_0_3b: 256 rows a step over 8 workers, 32 rows each; micro_batch_size=0 plans all 32 at once."""
+    whole = planned_pretrain(capsys, "ernie_0_3b", "pretrain.micro_batch_size=0")
+    two = planned_pretrain(capsys, "ernie_0_3b", "pretrain.micro_batch_size=2")
+    eight = planned_pretrain(capsys, "ernie_0_3b", "pretrain.micro_batch_size=8")
+    assert (whole[0], two[0], eight[0]) == ("32 x 4096", "2 x 4096", "8 x 4096")
+    assert eight[1] == pytest.approx(4 * two[1], rel=1e-3) and whole[1] == pytest.approx(16 * two[1], rel=1e-3)
+    assert whole[2] - whole[1] == pytest.approx(two[2] - two[1], abs=0.02), "weights, grads and AdamW states stay"
+
+
+@pytest.mark.parametrize("preset", ["ernie_0_3b", "ernie_21b"])
+def test_the_text_presets_micro_batches_fit_an_80_gib_gpu_with_the_activation_margin(capsys, preset):
+    _, activations, total = planned_pretrain(capsys, preset)
+    assert total + MARGIN * activations < 80, (preset, total, activations)

@@ -1,14 +1,18 @@
 """`stages.training.parallel.Layout` on 2 gloo ranks: FSDP2 / DDP with and without expert parallelism
-train the same, and a sharded train state written under expert parallelism resumes exactly."""
+train the same, a sharded train state written under expert parallelism resumes exactly, and
+gradient accumulation over micro-batches (`stages.pretrain.loop.forward_backward`) trains like
+the whole batch at once."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,6 +22,7 @@ from ernie import get_preset
 from pipeline.contract import UserError
 from pipeline.memory import GiB, training_memory
 from stages import pretrain
+from stages.pretrain.loop import LOSS_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD, STEPS, SAVE_AFTER = 2, 4, 2
@@ -183,3 +188,114 @@ def test_expert_parallel_must_divide_every_pool():
     config.validate()
     with pytest.raises(UserError, match=f"must divide the {experts} experts"):
         config.parallel_for(cfg)
+
+
+# ---------------------------------------------------------------------- gradient accumulation
+ACCUMULATE_STEPS, WORKER_ROWS, SEQ = 3, 4, 16
+
+
+def _rows(cfg, step: int, rank: int) -> list[dict]:
+    """This rank's rows of a step, as the data stage stores them: packed documents (so rows hold
+    different numbers of supervised tokens) and, for a VL model, image rows beside text-only ones
+    (rank 0 has both, rank 1 none: its vision parameters are unused in every micro-batch)."""
+    from ernie.positions import vl_position_ids
+
+    rng = np.random.default_rng(100 * step + rank)
+    rows = []
+    for i in range(WORKER_ROWS):
+        ids = rng.integers(11, 200, SEQ)
+        documents = np.cumsum(rng.random(SEQ) < 0.2)
+        row = {"input_ids": ids, "labels": ids.copy(), "document_ids": documents, "position_ids": np.arange(SEQ)}
+        if cfg.vision is not None:
+            image = rank == 0 and i % 2 == 0
+            if image:
+                ids[2:8] = [cfg.image_start_token_id] + [cfg.image_token_id] * 4 + [cfg.image_end_token_id]
+                row["labels"] = np.where(ids == cfg.image_token_id, -100, ids)
+            grid = np.array([[1, 4, 4]] if image else np.zeros((0, 3)), dtype=np.int64)
+            positions = vl_position_ids(torch.from_numpy(ids)[None], cfg, torch.from_numpy(grid))
+            row["position_ids"] = positions.squeeze(1).numpy()
+            row["pixel_values"] = rng.integers(0, 256, (16 if image else 0, cfg.vision.patch_dim), dtype=np.uint8)
+            row["image_grid_thw"] = grid
+        rows.append(row)
+    return rows
+
+
+def _accumulate(rank: int, world: int, port: int, case: str, mode: str, ep: int, out: str) -> None:
+    """ACCUMULATE_STEPS AdamW steps with the whole batch (micro-batch 0), then from the same start
+    with micro-batches of 1 row; rank 0 writes both runs' losses, norms, router counts and weights."""
+    sys.path.insert(0, str(ROOT))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from ernie import ErnieForCausalLM
+    from ernie.moe import update_router_biases
+    from stages.pretrain.loop import forward_backward
+    from stages.pretrain.router_stats import RouterLoad
+    from stages.training.optim import build_optimizer
+    from stages.training.parallel import Layout
+
+    cfg = ACCUMULATE_CASES[case][0]()
+    runs = {}
+    for micro in (0, 1):
+        torch.manual_seed(0)
+        model = ErnieForCausalLM(cfg)
+        layout = Layout.build(mode, world, ep, torch.device("cpu"))
+        train_model = layout.apply(model)
+        optimizer = build_optimizer(model, 1e-2, 0.1, (0.9, 0.95))
+        router = RouterLoad(cfg, torch.device("cpu"))
+        losses, norms = [], []
+        for step in range(ACCUMULATE_STEPS):
+            rows = _rows(cfg, step, rank)
+            values, _ = forward_backward(
+                train_model, model, layout, rows, micro, torch.device("cpu"), on_routing=router.add
+            )
+            norms.append(layout.clip_grad_norm_(model, 0.5))
+            optimizer.step()
+            optimizer.zero_grad()
+            update_router_biases(model, 1e-2)
+            dist.all_reduce(values)
+            losses.append((values / world).tolist())
+        dist.all_reduce(router.window)
+        weights = layout.full_state_dict(model, rank)
+        runs[micro] = {"losses": losses, "norms": norms, "router": router.window, "weights": weights}
+    if rank == 0:
+        torch.save(runs, Path(out) / f"accumulate-{case}-{mode}-{ep}-{world}.pt")
+    dist.destroy_process_group()
+
+
+def _without(name: str, *weights: str, **loss):
+    """Router losses that are per micro-batch, not exact, left out of the trained loss: the load-balance
+    loss (E * mean prob * dispatch share, a product of means) always; in a VL model also z and
+    orthogonal, averaged over the pools a batch routes to (a micro-batch without an image has no
+    vision pool). The LM loss and every other part accumulate to the whole batch's."""
+    cfg = get_preset(name)
+    return cfg.replace(loss=dataclasses.replace(cfg.loss, **dict.fromkeys(weights, 0.0), **loss))
+
+
+ACCUMULATE_CASES = {  # the config, and the loss components that match the whole batch's
+    "moe": (lambda: _without("tiny_moe", "aux_loss_weight"), ("loss", "lm", "z", "orthogonal")),
+    "dense-token-mean": (lambda: _without("tiny_dense", token_balanced=False), ("loss", "lm")),
+    "vl": (lambda: _without("tiny_vl", "aux_loss_weight", "z_loss_weight", "orthogonal_loss_weight"), ("loss", "lm")),
+}
+"""moe: token-balanced LM loss (micro-batches weigh by rows); dense-token-mean: by supervised tokens."""
+
+
+@pytest.mark.parametrize(
+    ("case", "world", "mode", "ep"),
+    [("moe", 1, "fsdp", 1), ("moe", 2, "fsdp", 2), ("dense-token-mean", 2, "fsdp", 1), ("vl", 2, "ddp", 1)],
+)
+def test_micro_batches_accumulate_to_the_whole_batch_step(tmp_path, case, world, mode, ep):
+    """Micro-batches of 1 row (4 per worker and step, gradients synced after the last only under
+    DDP, expert gradients reduced after the last) give the losses, gradient norms, router counts
+    and weights of the whole worker batch at once."""
+    mp.spawn(_accumulate, args=(world, _free_port(), case, mode, ep, str(tmp_path)), nprocs=world, join=True)
+    runs = torch.load(tmp_path / f"accumulate-{case}-{mode}-{ep}-{world}.pt", weights_only=True)
+    whole, micro = runs[0], runs[1]
+    exact = [LOSS_NAMES.index(name) for name in ACCUMULATE_CASES[case][1]]
+    np.testing.assert_allclose(np.array(micro["losses"])[:, exact], np.array(whole["losses"])[:, exact], rtol=1e-5)
+    assert micro["norms"] == pytest.approx(whole["norms"], rel=1e-4)
+    assert torch.equal(micro["router"], whole["router"]), "every micro-batch's routing is counted"
+    # AdamW divides by the gradient's running RMS, so rounding in an entry whose gradient is near zero
+    # moves it by a visible share of a step (1e-2): single entries up to ~2e-4 here, the rest below 1e-5
+    for name, tensor in whole["weights"].items():
+        torch.testing.assert_close(micro["weights"][name], tensor, atol=5e-4, rtol=0, msg=name)
+    assert whole["losses"][0] != whole["losses"][-1], "the steps train"

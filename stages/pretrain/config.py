@@ -38,6 +38,11 @@ class Config(TrainingConfig):
     sharded over the workers, each decoder layer gathered just before it runs), ddp (a full
     replica per worker) or auto (fsdp for text models, ddp for VL models: a micro-batch without
     an image leaves the vision parameters unused on that worker, which FSDP2 cannot reduce)."""
+    micro_batch_size: int = 0
+    """Rows each worker runs forward + backward at a time: a step accumulates gradients over
+    (batch_size / num_workers) / micro_batch_size micro-batches before its one optimizer step, so
+    activation memory follows the micro-batch while the step stays the whole batch's up to float
+    rounding (bar the load-balance loss, taken per micro-batch). 0 = all of the worker's rows at once."""
     shuffle_buffer: int = 256
     """Train rows each worker holds to shuffle its shard stream (0 = file order); with the shards
     dealt anew each epoch this is the whole shuffle, so more rows mix better and cost memory."""
@@ -68,6 +73,7 @@ class Config(TrainingConfig):
         "compile",
         "loss_impl",
         "async_checkpoint",
+        "micro_batch_size",
     }
     """num_workers is operational: the data order follows data_streams (data_streams=0 resolves to
     the first start's worker count, which the train state records)."""
@@ -87,10 +93,17 @@ class Config(TrainingConfig):
             raise UserError(f"pretrain.recompute={self.recompute!r} must be one of {POLICIES}")
         zeros = {"eval_rows": "all", "shuffle_buffer": "file order", "router_bias_rate": "off"}
         zeros["data_streams"] = "the first start's worker count"
+        zeros["micro_batch_size"] = "all of the worker's rows at once"
         for name, zero_means in zeros.items():
             value = getattr(self, name)
             if value < 0:
                 raise UserError(f"pretrain.{name}={value} must not be negative (0 = {zero_means})")
+        rows = self.batch_size // self.num_workers
+        if rows % (self.micro_batch_size or rows):
+            raise UserError(
+                f"pretrain.micro_batch_size={self.micro_batch_size} must divide the {rows} rows each worker takes a "
+                f"step (pretrain.batch_size={self.batch_size} / pretrain.num_workers={self.num_workers})"
+            )
 
     def check_streams(self, streams: int) -> None:
         """`streams` data streams must split evenly over the workers, and the batch over the streams."""

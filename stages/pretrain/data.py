@@ -2,11 +2,13 @@
 
 Each worker reads its own shards of the train split through `pipeline.shards.ShardStream`
 (disjoint across ranks, shuffled through a buffer of `pretrain.shuffle_buffer` rows) and takes
-consecutive micro-batches of batch_size // num_workers rows. Epoch `e` gives every rank
-`rows_per_epoch() // micro_batch` steps, the same count on all ranks by construction; the rows
-past that are left out of this epoch only, as the next one deals the shards anew. The data
-cursor, (epoch, rows consumed in it), is a function of the step count: a resumed run walks the
-epochs' step counts to it and continues with the very next micro-batch on every rank.
+consecutive micro-batches of batch_size // num_workers rows (the loop may run each in smaller
+pieces of `pretrain.micro_batch_size` rows, accumulating gradients; the data order is the same).
+Epoch `e` gives every rank `rows_per_epoch() // micro_batch` steps, the same count on all ranks
+by construction; the rows past that are left out of this epoch only, as the next one deals the
+shards anew. The data cursor, (epoch, rows consumed in it), is a function of the step count: a
+resumed run walks the epochs' step counts to it and continues with the very next micro-batch on
+every rank.
 
 VL datasets are ordered by the data stage so that every `data.balance.group_rows` consecutive
 train rows have a balanced text:vision share; when the micro-batch is a multiple of that, the

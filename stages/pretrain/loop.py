@@ -13,6 +13,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from stages.training.optim import build_optimizer, lr_at, set_lr
 from stages.training.parallel import Layout, compile_layers
 
 from .config import Config
-from .data import TrainReader, load_val_rows
+from .data import Row, TrainReader, load_val_rows
 from .router_stats import RouterLoad
 
 LOSS_NAMES = ("loss", "lm", "aux", "z", "orthogonal")
@@ -80,6 +81,57 @@ def train_worker(loop_config: dict) -> None:
     loop.finish()
 
 
+def split_rows(rows: list[Row], micro_batch: int) -> list[list[Row]]:
+    """Consecutive micro-batches of `micro_batch` rows (0 = one of all rows). Rows, not collated
+    tensors, are split: a VL batch's pixel_values hold per-image patches, not one entry per row."""
+    size = micro_batch or len(rows)
+    return [rows[start : start + size] for start in range(0, len(rows), size)]
+
+
+def forward_backward(
+    train_model: torch.nn.Module,
+    model: ErnieForCausalLM,
+    layout: Layout,
+    rows: list[Row],
+    micro_batch: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    on_routing: Callable[[list], None] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Forward + backward over one worker's `rows`, `micro_batch` rows at a time (0 = all at once).
+
+    The gradients left on `model` (data-parallel and expert-parallel reductions done) are those of
+    the whole batch's loss: the LM loss is a mean over supervised tokens, so a micro-batch's weighs
+    by its share of them; under `token_balanced` (ERNIE's default) its gradient divides by the
+    prediction slots instead, so there, like the router losses (means over all tokens), it weighs
+    by the micro-batch's share of rows. The load-balance loss, a product of two means, is the one
+    part that is per micro-batch rather than exact. `on_routing` sees every micro-batch's routing.
+    Returns the batch's loss components (LOSS_NAMES order, the same weighting) and its row length.
+    """
+    parts = [collate(part) for part in split_rows(rows, micro_batch)]
+    supervised = torch.stack([shifted_targets(b["labels"], None, b["document_ids"])[1].sum() for b in parts])
+    row_shares = [len(b["input_ids"]) / len(rows) for b in parts]
+    lm_shares = (supervised / supervised.sum()).tolist() if supervised.sum() > 0 else row_shares
+    lm_grad_shares = row_shares if model.config.loss.token_balanced else lm_shares
+    totals = torch.zeros(len(LOSS_NAMES), device=device)
+    for i, part in enumerate(parts):
+        with layout.no_sync(train_model, last=i == len(parts) - 1):
+            with autocast():
+                out = train_model(**{name: value.to(device) for name, value in part.items()})
+            lm = out.losses["lm"]
+            # the whole loss by the row share, the LM part moved to its own share (x1.0: one micro-batch)
+            (out.loss * row_shares[i] + (lm_grad_shares[i] - row_shares[i]) * lm).backward()
+        if on_routing is not None:
+            on_routing(out.routing)
+        zero = torch.zeros((), device=device)
+        values = [out.loss * row_shares[i] + (lm_shares[i] - row_shares[i]) * lm, lm * lm_shares[i]]
+        values += [out.losses.get(name, zero) * row_shares[i] for name in LOSS_NAMES[2:]]
+        totals += torch.stack([v.detach().float() for v in values])
+        del out, lm, values  # the logits of this micro-batch must not live through the next one's forward
+    layout.reduce_expert_grads(model)
+    return totals, parts[0]["input_ids"].shape[1]
+
+
 class WorkerLoop:
     """Model, optimizer, data and history of one rank."""
 
@@ -122,6 +174,8 @@ class WorkerLoop:
         )
         if extra is not None:
             self._restore(extra)
+        self.micro_batch = cfg.micro_batch_size or cfg.batch_size // self.world
+        """Rows per forward (train and eval): activation memory follows it, not the worker's batch."""
         self.flops_per_token: float | None = None  # known once the first batch shows the row length
         self.peak_flops = peak_flops(self.device)
         self.batches = self.reader.batches(self.step)
@@ -137,31 +191,36 @@ class WorkerLoop:
         cfg, step = self.cfg, self.step + 1
         lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.schedule, cfg.decay_fraction)
         set_lr(self.optimizer, lr)
-        batch = collate(next(self.batches), self.device)
+        rows = next(self.batches)
         started = time.perf_counter()
-        with self._autocast():
-            out = self.train_model(**batch)
-        out.loss.backward()
-        self.layout.reduce_expert_grads(self.model)
+        losses, seq_len = forward_backward(
+            self.train_model,
+            self.model,
+            self.layout,
+            rows,
+            self.micro_batch,
+            self.device,
+            self._autocast,
+            self.router.add,
+        )
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = self.layout.clip_grad_norm_(self.model, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if cfg.router_bias_rate > 0:  # collective: every rank, every step
+        if cfg.router_bias_rate > 0:  # collective: every rank, every step (loads counted over all micro-batches)
             update_router_biases(self.model, cfg.router_bias_rate)
-        self.router.add(out.routing)
         self.checkpointer.commit_finished()
-        losses = self._mean_over_ranks([out.loss] + [out.losses.get(n, out.loss * 0) for n in LOSS_NAMES[1:]])
+        losses = self._mean_over_ranks(list(losses))
         seconds = time.perf_counter() - started
         self.step = step
-        tokens = cfg.batch_size * batch["input_ids"].shape[1]
+        tokens = cfg.batch_size * seq_len
         self.history["tokens"] += tokens
         self.history["seconds"] += seconds
         metrics = dict(zip(LOSS_NAMES, losses, strict=True))
         throughput = {"tokens_per_s": tokens / seconds}
         # achieved FLOP/s per device (every rank does the same work), and MFU where the peak is known
         if self.flops_per_token is None:
-            self.flops_per_token = training_flops_per_token(self.model, batch["input_ids"].shape[1])
+            self.flops_per_token = training_flops_per_token(self.model, seq_len)
         throughput["tflops_per_device"] = self.flops_per_token * tokens / seconds / self.world / 1e12
         if self.peak_flops:
             throughput["mfu"] = throughput["tflops_per_device"] * 1e12 / self.peak_flops
@@ -186,7 +245,7 @@ class WorkerLoop:
         that runs out of rows repeats its first one with weight 0.
         """
         mine = self.val_rows[self.rank :: self.world]
-        per_batch = max(self.cfg.batch_size // self.world, 1)
+        per_batch = max(self.micro_batch, 1)
         batches = -(-len(self.val_rows[:: self.world]) // per_batch)  # rank 0 holds the most rows
         totals = torch.zeros(2, device=self.device)
         self.model.eval()

@@ -3,7 +3,9 @@ parallelism for the MoE pools beside either (`Layout`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +123,23 @@ class Layout:
         return wrap_ddp(model, self.device, list(experts))
 
     # ------------------------------------------------------------------ gradients
+    @contextlib.contextmanager
+    def no_sync(self, train_model: nn.Module, last: bool) -> Iterator[None]:
+        """Around one micro-batch's forward + backward of a step that accumulates gradients.
+
+        DDP: all-reduce only in the `last` micro-batch's backward (the others accumulate locally;
+        a full replica's gradients are held either way). FSDP2: every micro-batch reduce-scatters
+        into the sharded gradients; skipping it (`set_requires_gradient_sync(False)`) would keep
+        every layer's unsharded gradient until the last micro-batch, the whole model's gradients
+        on each worker, which defeats sharding. Expert slices are reduced by
+        `reduce_expert_grads`, after the last micro-batch.
+        """
+        if last or not isinstance(train_model, DistributedDataParallel):
+            yield
+            return
+        with train_model.no_sync():
+            yield
+
     def reduce_expert_grads(self, model: nn.Module) -> None:
         """After backward: expert gradients become those of the mean loss (DDP/FSDP average the rest)."""
         if self.mesh is None:
