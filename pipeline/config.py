@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ernie import ConfigError, ErnieConfig, shrink
 
-from .contract import UserError
+from .contract import LOCAL_RAY_CPUS, UserError
 from .graph import POSTTRAIN_METHODS
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -75,7 +75,7 @@ class TrackingConfig:
 class ClusterConfig:
     address: str = ""
     """Ray cluster address; empty = $RAY_ADDRESS, else a local Ray started for the run."""
-    local_num_cpus: int = 4
+    local_num_cpus: int = LOCAL_RAY_CPUS
     """Logical CPUs of the local Ray (more than the cores is fine: stages mostly wait on workers)."""
 
 
@@ -215,10 +215,3 @@ def shrink_for_dry_run(cfg: PipelineConfig, overrides: list[str]) -> PipelineCon
         eval=tiny.eval,
         cluster=tiny.cluster,
     )
-
-
-def gpus_requested(cfg: PipelineConfig, stage_path: str) -> float:
-    section = cfg.section(stage_path)
-    per_actor = section.resources.num_gpus
-    workers = getattr(section, "num_workers", 1)
-    return per_actor * max(workers, 1)

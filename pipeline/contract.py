@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
+LOCAL_RAY_CPUS = 4
+"""Logical CPUs of a local Ray (the pipeline's default and a stage's run outside the pipeline)."""
 
 
 class UserError(Exception):
@@ -147,6 +149,35 @@ class Resources:
     num_gpus: float = 0.0
     memory_gb: float = 0.0
     """Memory to reserve for the stage actor (0 = no reservation)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything a stage holds on the cluster at once (its actor, workers, actors, replicas)."""
+
+    cpus: float
+    gpus: float
+    terms: str
+    """How the totals add up, in the config's own field names (for error messages)."""
+
+
+def requested(section: Any) -> Request:
+    """A stage config's `requested()` when it has one, else its own actor's `resources`."""
+    if hasattr(section, "requested"):
+        return section.requested()
+    res = section.resources
+    return Request(res.num_cpus, res.num_gpus, f"resources.num_cpus={res.num_cpus:g}, num_gpus={res.num_gpus:g}")
+
+
+def check_fits(request: Request, cluster: dict[str, float], key: str) -> None:
+    """Refuse a stage the cluster can never place: Ray would wait for the resources forever."""
+    for name, need in (("CPU", request.cpus), ("GPU", request.gpus)):
+        have = cluster.get(name, 0.0)
+        if need > have + 1e-9:
+            raise UserError(
+                f"{key} asks for {need:g} {name}(s) at once ({request.terms}) but the Ray cluster has {have:g}. "
+                f"Lower the request, add nodes{', or use dry_run=true for a CPU rehearsal' if name == 'GPU' else ''}."
+            )
 
 
 @dataclass

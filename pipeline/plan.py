@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .config import PipelineConfig, gpus_requested
+from .config import PipelineConfig
+from .contract import requested
 from .graph import Selection
 from .memory import micro_batch_rows, training_memory
 from .runner import make_store, plan_stages
@@ -21,11 +22,8 @@ def print_plan(cfg: PipelineConfig, conf: str, selection: Selection, dry_run: bo
         section = cfg.section(p.node.config_path)
         status = "run" if p.run else ("cached" if p.cached else "skip")
         inputs = ", ".join(f"{k}<-{v}" for k, v in p.node.inputs.items())
-        cpus = section.resources.num_cpus + getattr(section, "cpus_per_worker", 0) * getattr(section, "num_workers", 0)
-        print(
-            f"{p.node.name:9s} {status:8s} {p.key[:16]} {cpus:5g} {gpus_requested(cfg, p.node.config_path):5g}"
-            f"  {inputs}"
-        )
+        need = requested(section)
+        print(f"{p.node.name:9s} {status:8s} {p.key[:16]} {need.cpus:5g} {need.gpus:5g}  {inputs}")
     _print_memory(cfg)
 
 

@@ -9,8 +9,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import PipelineConfig, gpus_requested, to_yaml
-from .contract import Artifact, StageContext, UserError
+from .config import PipelineConfig, to_yaml
+from .contract import Artifact, StageContext, UserError, check_fits, requested
 from .graph import EVAL_MODULE, STAGE_MODULES, Selection, StageNode, build_graph, stage_module
 from .store import ArtifactStore, cache_key, code_fingerprint
 
@@ -74,18 +74,10 @@ def plan_stages(cfg: PipelineConfig, store: ArtifactStore, selection: Selection)
 
 
 def check_resources(cfg: PipelineConfig, planned: list[PlannedStage], cluster: dict[str, float]) -> None:
-    have = cluster.get("GPU", 0.0)
+    """Refuse, before anything runs, a stage the cluster can never place (Ray would wait forever)."""
     for p in planned:
-        if not p.run:
-            continue
-        need = gpus_requested(cfg, p.node.config_path)
-        if need > have:
-            raise UserError(
-                f"stage {p.node.name} asks for {need:g} GPU(s) ({p.node.config_path}.resources.num_gpus"
-                f"{' x num_workers' if hasattr(cfg.section(p.node.config_path), 'num_workers') else ''}) "
-                f"but the Ray cluster has {have:g}. Lower the request, add GPU nodes, or use dry_run=true "
-                "for a CPU rehearsal."
-            )
+        if p.run:
+            check_fits(requested(cfg.section(p.node.config_path)), cluster, p.node.config_path)
 
 
 def git_commit() -> str:

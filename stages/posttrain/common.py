@@ -49,7 +49,7 @@ def train(ctx: StageContext, objective, ckpt_dir: Path, train_examples: list, va
 
     cfg = ctx.config
     work_dir = ctx.work_dir or ctx.output_dir.parent / f".{ctx.output_dir.name}.work"
-    launch.ensure_ray()
+    launch.check_cluster(cfg.requested(), f"posttrain.{ctx.stage}")
     job = Job(
         config=cfg,
         objective=objective,

@@ -27,7 +27,7 @@ import torch
 
 from ernie.chat_template import render
 from ernie.losses import router_losses
-from pipeline.contract import StageContext, StageResult, UserError
+from pipeline.contract import Request, StageContext, StageResult, UserError
 
 from . import common, rewards
 from .chat import PAD_ID, read_records
@@ -78,6 +78,16 @@ class Config(TrainConfig):
     """CPUs each rollout actor reserves (also its torch thread count)."""
 
     OPERATIONAL: ClassVar[set[str]] = TrainConfig.OPERATIONAL | {"rollout_workers", "rollout_cpus", "eval_samples"}
+
+    def requested(self) -> Request:
+        """The learners plus the rollout actors (each holds `resources.num_gpus` too)."""
+        learners = super().requested()
+        return Request(
+            cpus=learners.cpus + self.rollout_workers * self.rollout_cpus,
+            gpus=learners.gpus + self.rollout_workers * self.resources.num_gpus,
+            terms=f"{learners.terms} + rollout_workers={self.rollout_workers} x "
+            f"(rollout_cpus={self.rollout_cpus:g}, resources.num_gpus={self.resources.num_gpus:g})",
+        )
 
     def validate(self, stage: str = "rlvr") -> None:
         super().validate(stage)
@@ -333,13 +343,13 @@ def weighted_router_losses(out, loop) -> torch.Tensor:
     return total
 
 
-def start_actors(cfg: Config, ckpt_dir) -> list:
+def start_actors(cfg: Config, ckpt_dir, stage: str) -> list:
     """The rollout actors, each loading the input checkpoint (the learner sends newer weights every round)."""
     import ray
 
     from stages.training import launch
 
-    launch.ensure_ray()
+    launch.check_cluster(cfg.requested(), f"posttrain.{stage}")
     actor = ray.remote(num_cpus=cfg.rollout_cpus, num_gpus=cfg.resources.num_gpus)(RolloutWorker)
     return [actor.remote(str(ckpt_dir), int(np.ceil(cfg.rollout_cpus))) for _ in range(cfg.rollout_workers)]
 
@@ -369,7 +379,7 @@ def run(ctx: StageContext) -> StageResult:
     common.check_vocab(tokenizer, ckpt_dir, ctx.stage)
     train, val = load_prompts(ctx, cfg, tokenizer, dataset_dir)
     ctx.log.params({"prompts_train": len(train), "prompts_val": len(val)})
-    actors = start_actors(cfg, ckpt_dir)
+    actors = start_actors(cfg, ckpt_dir, ctx.stage)
     try:
         objective = RLVRObjective(cfg, tokenizer.to_str(), actors)
         result = common.train(ctx, objective, ckpt_dir, train, val, cfg.fingerprint())

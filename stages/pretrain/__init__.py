@@ -28,7 +28,7 @@ from pipeline.contract import StageContext, StageResult, UserError
 from pipeline.formats import load_tokenizer
 from pipeline.shards import IMAGE_LAYOUT, ShardError, ShardIndex, read_index
 from stages.training import train_state
-from stages.training.launch import copy_checkpoint, ensure_ray, fit, relay
+from stages.training.launch import check_cluster, copy_checkpoint, fit, relay
 
 from .config import Config
 from .data import TrainReader, unit_rows_for
@@ -51,7 +51,7 @@ def run(ctx: StageContext) -> StageResult:
     streams = _data_streams(cfg, work_dir / "train_state")
     unit_rows = _check_dataset(ctx, dataset_dir, streams)
 
-    ensure_ray()
+    check_cluster(cfg.requested(), "pretrain")
     job = Job(
         config=cfg,
         model=ctx.model,

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.contract import Resources, StageContext, StageResult, UserError
+from pipeline.contract import Request, Resources, StageContext, StageResult, UserError, check_fits
 from pipeline.formats import TOKENIZER_FILE
 
 INPUTS = {"model": "qckpt", "dataset": "dataset"}
@@ -61,6 +61,16 @@ class Config:
     """Keep serving after the smoke test until interrupted (Ctrl-C); else shut the app down."""
     resources: Resources = field(default_factory=lambda: Resources(num_cpus=0.5))
     """What the stage's own Ray actor asks for (the replicas ask for replica_cpus each)."""
+
+    def requested(self) -> Request:
+        """The stage actor plus the replicas."""
+        r, n = self.resources, self.num_replicas
+        return Request(
+            cpus=r.num_cpus + n * self.replica_cpus,
+            gpus=r.num_gpus + n * self.replica_gpus,
+            terms=f"resources.num_cpus={r.num_cpus:g}, num_gpus={r.num_gpus:g} + num_replicas={n} x "
+            f"(replica_cpus={self.replica_cpus:g}, replica_gpus={self.replica_gpus:g})",
+        )
 
 
 def validate(cfg: Config) -> None:
@@ -115,6 +125,7 @@ def start(model_dir: Path, tokenizer_path: Path, cfg: Config, model_name: str) -
 
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS when set, else a local Ray
+    check_fits(cfg.requested(), ray.cluster_resources(), "serve")
     serve_running = bool(serve.status().proxies)
     if not serve_running and not port_is_free(cfg.host, cfg.port):
         raise UserError(f"serve.port={cfg.port} is already in use on {cfg.host}; pick another with serve.port=...")

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from pipeline.contract import Resources, UserError
+from pipeline.contract import Request, Resources, UserError
 
 from .optim import SCHEDULES
 
@@ -67,6 +67,16 @@ class TrainingConfig:
         "max_failures",
     }
     """Fields that do not change the trained weights (a train state resumes across them)."""
+
+    def requested(self) -> Request:
+        """The stage actor plus the Ray Train workers (`resources.num_gpus` is per worker)."""
+        r = self.resources
+        return Request(
+            cpus=r.num_cpus + self.num_workers * self.cpus_per_worker,
+            gpus=self.num_workers * r.num_gpus,
+            terms=f"resources.num_cpus={r.num_cpus:g} + num_workers={self.num_workers} x "
+            f"(cpus_per_worker={self.cpus_per_worker:g}, resources.num_gpus={r.num_gpus:g})",
+        )
 
     def check(self, key: str, positive: tuple[str, ...] = ()) -> None:
         """Raise `UserError` naming the first bad shared field (`<key>.<field>=<value>`)."""

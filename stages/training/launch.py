@@ -7,11 +7,14 @@ metrics are logged and the progress bar moves from the stage's own logger and `P
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from pipeline.contract import LOCAL_RAY_CPUS, Request, check_fits
 
 OnMessage = Callable[[int, dict], None]
 
@@ -21,7 +24,22 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # at least the pipeline's local Ray's logical CPUs, so a stage that fits there fits when run
+        # alone (a 2-core machine's 2 CPUs cannot hold 2 learners and a rollout actor)
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(
+            **({"address": address} if address else {"num_cpus": max(LOCAL_RAY_CPUS, os.cpu_count() or 1)}),
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+
+
+def check_cluster(request: Request, key: str) -> None:
+    """Fail now, naming the settings, when the cluster can never hold the stage's workers and actors."""
+    import ray
+
+    ensure_ray()
+    check_fits(request, ray.cluster_resources(), key)
 
 
 def fit(

@@ -43,11 +43,28 @@ def test_unreachable_ray_address(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_more_gpus_than_the_cluster_has(tmp_path):
-    result = pipeline(tmp_path, "run", "conf=tiny", "pretrain.resources.num_gpus=1", timeout=180)
+@pytest.mark.parametrize(
+    ("overrides", "message", "cluster"),
+    [
+        (
+            ["pretrain.resources.num_gpus=1"],
+            "pretrain asks for 2 GPU(s) at once (resources.num_cpus=0 + num_workers=2",
+            0,
+        ),
+        (
+            ["posttrain.recipe=[rlvr]", "posttrain.rlvr.rollout_workers=3"],
+            "posttrain.rlvr asks for 5 CPU(s) at once (resources.num_cpus=0 + num_workers=2 x (cpus_per_worker=1, "
+            "resources.num_gpus=0) + rollout_workers=3 x (rollout_cpus=1",
+            4,
+        ),
+    ],
+)
+def test_a_stage_the_cluster_can_never_place_is_refused_before_anything_runs(overrides, message, cluster, tmp_path):
+    """Ray would wait forever for resources it does not have; the run stops first, naming the settings."""
+    result = pipeline(tmp_path, "run", "conf=tiny", *overrides, timeout=180)
     assert result.returncode == 2, result.stderr
-    assert "stage pretrain asks for 2 GPU(s)" in result.stderr
-    assert "cluster has 0" in result.stderr
+    assert message in result.stderr
+    assert f"but the Ray cluster has {cluster}." in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 

@@ -224,6 +224,8 @@ def test_stats_agree_with_the_shards_and_are_logged(built, rows):
         "sft_val": 6,
         "preferences_train": 36,
         "preferences_val": 4,
+        "rlvr_train": 360,
+        "rlvr_val": 40,
         "tasks_val": 30,
     }
 
