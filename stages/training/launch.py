@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline.contract import LOCAL_RAY_CPUS, Request, check_fits
@@ -73,15 +73,27 @@ def fit(
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
     )
+    # fit runs on a daemon thread while this one relays the workers' messages: an interrupt or a
+    # timeout raised here ends the call at once instead of waiting for a run that may never finish
+    outcome: dict = {}
+    running = threading.Thread(target=_capture, args=(trainer.fit, outcome), name=name, daemon=True)
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            running = pool.submit(trainer.fit)
-            while not running.done():
-                _drain(sink, on_message, timeout=0.5)
-            _drain(sink, on_message, timeout=0)
-            return running.result()
+        running.start()
+        while running.is_alive():
+            _drain(sink, on_message, timeout=0.5)
+        _drain(sink, on_message, timeout=0)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
     finally:
         ray.kill(sink.actor)
+
+
+def _capture(call: Callable[[], object], outcome: dict) -> None:
+    try:
+        outcome["result"] = call()
+    except BaseException as err:  # handed to the relaying thread, which raises it
+        outcome["error"] = err
 
 
 def _drain(sink, on_message: OnMessage, timeout: float) -> None:
