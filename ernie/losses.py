@@ -91,3 +91,12 @@ def router_losses(routings: list[RouterOutput]) -> dict[str, torch.Tensor]:
     if all(r.orthogonal is not None for r in routings):  # not under no_grad (see RouterOutput)
         losses["orthogonal"] = torch.stack([r.orthogonal for r in routings]).mean()
     return losses
+
+
+def weighted_router_loss(routing: list[list[RouterOutput]], weights) -> torch.Tensor:
+    """The router losses of a forward's `routing` (per layer, per pool) at `weights`' (a `LossConfig`)
+    aux / z / orthogonal weights, summed; 0 for a dense model. Post-training objectives add it to theirs."""
+    total = torch.zeros(())
+    for name, value in router_losses([r for layer in routing for r in layer]).items():
+        total = total + getattr(weights, f"{name}_loss_weight") * value
+    return total

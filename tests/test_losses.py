@@ -17,6 +17,7 @@ from ernie.losses import (
     orthogonal_loss,
     router_losses,
     shifted_targets,
+    weighted_router_loss,
     z_loss,
 )
 from ernie.moe import RouterOutput
@@ -264,3 +265,15 @@ def test_dense_total_loss_is_the_lm_loss():
     out = _model_out("tiny_dense")
     assert set(out.losses) == {"lm"}
     assert out.loss.item() == out.losses["lm"].item()
+
+
+@pytest.mark.parametrize("preset", ["tiny_moe", "tiny_dense"])
+def test_weighted_router_loss_is_the_models_own_total_less_its_lm_term(preset):
+    """Post-training objectives add the router losses exactly as the model weighs them in pretraining."""
+    torch.manual_seed(0)
+    model = ErnieForCausalLM(get_preset(preset))
+    ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    out = model(ids, labels=ids)
+    routed = weighted_router_loss(out.routing, model.config.loss)
+    assert torch.allclose(routed, out.loss - out.losses["lm"], atol=1e-7)
+    assert (routed > 0) == (preset == "tiny_moe")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ernie.losses import router_losses, shifted_targets
+from ernie.losses import shifted_targets, weighted_router_loss
 from pipeline.contract import StageContext, StageResult, UserError
 
 from . import common
@@ -166,9 +166,7 @@ class DPOObjective:
             half = len(batch["input_ids"]) // 2
             answer_tokens = batch["loss_mask"][:half, 1:].sum(-1).clamp(min=1)
             total = total + self.sft_weight * (-chosen / answer_tokens).mean()
-        weights = loop.model.config.loss
-        for name, value in router_losses([r for layer in out.routing for r in layer]).items():
-            total = total + getattr(weights, f"{name}_loss_weight") * value
+        total = total + weighted_router_loss(out.routing, loop.model.config.loss)
         return total, {k: v.mean() for k, v in metrics.items()}
 
     def evaluate(self, loop) -> dict[str, float]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ernie.chat_template import render
-from ernie.losses import router_losses
+from ernie.losses import weighted_router_loss
 from pipeline.contract import Request, StageContext, StageResult, UserError
 
 from . import common, rewards
@@ -295,7 +295,7 @@ class RLVRObjective:
         with loop.autocast():
             out = model(batch["input_ids"])
         total, metrics = self.policy_terms(out.logits, batch)
-        total = total + weighted_router_losses(out, loop)
+        total = total + weighted_router_loss(out.routing, loop.model.config.loss)
         return total, metrics | {k: v.to(total.device) for k, v in batch["stats"].items()}
 
     # ------------------------------------------------------------------ evaluation
@@ -332,15 +332,6 @@ class RLVRObjective:
         text = self.tokenizer.decode(completion, skip_special_tokens=False)
         values = [float(f(text, prompt.record)) for f in self.reward_fns]
         return [sum(w * v for w, v in zip(self.cfg.weights(), values, strict=True)), *values]
-
-
-def weighted_router_losses(out, loop) -> torch.Tensor:
-    """The model's router losses (aux, z, orthogonal) at their configured weights; 0 for a dense model."""
-    weights = loop.model.config.loss
-    total = torch.zeros((), device=out.logits.device)
-    for name, value in router_losses([r for layer in out.routing for r in layer]).items():
-        total = total + getattr(weights, f"{name}_loss_weight") * value
-    return total
 
 
 def start_actors(cfg: Config, ckpt_dir, stage: str) -> list:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ernie.losses import weighted_router_loss
 from pipeline.contract import StageContext, StageResult, UserError
 
 from . import common, rewards
@@ -32,7 +33,7 @@ from .chat import PAD_ID
 from .dpo import LOSS_TYPES, DPOObjective, Pair, preference_loss, sequence_logprobs, tokenise_pairs
 from .grpo import token_logprobs
 from .rlvr import Config as RLVRConfig
-from .rlvr import RLVRObjective, load_prompts, start_actors, stop_actors, weighted_router_losses
+from .rlvr import RLVRObjective, load_prompts, start_actors, stop_actors
 
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
 OUTPUT_KIND = "ckpt"
@@ -134,7 +135,7 @@ class UPOObjective(RLVRObjective):
             pair_losses.append(loss)
             pair_metrics["online_pairs"] = count
         dpo_loss = torch.cat(pair_losses).mean() if sum(len(x) for x in pair_losses) else total * 0
-        total = total + self.cfg.dpo_weight * dpo_loss + weighted_router_losses(out, loop)
+        total = total + self.cfg.dpo_weight * dpo_loss + weighted_router_loss(out.routing, loop.model.config.loss)
         metrics = metrics | pair_metrics | {"pair_dpo_loss": dpo_loss.detach()}
         return total, metrics | {k: v.to(total.device) for k, v in batch["stats"].items()}
 
