@@ -10,6 +10,8 @@ on this loop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .cache import KVCache
@@ -38,22 +40,24 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     eos_token_id: int | None = None,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     **vision_inputs,
 ) -> torch.Tensor:
-    """New tokens [B, max_new_tokens] (pad after a row's eos)."""
+    """New tokens [B, max_new_tokens] (pad after a row's eos).
+
+    `seed` seeds the sampling: one int for the batch, or one per row, where rows of the same seed
+    draw from one generator in row order, exactly as a batch of those rows alone with that seed
+    would (so batching several requests together keeps each request's samples)."""
     cfg = model.config
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    draw = _sampler(seed, input_ids.shape[0], input_ids.device, temperature, top_p)
     cache = KVCache(cfg.num_layers)
     logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1, **vision_inputs).logits
     B = input_ids.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     out = []
     for step in range(max_new_tokens):
-        token = sample_next(logits[:, -1], temperature, top_p, generator)
+        token = draw(logits[:, -1])
         token = torch.where(done, torch.full_like(token, cfg.pad_token_id), token)
         out.append(token)
         done |= token == eos
@@ -65,3 +69,26 @@ def generate(
         pad = torch.full((B, max_new_tokens - new.shape[1]), cfg.pad_token_id, dtype=new.dtype, device=new.device)
         new = torch.cat([new, pad], dim=1)
     return new
+
+
+def _sampler(seed, batch: int, device, temperature: float, top_p: float):
+    """logits [B, V] -> next tokens [B], with one generator per distinct seed of `seed`."""
+    if seed is None or isinstance(seed, int):
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        return lambda logits: sample_next(logits, temperature, top_p, generator)
+    if len(seed) != batch:
+        raise ValueError(f"{len(seed)} seeds for a batch of {batch} rows")
+    groups = {}
+    for row, s in enumerate(seed):
+        groups.setdefault(int(s), []).append(row)
+    generators = [
+        (torch.Generator(device=device).manual_seed(s), torch.tensor(rows, device=device)) for s, rows in groups.items()
+    ]
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:
+        token = torch.empty(batch, dtype=torch.long, device=logits.device)
+        for generator, rows in generators:
+            token[rows] = sample_next(logits[rows], temperature, top_p, generator)
+        return token
+
+    return draw

@@ -3,9 +3,9 @@
 `RolloutWorker` is the Ray actor RLVR and UPO sample from: it holds its own copy of the
 policy, takes the learner's weights at the start of every rollout round (`load_weights`,
 tagged with the round's step so a stale copy is caught), and answers `sample` with G
-completions per prompt. Each prompt's G samples are drawn from a generator seeded by the
-request, so the same weights and seed give the same tokens on any actor: a resumed run
-samples what the uninterrupted one did.
+completions per prompt, all of its prompts decoded as one batch. Each prompt's G samples are
+drawn from a generator seeded by the request, so the same weights and seed give the same tokens
+on any actor and in any batch: a resumed run samples what the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ def complete(
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    seed: int | None = None,
+    seed: int | list[int] | None = None,
 ) -> list[list[int]]:
-    """One completion per prompt (left-padded into one batch), each trimmed after its end-of-sentence token."""
+    """One completion per prompt (left-padded into one batch), each trimmed after its end-of-sentence token;
+    `seed`: one for the batch or one per prompt (see `ernie.generation.generate`)."""
     cfg = model.config
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
@@ -78,7 +79,9 @@ class RolloutWorker:
         self, requests: list[tuple[list[int], int]], group: int, max_new_tokens: int, temperature: float, top_p: float
     ) -> tuple[int, list[list[list[int]]]]:
         """(weights version, for each (prompt ids, seed) request: `group` completions)."""
-        out = []
-        for prompt, seed in requests:
-            out.append(complete(self.model, [prompt] * group, max_new_tokens, temperature, top_p, seed))
-        return self.version, out
+        # one batch for every request (the decode steps are then shared); each request's rows draw
+        # from its own seeded generator, so it samples what it would alone
+        prompts = [prompt for prompt, _ in requests for _ in range(group)]
+        seeds = [seed for _, seed in requests for _ in range(group)]
+        rows = complete(self.model, prompts, max_new_tokens, temperature, top_p, seeds)
+        return self.version, [rows[i : i + group] for i in range(0, len(rows), group)]

@@ -229,6 +229,10 @@ def test_rollout_samples_depend_on_the_request_seed_not_the_batching(model, toke
     again = worker.sample([(prompt, 11), (prompt, seed)], group=4, max_new_tokens=6, temperature=1.0, top_p=1.0)
     assert again[1][1] == group, "the same seed samples the same completions, whatever else the actor serves"
     assert complete(model, [prompt] * 4, 6, 1.0, 1.0, seed) == group
+    # one left-padded batch for every request: a longer prompt beside it changes nothing either
+    longer = tokenizer.encode("What is 13 + 2? What is 4 + 4?").ids
+    _, (with_longer, _) = worker.sample([(prompt, seed), (longer, 7)], 4, 6, 1.0, 1.0)
+    assert with_longer == group
     assert request_seed(0, 1, 5) != request_seed(0, 2, 5) != request_seed(1, 1, 5)
 
 
