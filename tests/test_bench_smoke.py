@@ -41,3 +41,24 @@ def test_data_throughput_smoke_measures_the_stage_both_packers_and_the_tokenizer
     assert all(r["tokens"] == pieces["tokens"] for r in packers.values())  # every token packed exactly once
     assert all(packers[seq, "ours"]["efficiency"] >= packers[seq, "baseline"]["efficiency"] for seq in (4096, 128))
     assert all(t["tokens_per_s"] > 0 for t in pieces["tokenizer"])
+
+
+def test_posttrain_throughput_smoke_measures_ours_and_trl_on_the_same_tokens(tmp_path):
+    out = tmp_path / "posttrain_throughput.json"
+    subprocess.run(
+        [sys.executable, "bench/posttrain_throughput.py", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+    )
+    report = json.loads(out.read_text())
+    assert not report["ray_imported"]
+    records = {(r["measurement"], r["impl"]): r for r in report["records"] if r["case"] == "tiny_dense"}
+    assert {("sft", "ours"), ("sft", "trl"), ("rlvr", "ours"), ("rlvr", "trl")} <= set(records)
+    assert all(r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["measures"] for r in records.values())
+    assert all(records["rlvr", impl]["generation_tokens_per_s"] > 0 for impl in ("ours", "trl"))
+    sft_runs = [r for (measurement, _), r in records.items() if measurement == "sft"]
+    # like for like: the same batches, the same non-padding tokens and assistant-only targets, the same weights
+    assert len({(r["tokens"], r["tokens_all_steps"], r["supervised_tokens"]) for r in sft_runs}) == 1
+    assert 0 < records["sft", "ours"]["supervised_tokens"] < records["sft", "ours"]["tokens"]
+    assert abs(records["sft", "ours"]["loss_step1"] - records["sft", "trl"]["loss_step1"]) < 1e-4
