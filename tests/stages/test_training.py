@@ -695,6 +695,31 @@ def test_upo_prefers_as_well_as_dpo_and_raises_the_reward(sft_run, dpo_run, data
     assert {"reward.png", "preferences.png"} <= set(ctx.log.artifact_log)
 
 
+@pytest.mark.slow
+def test_upo_restarts_a_crashed_worker_group_to_the_same_weights(sft_run, dataset, tmp_path):
+    """A learner killed after the first train state: Ray Train restarts the group, the rollout actors get
+    the restored weights, the seeded rollouts repeat, and the weights end equal to an uninterrupted run's."""
+    config = dict(RL, steps=8, checkpoint_every=4, eval_every=8, eval_samples=0, updates_per_rollout=2)
+    inputs = {"ckpt": sft_run[0].output_dir, "dataset": dataset}
+    reference = make_ctx("upo", upo.Config(**config, rewards=ARITHMETIC_REWARDS), None, inputs, tmp_path / "reference")
+    upo.run(reference)
+    ctx = make_ctx("upo", upo.Config(**config, rewards=ARITHMETIC_REWARDS), None, inputs, tmp_path / "killed")
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=_kill_a_train_worker_after_checkpoint, args=(ctx.work_dir / "train_state" / "meta.json", killed)
+    )
+    killer.start()
+    upo.run(ctx)
+    killer.join()
+
+    assert killed == [4], "no worker was killed between the train states"
+    assert [v for k, v, _ in ctx.log.metric_log if k == "resumed_from_step"] == [4]
+    ours, theirs = (load_file(c.output_dir / "model.safetensors") for c in (ctx, reference))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    rewards_of = [{s: v for k, v, s in c.log.metric_log if k == "reward"} for c in (ctx, reference)]
+    assert rewards_of[0] == rewards_of[1], "the resumed steps sampled other rollouts"
+
+
 # ---------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("overrides", "message"),
