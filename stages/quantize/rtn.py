@@ -38,21 +38,30 @@ def rtn_quantize(
     *lead, out_features, in_features = weight.shape
     if group_size <= 0 or in_features % group_size:
         raise ValueError(f"group_size={group_size} does not divide the input dim {in_features}")
-    maxq = 2**bits - 1
     w = weight.detach().float().reshape(*lead, out_features, in_features // group_size, group_size)
+    scale, zero = group_grid(w, bits, symmetric, scale_dtype)
+    codes = to_codes(w, scale[..., None], zero[..., None], bits)
+    return codes.reshape(weight.shape), scale, zero.to(torch.uint8)
+
+
+def group_grid(
+    w: torch.Tensor, bits: int, symmetric: bool, scale_dtype=torch.float16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale as stored, integer zero point as float) of each group, a group being w's last dim."""
+    maxq = 2**bits - 1
     tiny = torch.finfo(scale_dtype).tiny  # an all-zero group gets a tiny, not a zero, scale
     if symmetric:
         half = 2 ** (bits - 1)
-        scale = (w.abs().amax(-1) / (half - 1)).clamp(min=tiny)
-        zero = torch.full_like(scale, half)
-    else:
-        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
-        scale = ((hi - lo) / maxq).clamp(min=tiny)
-    scale = scale.to(scale_dtype)  # codes are computed against the scale as stored
-    if not symmetric:
-        zero = (-lo / scale.float()).round().clamp(0, maxq)
-    codes = ((w / scale.float()[..., None]).round() + zero[..., None]).clamp(0, maxq)
-    return codes.reshape(weight.shape).to(torch.uint8), scale, zero.to(torch.uint8)
+        scale = (w.abs().amax(-1) / (half - 1)).clamp(min=tiny).to(scale_dtype)
+        return scale, torch.full_like(scale, half, dtype=torch.float32)
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / maxq).clamp(min=tiny).to(scale_dtype)  # codes are computed against the scale as stored
+    return scale, (-lo / scale.float()).round().clamp(0, maxq)
+
+
+def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest codes of w on the grid (scale, zero), broadcast against w, as uint8."""
+    return ((w / scale.float()).round() + zero).clamp(0, 2**bits - 1).to(torch.uint8)
 
 
 def is_skipped(name: str, skip: list[str]) -> bool:
