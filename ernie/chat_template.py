@@ -7,6 +7,12 @@ A generation prompt ends with "Assistant: " followed by an empty think block
 when it is on (ERNIE_FACTS §5); a past assistant turn is rendered the same way, its
 reasoning (if any) inside the think block. `render_segments` marks which characters an assistant
 wrote, so SFT can put the loss on assistant tokens only.
+
+A user or system turn's content is a string, or a list of parts in OpenAI's shape:
+`{"type": "text", "text": ...}` and `{"type": "image", "image": ref}` (ref: a path or URL the
+caller resolves). An image renders inline as `IMAGE_MARK`, one placeholder between the start and
+end markers; the caller that has the pixels widens the placeholder to the image's token count
+(`image_refs` lists the images in rendering order).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ VISION_TOKENS = (IMAGE_PLACEHOLDER, IMAGE_START, IMAGE_END, VIDEO_PLACEHOLDER, V
 SPECIAL_TOKENS = ("<pad>", BOS, EOS, THINK_OPEN, THINK_CLOSE, *VISION_TOKENS)
 """The bundled tokenizer puts these at ids 0, 1, 2, ... in this order (tiny presets rely on it)."""
 ROLES = ("system", "user", "assistant")
+IMAGE_MARK = IMAGE_START + IMAGE_PLACEHOLDER + IMAGE_END
+"""One image in rendered text, before its placeholder is widened to the image's token count."""
 
 
 def render_segments(
@@ -32,8 +40,11 @@ def render_segments(
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise ValueError(f"message {i} has role {role!r}; expected one of {ROLES}")
+        if isinstance(content, list) and role != "assistant":
+            content = "".join(_part_text(part, i, role) for part in content)
         if not isinstance(content, str):
-            raise ValueError(f"message {i} ({role}) content must be a string, got {type(content).__name__}")
+            allowed = "a string" if role == "assistant" else "a string or a list of text / image parts"
+            raise ValueError(f"message {i} ({role}) content must be {allowed}, got {type(content).__name__}")
         if role == "system":
             if i != 0:
                 raise ValueError(f"message {i}: a system message may only come first")
@@ -59,3 +70,26 @@ def assistant_prompt(thinking: bool) -> str:
 
 def render(messages: list[dict], add_generation_prompt: bool = False, enable_thinking: bool = False) -> str:
     return "".join(text for text, _ in render_segments(messages, add_generation_prompt, enable_thinking))
+
+
+def image_refs(messages: list[dict]) -> list[str]:
+    """The image parts' refs in the order `render` places them."""
+    return [
+        part["image"]
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, dict) and part.get("type") == "image"
+    ]
+
+
+def _part_text(part, i: int, role: str) -> str:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    if kind == "image" and isinstance(part.get("image"), str) and part["image"]:
+        return IMAGE_MARK
+    raise ValueError(
+        f"message {i} ({role}) has a content part {part!r}; expected {{'type': 'text', 'text': str}} "
+        "or {'type': 'image', 'image': ref}"
+    )

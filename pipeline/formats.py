@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 TOKENIZER_FILE = "tokenizer/tokenizer.json"
+IMAGE_SETTINGS = "images/settings.json"
+"""In a dataset with chats that hold images (images/...): the resize bounds the data stage used."""
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> int:

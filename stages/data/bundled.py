@@ -8,8 +8,11 @@ changing one count never reshuffles the others.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
+
+from pipeline.formats import IMAGE_SETTINGS
 
 from . import arithmetic, scenes
 from .config import Config, SourceConfig
@@ -25,6 +28,8 @@ class BundledCorpus:
     sets: dict[str, list[dict]] = field(default_factory=dict)
     """Post-training and eval records by relative path (sft/, preferences/, rlvr/, tasks/)."""
     held_out: list[arithmetic.Fact] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)
+    """Other files of the artifact by relative path (the chats' images)."""
 
 
 def rng(seed: int, purpose: str) -> random.Random:
@@ -50,7 +55,25 @@ def bundled_corpus(config: Config, seed: int) -> BundledCorpus:
                 RawRecord(source.name, f"{source.name}:#{i}", [_segment(s) for s in doc])
                 for i, doc in enumerate(documents)
             ]
+            if config.scene_chats and generated:
+                _add_scene_chats(corpus, config, generated, seed)
     return corpus
+
+
+def _add_scene_chats(corpus: BundledCorpus, config: Config, generated: list, seed: int) -> None:
+    """VQA about the corpus's own scenes with the image inline, as SFT chats split into train / val like
+    the text chats, and the referenced images with their resize bounds."""
+    records = []
+    for index, question, answer in scenes.scene_questions(generated, config.scene_chats, rng(seed, "scene-sft")):
+        ref = f"images/scene-{index:05d}.png"
+        corpus.files[ref] = generated[index].png
+        user = {"role": "user", "content": [{"type": "image", "image": ref}, {"type": "text", "text": question}]}
+        records.append({"messages": [user, {"role": "assistant", "content": answer}]})
+    train, val = holdout_split(records, config.val_fraction)
+    corpus.sets["sft/train.jsonl"] = corpus.sets.get("sft/train.jsonl", []) + train
+    corpus.sets["sft/val.jsonl"] = corpus.sets.get("sft/val.jsonl", []) + val
+    bounds = {"min_pixels": config.image.min_pixels, "max_pixels": config.image.max_pixels}
+    corpus.files[IMAGE_SETTINGS] = (json.dumps(bounds, indent=2) + "\n").encode()
 
 
 def _text_records(source: SourceConfig, texts: list[str]) -> list[RawRecord]:

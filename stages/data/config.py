@@ -115,6 +115,9 @@ class Config:
     """(prompt, chosen, rejected) pairs for DPO / UPO."""
     rlvr_prompts: int = 400
     """Questions with their exact answers for RLVR / UPO rollouts (rlvr/), from the training facts."""
+    scene_chats: int = 200
+    """With a scenes source: SFT chats (sft/) asking about the generated scenes, the image inline in
+    the chat; the images go under images/."""
     eval_tasks: int = 100
     """Held-out arithmetic questions: never seen in the corpus, SFT or preference data."""
     max_operand: int = 20
@@ -137,6 +140,7 @@ class Config:
             "sft_examples",
             "preference_pairs",
             "rlvr_prompts",
+            "scene_chats",
             "eval_tasks",
         ):
             _require(getattr(self, name) >= 0, name, getattr(self, name), "must not be negative")

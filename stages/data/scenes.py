@@ -257,3 +257,15 @@ def scene_documents(scenes: list[Scene], rng: random.Random) -> list[list[dict]]
             ]
         )
     return documents
+
+
+def scene_questions(scenes: list[Scene], count: int, rng: random.Random) -> list[tuple[int, str, str]]:
+    """`count` (scene index, question, answer) triples, drawn evenly over the scenes and question kinds."""
+    if count and not scenes:
+        raise ValueError("scene questions need at least one scene")
+    out = []
+    for i in range(count):
+        index = i % len(scenes)
+        question, answer = rng.choice(questions(scenes[index], rng))
+        out.append((index, question, answer))
+    return out

@@ -66,6 +66,9 @@ def run(ctx: StageContext) -> StageResult:
     records = {
         path.removesuffix(".jsonl").replace("/", "_"): write_jsonl(out / path, r) for path, r in corpus.sets.items()
     }
+    for path, data in corpus.files.items():
+        (out / path).parent.mkdir(parents=True, exist_ok=True)
+        (out / path).write_bytes(data)
     bundled = {s.name: corpus.records.get(s.name) for s in config.sources}
     raws = {s.name: dataflow.raw_dataset(s, i, bundled[s.name]) for i, s in enumerate(config.sources)}
     ctx.progress.update(1, STEPS[1])

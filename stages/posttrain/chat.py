@@ -9,14 +9,17 @@ answer is sampled token by token after it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ernie.chat_template import render_segments
+from ernie.batching import normalize_pixels
+from ernie.chat_template import image_refs, render_segments
 from pipeline.contract import UserError
-from pipeline.formats import read_jsonl
+from pipeline.formats import IMAGE_SETTINGS, read_jsonl
 
 PAD_ID = 0
 IGNORE_INDEX = -100
@@ -26,25 +29,86 @@ PAD_DOCUMENT = -1
 
 @dataclass
 class Tokenised:
-    """One chat: token ids and the 0/1 assistant mask, same length."""
+    """One chat: token ids and the 0/1 assistant mask, same length; with images, their uint8 patches
+    and (t, h, w) grids in the order their placeholder blocks appear."""
 
     ids: list[int]
     mask: list[int]
+    patches: list[np.ndarray] = field(default_factory=list)
+    grids: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def supervised(self) -> int:
         return sum(self.mask)
 
 
-def tokenise_chat(tokenizer, messages: list[dict], max_length: int) -> Tokenised:
-    """The rendered chat, truncated to `max_length` tokens."""
+class ChatImages:
+    """Images of chats, by ref relative to the dataset artifact, turned into the model's patches exactly
+    as the data stage turns pretraining images (same resize bounds, from `images/settings.json`)."""
+
+    def __init__(self, root: Path, vision, placeholder_id: int) -> None:
+        from stages.data.images import image_token_count
+
+        self.root, self.vision, self.placeholder_id = Path(root), vision, placeholder_id
+        self.token_count = lambda grid: image_token_count(grid, vision)
+        settings = self.root / IMAGE_SETTINGS
+        if not settings.is_file():
+            raise UserError(f"the dataset artifact has chats with images but no {IMAGE_SETTINGS}; rerun the data stage")
+        bounds = json.loads(settings.read_text())
+        self.min_pixels, self.max_pixels = int(bounds["min_pixels"]), int(bounds["max_pixels"])
+        self._cache: dict[str, tuple[np.ndarray, tuple[int, int, int]]] = {}
+
+    def load(self, ref: str) -> tuple[np.ndarray, tuple[int, int, int]]:
+        from stages.data.images import decode_image, image_to_patches
+
+        if ref not in self._cache:
+            path = (self.root / ref).resolve()
+            if self.root.resolve() not in path.parents or not path.is_file():
+                raise ValueError(f"image {ref!r} is not a file inside the dataset artifact")
+            image = decode_image(path.read_bytes(), ref)
+            self._cache[ref] = image_to_patches(image, self.vision, self.min_pixels, self.max_pixels)
+        return self._cache[ref]
+
+
+def tokenise_chat(
+    tokenizer, messages: list[dict], max_length: int, images: ChatImages | None = None, **render_options
+) -> Tokenised:
+    """The rendered chat, truncated to `max_length` tokens (before any image block that would not fit
+    whole). Each image's placeholder is widened to its token count; prompt options go to the template."""
+    refs = image_refs(messages)
+    if refs and images is None:
+        raise ValueError("the chat has images but the model has no vision encoder")
     ids: list[int] = []
     mask: list[int] = []
-    for text, is_assistant in render_segments(messages):
-        piece = tokenizer.encode(text, add_special_tokens=False).ids
-        ids += piece
-        mask += [int(is_assistant)] * len(piece)
-    return Tokenised(ids[:max_length], mask[:max_length])
+    patches, grids = [], []
+    loaded = iter([images.load(ref) for ref in refs] if refs else [])
+    for text, is_assistant in render_segments(messages, **render_options):
+        for token in tokenizer.encode(text, add_special_tokens=False).ids:
+            count = 1
+            if images is not None and token == images.placeholder_id:
+                image_patches, grid = next(loaded)
+                patches.append(image_patches)
+                grids.append(grid)
+                count = images.token_count(grid)
+                if len(ids) + count + 1 > max_length:  # the block and its end marker must fit
+                    patches.pop(), grids.pop()
+                    cut = len(ids) - 1  # drop the start marker too
+                    return Tokenised(ids[:cut], mask[:cut], patches, grids)
+            ids += [token] * count
+            mask += [int(is_assistant)] * count
+    return Tokenised(ids[:max_length], mask[:max_length], patches, grids)
+
+
+def vision_inputs(examples: list[Tokenised]) -> dict[str, torch.Tensor]:
+    """pixel_values (normalised) and image_grid_thw of the examples' images, in the given order."""
+    patches = [p for e in examples for p in e.patches]
+    if not patches:
+        return {}
+    grids = [g for e in examples for g in e.grids]
+    return {
+        "pixel_values": normalize_pixels(torch.from_numpy(np.concatenate(patches))),
+        "image_grid_thw": torch.tensor(grids, dtype=torch.long),
+    }
 
 
 def read_records(path: Path, what: str) -> list[dict]:
@@ -75,7 +139,8 @@ def pad_batch(examples: list[Tokenised], device: torch.device) -> dict[str, torc
         input_ids[row, :n] = torch.tensor(example.ids)
         labels[row, :n] = torch.tensor(example.ids)
         loss_mask[row, :n] = torch.tensor(example.mask)
-    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "loss_mask": loss_mask.to(device)}
+    batch = {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask, **vision_inputs(examples)}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def pack_batch(examples: list[Tokenised], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -98,6 +163,7 @@ def pack_batch(examples: list[Tokenised], max_length: int, device: torch.device)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     loss_mask = torch.zeros(shape, dtype=torch.long)
     document_ids = torch.full(shape, PAD_DOCUMENT, dtype=torch.long)
+    placed = [example for chats in rows for example in chats]  # the order images meet the model in
     for r, chats in enumerate(rows):
         at = 0
         for d, example in enumerate(chats):
@@ -108,4 +174,5 @@ def pack_batch(examples: list[Tokenised], max_length: int, device: torch.device)
             document_ids[r, at : at + n] = d
             at += n
     batch = {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask, "document_ids": document_ids}
+    batch.update(vision_inputs(placed))
     return {k: v.to(device) for k, v in batch.items()}

@@ -100,3 +100,13 @@ def finish_outputs(ctx: StageContext, tokenizer_dir: Path, curves: dict[str, lis
         fig.tight_layout()
         ctx.log.figure(fig, f"{name}.png")
         plt.close(fig)
+
+
+def chat_images(ckpt_dir: Path, dataset_dir: Path):
+    """The chats' image loader for a VL checkpoint (None for a text model: a chat with images is then refused)."""
+    from .chat import ChatImages
+
+    model = load_config(ckpt_dir)
+    if model.vision is None:
+        return None
+    return ChatImages(dataset_dir, model.vision, model.image_token_id)

@@ -105,12 +105,13 @@ class SFTObjective:
         return {"val_loss": float(totals[0] / totals[1].clamp(min=1))}
 
 
-def tokenise_file(tokenizer, path, max_length: int) -> list[Tokenised]:
-    """Every chat of the jsonl file with at least one assistant token left after truncation."""
+def tokenise_file(tokenizer, path, max_length: int, images=None) -> list[Tokenised]:
+    """Every chat of the jsonl file with at least one assistant token left after truncation
+    (`images`: a `ChatImages` for a VL model's chats with images)."""
     examples = []
     for line, record in enumerate(read_records(path, "SFT chats"), start=1):
         try:
-            example = tokenise_chat(tokenizer, record["messages"], max_length)
+            example = tokenise_chat(tokenizer, record["messages"], max_length, images)
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{path} line {line}: not a chat record ({err})") from None
         if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in record["messages"]):
@@ -128,8 +129,9 @@ def run(ctx: StageContext) -> StageResult:
     ckpt_dir, dataset_dir, tokenizer_dir = common.input_dirs(ctx)
     tokenizer = common.load_tokenizer(tokenizer_dir)
     common.check_vocab(tokenizer, ckpt_dir, ctx.stage)
-    train = tokenise_file(tokenizer, dataset_dir / "sft" / "train.jsonl", cfg.max_length)
-    val = tokenise_file(tokenizer, dataset_dir / "sft" / "val.jsonl", cfg.max_length)
+    images = common.chat_images(ckpt_dir, dataset_dir)
+    train = tokenise_file(tokenizer, dataset_dir / "sft" / "train.jsonl", cfg.max_length, images)
+    val = tokenise_file(tokenizer, dataset_dir / "sft" / "val.jsonl", cfg.max_length, images)
     if len(train) < cfg.batch_size:
         raise UserError(f"posttrain.sft.batch_size={cfg.batch_size} is larger than the {len(train)} SFT chats")
     ctx.log.params({"examples_train": len(train), "examples_val": len(val)})

@@ -127,6 +127,16 @@ def make_ctx(stage, config, model, inputs: dict[str, Path], root: Path, seed: in
 
 
 @pytest.fixture(scope="module")
+def vl_pretrained(vl_dataset, tmp_path_factory):
+    model = get_preset("tiny_vl").replace(vocab_size=VL_VOCAB)
+    root = tmp_path_factory.mktemp("vl-pretrain")
+    ctx = make_ctx("pretrain", pretrain.Config(**VL_PRETRAIN), model, {"dataset": vl_dataset}, root)
+    started = time.perf_counter()
+    result = pretrain.run(ctx)
+    return ctx, result, time.perf_counter() - started
+
+
+@pytest.fixture(scope="module")
 def pretrained(ray_local, dataset, model_config, tmp_path_factory):
     ctx = make_ctx(
         "pretrain", pretrain.Config(**PRETRAIN), model_config, {"dataset": dataset}, tmp_path_factory.mktemp("pretrain")
@@ -531,13 +541,11 @@ def test_wsd_schedule_holds_the_peak_then_decays_linearly_over_its_last_fraction
 
 
 @pytest.mark.slow
-def test_pretrain_trains_a_vl_model_on_image_rows(vl_dataset, tmp_path):
-    model = get_preset("tiny_vl").replace(vocab_size=VL_VOCAB)
-    ctx = make_ctx("pretrain", pretrain.Config(**VL_PRETRAIN), model, {"dataset": vl_dataset}, tmp_path)
-    started = time.perf_counter()
-    result = pretrain.run(ctx)
+def test_pretrain_trains_a_vl_model_on_image_rows(vl_pretrained, vl_dataset):
+    ctx, result, seconds = vl_pretrained
+    model = ctx.model
     m = result.metrics
-    print(f"\nVL pretrain {time.perf_counter() - started:.1f}s: {result.summary}")
+    print(f"\nVL pretrain {seconds:.1f}s: {result.summary}")
     assert m["steps"] == VL_PRETRAIN["steps"]
     assert m["loss_last10"] < 0.85 * m["loss_first"] and m["val_loss"] < 0.85 * m["val_loss_initial"], m
     assert ctx.log.param_log["unit_rows"] == 4, "micro-batches of 4 rows keep the data stage's balance groups"
@@ -553,6 +561,27 @@ def test_pretrain_trains_a_vl_model_on_image_rows(vl_dataset, tmp_path):
     assert with_images, "the val split has image rows"
     with torch.no_grad():
         assert torch.isfinite(trained(**collate(with_images)).loss)
+
+
+@pytest.mark.slow
+def test_sft_trains_a_vl_model_on_chats_with_images_inline(vl_pretrained, vl_dataset, tmp_path):
+    """The data stage's scene chats carry the image inline; SFT feeds its patches to the vision encoder."""
+    chats = [json.loads(line) for line in (vl_dataset / "sft" / "train.jsonl").read_text().splitlines()]
+    with_images = [c for c in chats if isinstance(c["messages"][0]["content"], list)]
+    assert (
+        len(with_images) > len(chats) // 2
+        and (vl_dataset / with_images[0]["messages"][0]["content"][0]["image"]).is_file()
+    )
+    config = sft.Config(steps=20, batch_size=8, lr=2e-3, eval_every=20, checkpoint_every=20, max_length=128)
+    ctx = make_ctx("sft", config, None, {"ckpt": vl_pretrained[0].output_dir, "dataset": vl_dataset}, tmp_path)
+    m = sft.run(ctx).metrics
+    print(f"\nVL SFT: val assistant-token loss {m['val_loss_initial']:.3f} -> {m['val_loss']:.3f}")
+    assert m["val_loss"] < 0.8 * m["val_loss_initial"], m
+    before, after = load_pretrained(vl_pretrained[0].output_dir), load_pretrained(ctx.output_dir)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(before.vision_encoder.parameters(), after.vision_encoder.parameters(), strict=True)
+    ), "the images reached the vision encoder"
 
 
 @pytest.mark.slow
