@@ -31,6 +31,15 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float, gener
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def without_vision_tokens(logits_BV: torch.Tensor, config) -> torch.Tensor:
+    """The logits with image / video placeholders and markers ruled out: they are inputs that need
+    pixels, so a VL model never generates them (a text model's logits pass unchanged)."""
+    if config.vision is None:
+        return logits_BV
+    banned = torch.tensor(config.vision_token_ids, device=logits_BV.device)
+    return logits_BV.index_fill(-1, banned, float("-inf"))
+
+
 @torch.no_grad()
 def generate(
     model: ErnieForCausalLM,
@@ -57,7 +66,7 @@ def generate(
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     out = []
     for step in range(max_new_tokens):
-        token = draw(logits[:, -1])
+        token = draw(without_vision_tokens(logits[:, -1], cfg))
         token = torch.where(done, torch.full_like(token, cfg.pad_token_id), token)
         out.append(token)
         done |= token == eos

@@ -54,3 +54,17 @@ def test_top_p_keeps_only_the_nucleus():
     gen = torch.Generator().manual_seed(0)
     draws = {int(sample_next(logits, temperature=1.0, top_p=0.7, generator=gen)) for _ in range(200)}
     assert draws == {0, 1}
+
+
+def test_a_vl_model_never_generates_image_or_video_tokens():
+    """Placeholders and their markers need pixels: even when they would win, another token is drawn."""
+    torch.manual_seed(0)
+    model = ErnieForCausalLM(get_preset("tiny_vl")).eval()
+    with torch.no_grad():
+        model.lm_head.weight[list(model.config.vision_token_ids)] *= 1000.0
+    prompt = torch.randint(20, model.config.vocab_size, (2, 6))
+    out = model(prompt).logits[:, -1]
+    assert int(out.argmax(-1)[0]) in model.config.vision_token_ids, "the test makes a vision token the favourite"
+    for temperature in (0.0, 1.0):
+        new = generate(model, prompt, max_new_tokens=8, temperature=temperature, seed=0)
+        assert not torch.isin(new, torch.tensor(model.config.vision_token_ids)).any()

@@ -61,17 +61,22 @@ def bundled_corpus(config: Config, seed: int) -> BundledCorpus:
 
 
 def _add_scene_chats(corpus: BundledCorpus, config: Config, generated: list, seed: int) -> None:
-    """VQA about the corpus's own scenes with the image inline, as SFT chats split into train / val like
-    the text chats, and the referenced images with their resize bounds."""
-    records = []
-    for index, question, answer in scenes.scene_questions(generated, config.scene_chats, rng(seed, "scene-sft")):
-        ref = f"images/scene-{index:05d}.png"
-        corpus.files[ref] = generated[index].png
-        user = {"role": "user", "content": [{"type": "image", "image": ref}, {"type": "text", "text": question}]}
-        records.append({"messages": [user, {"role": "assistant", "content": answer}]})
-    train, val = holdout_split(records, config.val_fraction)
-    corpus.sets["sft/train.jsonl"] = corpus.sets.get("sft/train.jsonl", []) + train
-    corpus.sets["sft/val.jsonl"] = corpus.sets.get("sft/val.jsonl", []) + val
+    """VQA about the corpus's own scenes with the image inline: SFT chats and RLVR prompts (task "vqa",
+    the answer checked against the scene's objects), each split into train / val like the text sets,
+    and the referenced images with their resize bounds."""
+    for name, purpose in (("sft", "scene-sft"), ("rlvr", "scene-rlvr")):
+        records = []
+        for index, question, answer in scenes.scene_questions(generated, config.scene_chats, rng(seed, purpose)):
+            ref = f"images/scene-{index:05d}.png"
+            corpus.files[ref] = generated[index].png
+            user = {"role": "user", "content": [{"type": "image", "image": ref}, {"type": "text", "text": question}]}
+            if name == "sft":
+                records.append({"messages": [user, {"role": "assistant", "content": answer}]})
+            else:
+                records.append({"task": "vqa", "prompt": [user], "answer": answer})
+        train, val = holdout_split(records, config.val_fraction)
+        corpus.sets[f"{name}/train.jsonl"] = corpus.sets.get(f"{name}/train.jsonl", []) + train
+        corpus.sets[f"{name}/val.jsonl"] = corpus.sets.get(f"{name}/val.jsonl", []) + val
     bounds = {"min_pixels": config.image.min_pixels, "max_pixels": config.image.max_pixels}
     corpus.files[IMAGE_SETTINGS] = (json.dumps(bounds, indent=2) + "\n").encode()
 

@@ -116,8 +116,9 @@ class Config:
     rlvr_prompts: int = 400
     """Questions with their exact answers for RLVR / UPO rollouts (rlvr/), from the training facts."""
     scene_chats: int = 200
-    """With a scenes source: SFT chats (sft/) asking about the generated scenes, the image inline in
-    the chat; the images go under images/."""
+    """With a scenes source: questions about the generated scenes with the image inline in the chat,
+    this many as SFT chats (sft/) and as many again as RLVR prompts (rlvr/, task "vqa"); the images
+    go under images/."""
     eval_tasks: int = 100
     """Held-out arithmetic questions: never seen in the corpus, SFT or preference data."""
     max_operand: int = 20

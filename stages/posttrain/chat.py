@@ -75,28 +75,37 @@ def tokenise_chat(
 ) -> Tokenised:
     """The rendered chat, truncated to `max_length` tokens (before any image block that would not fit
     whole). Each image's placeholder is widened to its token count; prompt options go to the template."""
-    refs = image_refs(messages)
-    if refs and images is None:
-        raise ValueError("the chat has images but the model has no vision encoder")
     ids: list[int] = []
     mask: list[int] = []
-    patches, grids = [], []
-    loaded = iter([images.load(ref) for ref in refs] if refs else [])
     for text, is_assistant in render_segments(messages, **render_options):
-        for token in tokenizer.encode(text, add_special_tokens=False).ids:
-            count = 1
-            if images is not None and token == images.placeholder_id:
-                image_patches, grid = next(loaded)
-                patches.append(image_patches)
-                grids.append(grid)
-                count = images.token_count(grid)
-                if len(ids) + count + 1 > max_length:  # the block and its end marker must fit
-                    patches.pop(), grids.pop()
-                    cut = len(ids) - 1  # drop the start marker too
-                    return Tokenised(ids[:cut], mask[:cut], patches, grids)
-            ids += [token] * count
-            mask += [int(is_assistant)] * count
-    return Tokenised(ids[:max_length], mask[:max_length], patches, grids)
+        piece = tokenizer.encode(text, add_special_tokens=False).ids
+        ids += piece
+        mask += [int(is_assistant)] * len(piece)
+    return widen_images(Tokenised(ids, mask), image_refs(messages), images, max_length)
+
+
+def widen_images(chat: Tokenised, refs: list[str], images: ChatImages | None, max_length: int) -> Tokenised:
+    """`chat` (one placeholder per image, in `refs` order) with each placeholder widened to its image's
+    token count and the image's patches attached, cut to `max_length` before a block that would not fit."""
+    if refs and images is None:
+        raise ValueError("the chat has images but the model has no vision encoder")
+    if not refs:
+        return Tokenised(chat.ids[:max_length], chat.mask[:max_length])
+    out = Tokenised([], [])
+    loaded = iter([images.load(ref) for ref in refs])
+    for token, weight in zip(chat.ids, chat.mask, strict=True):
+        count = 1
+        if token == images.placeholder_id:
+            image_patches, grid = next(loaded)
+            count = images.token_count(grid)
+            if len(out.ids) + count + 1 > max_length:  # the block and its end marker must fit
+                cut = len(out.ids) - 1  # drop the start marker too
+                return Tokenised(out.ids[:cut], out.mask[:cut], out.patches, out.grids)
+            out.patches.append(image_patches)
+            out.grids.append(grid)
+        out.ids += [token] * count
+        out.mask += [weight] * count
+    return Tokenised(out.ids[:max_length], out.mask[:max_length], out.patches, out.grids)
 
 
 def vision_inputs(examples: list[Tokenised]) -> dict[str, torch.Tensor]:

@@ -34,11 +34,12 @@ def exact_match(completion: str, record: dict) -> float:
 
 
 def numeric_closeness(completion: str, record: dict) -> float:
-    """1 / (1 + |guess - answer|) for a final answer that is an integer, else 0: partial credit for near misses."""
-    guess = final_answer(completion)
-    if not _INTEGER.fullmatch(guess):
+    """1 / (1 + |guess - answer|) when the final answer and the record's are integers, else 0: partial
+    credit for near misses."""
+    guess, answer = final_answer(completion), str(record["answer"]).strip()
+    if not (_INTEGER.fullmatch(guess) and _INTEGER.fullmatch(answer)):  # a word answer (VQA) has no distance
         return 0.0
-    return 1.0 / (1.0 + abs(int(guess) - int(record["answer"])))
+    return 1.0 / (1.0 + abs(int(guess) - int(answer)))
 
 
 def well_formed(completion: str, record: dict) -> float:

@@ -25,15 +25,15 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ernie.chat_template import render
+from ernie.chat_template import image_refs, render
 from ernie.losses import weighted_router_loss
 from pipeline.contract import Request, StageContext, StageResult, UserError
 
 from . import common, rewards
-from .chat import PAD_ID, read_records
+from .chat import PAD_ID, ChatImages, Tokenised, read_records, vision_inputs, widen_images
 from .config import TrainConfig
 from .grpo import group_advantages, policy_loss, token_logprobs
-from .rollout import RolloutWorker, complete, request_seed
+from .rollout import RolloutRequest, RolloutWorker, complete, request_seed
 
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
 OUTPUT_KIND = "ckpt"
@@ -129,21 +129,28 @@ class Prompt:
     index: int
     ids: list[int]
     record: dict
+    patches: list[np.ndarray] = field(default_factory=list)
+    """The prompt's images (uint8 patches) and their (t, h, w) grids, in placeholder order."""
+    grids: list[tuple[int, int, int]] = field(default_factory=list)
 
 
-def tokenise_prompts(tokenizer, path, max_prompt_tokens: int, enable_thinking: bool) -> list[Prompt]:
-    """Every prompt of the jsonl file that fits in `max_prompt_tokens`, with the generation prompt appended."""
+def tokenise_prompts(
+    tokenizer, path, max_prompt_tokens: int, enable_thinking: bool, images: ChatImages | None = None
+) -> list[Prompt]:
+    """Every prompt of the jsonl file that fits in `max_prompt_tokens`, with the generation prompt appended
+    (encoded whole, as serving and eval encode a prompt); images widened as in SFT (`images` for a VL model)."""
     prompts = []
     for line, record in enumerate(read_records(path, "verifiable prompts"), start=1):
         try:
             if "answer" not in record:
                 raise KeyError("answer")
             text = render(record["prompt"], add_generation_prompt=True, enable_thinking=enable_thinking)
+            ids = tokenizer.encode(text, add_special_tokens=False).ids
+            chat = widen_images(Tokenised(ids, [0] * len(ids)), image_refs(record["prompt"]), images, 2**31)
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise UserError(f"{path} line {line}: not a verifiable prompt record ({err!r})") from None
-        ids = tokenizer.encode(text, add_special_tokens=False).ids
-        if len(ids) <= max_prompt_tokens:
-            prompts.append(Prompt(len(prompts), ids, record))
+        if len(chat.ids) <= max_prompt_tokens:
+            prompts.append(Prompt(len(prompts), chat.ids, record, chat.patches, chat.grids))
     if not prompts:
         raise UserError(f"{path}: no prompt fits in {max_prompt_tokens} tokens (max_length - max_new_tokens)")
     return prompts
@@ -203,7 +210,10 @@ class RLVRObjective:
         futures = {}
         for a, share in enumerate(shares):
             if share:
-                requests = [(prompts[i].ids, request_seed(loop.job.seed, start, prompts[i].index)) for i in share]
+                requests = [
+                    RolloutRequest(p.ids, request_seed(loop.job.seed, start, p.index), p.patches, p.grids)
+                    for p in (prompts[i] for i in share)
+                ]
                 futures[a] = self.actors[a].sample.remote(
                     requests, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p
                 )
@@ -261,6 +271,8 @@ class RLVRObjective:
         stats.update({f"reward/{name}": per_reward[:, k].mean() for k, name in enumerate(self.reward_names)})
         batch = {"input_ids": input_ids, "mask": mask, "advantages": advantages, "reward": reward}
         batch = {k: v.to(device) for k, v in batch.items()}
+        rows_prompts = [prompt for prompt in prompts for _ in range(cfg.group_size)]
+        batch["vision"] = {k: v.to(device) for k, v in vision_inputs(rows_prompts).items()}
         batch["stats"] = stats
         batch["groups"] = grouped
         return batch
@@ -275,11 +287,11 @@ class RLVRObjective:
         temperature = self.cfg.temperature
         if needed:
             with loop.autocast():
-                logits = loop.model(batch["input_ids"]).logits
+                logits = loop.model(batch["input_ids"], **batch["vision"]).logits
             batch["old_logp"] = token_logprobs(logits, batch["input_ids"], temperature)
         if self.reference is not None:
             with loop.autocast():
-                logits = self.reference(batch["input_ids"]).logits
+                logits = self.reference(batch["input_ids"], **batch["vision"]).logits
             batch["ref_logp"] = token_logprobs(logits, batch["input_ids"], temperature)
 
     # ------------------------------------------------------------------ learner
@@ -293,7 +305,7 @@ class RLVRObjective:
 
     def loss(self, model, batch: dict, loop) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with loop.autocast():
-            out = model(batch["input_ids"])
+            out = model(batch["input_ids"], **batch["vision"])
         total, metrics = self.policy_terms(out.logits, batch)
         total = total + weighted_router_loss(out.routing, loop.model.config.loss)
         return total, metrics | {k: v.to(total.device) for k, v in batch["stats"].items()}
@@ -308,7 +320,7 @@ class RLVRObjective:
         sums = torch.zeros(len(names), device=loop.device)
         for chunk in loop.my_share(count):
             prompts = [loop.val_examples[i] for i in chunk]
-            greedy = complete(loop.model, [p.ids for p in prompts], cfg.max_new_tokens)
+            greedy = complete(loop.model, [p.ids for p in prompts], cfg.max_new_tokens, vision=vision_inputs(prompts))
             for prompt, answer in zip(prompts, greedy, strict=True):
                 greedy_scores = self._score(answer, prompt)
                 row = [greedy_scores[0], *greedy_scores]  # eval_samples=0: the greedy answer is the sample
@@ -320,6 +332,7 @@ class RLVRObjective:
                         cfg.temperature,
                         cfg.top_p,
                         request_seed(loop.job.seed, 0, prompt.index),
+                        vision=vision_inputs([prompt] * cfg.eval_samples),
                     )
                     scores = torch.tensor([self._score(s, prompt) for s in samples]).mean(0).tolist()
                     row = [greedy_scores[0], *scores]
@@ -352,10 +365,10 @@ def stop_actors(actors: list) -> None:
         ray.kill(actor)
 
 
-def load_prompts(ctx: StageContext, cfg: Config, tokenizer, dataset_dir) -> tuple[list[Prompt], list[Prompt]]:
-    limit = cfg.max_length - cfg.max_new_tokens
-    train = tokenise_prompts(tokenizer, dataset_dir / "rlvr" / "train.jsonl", limit, cfg.enable_thinking)
-    val = tokenise_prompts(tokenizer, dataset_dir / "rlvr" / "val.jsonl", limit, cfg.enable_thinking)
+def load_prompts(ctx: StageContext, cfg: Config, tokenizer, dataset_dir, ckpt_dir) -> tuple[list[Prompt], list[Prompt]]:
+    limit, images = cfg.max_length - cfg.max_new_tokens, common.chat_images(ckpt_dir, dataset_dir)
+    train = tokenise_prompts(tokenizer, dataset_dir / "rlvr" / "train.jsonl", limit, cfg.enable_thinking, images)
+    val = tokenise_prompts(tokenizer, dataset_dir / "rlvr" / "val.jsonl", limit, cfg.enable_thinking, images)
     if len(train) < cfg.batch_size:
         raise UserError(f"posttrain.{ctx.stage}.batch_size={cfg.batch_size} is larger than the {len(train)} prompts")
     return train, val
@@ -368,7 +381,7 @@ def run(ctx: StageContext) -> StageResult:
     ckpt_dir, dataset_dir, tokenizer_dir = common.input_dirs(ctx)
     tokenizer = common.load_tokenizer(tokenizer_dir)
     common.check_vocab(tokenizer, ckpt_dir, ctx.stage)
-    train, val = load_prompts(ctx, cfg, tokenizer, dataset_dir)
+    train, val = load_prompts(ctx, cfg, tokenizer, dataset_dir, ckpt_dir)
     ctx.log.params({"prompts_train": len(train), "prompts_val": len(val)})
     actors = start_actors(cfg, ckpt_dir, ctx.stage)
     try:

@@ -10,10 +10,24 @@ on any actor and in any batch: a resumed run samples what the uninterrupted one 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
 from ernie.generation import generate
+
+from .chat import vision_inputs
+
+
+@dataclass
+class RolloutRequest:
+    """One prompt to sample: its ids, its sampling seed and, for a VL prompt, its images' patches and grids."""
+
+    ids: list[int]
+    seed: int
+    patches: list = field(default_factory=list)
+    grids: list = field(default_factory=list)
 
 
 def request_seed(seed: int, step: int, index: int) -> int:
@@ -34,6 +48,7 @@ def complete(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | list[int] | None = None,
+    vision: dict[str, torch.Tensor] | None = None,
 ) -> list[list[int]]:
     """One completion per prompt (left-padded into one batch), each trimmed after its end-of-sentence token;
     `seed`: one for the batch or one per prompt (see `ernie.generation.generate`)."""
@@ -54,6 +69,7 @@ def complete(
         top_p=top_p,
         eos_token_id=cfg.eos_token_id,
         seed=seed,
+        **{k: v.to(device) for k, v in (vision or {}).items()},
     )
     return [trim(row, cfg.eos_token_id) for row in new.tolist()]
 
@@ -76,12 +92,14 @@ class RolloutWorker:
         return version
 
     def sample(
-        self, requests: list[tuple[list[int], int]], group: int, max_new_tokens: int, temperature: float, top_p: float
+        self, requests: list, group: int, max_new_tokens: int, temperature: float, top_p: float
     ) -> tuple[int, list[list[list[int]]]]:
-        """(weights version, for each (prompt ids, seed) request: `group` completions)."""
+        """(weights version, for each request: `group` completions); a request is a `RolloutRequest` or its fields'
+        tuple (prompt ids, seed[, patches, grids])."""
         # one batch for every request (the decode steps are then shared); each request's rows draw
         # from its own seeded generator, so it samples what it would alone
-        prompts = [prompt for prompt, _ in requests for _ in range(group)]
-        seeds = [seed for _, seed in requests for _ in range(group)]
-        rows = complete(self.model, prompts, max_new_tokens, temperature, top_p, seeds)
+        rows_of = [r if isinstance(r, RolloutRequest) else RolloutRequest(*r) for r in requests for _ in range(group)]
+        prompts, seeds = [r.ids for r in rows_of], [r.seed for r in rows_of]
+        vision = vision_inputs(rows_of)
+        rows = complete(self.model, prompts, max_new_tokens, temperature, top_p, seeds, vision)
         return self.version, [rows[i : i + group] for i in range(0, len(rows), group)]

@@ -116,7 +116,7 @@ class UPOObjective(RLVRObjective):
     # ------------------------------------------------------------------ learner
     def loss(self, model, batch: dict, loop) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with loop.autocast():
-            out = model(batch["all_ids"])
+            out = model(batch["all_ids"], **batch["vision"])  # rollout rows (with their images) come first
         rows = batch["rollout_rows"]
         width = batch["input_ids"].shape[1]
         rollout_logits = out.logits[:rows, :width]
@@ -180,7 +180,7 @@ def run(ctx: StageContext) -> StageResult:
     ckpt_dir, dataset_dir, tokenizer_dir = common.input_dirs(ctx)
     tokenizer = common.load_tokenizer(tokenizer_dir)
     common.check_vocab(tokenizer, ckpt_dir, ctx.stage)
-    train, val = load_prompts(ctx, cfg, tokenizer, dataset_dir)
+    train, val = load_prompts(ctx, cfg, tokenizer, dataset_dir, ckpt_dir)
     pairs = {
         split: tokenise_pairs(tokenizer, dataset_dir / "preferences" / f"{split}.jsonl", cfg.max_length)
         for split in ("train", "val")

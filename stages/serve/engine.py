@@ -19,7 +19,7 @@ import torch
 
 from ernie.cache import KVCache
 from ernie.chat_template import SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN
-from ernie.generation import sample_next
+from ernie.generation import sample_next, without_vision_tokens
 from ernie.quant import is_quantized_dir, load_model
 
 
@@ -92,7 +92,8 @@ class Engine:
             logits = self.model(torch.tensor([prompt_ids]), cache=cache, logits_to_keep=1).logits
             new: list[int] = []
             for _ in range(max_tokens):
-                token = int(sample_next(logits[:, -1], temperature, top_p, generator)[0])
+                step_logits = without_vision_tokens(logits[:, -1], self.config)
+                token = int(sample_next(step_logits, temperature, top_p, generator)[0])
                 new.append(token)
                 if token == eos:
                     return Completion(self.decode(new[:-1]), len(prompt_ids), len(new), "stop")

@@ -585,6 +585,39 @@ def test_sft_trains_a_vl_model_on_chats_with_images_inline(vl_pretrained, vl_dat
 
 
 @pytest.mark.slow
+def test_rlvr_rolls_out_scene_questions_with_their_images_on_a_vl_model(vl_pretrained, vl_dataset, tmp_path):
+    """VQA prompts about the generated scenes: the rollout actors and the learner both see the images."""
+    prompts = [json.loads(line) for line in (vl_dataset / "rlvr" / "train.jsonl").read_text().splitlines()]
+    scene = [p for p in prompts if p["task"] == "vqa"]
+    assert len(scene) > len(prompts) // 4 and all(isinstance(p["prompt"][0]["content"], list) for p in scene)
+    config = rlvr.Config(
+        steps=4,
+        batch_size=4,
+        group_size=4,
+        lr=5e-3,
+        eval_every=4,
+        checkpoint_every=4,
+        eval_samples=0,
+        max_length=128,
+        rewards=["exact_match"],
+        kl_coef=0.0,
+        temperature=1.5,
+    )
+    ctx = make_ctx("rlvr", config, None, {"ckpt": vl_pretrained[0].output_dir, "dataset": vl_dataset}, tmp_path)
+    m = rlvr.run(ctx).metrics
+    print(f"\nVL RLVR: {m}")
+    assert m["steps"] == 4 and ctx.log.param_log["prompts_train"] == len(prompts)
+    assert {k for k, _, step in ctx.log.metric_log if step == 4} >= {"reward", "reward/exact_match", "pg_loss"}
+    before, after = load_pretrained(vl_pretrained[0].output_dir), load_pretrained(ctx.output_dir)
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(before.vision_encoder.parameters(), after.vision_encoder.parameters(), strict=True)
+    ]
+    # even where no group's reward varies, the router losses of the image tokens reach the vision encoder
+    assert any(changed), "the learner's forward saw the rollouts' images"
+
+
+@pytest.mark.slow
 def test_pretrain_refuses_a_dataset_of_the_other_kind(vl_dataset, dataset, model_config, tmp_path):
     text_model = model_config.replace(vocab_size=VL_VOCAB)
     with pytest.raises(UserError, match=r"holds image rows \(a VL dataset\) but model .* is a text model"):
