@@ -113,3 +113,35 @@ def test_bad_arguments_are_named():
         gptq_quantize(weight, torch.eye(16), 4, 16)
     with pytest.raises(ValueError, match="damp=1.5"):
         gptq_quantize(weight, H, 4, 16, damp=1.5)
+
+
+# ---------------------------------------------------------------------- calibration statistics
+def test_calibration_gives_each_linear_its_inputs_hessian_and_each_expert_its_routed_tokens():
+    from ernie import ErnieForCausalLM, get_preset
+    from ernie.moe import count_per_expert
+    from stages.quantize.calibration import collect
+    from stages.quantize.rtn import quantization_targets
+
+    torch.manual_seed(0)
+    model = ErnieForCausalLM(get_preset("tiny_moe"))
+    targets = quantization_targets(model, ["lm_head"])
+    ids = torch.randint(3, model.config.vocab_size, (2, 24))
+    seen = {}
+    linear, pool = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.text.experts"
+    hook = targets[linear].register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0].detach()))
+    calibration = collect(model, targets, [{"input_ids": ids}])
+    hook.remove()
+    assert set(calibration.linear) | set(calibration.experts) == set(targets)
+    x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
+    assert torch.allclose(calibration.linear[linear].hessian(), (2 * x.T @ x / len(x)).float(), atol=1e-5)
+
+    with torch.no_grad():
+        routing = model(ids).routing[0][0]  # layer 1 (the first MoE layer), text pool
+    E = model.config.moe.num_experts
+    routed = count_per_expert(routing.topk_ids_TK, E)  # top-k ids are distinct per token
+    assert calibration.experts[pool].tokens == routed.tolist()
+    busiest = int(routed.argmax())
+    own, source = calibration.expert_hessian(pool, "gate_up", busiest, min_tokens=1)
+    assert source == "own" and own.shape == (model.config.hidden_size,) * 2
+    pooled, source = calibration.expert_hessian(pool, "down", busiest, min_tokens=10**6)
+    assert source == "pooled" and pooled.shape == (model.config.moe.intermediate_size,) * 2

@@ -1,0 +1,98 @@
+"""Calibration statistics for GPTQ: each target's input Hessian, per routed expert for MoE layers.
+
+A routed expert only sees the tokens its router sends it, so its Hessians come from those tokens
+alone: gate_up's from the expert's inputs, down's from its SwiGLU activations on them. With top-k
+routing over many experts some experts see few tokens; `expert_hessian` then falls back to the
+pool's Hessian over every routed token ("pooled"), and the counts say which experts did.
+
+The statistics come from one pass of the unquantized model (every layer sees full-precision
+inputs), through forward pre-hooks, so any model that runs `forward` can be calibrated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ernie.moe import GroupedExperts
+
+from .gptq import HessianAccumulator
+
+
+@dataclass
+class ExpertStats:
+    """Per expert of one pool: Hessians of gate_up's inputs and of down's inputs, and the tokens seen."""
+
+    gate_up: list[HessianAccumulator]
+    down: list[HessianAccumulator]
+
+    @property
+    def tokens(self) -> list[int]:
+        return [acc.tokens for acc in self.gate_up]
+
+
+@dataclass
+class Calibration:
+    linear: dict[str, HessianAccumulator] = field(default_factory=dict)
+    experts: dict[str, ExpertStats] = field(default_factory=dict)
+
+    def expert_hessian(self, name: str, which: str, expert: int, min_tokens: int) -> tuple[torch.Tensor, str]:
+        """(Hessian, "own" | "pooled") of `which` ("gate_up" | "down") of `expert` in pool `name`: its own
+        when it saw at least `min_tokens` tokens, else the pool's over all its routed tokens."""
+        stats = getattr(self.experts[name], which)
+        if stats[expert].tokens >= max(min_tokens, 1):
+            return stats[expert].hessian(), "own"
+        tokens = sum(acc.tokens for acc in stats)
+        if tokens == 0:
+            raise ValueError(f"no calibration token reached any expert of {name}")
+        pooled = sum(acc.sum for acc in stats)
+        return (2.0 / tokens * pooled).float(), "pooled"
+
+
+@torch.no_grad()
+def collect(model: nn.Module, targets: dict[str, nn.Module], batches: Iterable[dict]) -> Calibration:
+    """Run `batches` (model keyword arguments) through `model`, accumulating every target's statistics."""
+    calibration = Calibration()
+    hooks = []
+    for name, module in targets.items():
+        if isinstance(module, GroupedExperts):
+            E, two_i, H = module.gate_up_proj.shape
+            stats = ExpertStats(
+                [HessianAccumulator(H) for _ in range(E)], [HessianAccumulator(two_i // 2) for _ in range(E)]
+            )
+            calibration.experts[name] = stats
+            hooks.append(module.register_forward_pre_hook(_expert_hook(module, stats), with_kwargs=True))
+        elif isinstance(module, nn.Linear):
+            acc = calibration.linear[name] = HessianAccumulator(module.in_features)
+            hooks.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
+        else:
+            raise TypeError(f"{name} is a {type(module).__name__}, not a Linear or an expert pool")
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return calibration
+
+
+def _expert_hook(module: GroupedExperts, stats: ExpertStats):
+    def hook(_module, args, kwargs):
+        x_TH, topk_ids_TK = args[0], args[1] if len(args) > 1 else kwargs["topk_ids_TK"]
+        for e in range(len(stats.gate_up)):
+            routed = (topk_ids_TK == e).any(dim=-1)
+            if not routed.any():
+                continue
+            x = x_TH[routed].float()
+            stats.gate_up[e].add(x)
+            gate, up = F.linear(x, module.gate_up_proj[e].float()).split(module.intermediate, dim=-1)
+            stats.down[e].add(F.silu(gate) * up)
+
+    return hook
