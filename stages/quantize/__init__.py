@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ernie.batching import collate
 from ernie.checkpoint import load_pretrained
 from ernie.evaluation import perplexity, val_loss
 from ernie.quant import save_quantized
@@ -29,21 +30,24 @@ from pipeline.contract import Resources, StageContext, StageResult, UserError
 from pipeline.formats import TOKENIZER_FILE
 from pipeline.shards import iter_rows
 
+from .calibration import collect
+from .gptq import GPTQLog, gptq_weight_quantizer
 from .quality import plot_layer_errors, save_figure
-from .rtn import SCALE_DTYPES, input_dims, quantization_targets, quantize_model_rtn
+from .rtn import SCALE_DTYPES, input_dims, quantization_targets, quantize_model
 
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
 OUTPUT_KIND = "qckpt"
-METHODS = ("rtn",)
-SUPPORTED_BITS = (2, 4, 8)  # the packable widths of ernie.quant; RTN quantizes to any of them
+METHODS = ("rtn", "gptq")
+SUPPORTED_BITS = (2, 4, 8)  # the packable widths of ernie.quant; both methods quantize to any of them
 
 
 @dataclass
 class Config:
     method: str = "rtn"
-    """Quantization algorithm. Only "rtn" (round-to-nearest, per-group min/max) exists for now."""
+    """rtn (round-to-nearest on per-group min/max grids) or gptq (error-compensating, from the
+    calibration rows' input Hessians; see stages/quantize/gptq.py)."""
     bits: int = 4
-    """Bits per weight code. Only 4 is supported for now (2-bit CCQ-style is a later method)."""
+    """Bits per weight code: 2, 4 or 8."""
     group_size: int = 32
     """Weights sharing one scale / zero point, along the input dim; must divide every quantized
     layer's input features."""
@@ -56,6 +60,16 @@ class Config:
     """Storage dtype of the per-group scales: float16, bfloat16 or float32."""
     eval_rows: int = 64
     """Validation rows used for the perplexity before / after (0 = all of them)."""
+    calibration_rows: int = 64
+    """gptq: training rows of the dataset whose tokens (text and image) give each layer's inputs."""
+    damp: float = 0.01
+    """gptq: share of the mean Hessian diagonal added to the diagonal."""
+    act_order: bool = False
+    """gptq: quantize the most active input columns first (grids set before any update)."""
+    block_size: int = 128
+    """gptq: columns per lazy update block (speed only)."""
+    min_expert_tokens: int = 16
+    """gptq: a routed expert that saw fewer calibration tokens takes its pool's Hessian."""
     batch_size: int = 8
     """Rows per forward pass while measuring perplexity."""
     resources: Resources = field(default_factory=lambda: Resources(num_cpus=1))
@@ -74,6 +88,12 @@ def validate(cfg: Config) -> None:
         raise UserError(f"quantize.group_size={cfg.group_size} must be a positive number of weights")
     if cfg.scale_dtype not in SCALE_DTYPES:
         raise UserError(f"quantize.scale_dtype={cfg.scale_dtype!r} must be one of {', '.join(SCALE_DTYPES)}")
+    if cfg.method == "gptq":
+        if cfg.calibration_rows <= 0 or not 0 <= cfg.damp < 1 or cfg.block_size <= 0 or cfg.min_expert_tokens < 0:
+            raise UserError(
+                f"quantize.calibration_rows={cfg.calibration_rows} and quantize.block_size={cfg.block_size} must be "
+                f"positive, quantize.damp={cfg.damp} in [0, 1), quantize.min_expert_tokens >= 0"
+            )
     if cfg.eval_rows < 0 or cfg.batch_size <= 0:
         raise UserError(f"quantize.eval_rows={cfg.eval_rows} must be >= 0 and quantize.batch_size={cfg.batch_size} > 0")
 
@@ -115,7 +135,10 @@ def run(ctx: StageContext) -> StageResult:
     ctx.progress.update(1, "quantizing")
     model_bytes_before = _state_bytes(model)
     t0 = time.perf_counter()
-    stats = quantize_model_rtn(
+    quantize_weight, calibration_report = None, dict
+    if cfg.method == "gptq":
+        quantize_weight, calibration_report = _gptq(ctx, cfg, model, targets, dataset_dir)
+    stats = quantize_model(
         model,
         cfg.bits,
         cfg.group_size,
@@ -123,8 +146,10 @@ def run(ctx: StageContext) -> StageResult:
         cfg.skip,
         SCALE_DTYPES[cfg.scale_dtype],
         on_layer=lambda s: ctx.progress.update(1, s.name),
+        quantize_weight=quantize_weight,
     )
     quantize_seconds = time.perf_counter() - t0
+    calibration = calibration_report()
     loss_after, _ = val_loss(model, rows, cfg.batch_size)
     ctx.progress.update(1, "writing")
 
@@ -136,6 +161,8 @@ def run(ctx: StageContext) -> StageResult:
         "scale_dtype": cfg.scale_dtype,
         "skip": list(cfg.skip),
     }
+    if cfg.method == "gptq":
+        quant_config |= {"damp": cfg.damp, "act_order": cfg.act_order, "calibration_rows": cfg.calibration_rows}
     save_quantized(model, out, quant_config)
     _copy_tokenizer(ckpt_dir, dataset_dir, out)
 
@@ -169,11 +196,12 @@ def run(ctx: StageContext) -> StageResult:
         **{k: v for k, v in metrics.items() if k not in quant_config and k != "quantize_seconds"},
         "eval_tokens": n_tokens,
         "eval_rows": len(rows),
+        **calibration,
         "layers": [asdict(s) for s in stats],
     }
     (out / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    ctx.log.metrics(metrics)
+    ctx.log.metrics(metrics | {k: v for k, v in calibration.items() if isinstance(v, (int, float))})
     for i, s in enumerate(stats):
         ctx.log.metrics({"layer_recon_error": s.rel_error}, step=i)
     fig = plot_layer_errors(
@@ -190,6 +218,42 @@ def run(ctx: StageContext) -> StageResult:
         f"({metrics['ppl_rel_delta']:+.2%}); mean weight error {metrics['recon_error_mean']:.3f}"
     )
     return StageResult(metrics=metrics, summary=summary, extra={"report": "quant_report.json"})
+
+
+def _gptq(ctx: StageContext, cfg: Config, model, targets: dict, dataset_dir: Path) -> tuple:
+    """GPTQ's per-weight quantizer from one calibration pass over the dataset's training rows, and
+    what goes in the report: tokens seen, per-expert token counts, fallbacks."""
+    train = dataset_dir / "train"
+    if not train.is_dir():
+        raise UserError(f"quantize.method=gptq calibrates on the dataset's train rows, and {train} does not exist")
+    rows = list(itertools.islice(iter_rows(train), cfg.calibration_rows))
+    batches = (collate(rows[i : i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size))
+    ctx.progress.update(0, "calibrating")
+    calibration = collect(model, targets, batches)
+    log = GPTQLog()
+    quantizer = gptq_weight_quantizer(
+        calibration,
+        cfg.bits,
+        cfg.symmetric,
+        cfg.damp,
+        cfg.act_order,
+        cfg.block_size,
+        cfg.min_expert_tokens,
+        SCALE_DTYPES[cfg.scale_dtype],
+        log,
+    )
+
+    def report() -> dict:  # read once the weights are quantized, when the fallbacks are known
+        return {
+            "calibration_rows": len(rows),
+            "calibration_tokens": int(sum(int((torch.as_tensor(r["document_ids"]) >= 0).sum()) for r in rows)),
+            "experts_pooled": sum(log.pooled_experts.values()),
+            "layers_uncalibrated": len(log.uncalibrated),
+            "expert_tokens": {name: stats.tokens for name, stats in calibration.experts.items()},
+            "gptq_fallbacks": asdict(log),
+        }
+
+    return quantizer, report
 
 
 def _state_bytes(model) -> int:

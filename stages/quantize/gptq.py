@@ -22,9 +22,15 @@ Options:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import torch
 
-from .rtn import group_grid, to_codes
+from .rtn import WeightQuantizer, group_grid, rtn_quantize, to_codes
+
+if TYPE_CHECKING:
+    from .calibration import Calibration
 
 
 class HessianAccumulator:
@@ -131,3 +137,49 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
             if int(info) == 0:
                 return U
     raise ValueError(f"the Hessian is not positive definite even with damping {damp * 100:g}; raise damp")
+
+
+@dataclass
+class GPTQLog:
+    """What the quantizer fell back on: experts quantized with their pool's Hessian, modules no
+    calibration token reached (quantized by RTN)."""
+
+    pooled_experts: dict[str, int] = field(default_factory=dict)
+    uncalibrated: list[str] = field(default_factory=list)
+
+
+def gptq_weight_quantizer(
+    calibration: Calibration,
+    bits: int,
+    symmetric: bool,
+    damp: float,
+    act_order: bool,
+    block_size: int,
+    min_expert_tokens: int,
+    scale_dtype: torch.dtype,
+    log: GPTQLog,
+) -> WeightQuantizer:
+    """GPTQ codes for each weight `quantize_model` hands over, from the calibration's Hessians."""
+
+    def gptq(weight, hessian, group_size):
+        return gptq_quantize(weight, hessian, bits, group_size, symmetric, damp, act_order, block_size, scale_dtype)
+
+    def quantize(name: str, weight: torch.Tensor, group_size: int):
+        try:
+            if weight.dim() == 2:
+                return gptq(weight, calibration.linear[name].hessian(), group_size)
+            pool, which = name.rsplit(".", 1)
+            parts = []
+            for e in range(weight.shape[0]):
+                hessian, source = calibration.expert_hessian(pool, which, e, min_expert_tokens)
+                if source == "pooled":
+                    log.pooled_experts[name] = log.pooled_experts.get(name, 0) + 1
+                parts.append(gptq(weight[e], hessian, group_size))
+            return tuple(torch.stack(p) for p in zip(*parts, strict=True))
+        except ValueError as err:
+            if "no calibration token" not in str(err):
+                raise
+            log.uncalibrated.append(name)
+            return rtn_quantize(weight, bits, group_size, symmetric, scale_dtype)
+
+    return quantize

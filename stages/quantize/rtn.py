@@ -8,6 +8,7 @@ symmetric groups use zero point 2**(bits-1) and scale = absmax / (2**(bits-1) - 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
@@ -85,7 +86,12 @@ def input_dims(module: nn.Module) -> list[int]:
     return [module.in_features]
 
 
-def quantize_model_rtn(
+WeightQuantizer = Callable[[str, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""(name, weight [..., out, in], group size) -> (codes, scales, zeros) as `rtn_quantize` returns them; an
+expert pool's weights come as "<pool>.gate_up" [E, 2I, H] and "<pool>.down" [E, H, I]."""
+
+
+def quantize_model(
     model: nn.Module,
     bits: int = 4,
     group_size: int | None = 32,
@@ -93,19 +99,26 @@ def quantize_model_rtn(
     skip: list[str] | None = None,
     scale_dtype: torch.dtype = torch.float16,
     on_layer=None,
+    quantize_weight: WeightQuantizer | None = None,
 ) -> list[LayerQuantStats]:
-    """Replace every target module of `model` (in place) by its RTN-quantized form.
+    """Replace every target module of `model` (in place) by its quantized form: RTN unless
+    `quantize_weight` computes the codes (GPTQ).
 
     group_size None: one group per row (per-channel scales over the whole input dim)."""
+    if quantize_weight is None:
+
+        def quantize_weight(_name, weight, g):
+            return rtn_quantize(weight, bits, g, symmetric, scale_dtype)
+
     stats = []
     for name, module in quantization_targets(model, skip or []).items():
         if isinstance(module, GroupedExperts):
-            qmodule, errors = _quantize_experts(module, bits, group_size, symmetric, scale_dtype)
+            qmodule, errors = _quantize_experts(name, module, bits, group_size, scale_dtype, quantize_weight)
             before = sum(p.numel() * p.element_size() for p in (module.gate_up_proj, module.down_proj))
             kind, after = "experts", qmodule.gate_up.nbytes() + qmodule.down.nbytes()
         else:
             g = group_size or module.in_features
-            codes, scales, zeros = rtn_quantize(module.weight, bits, g, symmetric, scale_dtype)
+            codes, scales, zeros = quantize_weight(name, module.weight, g)
             qmodule = QuantizedLinear.from_codes(codes, scales, zeros, g, bits, module.bias)
             errors = [_rel_error(module.weight, dequantize(codes, scales, zeros, g))]
             before = module.weight.numel() * module.weight.element_size()
@@ -118,15 +131,16 @@ def quantize_model_rtn(
     return stats
 
 
-def _quantize_experts(module: GroupedExperts, bits, group_size, symmetric, scale_dtype):
+def _quantize_experts(name: str, module: GroupedExperts, bits, group_size, scale_dtype, quantize_weight):
     E, two_i, H = module.gate_up_proj.shape
     qmodule = QuantizedGroupedExperts(
         E, H, two_i // 2, bits, group_size or H, scale_dtype, down_group_size=group_size or two_i // 2
     )
     errors = []
-    for packed, weight in ((qmodule.gate_up, module.gate_up_proj), (qmodule.down, module.down_proj)):
-        codes, scales, zeros = rtn_quantize(weight, bits, packed.group_size, symmetric, scale_dtype)
-        packed.fill(codes, scales, zeros)
+    parts = ((qmodule.gate_up, module.gate_up_proj, "gate_up"), (qmodule.down, module.down_proj, "down"))
+    for packed, weight, which in parts:
+        codes, scales, zeros = quantize_weight(f"{name}.{which}", weight, packed.group_size)
+        packed.fill(codes, scales.to(scale_dtype), zeros)
         errors.append(_rel_error(weight, dequantize(codes, scales, zeros, packed.group_size)))
     return qmodule, errors
 

@@ -157,12 +157,14 @@ def build(root: Path, train_steps: int = 100) -> dict[str, Path]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is as fast, and far faster on a busy machine
     try:
-        train(model, pack_rows(documents(tok, train_items, mask_prompts=False)), train_steps)
+        train_rows = pack_rows(documents(tok, train_items, mask_prompts=False))
+        train(model, train_rows, train_steps)
         sampled = sampled_documents(model, count=32, length=SEQ_LEN // 2, seed=1)
     finally:
         torch.set_num_threads(threads)
     val_docs = documents(tok, val_items[:24], mask_prompts=False) + documents(tok, val_items[24:], mask_prompts=True)
     write_row_shards(pack_rows(val_docs) + pack_rows(sampled), ds / "val", rows_per_shard=8)
+    write_row_shards(train_rows, ds / "train", rows_per_shard=64)  # what the model trained on (calibration)
     save_pretrained(model, paths["ckpt"])
     (paths["ckpt"] / "tokenizer").mkdir(exist_ok=True)
     tok.save(str(paths["ckpt"] / "tokenizer" / "tokenizer.json"))
