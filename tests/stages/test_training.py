@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from stage_runs import local_ray, make_ctx
 from tokenizers import Tokenizer
 from training_data import build_dataset
 
@@ -29,7 +30,7 @@ from ernie import ErnieForCausalLM, get_preset
 from ernie.batching import collate
 from ernie.chat_template import EOS
 from ernie.checkpoint import load_pretrained
-from pipeline.contract import Artifact, MemoryLogger, StageContext, UserError
+from pipeline.contract import MemoryLogger, StageContext, UserError
 from pipeline.shards import IMAGE_LAYOUT, TEXT_LAYOUT, ShardIndex, iter_rows, write_row_shards
 from stages import pretrain
 from stages.posttrain import dpo, rewards, rlvr, sft, upo
@@ -72,16 +73,7 @@ def model_config(dataset):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    # Ray Train's controller polls its workers every 2 s by default: a few seconds per run here
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray
-    if started:
-        ray.shutdown()
+    yield from local_ray()
 
 
 @pytest.fixture(scope="module")
@@ -110,20 +102,6 @@ def vl_dataset(ray_local, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vl-dataset")
     data.run(StageContext("data", config, get_preset("tiny_vl").replace(vocab_size=VL_VOCAB), {}, out))
     return out
-
-
-def make_ctx(stage, config, model, inputs: dict[str, Path], root: Path, seed: int = 0) -> StageContext:
-    artifacts = {name: Artifact(name, str(path), cache_key=f"key-{path.name}") for name, path in inputs.items()}
-    return StageContext(
-        stage=stage,
-        config=config,
-        model=model,
-        inputs=artifacts,
-        output_dir=root / "out",
-        log=MemoryLogger(),
-        seed=seed,
-        work_dir=root / "work",
-    )
 
 
 @pytest.fixture(scope="module")
