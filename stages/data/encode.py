@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ernie.config import ErnieConfig, VisionConfig
+from stages.imaging import ImageError, decode_image, image_to_patches
 
 from .fast_bpe import Encoder, fast_encoder
-from .images import ImageError, decode_image, image_to_patches
 from .packing import PackDocument, PackImage
 from .sources import RawRecord, fetch_image
 from .tokenizer import BOS_ID, EOS_ID

@@ -47,7 +47,7 @@ class ChatImages:
     as the data stage turns pretraining images (same resize bounds, from `images/settings.json`)."""
 
     def __init__(self, root: Path, vision, placeholder_id: int) -> None:
-        from stages.data.images import image_token_count
+        from stages.imaging import image_token_count
 
         self.root, self.vision, self.placeholder_id = Path(root), vision, placeholder_id
         self.token_count = lambda grid: image_token_count(grid, vision)
@@ -59,7 +59,7 @@ class ChatImages:
         self._cache: dict[str, tuple[np.ndarray, tuple[int, int, int]]] = {}
 
     def load(self, ref: str) -> tuple[np.ndarray, tuple[int, int, int]]:
-        from stages.data.images import decode_image, image_to_patches
+        from stages.imaging import decode_image, image_to_patches
 
         if ref not in self._cache:
             path = (self.root / ref).resolve()

@@ -20,7 +20,7 @@ from ernie.config import VisionConfig
 from ernie.model import ErnieForCausalLM
 from ernie.presets import tiny_vl
 from ernie.vision import patch_positions
-from stages.data.images import ImageError, decode_image, fit_resolution, image_to_patches, image_token_count
+from stages.imaging import ImageError, decode_image, fit_resolution, image_to_patches, image_token_count
 
 VISION = VisionConfig()
 HF_MIN_PIXELS, HF_MAX_PIXELS = 56 * 56, 28 * 28 * 6177  # the processor's default `size`

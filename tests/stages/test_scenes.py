@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from ernie.presets import tiny_vl
-from stages.data.images import decode_image, image_to_patches, image_token_count
 from stages.data.scenes import COLOURS, POSITIONS, SHAPES, Scene, caption, generate_scenes, questions, scene_documents
+from stages.imaging import decode_image, image_to_patches, image_token_count
 
 SINGULAR = {plural: shape for shape, plural in SHAPES.items()}
 COUNT_WORDS = {"a": 1, "an": 1, "two": 2, "three": 3, "four": 4}

@@ -12,9 +12,9 @@ import torch
 from ernie import ErnieForCausalLM, get_preset
 from ernie.chat_template import IMAGE_END, IMAGE_MARK, IMAGE_START, image_refs, render
 from pipeline.formats import IMAGE_SETTINGS
-from stages.data.images import image_token_count
 from stages.data.scenes import generate_scenes
 from stages.data.tokenizer import train_tokenizer
+from stages.imaging import image_token_count
 from stages.posttrain.chat import ChatImages, pack_batch, pad_batch, tokenise_chat
 
 MODEL = get_preset("tiny_vl")

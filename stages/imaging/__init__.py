@@ -1,4 +1,5 @@
-"""Images -> ViT patches, exactly as the ERNIE 4.5-VL image processor makes them.
+"""Images -> ViT patches, exactly as the ERNIE 4.5-VL image processor makes them (shared by the data
+stage, which packs images into rows, and post-training, which reads the images of chats).
 
 Reference: transformers 5.23 `Ernie4_5_VLMoeImageProcessorPil` (the backend used without
 torchvision): RGB (transparency composited onto white), `smart_resize` to multiples of
