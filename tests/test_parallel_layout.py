@@ -6,6 +6,7 @@ the whole batch at once."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import socket
@@ -84,6 +85,15 @@ def _train(
         name = f"{model_name}-{mode}-{ep}-{checkpoint}-{compiled}.pt"
         record = {"losses": losses, "norms": norms, "weights": weights, "state_bytes": state_bytes}
         torch.save(record, Path(out) / name)
+    del train_model, model, optimizer, checkpointer
+    _close_group()
+
+
+def _close_group() -> None:
+    """Every rank done, and the wrappers that hold the group (DDP's reducer) freed, before the group
+    goes: gloo threads still owning work at interpreter exit abort the process."""
+    dist.barrier()
+    gc.collect()
     dist.destroy_process_group()
 
 
@@ -259,7 +269,8 @@ def _accumulate(rank: int, world: int, port: int, case: str, mode: str, ep: int,
         runs[micro] = {"losses": losses, "norms": norms, "router": router.window, "weights": weights}
     if rank == 0:
         torch.save(runs, Path(out) / f"accumulate-{case}-{mode}-{ep}-{world}.pt")
-    dist.destroy_process_group()
+    del train_model, model, optimizer
+    _close_group()
 
 
 def _without(name: str, *weights: str, **loss):
