@@ -3,11 +3,21 @@
 What the training stages hold: fp32 parameters, fp32 gradients and AdamW's two fp32 moments
 (16 bytes per parameter; bf16 runs autocast and keep these in fp32), sharded over the
 data-parallel workers when the stage shards (FSDP2), experts over the expert-parallel group
-instead when there is one;
-activations of one micro-batch with SDPA attention and no recomputation: about 17 * seq * batch
-* hidden elements per layer (Korthikanti et al. 2022's 34 bytes at 2 bytes an element), 4 bytes
-each in fp32 and 3.5 on average under bf16 autocast (matmul outputs are bf16, the residual
-stream and norms stay fp32). tests/test_memory_plan.py holds both to measurements.
+instead when there is one.
+
+Activations are counted from the tensors one decoder layer saves for backward, per token, from
+the model's dimensions (`layer_activation_elements`): the norms' inputs and outputs and the
+residual stream (3 x hidden per sublayer), SDPA's q, k, v, output and log-sum-exp, and the
+SwiGLU's gate, up, activation and product, per routed expert a token visits plus the shared
+experts. An element is 4 bytes in fp32 and 3 on average under bf16 autocast (matmul outputs
+are bf16, the residual stream and norms stay fp32). Recomputation keeps less and pays with one
+layer (or one MLP) recomputed at a time during backward; the loss keeps fp32 logits of every
+token, or of one chunk with `loss_impl=chunked`.
+
+bf16 without FSDP2 also keeps autocast's bf16 copy of every weight a kept matmul used (2 bytes a
+parameter, counted with the parameters); FSDP2 gathers its units in bf16 instead
+(`MixedPrecisionPolicy`) and frees them after each forward, so only the units in use exist.
+tests/test_memory_plan.py holds the kept bytes to what autograd saves.
 """
 
 from __future__ import annotations
@@ -55,6 +65,8 @@ def training_memory(
     shard: bool,
     expert_parallel: int = 1,
     precision: str = "bf16",
+    recompute: str = "none",
+    loss_impl: str = "logits",
 ) -> MemoryPlan:
     total, active = count_params(model_cfg)
     expert_params = _expert_params(model_cfg)
@@ -64,17 +76,80 @@ def training_memory(
     # unless expert parallelism splits them (then FSDP2 leaves them alone)
     experts_per_gpu = expert_params / expert_parallel if expert_parallel > 1 else expert_params / shards
     per_gpu = dense_params / shards + experts_per_gpu
-    element = 3.5 if precision == "bf16" else 4.0  # autocast: matmul outputs bf16, residuals and norms fp32
-    activations = 17 * element * seq_len * micro_batch * model_cfg.hidden_size * model_cfg.num_layers
-    activations += 4 * seq_len * micro_batch * model_cfg.vocab_size  # fp32 logits for the loss
+    kept, transient = activation_bytes(model_cfg, micro_batch * seq_len, precision, recompute, loss_impl)
+    local_experts = experts_per_gpu if expert_parallel > 1 else 0.0
+    copies = sum(working_copy_bytes(model_cfg, total, precision, recompute, shard, local_experts))
     return MemoryPlan(
         total_params=total,
         active_params=active,
-        params_gb=per_gpu * 4 / GiB,
+        params_gb=(per_gpu * 4 + copies) / GiB,
         grads_gb=per_gpu * 4 / GiB,
         optimizer_gb=per_gpu * 8 / GiB,
-        activations_gb=activations / GiB,
+        activations_gb=(kept + transient) / GiB,
     )
+
+
+LOSS_CHUNK_TOKENS = 4096
+"""`ernie.chunked_loss`'s default chunk: the logits `loss_impl=chunked` holds at a time."""
+
+
+def activation_bytes(
+    cfg: ErnieConfig, tokens: int, precision: str = "bf16", recompute: str = "none", loss_impl: str = "logits"
+) -> tuple[float, float]:
+    """(bytes kept for backward through one forward of `tokens` tokens, bytes live only while one
+    checkpointed part runs again in backward)."""
+    element = 3.0 if precision == "bf16" else 4.0
+    layers = [layer_activation_elements(cfg, i) for i in range(cfg.num_layers)]
+    if recompute == "layers":  # each layer keeps its fp32 input; the largest is rebuilt in backward
+        kept = 4.0 * cfg.hidden_size * cfg.num_layers
+        transient = element * max(attention + mlp for attention, mlp in layers)
+    elif recompute == "mlp":  # attention's activations stay, and the fp32 norm and residual before each MLP
+        kept = sum(element * attention + 4.0 * 3 * cfg.hidden_size for attention, _ in layers)
+        transient = element * max(mlp for _, mlp in layers)
+    elif recompute == "none":
+        kept = element * sum(attention + mlp for attention, mlp in layers)
+        transient = 0.0
+    else:
+        raise ValueError(f"unknown recompute policy {recompute!r}")
+    kept += 4.0 * 3 * cfg.hidden_size  # the final norm's input and output, the head's input (fp32)
+    logits = 4.0 * cfg.vocab_size * (min(tokens, LOSS_CHUNK_TOKENS) if loss_impl == "chunked" else tokens)
+    if loss_impl == "chunked":
+        return kept * tokens, transient * tokens + logits
+    return kept * tokens + logits, transient * tokens
+
+
+def working_copy_bytes(
+    cfg: ErnieConfig, total_params: int, precision: str, recompute: str, shard: bool, local_experts: float = 0.0
+) -> tuple[float, float]:
+    """(bytes of bf16 weight copies kept from a forward to its backward, bytes alive only while one
+    part runs). Autocast casts each weight a matmul uses and autograd keeps the cast; a recomputed
+    part keeps none (its casts live while it runs again). Under FSDP2 the units gathered in bf16 are
+    the copies: the root (embeddings, head) and about two layers at a time; expert slices FSDP2
+    leaves to expert parallelism (`local_experts` parameters) are cast by autocast."""
+    if precision != "bf16":
+        return 0.0, 0.0
+    h = cfg.hidden_size
+    head = cfg.vocab_size * h
+    layer = (total_params - head) / cfg.num_layers
+    if shard:
+        kept_experts = local_experts if recompute == "none" else 0.0
+        return 2.0 * kept_experts, 2.0 * (head + 2 * layer)
+    attention = cfg.num_layers * h * (2 * cfg.num_heads * cfg.head_dim + 2 * cfg.num_kv_heads * cfg.head_dim)
+    kept = {"none": total_params, "mlp": attention + head, "layers": head}[recompute]
+    return 2.0 * kept, 2.0 * layer * (recompute != "none")
+
+
+def layer_activation_elements(cfg: ErnieConfig, layer: int) -> tuple[int, int]:
+    """(attention, MLP) elements one token leaves saved for backward in decoder layer `layer`."""
+    h = cfg.hidden_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    attention = 3 * h + 2 * q + 2 * kv + cfg.num_heads
+    if cfg.moe is None or layer not in cfg.moe_layers:
+        return attention, 3 * h + 4 * cfg.intermediate_size
+    m = cfg.moe
+    shared = 4 * m.num_shared_experts * m.intermediate_size
+    routed = m.num_experts + m.top_k * (3 * h + 4 * m.intermediate_size)
+    return attention, 3 * h + routed + shared
 
 
 def _expert_params(cfg: ErnieConfig) -> int:

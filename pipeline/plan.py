@@ -40,7 +40,10 @@ def _counts(cfg: PipelineConfig) -> tuple[int, int]:
 def _print_memory(cfg: PipelineConfig) -> None:
     """Per-GPU memory of each model stage for its configured workers (estimates)."""
     seq = cfg.data.seq_len
-    print("\nmemory per GPU (estimate; fp32 weights, grads and AdamW states, activations without recompute):")
+    print(
+        "\nmemory per GPU (estimate; fp32 weights, grads and AdamW states, bf16 working copies with the "
+        "params; activations under each stage's recompute and loss_impl):"
+    )
     print(
         f"  {'stage':9s} {'workers':>7s} {'micro-batch':>11s} {'params':>9s} {'grads':>9s} {'optim':>9s} "
         f"{'activ.':>9s} {'total':>9s}  GiB"
@@ -55,7 +58,8 @@ def _print_memory(cfg: PipelineConfig) -> None:
         # the workers' own choice (pretrain.parallel, auto resolved per model); post-training replicates (DDP)
         sharded = hasattr(section, "parallel_for") and section.parallel_for(cfg.model) == "fsdp"
         ep = getattr(section, "expert_parallel", 1)
-        plan = training_memory(cfg.model, workers, micro, length, sharded, ep, section.precision)
+        recompute, loss_impl = getattr(section, "recompute", "none"), getattr(section, "loss_impl", "logits")
+        plan = training_memory(cfg.model, workers, micro, length, sharded, ep, section.precision, recompute, loss_impl)
         extra = plan.params_gb / 2 if name == "dpo" else 0.0  # the frozen reference model, bf16
         total = plan.total_gb + extra
         print(
