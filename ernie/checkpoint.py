@@ -46,14 +46,14 @@ def to_hub_state_dict(model: ErnieForCausalLM) -> dict[str, torch.Tensor]:
             continue
         if ".mlp.text." in name or ".mlp.vision." in name:
             continue  # expert pools are written below
-        out[_to_hub_name(name)] = tensor
+        out[to_hub_name(name)] = tensor
     for i, layer in enumerate(model.model.layers):
         if layer.is_moe:
             out.update(_moe_to_hub(f"model.layers.{i}.mlp", layer.mlp, cfg))
     return out
 
 
-def _to_hub_name(name: str) -> str:
+def to_hub_name(name: str) -> str:
     if name.startswith("vision_encoder."):
         return "model.vision_model." + name[len("vision_encoder.") :]
     if name.startswith("adapter."):
@@ -340,7 +340,7 @@ def state_dict_problems(model, state: dict[str, torch.Tensor], display=lambda na
 
 def check_state_dict(model: ErnieForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
     """Raise `CheckpointError` listing missing, unexpected and mis-shaped tensors (published names)."""
-    problems = state_dict_problems(model, state, _to_hub_name)
+    problems = state_dict_problems(model, state, to_hub_name)
     if problems:
         raise CheckpointError(f"{source} does not fit {model.config.name}: " + "; ".join(problems))
 

@@ -7,7 +7,9 @@ Inputs: `ckpt` (HF layout + tokenizer/) and `dataset` (its val rows measure perp
 Output (qckpt): the packed model (`ernie.quant.save_quantized`: config.json, quant_config.json,
 quantized.safetensors), a copy of the tokenizer, `quant_report.json` (bits, group size, method,
 bytes before / after, size ratio, validation perplexity before / after and its delta,
-per-layer weight reconstruction error) and `quant_error.png`.
+per-layer weight reconstruction error) and `quant_error.png`; with `quantize.export=[gptq]` (the
+pipeline presets) or `[compressed-tensors]`, the same weights in a layout vLLM loads, under
+`export-<format>/` (stages/quantize/export.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pipeline.formats import TOKENIZER_FILE
 from pipeline.shards import iter_rows
 
 from .calibration import collect
+from .export import check_export, write_export
 from .gptq import GPTQLog, gptq_weight_quantizer
 from .quality import plot_layer_errors, save_figure
 from .rtn import SCALE_DTYPES, input_dims, quantization_targets, quantize_model
@@ -72,6 +75,9 @@ class Config:
     """gptq: a routed expert that saw fewer calibration tokens takes its pool's Hessian."""
     batch_size: int = 8
     """Rows per forward pass while measuring perplexity."""
+    export: list[str] = field(default_factory=list)
+    """Formats vLLM loads, each written beside our packed model into `export-<format>/`: gptq (2, 4
+    or 8 bits) and compressed-tensors (4 or 8 bits); see stages/quantize/export.py."""
     resources: Resources = field(default_factory=lambda: Resources(num_cpus=1))
     """What the stage's Ray actor asks for."""
 
@@ -94,6 +100,7 @@ def validate(cfg: Config) -> None:
                 f"quantize.calibration_rows={cfg.calibration_rows} and quantize.block_size={cfg.block_size} must be "
                 f"positive, quantize.damp={cfg.damp} in [0, 1), quantize.min_expert_tokens >= 0"
             )
+    check_export(list(cfg.export), cfg.bits, cfg.method)
     if cfg.eval_rows < 0 or cfg.batch_size <= 0:
         raise UserError(f"quantize.eval_rows={cfg.eval_rows} must be >= 0 and quantize.batch_size={cfg.batch_size} > 0")
 
@@ -165,6 +172,8 @@ def run(ctx: StageContext) -> StageResult:
         quant_config |= {"damp": cfg.damp, "act_order": cfg.act_order, "calibration_rows": cfg.calibration_rows}
     save_quantized(model, out, quant_config)
     _copy_tokenizer(ckpt_dir, dataset_dir, out)
+    for fmt in cfg.export:
+        write_export(model, fmt, out / f"export-{fmt}", out / "tokenizer", cfg.symmetric)
 
     bytes_before = sum(s.bytes_before for s in stats)
     bytes_after = sum(s.bytes_after for s in stats)
