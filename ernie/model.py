@@ -107,8 +107,30 @@ class ErnieForCausalLM(nn.Module):
         self.loss_impl: str = "logits"
         """"logits" | "chunked": chunked never materialises the full logits in training (`ernie.chunked_loss`);
         `out.logits` is then None (with labels, no cache, logits_to_keep 0)."""
+        self.every_part_runs = False
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
+
+    @property
+    def every_part_runs(self) -> bool:
+        """Every parameter takes part in every training forward, with no effect on outputs or gradients.
+
+        FSDP2 needs it for VL models (`stages.training.parallel.shard_fsdp` sets it): each unit
+        reduce-scatters the gradients of its parameters that have one, and the ranks' collectives must
+        match, but a rank whose batch has no image would leave the vision encoder, the adapter and the
+        vision expert pools without gradients. With it, a forward without an image runs the encoder and
+        adapter on one blank image of the smallest grid and adds 0 x their output (`_idle_vision`), and
+        every MoE runs a pool with no tokens on an empty batch (`MoE.every_pool_runs`): those gradients
+        are exactly zero and the losses unchanged (tests/test_parallel_layout.py).
+        """
+        return self._every_part_runs
+
+    @every_part_runs.setter
+    def every_part_runs(self, on: bool) -> None:
+        self._every_part_runs = on
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.every_pool_runs = on
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -249,6 +271,9 @@ class ErnieForCausalLM(nn.Module):
             (pixel_values, image_grid_thw, cfg.image_token_id, "image"),
             (pixel_values_videos, video_grid_thw, cfg.video_token_id, "video"),
         ]
+        if pixel_values is None and pixel_values_videos is None:
+            idle = self.every_part_runs and self.vision_encoder is not None and torch.is_grad_enabled()
+            return self._idle_vision(x) if idle else x
         for pixels, grid, token_id, kind in items:
             if pixels is None:
                 continue
@@ -265,6 +290,17 @@ class ErnieForCausalLM(nn.Module):
                 )
             x = x.masked_scatter(slots[..., None], features)
         return x
+
+    def _idle_vision(self, x: torch.Tensor) -> torch.Tensor:
+        """x + 0 x the vision tokens of a blank image of one LM token (`every_part_runs`): the encoder and
+        adapter weights join the graph with exactly zero gradients. Blank pixels keep the features finite
+        (0 x inf would be NaN): patch embedding has no bias, so the first LayerNorm sees zeros."""
+        vision = self.config.vision
+        merge = vision.spatial_merge_size
+        grid = torch.tensor([[1, merge, merge]], device=x.device)
+        pixels = torch.zeros(merge * merge, vision.patch_dim, device=x.device)
+        features = self.adapter(self.vision_encoder(pixels, grid), grid)
+        return x + 0 * features.sum().to(x.dtype)
 
     def _default_positions(
         self, input_ids, B, S, device, document_ids, attention_mask, image_grid_thw, video_grid_thw, cache

@@ -200,7 +200,8 @@ class MoE(nn.Module):
         3. experts: each expert's SwiGLU runs on its contiguous slots (grouped GEMM);
         4. combine: expert outputs are weighted and summed back per token;
         5. shared: the shared-expert MLP output is added for every token, any modality.
-    Text tokens never reach vision experts nor the vision router, and vice versa.
+    Text tokens never reach vision experts nor the vision router, and vice versa. A pool with no
+    tokens is skipped, unless `_runs_without_tokens` (expert parallelism, `every_pool_runs`).
     """
 
     def __init__(self, config: ErnieConfig) -> None:
@@ -215,17 +216,19 @@ class MoE(nn.Module):
         self.shared_experts = None
         if m.num_shared_experts > 0:
             self.shared_experts = SwiGLU(H, m.intermediate_size * m.num_shared_experts)
+        self.every_pool_runs = False
+        """Run each pool even when no token is of its modality (set by `ErnieForCausalLM.every_part_runs`):
+        its parameters then join the graph with zero gradients, as FSDP2 needs; outputs are unchanged."""
 
     def forward(
         self, x_BSH: torch.Tensor, vision_mask_BS: torch.Tensor | None = None, impl: ExpertsImpl = "auto"
     ) -> tuple[torch.Tensor, list[RouterOutput]]:
         B, S, H = x_BSH.shape
         x_TH = x_BSH.reshape(-1, H)
-        # under expert parallelism every rank calls every pool, even with no tokens: the all-to-alls are collective
-        vision_ep = self.vision is not None and self.vision.experts.ep is not None
-        if vision_ep and vision_mask_BS is None:
+        vision_always = self.vision is not None and self._runs_without_tokens(self.vision)
+        if vision_always and vision_mask_BS is None:
             vision_mask_BS = torch.zeros(B, S, dtype=torch.bool, device=x_BSH.device)
-        if self.vision is None or vision_mask_BS is None or not (vision_ep or bool(vision_mask_BS.any())):
+        if self.vision is None or vision_mask_BS is None or not (vision_always or bool(vision_mask_BS.any())):
             out_TH, routing = self.text(x_TH, impl)
             routings = [routing]
         else:
@@ -234,15 +237,23 @@ class MoE(nn.Module):
             out_TH = torch.zeros_like(x_TH)
             routings = []
             for pool, idx in ((self.text, text_idx), (self.vision, vision_idx)):
-                if idx.numel() == 0 and pool.experts.ep is None:
+                if idx.numel() == 0 and not self._runs_without_tokens(pool):
                     continue
-                pool_out, routing = pool(x_TH[idx], impl)
-                out_TH = out_TH.index_copy(0, idx, pool_out)
+                # a pool with every token takes x_TH as it is: the text-only path's gradient sums, bit for bit
+                every_token = idx.numel() == x_TH.shape[0]
+                # the loop reference skips experts without slots: an empty pool's weights would miss the graph
+                pool_out, routing = pool(x_TH if every_token else x_TH[idx], impl if idx.numel() > 0 else "grouped")
+                out_TH = out_TH + pool_out if every_token else out_TH.index_copy(0, idx, pool_out)
                 if idx.numel() > 0:  # the router losses average over the pools that saw tokens
                     routings.append(routing)
         if self.shared_experts is not None:
             out_TH = out_TH + self.shared_experts(x_TH)
         return out_TH.view(B, S, H), routings
+
+    def _runs_without_tokens(self, pool: ExpertPool) -> bool:
+        """Whether `pool` runs on a forward with none of its modality's tokens: under expert parallelism
+        (its all-to-alls are collective, every rank joins them) and under `every_pool_runs`."""
+        return self.every_pool_runs or pool.experts.ep is not None
 
 
 @torch.no_grad()

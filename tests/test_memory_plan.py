@@ -97,7 +97,7 @@ def test_planned_activations_follow_the_micro_batch_not_the_worker_batch(capsys)
     assert whole[2] - whole[1] == pytest.approx(two[2] - two[1], abs=0.02), "weights, grads and AdamW states stay"
 
 
-@pytest.mark.parametrize("preset", ["ernie_0_3b", "ernie_21b"])
-def test_the_text_presets_micro_batches_fit_an_80_gib_gpu_with_the_activation_margin(capsys, preset):
+@pytest.mark.parametrize("preset", ["ernie_0_3b", "ernie_21b", "ernie_300b", "ernie_vl_28b", "ernie_vl_424b"])
+def test_the_presets_micro_batches_fit_an_80_gib_gpu_with_the_activation_margin(capsys, preset):
     _, activations, total = planned_pretrain(capsys, preset)
     assert total + MARGIN * activations < 80, (preset, total, activations)

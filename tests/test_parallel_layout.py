@@ -1,7 +1,7 @@
 """`stages.training.parallel.Layout` on 2 gloo ranks: FSDP2 / DDP with and without expert parallelism
-train the same, a sharded train state written under expert parallelism resumes exactly, and
-gradient accumulation over micro-batches (`stages.pretrain.loop.forward_backward`) trains like
-the whole batch at once."""
+train the same, a sharded train state written under expert parallelism resumes exactly, gradient
+accumulation over micro-batches (`stages.pretrain.loop.forward_backward`) trains like the whole
+batch at once, and a VL model, whose workers do not all see images, trains the same under both."""
 
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def test_compiled_decoder_layers_under_fsdp2_train_like_eager(tmp_path):
         ({"expert_parallel": 3}, "tiny_moe", "expert_parallel=3 must divide pretrain.num_workers=2"),
         ({"expert_parallel": 2}, "tiny_dense", "needs an MoE model"),
         ({"expert_parallel": 2, "num_workers": 6, "batch_size": 12}, "tiny_moe", None),
-        ({"parallel": "fsdp"}, "tiny_vl", "does not support VL models yet"),
+        ({}, "tiny_vl", None),  # VL models shard too (`ErnieForCausalLM.every_part_runs`)
         ({"parallel": "zero3"}, "tiny_moe", "pretrain.parallel='zero3' must be one of"),
     ],
 )
@@ -207,7 +207,8 @@ ACCUMULATE_STEPS, WORKER_ROWS, SEQ = 3, 4, 16
 def _rows(cfg, step: int, rank: int) -> list[dict]:
     """This rank's rows of a step, as the data stage stores them: packed documents (so rows hold
     different numbers of supervised tokens) and, for a VL model, image rows beside text-only ones
-    (rank 0 has both, rank 1 none: its vision parameters are unused in every micro-batch)."""
+    (rank 0 has both, rank 1 none: under DDP its vision parameters are unused in every micro-batch,
+    under FSDP2 they run on a blank image with zero gradients)."""
     from ernie.positions import vl_position_ids
 
     rng = np.random.default_rng(100 * step + rank)
@@ -290,16 +291,36 @@ ACCUMULATE_CASES = {  # the config, and the loss components that match the whole
 """moe: token-balanced LM loss (micro-batches weigh by rows); dense-token-mean: by supervised tokens."""
 
 
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory):
+    """`_accumulate`'s runs by (case, world, mode, ep), each spawned once for the module."""
+    root, done = tmp_path_factory.mktemp("accumulate"), {}
+
+    def run(case: str, world: int, mode: str, ep: int) -> dict:
+        key = (case, world, mode, ep)
+        if key not in done:
+            mp.spawn(_accumulate, args=(world, _free_port(), case, mode, ep, str(root)), nprocs=world, join=True)
+            done[key] = torch.load(root / f"accumulate-{case}-{mode}-{ep}-{world}.pt", weights_only=True)
+        return done[key]
+
+    return run
+
+
 @pytest.mark.parametrize(
     ("case", "world", "mode", "ep"),
-    [("moe", 1, "fsdp", 1), ("moe", 2, "fsdp", 2), ("dense-token-mean", 2, "fsdp", 1), ("vl", 2, "ddp", 1)],
+    [
+        ("moe", 1, "fsdp", 1),
+        ("moe", 2, "fsdp", 2),
+        ("dense-token-mean", 2, "fsdp", 1),
+        ("vl", 2, "ddp", 1),
+        ("vl", 2, "fsdp", 1),
+    ],
 )
-def test_micro_batches_accumulate_to_the_whole_batch_step(tmp_path, case, world, mode, ep):
+def test_micro_batches_accumulate_to_the_whole_batch_step(accumulated, case, world, mode, ep):
     """Micro-batches of 1 row (4 per worker and step, gradients synced after the last only under
     DDP, expert gradients reduced after the last) give the losses, gradient norms, router counts
     and weights of the whole worker batch at once."""
-    mp.spawn(_accumulate, args=(world, _free_port(), case, mode, ep, str(tmp_path)), nprocs=world, join=True)
-    runs = torch.load(tmp_path / f"accumulate-{case}-{mode}-{ep}-{world}.pt", weights_only=True)
+    runs = accumulated(case, world, mode, ep)
     whole, micro = runs[0], runs[1]
     exact = [LOSS_NAMES.index(name) for name in ACCUMULATE_CASES[case][1]]
     np.testing.assert_allclose(np.array(micro["losses"])[:, exact], np.array(whole["losses"])[:, exact], rtol=1e-5)
@@ -310,3 +331,49 @@ def test_micro_batches_accumulate_to_the_whole_batch_step(tmp_path, case, world,
     for name, tensor in whole["weights"].items():
         torch.testing.assert_close(micro["weights"][name], tensor, atol=5e-4, rtol=0, msg=name)
     assert whole["losses"][0] != whole["losses"][-1], "the steps train"
+
+
+def test_vl_model_trains_the_same_sharded_and_replicated(accumulated):
+    """FSDP2 over a VL model whose rank 1 never sees an image (there the vision encoder, adapter and
+    vision experts run on a blank image / no tokens, zero gradients) trains like DDP, which leaves
+    them out of that rank's graph: same losses, norms and weights, whole batch and micro-batches."""
+    sharded, replicated = accumulated("vl", 2, "fsdp", 1), accumulated("vl", 2, "ddp", 1)
+    for micro in (0, 1):
+        np.testing.assert_allclose(sharded[micro]["losses"], replicated[micro]["losses"], rtol=1e-5)
+        assert sharded[micro]["norms"] == pytest.approx(replicated[micro]["norms"], rel=1e-4)
+        assert torch.equal(sharded[micro]["router"], replicated[micro]["router"])
+        # all-reduce vs reduce-scatter round apart; AdamW magnifies that where a gradient is near zero (as
+        # above): one entry of an adapter weight moves ~1.3e-4, everything else stays below 2e-5
+        for name, tensor in replicated[micro]["weights"].items():
+            torch.testing.assert_close(sharded[micro]["weights"][name], tensor, atol=5e-4, rtol=0, msg=name)
+
+
+# ---------------------------------------------------------------------- every part runs (FSDP2, VL)
+@pytest.mark.parametrize(("image", "impl"), [(False, "auto"), (False, "loop"), (True, "auto")])
+def test_every_part_runs_changes_no_loss_and_no_gradient(image, impl):
+    """`every_part_runs` (set for FSDP2) adds the vision parts a batch does not need to the graph, and
+    nothing else: the losses and every gradient stay bit for bit, the added gradients are zeros."""
+    from ernie import ErnieForCausalLM
+    from ernie.batching import collate
+
+    cfg = get_preset("tiny_vl")
+    rows = _rows(cfg, step=0, rank=0 if image else 1)
+    torch.manual_seed(0)
+    model = ErnieForCausalLM(cfg)
+    model.experts_impl = impl
+    runs = {}
+    for every_part_runs in (False, True):
+        model.every_part_runs = every_part_runs
+        model.zero_grad(set_to_none=True)
+        out = model(**collate(rows))
+        out.loss.backward()
+        runs[every_part_runs] = out.losses, {name: p.grad for name, p in model.named_parameters()}
+    (losses, grads), (all_losses, all_grads) = runs[False], runs[True]
+    assert losses.keys() == all_losses.keys(), "router losses count only pools that saw tokens"
+    assert all(torch.equal(all_losses[name], value) for name, value in losses.items())
+    assert all(grad is not None for grad in all_grads.values()), "every parameter has a gradient"
+    unused = {name for name, grad in grads.items() if grad is None}
+    assert bool(unused) == (not image), unused
+    for name, grad in grads.items():
+        expected = torch.zeros_like(all_grads[name]) if name in unused else grad
+        assert torch.equal(all_grads[name], expected), name

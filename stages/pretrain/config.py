@@ -36,8 +36,9 @@ class Config(TrainingConfig):
     parallel: str = "auto"
     """How the workers share the model: fsdp (FSDP2: parameters, gradients and optimizer states
     sharded over the workers, each decoder layer gathered just before it runs), ddp (a full
-    replica per worker) or auto (fsdp for text models, ddp for VL models: a micro-batch without
-    an image leaves the vision parameters unused on that worker, which FSDP2 cannot reduce)."""
+    replica per worker) or auto (fsdp, text and VL models alike). A VL model under fsdp runs its
+    vision parts in every forward, on a blank image with zero effect when a micro-batch has none
+    (`ErnieForCausalLM.every_part_runs`), so every worker reduces the same gradients."""
     micro_batch_size: int = 0
     """Rows each worker runs forward + backward at a time: a step accumulates gradients over
     (batch_size / num_workers) / micro_batch_size micro-batches before its one optimizer step, so
@@ -60,7 +61,7 @@ class Config(TrainingConfig):
     expert_parallel: int = 1
     """Workers each MoE pool's experts are split over (consecutive ranks: keep a group inside a
     node); tokens reach their experts by all-to-all. Must divide num_workers and every pool's
-    expert count; 1 = every worker holds every expert."""
+    expert count; 1 = every worker holds every expert. A run resumes under another value."""
     data_streams: int = 0
     """Independent row streams the train split is dealt into; each worker reads data_streams /
     num_workers of them. The rows of every step depend on this, not on num_workers, so a run
@@ -74,9 +75,12 @@ class Config(TrainingConfig):
         "loss_impl",
         "async_checkpoint",
         "micro_batch_size",
+        "expert_parallel",
     }
     """num_workers is operational: the data order follows data_streams (data_streams=0 resolves to
-    the first start's worker count, which the train state records)."""
+    the first start's worker count, which the train state records). So is expert_parallel: the train
+    state holds expert tensors and their AdamW moments whole and the optimizer's settings by
+    parameter, so it loads under any expert split (tests/test_train_state_remote.py)."""
 
     def validate(self) -> None:
         """Raise `UserError` naming the first bad field (`pretrain.<field>=<value>`)."""
@@ -135,11 +139,4 @@ class Config(TrainingConfig):
                         f"pretrain.expert_parallel={self.expert_parallel} must divide the {experts} experts of "
                         f"{model.name}'s {pool} pool"
                     )
-        if self.parallel == "auto":
-            return "ddp" if model.vision is not None else "fsdp"
-        if self.parallel == "fsdp" and model.vision is not None:
-            raise UserError(
-                f"pretrain.parallel=fsdp does not support VL models yet ({model.name}): a worker whose micro-batch "
-                "has no image leaves the vision parameters unused, which FSDP2 cannot reduce; use parallel=ddp"
-            )
-        return self.parallel
+        return "fsdp" if self.parallel == "auto" else self.parallel

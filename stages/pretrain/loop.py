@@ -150,7 +150,9 @@ class WorkerLoop:
         self.model.loss_impl = cfg.loss_impl
         if cfg.compile:
             compile_layers(self.model)
-        self.layout = Layout.build(cfg.parallel_for(job.model), self.world, cfg.expert_parallel, self.device)
+        param_dtype = torch.bfloat16 if cfg.precision == "bf16" else None  # fsdp gathers layers in bf16
+        mode = cfg.parallel_for(job.model)
+        self.layout = Layout.build(mode, self.world, cfg.expert_parallel, self.device, param_dtype)
         self.train_model = self.layout.apply(self.model)
         # after sharding: the optimizer holds this rank's shards of the parameters
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))

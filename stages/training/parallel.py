@@ -43,25 +43,47 @@ def compile_layers(model: nn.Module) -> None:
         layer.compile()
 
 
-def shard_fsdp(model: torch.nn.Module, device: torch.device, ignore: set[nn.Parameter] = frozenset()) -> nn.Module:
+def shard_fsdp(
+    model: torch.nn.Module,
+    device: torch.device,
+    ignore: set[nn.Parameter] = frozenset(),
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
     """FSDP2 (`fully_shard`) over all ranks: each decoder layer is one unit (its parameters are
     gathered just before it runs and freed after), the rest (embeddings, final norm, head, and in
     VL models the vision encoder and adapter) forms the root unit. Shards in place; returns `model`.
 
-    Every rank must run the same forwards: parameters are all-gathered per unit, a collective. The
-    vision parts stay in the root unit, which every forward gathers, so a rank whose micro-batch has
-    no image does not skip a collective the others make; their gradients are zero on that rank.
+    Every rank must run the same forwards and reduce the same gradients: parameters are all-gathered
+    per unit and the gradients a unit has are reduce-scattered, collectives whose sizes must match.
+    A rank whose micro-batch has no image would leave the vision encoder, the adapter (root unit) and
+    each layer's vision experts without gradients, so a VL model is set to run every part in every
+    forward (`ErnieForCausalLM.every_part_runs`: zero gradients there, outputs unchanged).
     `ignore`: parameters FSDP2 leaves alone (expert slices under expert parallelism).
+
+    `param_dtype` (bf16 training): each decoder layer is gathered in that dtype and its gradients
+    reduced in fp32 into the fp32 shards (`MixedPrecisionPolicy`). Under autocast alone every
+    layer's bf16 weight casts would be kept for backward, a bf16 copy of the whole model on each
+    worker; gathered in bf16 they are freed with the unit. Half the all-gather traffic too. The
+    root unit stays fp32, so the embeddings, and with them the residual stream, stay fp32 as under
+    autocast; the norms and the router (which computes in fp32) read bf16-rounded weights.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if getattr(model.config, "vision", None) is not None:
+        model.every_part_runs = True
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     layers = list(model.model.layers)
     for i, layer in enumerate(layers):
         # the last layer's gradients are reduced right away, nothing is gained by keeping them gathered
         mine = {p for p in layer.parameters() if p in ignore}
-        fully_shard(layer, mesh=mesh, reshard_after_forward=i < len(layers) - 1, ignored_params=mine or None)
+        fully_shard(
+            layer,
+            mesh=mesh,
+            reshard_after_forward=i < len(layers) - 1,
+            ignored_params=mine or None,
+            mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+        )
     fully_shard(model, mesh=mesh, ignored_params=set(ignore) or None)
     return model
 
@@ -98,10 +120,14 @@ class Layout:
     device: torch.device
     mesh: object = None
     """DeviceMesh (replica, ep) when expert_parallel > 1."""
+    param_dtype: torch.dtype | None = None
+    """fsdp: the dtype decoder layers are gathered and computed in (bf16 training), None = as stored."""
 
     @staticmethod
-    def build(mode: str, world: int, expert_parallel: int, device: torch.device) -> Layout:
-        layout = Layout(mode, world, expert_parallel, device)
+    def build(
+        mode: str, world: int, expert_parallel: int, device: torch.device, param_dtype: torch.dtype | None = None
+    ) -> Layout:
+        layout = Layout(mode, world, expert_parallel, device, param_dtype=param_dtype)
         if expert_parallel > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -119,7 +145,7 @@ class Layout:
             shard_experts(model, self.mesh.get_group("ep"))
             experts = named_expert_parameters(model)
         if self.mode == "fsdp":
-            return shard_fsdp(model, self.device, {param for param, _ in experts.values()})
+            return shard_fsdp(model, self.device, {param for param, _ in experts.values()}, self.param_dtype)
         return wrap_ddp(model, self.device, list(experts))
 
     # ------------------------------------------------------------------ gradients
