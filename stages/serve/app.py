@@ -3,6 +3,7 @@
     GET  /v1/models             the one served model
     POST /v1/completions        prompt (str or list of str) -> text
     POST /v1/chat/completions   messages -> ERNIE chat template with the generation prompt -> reply
+                                (VL models: image_url parts with base64 data: URLs, `stages.serve.images`)
     GET  /health                200 once the replica has its model
 
 Bad requests get HTTP 400 (unknown model: 404) with an OpenAI-style error body.
@@ -19,6 +20,7 @@ from ray import serve
 from ernie.chat_template import render
 
 from .engine import Engine, RequestError, split_reasoning
+from .images import image_bytes
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -78,10 +80,11 @@ class OpenAIServer:
                 code="model_not_found",
             )
 
-    def _complete(self, prompt_ids: list[int], req, max_tokens: int | None):
+    def _complete(self, prompt_ids: list[int], req, max_tokens: int | None, vision: dict | None = None):
         try:
+            max_tokens = max_tokens or self.default_max_tokens
             return self.engine.complete(
-                prompt_ids, max_tokens or self.default_max_tokens, req.temperature, req.top_p, req.seed, req.stop_list()
+                prompt_ids, max_tokens, req.temperature, req.top_p, req.seed, req.stop_list(), vision
             )
         except RequestError as err:
             raise APIError(400, str(err), param=err.param) from None
@@ -109,12 +112,17 @@ class OpenAIServer:
     @app.post("/v1/chat/completions")
     def chat_completions(self, req: ChatCompletionRequest) -> dict:
         self._check_model(req.model)
-        messages = [m.model_dump() for m in req.messages]
+        image_urls: list[tuple[str, str]] = []
+        messages = [m.template_message(i, image_urls) for i, m in enumerate(req.messages)]
         try:
             text = render(messages, add_generation_prompt=True, enable_thinking=req.thinking())
+            images = [(image_bytes(url, where), where) for url, where in image_urls]
+            prompt_ids, vision = self.engine.images.apply(self.engine.encode(text), images)
+        except RequestError as err:
+            raise APIError(400, str(err), param=err.param) from None
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from None
-        result = self._complete(self.engine.encode(text), req, req.max_completion_tokens or req.max_tokens)
+        result = self._complete(prompt_ids, req, req.max_completion_tokens or req.max_tokens, vision)
         reasoning, content = split_reasoning(result.text) if req.thinking() else (None, result.text.strip())
         return chat_response(
             self.model_name, content, reasoning, result.finish_reason, result.prompt_tokens, result.completion_tokens

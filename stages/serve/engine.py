@@ -41,18 +41,27 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, model_dir: str = "") -> None:
+    def __init__(self, model, tokenizer, model_dir: str = "", image_settings: dict | None = None) -> None:
+        from .images import RequestImages  # images builds on this module's RequestError
+
         self.model, self.tokenizer, self.model_dir = model.eval(), tokenizer, model_dir
         self.config = model.config
         self.quantized = bool(model_dir) and is_quantized_dir(model_dir)
         self._lock = threading.Lock()
         self._drop = [t for t in SPECIAL_TOKENS if t not in (THINK_OPEN, THINK_CLOSE)]
+        self.images = RequestImages(self.config, image_settings)
+        """Request images -> widened prompt ids and vision inputs (resize bounds `image_settings`)."""
 
     @classmethod
     def load(cls, model_dir: str | Path, tokenizer_path: str | Path) -> Engine:
+        """The model of `model_dir` and the tokenizer; image bounds from the model's artifact, else from
+        the artifact the tokenizer came from (the dataset: <artifact>/tokenizer/tokenizer.json)."""
         from tokenizers import Tokenizer
 
-        return cls(load_model(model_dir), Tokenizer.from_file(str(tokenizer_path)), str(model_dir))
+        from .images import find_image_settings
+
+        settings = find_image_settings(Path(model_dir), Path(tokenizer_path).resolve().parents[1])
+        return cls(load_model(model_dir), Tokenizer.from_file(str(tokenizer_path)), str(model_dir), settings)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special-token strings in it (BOS, think tags) become their ids."""
@@ -74,7 +83,9 @@ class Engine:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: list[str] | None = None,
+        vision: dict[str, torch.Tensor] | None = None,
     ) -> Completion:
+        """`vision`: pixel_values / image_grid_thw of the images whose tokens `prompt_ids` holds."""
         if not prompt_ids:
             raise RequestError("the prompt is empty", "prompt")
         limit = self.config.max_position_embeddings
@@ -89,7 +100,7 @@ class Engine:
         with self._lock:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             cache = KVCache(self.config.num_layers)
-            logits = self.model(torch.tensor([prompt_ids]), cache=cache, logits_to_keep=1).logits
+            logits = self.model(torch.tensor([prompt_ids]), cache=cache, logits_to_keep=1, **(vision or {})).logits
             new: list[int] = []
             for _ in range(max_tokens):
                 step_logits = without_vision_tokens(logits[:, -1], self.config)

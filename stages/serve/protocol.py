@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,9 +35,40 @@ class CompletionRequest(_Request):
     prompt: str | list[str] = Field(..., min_length=1)
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+    """OpenAI's detail hint; images are resized as in training whatever it says."""
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
+
+    def template_message(self, index: int, images: list[tuple[str, str]]) -> dict:
+        """The message as `ernie.chat_template` takes it; each image part's (data URL, where) is appended
+        to `images` and stands in the message as a ref the template renders as one placeholder."""
+        if isinstance(self.content, str):
+            return {"role": self.role, "content": self.content}
+        parts = []
+        for j, part in enumerate(self.content):
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+            else:
+                where = f"messages[{index}].content[{j}].image_url"
+                images.append((part.image_url.url, where))
+                parts.append({"type": "image", "image": where})
+        return {"role": self.role, "content": parts}
 
 
 class ChatCompletionRequest(_Request):
