@@ -22,11 +22,10 @@ import torch
 
 from ernie.evaluation import perplexity, val_loss
 from ernie.quant import is_quantized_dir, load_model
+from ernie.tasks import accuracy_by_task, balanced_items, task_predictions
 from pipeline.contract import Resources, StageContext, StageResult, UserError
 from pipeline.formats import TOKENIZER_FILE, read_jsonl
 from pipeline.shards import iter_rows
-
-from .metrics import accuracy_by_task, balanced_items, task_predictions
 
 INPUTS = {"model": "ckpt", "dataset": "dataset"}
 """`model` may be a ckpt or a qckpt (ACCEPTED_KINDS); eval tells them apart by quant_config.json."""

@@ -13,12 +13,12 @@ import torch
 
 import stages.eval as eval_stage
 import stages.quantize as quantize
+from ernie import tasks as eval_metrics
 from ernie.chat_template import EOS, render
 from ernie.checkpoint import load_pretrained
 from ernie.evaluation import val_loss
 from pipeline.formats import load_tokenizer, read_jsonl
 from pipeline.shards import load_rows
-from stages.eval import metrics as eval_metrics
 
 
 @pytest.fixture(scope="session")

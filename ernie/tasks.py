@@ -1,4 +1,7 @@
-"""The two measurements eval makes: validation loss / perplexity and task accuracy."""
+"""Task accuracy: greedy answers to held-out chat prompts, exact match per task.
+
+The one definition the eval stage and the quantize stage (accuracy before / after) both report;
+validation loss is `ernie.evaluation`."""
 
 from __future__ import annotations
 
@@ -6,8 +9,8 @@ from collections import defaultdict
 
 import torch
 
-from ernie.chat_template import EOS, render
-from ernie.generation import generate
+from .chat_template import EOS, render
+from .generation import generate
 
 
 def balanced_items(items: list[dict], limit: int) -> list[dict]:
