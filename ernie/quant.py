@@ -42,6 +42,7 @@ from torch import nn
 from .config import ErnieConfig
 from .hf_config import to_hf_config
 from .model import ErnieForCausalLM
+from . import quant_kernel
 from .moe import GroupedExperts
 
 FORMAT = "ernie-packed-int"
@@ -162,11 +163,18 @@ class _PackedWeight(nn.Module):
         }
 
 
+KERNEL_MAX_ROWS = 64
+"""Up to this many activation rows (decode steps, small batches) a CUDA forward runs the Triton
+dequantizing matmul, which reads only the packed weight; more rows (prefill) amortise one
+dequantization into a cuBLAS matmul."""
+
+
 class QuantizedLinear(_PackedWeight):
     """A bias-optional linear layer whose weight [out, in] is stored packed (qweight, scales, zeros).
 
     forward dequantizes the weight to the activation dtype, then runs `F.linear`, so its
-    output equals an `nn.Linear` holding the dequantized weight.
+    output equals an `nn.Linear` holding the dequantized weight; on CUDA with few rows the
+    Triton kernel of `ernie.quant_kernel` computes the same product from the packed codes.
     """
 
     def __init__(
@@ -205,8 +213,14 @@ class QuantizedLinear(_PackedWeight):
         return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        rows = x.numel() // self.in_features
+        if x.is_cuda and rows <= KERNEL_MAX_ROWS and quant_kernel.available():
+            y = quant_kernel.dequant_matmul(
+                x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features
+            )
+            return y if bias is None else y + bias
+        return F.linear(x, self.dequantize(x.dtype), bias)
 
     def spec(self) -> dict:
         return {"kind": "linear", "bias": self.bias is not None, **super().spec()}

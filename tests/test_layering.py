@@ -1,4 +1,4 @@
-"""The layer rules of DESIGN §2: `ernie/` stands alone (PyTorch + safetensors only)."""
+"""The layer rules of DESIGN §2: `ernie/` stands alone (PyTorch + safetensors; Triton, lazily, for CUDA kernels)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ERNIE_ALLOWED_THIRD_PARTY = {"torch", "safetensors"}
+ERNIE_ALLOWED_THIRD_PARTY = {"torch", "safetensors", "triton"}
+"""triton: the GPU kernels' compiler, shipped with CUDA builds of torch (imported lazily, only for CUDA inputs)."""
 FORBIDDEN_EVERYWHERE_IN_ERNIE = {"pipeline", "stages", "ray", "mlflow", "hydra", "omegaconf", "transformers"}
 
 
