@@ -195,6 +195,9 @@ class StageContext:
     num_cpus: float = 1
     num_gpus: float = 0
     work_dir: Path | None = None  # scratch space (resume checkpoints of this cache key)
+    state_uri: str | None = None
+    """Where resume state that every worker (on any node) must reach goes: an fsspec URL under a
+    remote artifact root, kept across attempts of this cache key; None: keep it under `work_dir`."""
     tracking: dict = field(default_factory=dict)  # MLflow URI + run id, for distributed ranks
 
     def input(self, name: str) -> Artifact:

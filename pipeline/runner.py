@@ -183,6 +183,7 @@ def _run_or_reuse(cfg, p: PlannedStage, artifacts, store, tracker, ui, outcome: 
         num_cpus=section.resources.num_cpus,
         num_gpus=section.resources.num_gpus,
         work_dir=store.work_dir(name, p.key),
+        state_uri=store.state_uri(name, p.key),
         tracking={"uri": tracker.uri, "run_id": logger.run_id},
     )
     job = executor.StageJob(

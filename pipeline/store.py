@@ -3,8 +3,10 @@
 Layout under `artifacts.root`:
     {stage}/{cache_key}/...            a finished artifact, `manifest.json` written last
     {stage}/.staging-{key}-{token}/    a stage's output while it runs (local roots)
+    .work/{stage}/{cache_key}/...      resume state every worker reaches (remote roots: the
+                                       pretraining train state); never read as an artifact
     runs/{run_id}.json                 one record per pipeline run (for `ls` / `show`)
-Local working copies of remote artifacts and resume state live under `local_root`.
+Local working copies of remote artifacts and the other resume state live under `local_root`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import fsspec
 from .contract import MANIFEST, SCHEMA_VERSION, Artifact, UserError, file_digest
 
 ROOT = Path(__file__).resolve().parents[1]
+STATE_PREFIX = ".work"
+"""Under a remote root: resume state (a dot name, so no stage and no artifact key can clash with it)."""
 
 
 def cache_key(stage: str, config: Any, code: str, input_keys: dict[str, str], extra: dict | None = None) -> str:
@@ -77,6 +81,11 @@ class ArtifactStore:
     def work_dir(self, stage: str, key: str) -> Path:
         """Resume state of one (stage, cache key), kept across interrupted attempts."""
         return self.local_root / "work" / stage / key
+
+    def state_uri(self, stage: str, key: str) -> str | None:
+        """Resume state of one (stage, cache key) that workers on any node must reach: under a remote
+        root, `{root}/.work/{stage}/{key}`; None under a local root (the local `work_dir` serves)."""
+        return None if self.is_local else f"{self.root}/{STATE_PREFIX}/{stage}/{key}"
 
     def check_writable(self) -> None:
         try:

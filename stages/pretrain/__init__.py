@@ -5,12 +5,13 @@
 Ray Train `TorchTrainer` runs `num_workers` data-parallel ranks (DDP; gloo on CPU, NCCL on
 GPU), each streaming its own shards of the dataset's train split (see data.py; text or VL rows).
 AdamW with warmup + cosine decay, gradient clipping, LM + router losses; validation loss every
-`eval_every` steps. Rank 0 writes the resumable train state to
-`<work_dir>/train_state/` every `checkpoint_every` steps; a rerun with the same cache key
-(same work dir) resumes from it exactly (step, LR, RNG, optimizer, data cursor), and so
-does a worker group that Ray Train restarts after a worker died. The work dir must be
-visible to rank 0 and to every rank on resume, and the dataset to every rank (one node, or a
-shared filesystem).
+`eval_every` steps. Every `checkpoint_every` steps the workers write the resumable train state
+(sharded, torch.distributed.checkpoint) to `<state_uri>/train_state/` (an fsspec URL under a
+remote artifact root, e.g. s3://bucket/prefix/.work/pretrain/KEY/train_state) or, under a
+local root, `<work_dir>/train_state/`; a rerun with the same cache key resumes from it exactly
+(step, LR, RNG, optimizer, data cursor), and so does a worker group that Ray Train restarts
+after a worker died. A local work dir must be visible to every rank (one node, or a shared
+filesystem); so must the dataset.
 
 Output (ckpt): config.json, model.safetensors, generation_config.json, tokenizer/ (copied
 from the dataset), train_state/ (the final train state and its metric history).
@@ -48,7 +49,8 @@ def run(ctx: StageContext) -> StageResult:
     dataset_dir = ctx.input("dataset").local_dir()
     tokenizer_dir = _tokenizer_dir(dataset_dir)
     work_dir = ctx.work_dir or ctx.output_dir.parent / f".{ctx.output_dir.name}.work"
-    streams = _data_streams(cfg, work_dir / "train_state")
+    state_dir = f"{ctx.state_uri}/train_state" if ctx.state_uri else str(work_dir / "train_state")
+    streams = _data_streams(cfg, state_dir)
     unit_rows = _check_dataset(ctx, dataset_dir, streams)
 
     check_cluster(cfg.requested(), "pretrain")
@@ -59,7 +61,7 @@ def run(ctx: StageContext) -> StageResult:
         dataset_dir=str(dataset_dir),
         unit_rows=unit_rows,
         data_streams=streams,
-        state_dir=str(work_dir / "train_state"),
+        state_dir=state_dir,
         fingerprint={
             "pretrain": cfg.fingerprint() | {"data_streams": streams},
             "model": ctx.model.to_dict(),
@@ -90,7 +92,7 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(metrics=metrics, summary=summary)
 
 
-def _data_streams(cfg: Config, state_dir: Path) -> int:
+def _data_streams(cfg: Config, state_dir: str) -> int:
     """The run's data streams: as configured, else those its train state was written with, else the workers."""
     meta = train_state.read_meta(state_dir)
     recorded = meta["fingerprint"]["pretrain"].get("data_streams") if meta else None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -55,6 +54,7 @@ class Job:
     data_streams: int
     """Row streams the train split is dealt into (a multiple of the worker count; see TrainReader)."""
     state_dir: str
+    """The sharded train state: a local directory every worker can reach, or an fsspec URL."""
     fingerprint: dict
     sink: Any = None  # ray.util.queue.Queue for (step, metrics) messages, or None
 
@@ -170,9 +170,9 @@ class WorkerLoop:
             job.unit_rows,
             streams=job.data_streams,
         )
-        extra = train_state.load_sharded(Path(job.state_dir), job.fingerprint, self.model, self.optimizer, self.layout)
+        extra = train_state.load_sharded(job.state_dir, job.fingerprint, self.model, self.optimizer, self.layout)
         self.checkpointer = train_state.ShardedCheckpointer(
-            Path(job.state_dir), self.rank, self.layout, background=cfg.async_checkpoint
+            job.state_dir, self.rank, self.layout, background=cfg.async_checkpoint
         )
         if extra is not None:
             self._restore(extra)
@@ -331,7 +331,7 @@ class WorkerLoop:
             return
         with tempfile.TemporaryDirectory() as tmp:
             save_pretrained(model_from_state_dict(self.job.model, weights, "the trained model"), tmp)
-            shutil.copytree(self.job.state_dir, Path(tmp) / "train_state")
+            train_state.copy_state(self.job.state_dir, Path(tmp) / "train_state")
             (Path(tmp) / "train_state" / HISTORY_FILE).write_text(json.dumps(self.history) + "\n")
             ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 

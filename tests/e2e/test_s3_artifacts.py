@@ -67,9 +67,36 @@ def test_stages_write_and_read_artifacts_on_s3(tmp_path, s3_env):
     assert fs.glob("ernie-test/runs/pretrain/*/config.json")
     assert fs.glob("ernie-test/runs/runs/*.json")
     assert not (tmp_path / "runs" / "artifacts").exists()  # nothing written to the local default root
+    _pretrain_state_is_in_the_bucket_and_resumes(tmp_path, words, env, fs)
     rerun = pipeline(tmp_path, *words, env=env)
     assert rerun.returncode == 0, rerun.stderr
     assert stage_lines(rerun.stdout) == {"data": "cached", "pretrain": "cached"}
+
+
+def _pretrain_state_is_in_the_bucket_and_resumes(tmp_path: Path, words: list[str], env: dict, fs) -> None:
+    """The workers wrote the train state under the root's .work/ prefix, not to local disk; with the
+    artifact deleted (the state kept), a rerun resumes from it at the saved step."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    (artifact,) = [p.rsplit("/", 1)[0] for p in fs.glob("ernie-test/runs/pretrain/*/manifest.json")]
+    key = artifact.rsplit("/", 1)[1]
+    state = f"ernie-test/runs/.work/pretrain/{key}/train_state"
+    meta = json.loads(fs.cat_file(f"{state}/meta.json"))
+    assert meta["step"] == 10 and fs.glob(f"{state}/{meta['dir']}/*.distcp")
+    assert fs.exists(f"{artifact}/train_state/{meta['dir']}/.metadata"), "the artifact holds a copy"
+    assert not [p for p in tmp_path.rglob("*") if p.name == "train_state"], "no train state on local disk"
+
+    fs.rm(artifact, recursive=True)
+    resumed = pipeline(tmp_path, *words, env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert stage_lines(resumed.stdout) == {"data": "cached", "pretrain": "done"}
+    assert fs.exists(f"{artifact}/manifest.json")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ernie-pipeline").experiment_id
+    runs = client.search_runs([experiment], "tags.stage = 'pretrain'", order_by=["attributes.start_time DESC"])
+    assert [r.data.metrics.get("resumed_from_step") for r in runs] == [10.0, None]
 
 
 def test_unwritable_bucket_is_a_clear_error(tmp_path, s3_env):

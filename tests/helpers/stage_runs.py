@@ -9,8 +9,11 @@ from pathlib import Path
 from pipeline.contract import Artifact, MemoryLogger, StageContext
 
 
-def make_ctx(stage, config, model, inputs: dict[str, Path], root: Path, seed: int = 0) -> StageContext:
-    """A stage's context: inputs are local artifact dirs, outputs under `root`, metrics in memory."""
+def make_ctx(
+    stage, config, model, inputs: dict[str, Path], root: Path, seed: int = 0, state_uri: str | None = None
+) -> StageContext:
+    """A stage's context: inputs are local artifact dirs, outputs under `root`, metrics in memory;
+    resume state under `root` too unless `state_uri` (an fsspec URL) says otherwise."""
     artifacts = {name: Artifact(name, str(path), cache_key=f"key-{path.name}") for name, path in inputs.items()}
     return StageContext(
         stage=stage,
@@ -21,6 +24,7 @@ def make_ctx(stage, config, model, inputs: dict[str, Path], root: Path, seed: in
         log=MemoryLogger(),
         seed=seed,
         work_dir=root / "work",
+        state_uri=state_uri,
     )
 
 
