@@ -54,9 +54,11 @@ def plan_stages(cfg: PipelineConfig, store: ArtifactStore, selection: Selection)
         extra = {"seed": cfg.seed, "model": model_cfg}
         if node.evaluated:
             extra["eval"] = cfg.eval
-        keys[node.name] = cache_key(
-            node.name, cfg.section(node.config_path), code_fingerprint(STAGE_MODULES[node.name]), inputs, extra
-        )
+        section = cfg.section(node.config_path)
+        # training stages key on what changes their weights: a rerun on more workers (or with other
+        # resources, checkpoint cadence, ...) finds the artifact, or resumes the train state, of the same key
+        keyed = section.fingerprint() if hasattr(section, "fingerprint") else section
+        keys[node.name] = cache_key(node.name, keyed, code_fingerprint(STAGE_MODULES[node.name]), inputs, extra)
         planned.append(PlannedStage(node, keys[node.name], store.find(node.name, keys[node.name])))
     wanted = set(selection.wanted(nodes))
     by_name = {p.node.name: p for p in planned}

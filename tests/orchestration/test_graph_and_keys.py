@@ -85,3 +85,22 @@ def test_key_changes_when_any_value_changes(config, data):
     name = data.draw(st.sampled_from(sorted(config)))
     changed = {**config, name: config[name] + 1}
     assert cache_key("s", config, "c", {}) != cache_key("s", changed, "c", {})
+
+
+def test_training_keys_ignore_operational_settings_and_follow_the_rest(tmp_path):
+    """More workers, other resources or another checkpoint cadence keep a training stage's key (its
+    artifact is reused, its train state resumed); a setting that changes the weights does not."""
+    from pipeline.config import load
+    from pipeline.graph import Selection
+    from pipeline.runner import make_store, plan_stages
+
+    def keys(*overrides: str) -> dict[str, str]:
+        cfg = load("tiny", [f"artifacts.root={tmp_path}", *overrides])
+        return {p.node.name: p.key for p in plan_stages(cfg, make_store(cfg), Selection())}
+
+    base = keys()
+    operational = keys("pretrain.num_workers=1", "pretrain.checkpoint_every=7", "pretrain.expert_parallel=1")
+    assert operational == base
+    changed = keys("pretrain.lr=0.01")
+    assert changed["data"] == base["data"] and changed["pretrain"] != base["pretrain"]
+    assert changed["sft"] != base["sft"], "downstream keys follow their inputs"
