@@ -6,12 +6,14 @@
 One prefill, then one decode step per token with the KV cache (the loop of
 `ernie.generation.generate`, token by token so that stop strings end it early). A lock
 makes the engine safe to share between a replica's request threads: requests run one at a
-time (batching and PD disaggregation are later work).
+time (batching and PD disaggregation are later work). `stream` yields the text as it is decoded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,14 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+@dataclass
+class Delta:
+    """New text of a streamed completion; the last delta carries the whole `Completion`."""
+
+    text: str
+    completion: Completion | None = None
 
 
 @dataclass
@@ -74,7 +84,18 @@ class Engine:
             text = text.replace(token, "")
         return text
 
-    @torch.no_grad()
+    def check(self, prompt_ids: list[int], max_tokens: int) -> None:
+        """Refuse a request the model cannot serve (before any streaming starts)."""
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        limit = self.config.max_position_embeddings
+        if len(prompt_ids) + max_tokens > limit:
+            raise RequestError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                f"context of {limit} tokens",
+                "max_tokens",
+            )
+
     def complete(
         self,
         prompt_ids: list[int],
@@ -85,19 +106,32 @@ class Engine:
         stop: list[str] | None = None,
         vision: dict[str, torch.Tensor] | None = None,
     ) -> Completion:
-        """`vision`: pixel_values / image_grid_thw of the images whose tokens `prompt_ids` holds."""
-        if not prompt_ids:
-            raise RequestError("the prompt is empty", "prompt")
-        limit = self.config.max_position_embeddings
-        if len(prompt_ids) + max_tokens > limit:
-            raise RequestError(
-                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
-                f"context of {limit} tokens",
-                "max_tokens",
-            )
+        """The whole completion; `vision`: pixel_values / image_grid_thw of the images in `prompt_ids`."""
+        deltas = self.stream(prompt_ids, max_tokens, temperature, top_p, seed, stop, vision)
+        with contextlib.closing(deltas):  # the stream holds the engine's lock until it is closed
+            for delta in deltas:
+                if delta.completion is not None:
+                    return delta.completion
+        raise AssertionError("a stream always ends with its completion")
+
+    def stream(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        vision: dict[str, torch.Tensor] | None = None,
+    ) -> Iterator[Delta]:
+        """The completion as text deltas, the last carrying the `Completion`. Text that could still
+        turn out to begin a stop string, or an unfinished UTF-8 character, is held back until it
+        cannot, so the deltas always add up to the final text."""
+        self.check(prompt_ids, max_tokens)
         stop = [s for s in (stop or []) if s]
         eos = self.config.eos_token_id
-        with self._lock:
+        sent = 0
+        with self._lock, torch.no_grad():
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             cache = KVCache(self.config.num_layers)
             logits = self.model(torch.tensor([prompt_ids]), cache=cache, logits_to_keep=1, **(vision or {})).logits
@@ -107,14 +141,33 @@ class Engine:
                 token = int(sample_next(step_logits, temperature, top_p, generator)[0])
                 new.append(token)
                 if token == eos:
-                    return Completion(self.decode(new[:-1]), len(prompt_ids), len(new), "stop")
-                if stop:
-                    text = self.decode(new)
-                    cut = min((text.find(s) for s in stop if s in text), default=-1)
-                    if cut >= 0:
-                        return Completion(text[:cut], len(prompt_ids), len(new), "stop")
+                    text = self.decode(new[:-1])
+                    yield Delta(text[sent:], Completion(text, len(prompt_ids), len(new), "stop"))
+                    return
+                text = self.decode(new)
+                cut = min((text.find(s) for s in stop if s in text), default=-1)
+                if cut >= 0:
+                    yield Delta(text[sent:cut], Completion(text[:cut], len(prompt_ids), len(new), "stop"))
+                    return
+                ready = len(text) - _held_back(text, stop)
+                if ready > sent:
+                    yield Delta(text[sent:ready], None)
+                    sent = ready
                 logits = self.model(torch.tensor([[token]]), cache=cache).logits
-        return Completion(self.decode(new), len(prompt_ids), len(new), "length")
+        text = self.decode(new)
+        yield Delta(text[sent:], Completion(text, len(prompt_ids), len(new), "length"))
+
+
+def _held_back(text: str, stop: list[str]) -> int:
+    """Characters at the end of `text` not to stream yet: an unfinished UTF-8 character (decoded as
+    U+FFFD), or the longest tail that is the start of a stop string."""
+    held = len(text) - len(text.rstrip("\ufffd"))
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                held = max(held, n)
+                break
+    return held
 
 
 def split_reasoning(text: str) -> tuple[str | None, str]:

@@ -14,6 +14,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+    """A last chunk with no choices and the request's `usage`, as OpenAI sends it."""
+
+
 class _Request(BaseModel):
     # unknown OpenAI fields (user, logit_bias, ...) are accepted and ignored, as vLLM does
     model_config = ConfigDict(extra="allow")
@@ -25,7 +30,9 @@ class _Request(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per prompt for now")
-    stream: Literal[False] = Field(False, description="streaming is not served yet")
+    stream: bool = False
+    """Server-sent events: one chunk per piece of decoded text, then `data: [DONE]`."""
+    stream_options: StreamOptions | None = None
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -134,3 +141,41 @@ def models_response(model: str, root: str) -> dict:
             {"id": model, "object": "model", "created": int(time.time()), "owned_by": "ernie-pipeline", "root": root}
         ],
     }
+
+
+def completion_chunk(request_id: str, model: str, index: int, text: str, finish_reason: str | None) -> dict:
+    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None) -> dict:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def usage_chunk(request_id: str, model: str, kind: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The closing chunk of a stream asked for `stream_options.include_usage`: no choices, the usage."""
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"

@@ -209,3 +209,60 @@ def test_engine_refuses_a_request_beyond_the_context(engine):
 def test_reasoning_is_split_at_the_think_close():
     assert split_reasoning("step one\n</think>\n\n42") == ("step one", "42")
     assert split_reasoning("still thinking") == ("still thinking", "")
+
+
+def _streamed(chunks) -> tuple[str, list, object]:
+    """(the text of a completions stream, its finish reasons, the usage of its last chunk)."""
+    text, reasons, used = "", [], None
+    for chunk in chunks:
+        for choice in chunk.choices:
+            text += choice.text
+            reasons.append(choice.finish_reason)
+        used = chunk.usage or used
+    return text, [r for r in reasons if r], used
+
+
+def test_streamed_completion_adds_up_to_the_whole_one(endpoint):
+    client, _, _ = endpoint
+    for kw in ({"prompt": "1+1=", "max_tokens": 6}, {"prompt": "reverse cat", "max_tokens": 6, "stop": ["a"]}):
+        whole = client.completions.create(model="ernie-test", temperature=0, **kw)
+        chunks = list(
+            client.completions.create(
+                model="ernie-test", temperature=0, stream=True, stream_options={"include_usage": True}, **kw
+            )
+        )
+        text, reasons, used = _streamed(chunks)
+        assert text == whole.choices[0].text and reasons == [whole.choices[0].finish_reason]
+        assert used.prompt_tokens == whole.usage.prompt_tokens
+        assert used.completion_tokens == whole.usage.completion_tokens
+        assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
+
+
+def test_streamed_chat_splits_reasoning_from_the_answer_as_the_whole_reply_does(endpoint):
+    client, _, _ = endpoint
+    messages = [{"role": "user", "content": "2+2="}]
+    for thinking in (False, True):
+        kw = dict(model="ernie-test", messages=messages, max_tokens=8, temperature=0)
+        kw["extra_body"] = {"chat_template_kwargs": {"enable_thinking": thinking}}
+        whole = client.chat.completions.create(**kw).choices[0]
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+        assert content.strip() == whole.message.content
+        assert reasoning.strip() == (getattr(whole.message, "reasoning_content", None) or "")
+        assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == [whole.finish_reason]
+        assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_a_stream_that_cannot_be_served_is_refused_before_it_starts(endpoint):
+    client, _, _ = endpoint
+    with pytest.raises(openai.BadRequestError, match="exceeds the model's context"):
+        client.completions.create(model="ernie-test", prompt="hi", max_tokens=10**5, stream=True)
+
+
+def test_stream_holds_back_text_that_may_begin_a_stop_string():
+    from stages.serve.engine import _held_back
+
+    assert _held_back("abc ST", ["STOP"]) == 2 and _held_back("abc", ["STOP"]) == 0
+    assert _held_back("ab\ufffd", []) == 1
