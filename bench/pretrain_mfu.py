@@ -39,6 +39,7 @@ from model_step import Case, build_hf, build_ours, cases  # noqa: E402
 
 from ernie import ErnieForCausalLM  # noqa: E402
 from ernie.flops import peak_flops, training_flops_per_token  # noqa: E402
+from stages.training.fp8 import apply_fp8  # noqa: E402  (the stage's own FP8 swap)
 
 IMPLS = {"hf": "hf-transformers", "ours": "ours"}
 PROFILE_TOP = 15
@@ -81,25 +82,6 @@ def fp8_support(device: torch.device) -> tuple[bool, str]:
     except Exception as exc:  # ImportError, or a torchao built for another torch
         return False, f"unavailable ({type(exc).__name__}: {str(exc)[:200]})"
     return True, f"available (torchao {getattr(torchao, '__version__', '?')})"
-
-
-def _fp8_filter(module: nn.Module, fqn: str) -> bool:
-    """Convert the decoder layers' linears, except a router gate and shapes torchao's FP8 GEMM cannot take."""
-    leaf = fqn.rsplit(".", 1)[-1]
-    if leaf in ("gate", "lm_head"):
-        return False
-    if isinstance(module, nn.Linear):
-        return module.in_features % 16 == 0 and module.out_features % 16 == 0
-    return True
-
-
-def apply_fp8(model: nn.Module) -> int:
-    """Swap each decoder layer's eligible nn.Linear for torchao's Float8Linear; returns how many were swapped."""
-    from torchao.float8 import convert_to_float8_training
-
-    for layer in model.model.layers:
-        convert_to_float8_training(layer, module_filter_fn=_fp8_filter)
-    return sum(type(m).__name__.startswith("Float8") for m in model.model.layers.modules())
 
 
 # ------------------------------------------------------------------ one variant

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ernie import get_preset
+
 ROOT = Path(__file__).resolve().parents[1]
 WORLD, STEPS = 2, 3
 
@@ -43,7 +45,7 @@ def _kept_bytes(model: torch.nn.Module, train_model: torch.nn.Module, ids: torch
     return kept
 
 
-def _train(rank: int, port: int, name: str, mode: str, out: str) -> None:
+def _train(rank: int, port: int, name: str, mode: str, out: str, fp8: bool = False) -> None:
     sys.path.insert(0, str(ROOT))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -55,6 +57,11 @@ def _train(rank: int, port: int, name: str, mode: str, out: str) -> None:
     cfg = get_preset(name)
     model = ErnieForCausalLM(cfg)
     layout = Layout.build(mode, WORLD, 1, torch.device("cpu"), torch.bfloat16 if mode == "fsdp" else None)
+    fp8_linears = 0
+    if fp8:
+        from stages.training.fp8 import apply_fp8
+
+        fp8_linears = apply_fp8(model)
     train_model = layout.apply(model)
     optimizer = build_optimizer(model, 1e-2, 0.1, (0.9, 0.95))
     compute_dtypes: set[torch.dtype] = set()
@@ -88,8 +95,9 @@ def _train(rank: int, port: int, name: str, mode: str, out: str) -> None:
             "grads": sorted(str(d) for d in grad_dtypes),
             "kept": kept,
             "layer_params": layer_params,
+            "fp8_linears": fp8_linears,
         }
-        torch.save(record, Path(out) / f"{name}-{mode}.pt")
+        torch.save(record, Path(out) / f"{name}-{mode}{'-fp8' if fp8 else ''}.pt")
     del train_model, model, optimizer
     dist.barrier()
     gc.collect()
@@ -109,3 +117,16 @@ def test_fsdp_gathers_layers_in_bf16_and_follows_the_autocast_run(tmp_path, name
     assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=1e-3)
     # autocast keeps a bf16 cast of every layer weight (2 bytes a parameter); gathered units are freed
     assert ddp["kept"] - fsdp["kept"] > 1.5 * ddp["layer_params"], (ddp["kept"], fsdp["kept"])
+
+
+def test_fp8_linears_train_under_fsdp_close_to_bf16(tmp_path):
+    """torchao's Float8Linear in every eligible decoder-layer linear (PyTorch runs FP8 matmuls on CPU
+    too): the run trains and its losses stay within FP8's rounding of the bf16 run's."""
+    runs = {}
+    for fp8 in (False, True):
+        mp.spawn(_train, args=(_free_port(), "tiny_dense", "fsdp", str(tmp_path), fp8), nprocs=WORLD, join=True)
+        runs[fp8] = torch.load(tmp_path / f"tiny_dense-fsdp{'-fp8' if fp8 else ''}.pt", weights_only=True)
+    layers = get_preset("tiny_dense").num_layers
+    assert runs[True]["fp8_linears"] == 7 * layers, "q, k, v, o and the MLP's gate, up, down of every layer"
+    assert runs[True]["losses"] == pytest.approx(runs[False]["losses"], rel=5e-3)
+    assert runs[True]["losses"][-1] != runs[False]["losses"][-1], "the FP8 run is not the bf16 run"

@@ -52,6 +52,9 @@ class Config(TrainingConfig):
     """logits (the output projection's full [tokens, vocab] logits, then cross-entropy) or chunked
     (projection + cross-entropy a chunk of tokens at a time, in forward and backward: the same loss
     and gradients without the largest activation of a 100k-vocabulary model)."""
+    fp8: bool = False
+    """FP8 training linears in the decoder layers (torchao float8, dynamic per-tensor scales; routers,
+    output projection and routed experts stay bf16): stages/training/fp8.py. Needs precision=bf16."""
     compile: bool = False
     """torch.compile each decoder layer (same results up to kernel-fusion rounding; the first steps
     pay the compilation, minutes for large models)."""
@@ -95,6 +98,11 @@ class Config(TrainingConfig):
             raise UserError(f"pretrain.loss_impl={self.loss_impl!r} must be one of {LOSS_IMPLS}")
         if self.recompute not in POLICIES:
             raise UserError(f"pretrain.recompute={self.recompute!r} must be one of {POLICIES}")
+        if self.fp8 and self.precision != "bf16":
+            raise UserError(
+                "pretrain.fp8=true runs FP8 matmuls inside bf16 training; "
+                f"set pretrain.precision=bf16 (not {self.precision!r})"
+            )
         zeros = {"eval_rows": "all", "shuffle_buffer": "file order", "router_bias_rate": "off"}
         zeros["data_streams"] = "the first start's worker count"
         zeros["micro_batch_size"] = "all of the worker's rows at once"

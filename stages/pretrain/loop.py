@@ -29,6 +29,7 @@ from ernie.losses import shifted_targets
 from ernie.moe import update_router_biases
 from pipeline.contract import UserError
 from stages.training import train_state
+from stages.training.fp8 import apply_fp8
 from stages.training.optim import build_optimizer, lr_at, set_lr
 from stages.training.parallel import Layout, compile_layers
 
@@ -148,6 +149,8 @@ class WorkerLoop:
         self.model = ErnieForCausalLM(job.model).to(self.device)
         self.model.recompute = cfg.recompute
         self.model.loss_impl = cfg.loss_impl
+        if cfg.fp8:
+            apply_fp8(self.model)
         if cfg.compile:
             compile_layers(self.model)
         param_dtype = torch.bfloat16 if cfg.precision == "bf16" else None  # fsdp gathers layers in bf16

@@ -768,6 +768,7 @@ def test_upo_restarts_a_crashed_worker_group_to_the_same_weights(sft_run, datase
         ({"batch_size": 9}, "pretrain.batch_size=9"),
         ({"precision": "fp8"}, "pretrain.precision='fp8'"),
         ({"recompute": "all"}, "pretrain.recompute='all'"),
+        ({"fp8": True}, "pretrain.fp8=true runs FP8 matmuls inside bf16 training; set pretrain.precision=bf16"),
         ({"schedule": "linear"}, "pretrain.schedule='linear'"),
         ({"router_bias_rate": -0.1}, "pretrain.router_bias_rate=-0.1"),
         ({"micro_batch_size": -1}, "pretrain.micro_batch_size=-1 must not be negative"),
