@@ -104,6 +104,9 @@ class ErnieForCausalLM(nn.Module):
         self.experts_impl: ExpertsImpl = "auto"
         self.recompute: str = "none"
         """Activation recomputation policy in training (`ernie.recompute.POLICIES`)."""
+        self.recompute_every: int = 1
+        """The policy applies to the layers whose index is a multiple of this (2: every other layer,
+        about half the memory saved for half the extra compute)."""
         self.loss_impl: str = "logits"
         """"logits" | "chunked": chunked never materialises the full logits in training (`ernie.chunked_loss`);
         `out.logits` is then None (with labels, no cache, logits_to_keep 0)."""
@@ -234,8 +237,9 @@ class ErnieForCausalLM(nn.Module):
         policy = self.recompute if self.training and torch.is_grad_enabled() and cache is None else "none"
         if policy not in POLICIES:
             raise ValueError(f"recompute={policy!r} is not one of {POLICIES}")
-        for layer in self.model.layers:
-            x, layer_routing = layer(x, cos_sin, mask, cache, vision_mask, self.experts_impl, policy)
+        for i, layer in enumerate(self.model.layers):
+            layer_policy = policy if i % self.recompute_every == 0 else "none"
+            x, layer_routing = layer(x, cos_sin, mask, cache, vision_mask, self.experts_impl, layer_policy)
             if layer_routing:
                 routing.append(layer_routing)
         x = self.model.norm(x)

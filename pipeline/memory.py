@@ -67,6 +67,7 @@ def training_memory(
     precision: str = "bf16",
     recompute: str = "none",
     loss_impl: str = "logits",
+    recompute_every: int = 1,
 ) -> MemoryPlan:
     total, active = count_params(model_cfg)
     expert_params = _expert_params(model_cfg)
@@ -76,9 +77,11 @@ def training_memory(
     # unless expert parallelism splits them (then FSDP2 leaves them alone)
     experts_per_gpu = expert_params / expert_parallel if expert_parallel > 1 else expert_params / shards
     per_gpu = dense_params / shards + experts_per_gpu
-    kept, transient = activation_bytes(model_cfg, micro_batch * seq_len, precision, recompute, loss_impl)
+    kept, transient = activation_bytes(
+        model_cfg, micro_batch * seq_len, precision, recompute, loss_impl, recompute_every
+    )
     local_experts = experts_per_gpu if expert_parallel > 1 else 0.0
-    copies = sum(working_copy_bytes(model_cfg, total, precision, recompute, shard, local_experts))
+    copies = sum(working_copy_bytes(model_cfg, total, precision, recompute, shard, local_experts, recompute_every))
     return MemoryPlan(
         total_params=total,
         active_params=active,
@@ -94,23 +97,30 @@ LOSS_CHUNK_TOKENS = 4096
 
 
 def activation_bytes(
-    cfg: ErnieConfig, tokens: int, precision: str = "bf16", recompute: str = "none", loss_impl: str = "logits"
+    cfg: ErnieConfig,
+    tokens: int,
+    precision: str = "bf16",
+    recompute: str = "none",
+    loss_impl: str = "logits",
+    recompute_every: int = 1,
 ) -> tuple[float, float]:
     """(bytes kept for backward through one forward of `tokens` tokens, bytes live only while one
-    checkpointed part runs again in backward)."""
+    checkpointed part runs again in backward). `recompute` applies to every `recompute_every`-th layer."""
     element = 3.0 if precision == "bf16" else 4.0
-    layers = [layer_activation_elements(cfg, i) for i in range(cfg.num_layers)]
-    if recompute == "layers":  # each layer keeps its fp32 input; the largest is rebuilt in backward
-        kept = 4.0 * cfg.hidden_size * cfg.num_layers
-        transient = element * max(attention + mlp for attention, mlp in layers)
-    elif recompute == "mlp":  # attention's activations stay, and the fp32 norm and residual before each MLP
-        kept = sum(element * attention + 4.0 * 3 * cfg.hidden_size for attention, _ in layers)
-        transient = element * max(mlp for _, mlp in layers)
-    elif recompute == "none":
-        kept = element * sum(attention + mlp for attention, mlp in layers)
-        transient = 0.0
-    else:
-        raise ValueError(f"unknown recompute policy {recompute!r}")
+    kept, transient = 0.0, 0.0
+    for i in range(cfg.num_layers):
+        attention, mlp = layer_activation_elements(cfg, i)
+        policy = recompute if i % recompute_every == 0 else "none"
+        if policy == "layers":  # the layer keeps its fp32 input and is rebuilt whole in backward
+            kept += 4.0 * cfg.hidden_size
+            transient = max(transient, element * (attention + mlp))
+        elif policy == "mlp":  # attention's activations stay, and the fp32 norm and residual before the MLP
+            kept += element * attention + 4.0 * 3 * cfg.hidden_size
+            transient = max(transient, element * mlp)
+        elif policy == "none":
+            kept += element * (attention + mlp)
+        else:
+            raise ValueError(f"unknown recompute policy {recompute!r}")
     kept += 4.0 * 3 * cfg.hidden_size  # the final norm's input and output, the head's input (fp32)
     logits = 4.0 * cfg.vocab_size * (min(tokens, LOSS_CHUNK_TOKENS) if loss_impl == "chunked" else tokens)
     if loss_impl == "chunked":
@@ -119,7 +129,13 @@ def activation_bytes(
 
 
 def working_copy_bytes(
-    cfg: ErnieConfig, total_params: int, precision: str, recompute: str, shard: bool, local_experts: float = 0.0
+    cfg: ErnieConfig,
+    total_params: int,
+    precision: str,
+    recompute: str,
+    shard: bool,
+    local_experts: float = 0.0,
+    recompute_every: int = 1,
 ) -> tuple[float, float]:
     """(bytes of bf16 weight copies kept from a forward to its backward, bytes alive only while one
     part runs). Autocast casts each weight a matmul uses and autograd keeps the cast; a recomputed
@@ -131,11 +147,12 @@ def working_copy_bytes(
     h = cfg.hidden_size
     head = cfg.vocab_size * h
     layer = (total_params - head) / cfg.num_layers
+    recomputed = 0.0 if recompute == "none" else len(range(0, cfg.num_layers, recompute_every)) / cfg.num_layers
     if shard:
-        kept_experts = local_experts if recompute == "none" else 0.0
-        return 2.0 * kept_experts, 2.0 * (head + 2 * layer)
-    attention = cfg.num_layers * h * (2 * cfg.num_heads * cfg.head_dim + 2 * cfg.num_kv_heads * cfg.head_dim)
-    kept = {"none": total_params, "mlp": attention + head, "layers": head}[recompute]
+        return 2.0 * local_experts * (1 - recomputed), 2.0 * (head + 2 * layer)
+    attention = h * (2 * cfg.num_heads * cfg.head_dim + 2 * cfg.num_kv_heads * cfg.head_dim)
+    kept_of_recomputed = {"none": layer, "mlp": attention, "layers": 0.0}[recompute]
+    kept = head + cfg.num_layers * ((1 - recomputed) * layer + recomputed * kept_of_recomputed)
     return 2.0 * kept, 2.0 * layer * (recompute != "none")
 
 

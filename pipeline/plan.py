@@ -59,7 +59,10 @@ def _print_memory(cfg: PipelineConfig) -> None:
         sharded = hasattr(section, "parallel_for") and section.parallel_for(cfg.model) == "fsdp"
         ep = getattr(section, "expert_parallel", 1)
         recompute, loss_impl = getattr(section, "recompute", "none"), getattr(section, "loss_impl", "logits")
-        plan = training_memory(cfg.model, workers, micro, length, sharded, ep, section.precision, recompute, loss_impl)
+        every = getattr(section, "recompute_every", 1)
+        plan = training_memory(
+            cfg.model, workers, micro, length, sharded, ep, section.precision, recompute, loss_impl, every
+        )
         extra = plan.params_gb / 2 if name == "dpo" else 0.0  # the frozen reference model, bf16
         total = plan.total_gb + extra
         print(

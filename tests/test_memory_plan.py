@@ -49,23 +49,23 @@ CONFIGS = {"tiny_dense": lambda: get_preset("tiny_dense"), "tiny_moe": lambda: g
 CONFIGS |= {f"wider_{name[5:]}": (lambda name=name: _wider(name)) for name in ("tiny_dense", "tiny_moe")}
 
 
-@pytest.mark.parametrize("recompute", POLICIES)
+@pytest.mark.parametrize(("recompute", "every"), [(p, 1) for p in POLICIES] + [("layers", 2), ("mlp", 3)])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_kept_activations_are_within_the_margin_of_the_saved_tensors(name, precision, recompute):
+def test_kept_activations_are_within_the_margin_of_the_saved_tensors(name, precision, recompute, every):
     """Everything autograd keeps from one forward (activations, and under autocast its bf16 weight
     casts) against the plan's kept activations and working copies; measured at 16% or closer."""
     torch.manual_seed(0)
     cfg = CONFIGS[name]()
     model = ErnieForCausalLM(cfg)
-    model.recompute = recompute
+    model.recompute, model.recompute_every = recompute, every
     batch, seq = 2, 64
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     measured = saved_activation_bytes(model, ids, precision)
-    kept, _ = activation_bytes(cfg, batch * seq, precision, recompute)
-    copies, _ = working_copy_bytes(cfg, model.num_params(), precision, recompute, shard=False)
+    kept, _ = activation_bytes(cfg, batch * seq, precision, recompute, recompute_every=every)
+    copies, _ = working_copy_bytes(cfg, model.num_params(), precision, recompute, False, recompute_every=every)
     planned = kept + copies
-    print(f"\n{name} {precision} {recompute}: saved {measured / 2**20:.2f} MiB, plan {planned / 2**20:.2f} MiB")
+    print(f"\n{name} {precision} {recompute}/{every}: saved {measured / 2**20:.2f} MiB, plan {planned / 2**20:.2f} MiB")
     assert abs(planned - measured) <= MARGIN * measured
 
 

@@ -30,6 +30,9 @@ class Config(TrainingConfig):
     recompute: str = "none"
     """Activation recomputation: none, layers (whole decoder layers) or mlp (only the FFN / MoE
     part); trades compute for activation memory, results stay the same."""
+    recompute_every: int = 1
+    """Recompute every this-many-th decoder layer (1 = all; 2 = layers 0, 2, 4, ...: about half
+    the activation memory saved for half the extra compute)."""
     router_bias_rate: float = 1e-3
     """Aux-loss-free balancing: after every step each MoE router's selection bias moves this much
     toward its under-used experts (`ernie.moe.update_router_biases`); 0 turns it off."""
@@ -79,6 +82,8 @@ class Config(TrainingConfig):
         "async_checkpoint",
         "micro_batch_size",
         "expert_parallel",
+        "recompute",
+        "recompute_every",
     }
     """num_workers is operational: the data order follows data_streams (data_streams=0 resolves to
     the first start's worker count, which the train state records). So is expert_parallel: the train
@@ -87,7 +92,7 @@ class Config(TrainingConfig):
 
     def validate(self) -> None:
         """Raise `UserError` naming the first bad field (`pretrain.<field>=<value>`)."""
-        self.check("pretrain", positive=("router_stats_every", "expert_parallel"))
+        self.check("pretrain", positive=("router_stats_every", "expert_parallel", "recompute_every"))
         if self.num_workers % self.expert_parallel:
             raise UserError(
                 f"pretrain.expert_parallel={self.expert_parallel} must divide pretrain.num_workers={self.num_workers}"

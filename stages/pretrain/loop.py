@@ -148,6 +148,7 @@ class WorkerLoop:
         torch.manual_seed(job.seed)
         self.model = ErnieForCausalLM(job.model).to(self.device)
         self.model.recompute = cfg.recompute
+        self.model.recompute_every = cfg.recompute_every
         self.model.loss_impl = cfg.loss_impl
         if cfg.fp8:
             apply_fp8(self.model)
