@@ -169,6 +169,33 @@ def layer_activation_elements(cfg: ErnieConfig, layer: int) -> tuple[int, int]:
     return attention, 3 * h + routed + shared
 
 
+GPU_GIB = 80
+"""The GPU `plan` sizes deployments for (H100 / A100 80 GB)."""
+
+
+def serving_weights_gb(model_cfg: ErnieConfig, bits: int, group_size: int, skip: list[str]) -> float:
+    """GiB of one replica's weights as the quantize stage packs them: the quantized linears and experts
+    at `bits` plus an fp16 scale and a uint8 zero point per group; embeddings, norms, routers and the
+    modules of `skip` (fnmatch over parameter names' modules) in bf16."""
+    from fnmatch import fnmatch
+
+    with torch.device("meta"):
+        model = ErnieForCausalLM(model_cfg)
+    bits_per_weight = bits + (16 + 8) / group_size
+    total = 0.0
+    for name, param in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        kept = any(fnmatch(module, p) or module.startswith(p.rstrip(".*") + ".") for p in skip)
+        packed = param.ndim >= 2 and not kept and "embed_tokens" not in name and not module.endswith(".gate")
+        total += param.numel() * (bits_per_weight / 8 if packed else 2)
+    return total / GiB
+
+
+def min_gpus(weights_gb: float, gpu_gib: float = GPU_GIB, usable: float = 0.9) -> int:
+    """GPUs whose memory (a `usable` share of each, the rest for the runtime) holds the weights."""
+    return max(1, -int(-weights_gb // (usable * gpu_gib)))
+
+
 def _expert_params(cfg: ErnieConfig) -> int:
     if cfg.moe is None:
         return 0

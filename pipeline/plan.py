@@ -5,7 +5,8 @@ from __future__ import annotations
 from .config import PipelineConfig
 from .contract import requested
 from .graph import Selection
-from .memory import micro_batch_rows, training_memory
+from .memory import GPU_GIB, GiB, count_params, micro_batch_rows, min_gpus, serving_weights_gb, training_memory
+from .redact import redact_text
 from .runner import make_store, plan_stages
 
 
@@ -15,7 +16,7 @@ def print_plan(cfg: PipelineConfig, conf: str, selection: Selection, dry_run: bo
     total, active = _counts(cfg)
     print(f"pipeline conf={conf}{' (dry run)' if dry_run else ''}  model {cfg.model.name} ({cfg.model.family})")
     print(f"  parameters: {_human(total)} total, {_human(active)} active per token (embeddings excluded)")
-    print(f"  artifacts:  {cfg.artifacts.root}\n")
+    print(f"  artifacts:  {redact_text(cfg.artifacts.root)}\n")
     print(" -> ".join(p.node.name for p in planned) + "\n")
     print(f"{'stage':9s} {'status':8s} {'key':16s} {'CPUs':>5s} {'GPUs':>5s}  inputs")
     for p in planned:
@@ -69,10 +70,19 @@ def _print_memory(cfg: PipelineConfig) -> None:
             f"  {name:9s} {workers:7d} {f'{micro} x {length}':>11s} {plan.params_gb + extra:9.2f} "
             f"{plan.grads_gb:9.2f} {plan.optimizer_gb:9.2f} {plan.activations_gb:9.2f} {total:9.2f}"
         )
-    weights = training_memory(cfg.model, 1, 1, 1, False).params_gb / 2  # bf16 weights only
+    weights = count_params(cfg.model)[0] * 2 / GiB  # bf16
     print(f"  {'quantize':9s} {1:7d} {'-':>11s} {weights:9.2f} {'':9s} {'':9s} {'':9s} {weights:9.2f}  (bf16 in)")
-    bits = cfg.quantize.bits
+    q = cfg.quantize
+    served = serving_weights_gb(cfg.model, q.bits, q.group_size, list(q.skip))
+    per_replica = max(cfg.serve.replica_gpus, 1)
     print(
-        f"  {'serve':9s} {cfg.serve.num_replicas:7d} {'-':>11s} {weights * bits / 16:9.2f} {'':9s} {'':9s} {'':9s} "
-        f"{weights * bits / 16:9.2f}  (int{bits} weights, before KV cache)"
+        f"  {'serve':9s} {cfg.serve.num_replicas:7d} {'-':>11s} {served / per_replica:9.2f} {'':9s} {'':9s} {'':9s} "
+        f"{served / per_replica:9.2f}  (int{q.bits} g{q.group_size} weights over serve.replica_gpus="
+        f"{cfg.serve.replica_gpus:g}, before KV cache)"
+    )
+    need = min_gpus(served)
+    print(
+        f"\nserving: {served:.1f} GiB of int{q.bits} weights a replica need at least {need} x {GPU_GIB} GiB GPU(s) "
+        f"(90% of each for weights, the rest for KV cache and runtime)"
+        + (f"; serve.replica_gpus={cfg.serve.replica_gpus:g} is too few" if 0 < cfg.serve.replica_gpus < need else "")
     )

@@ -14,7 +14,15 @@ import torch
 
 from ernie import ErnieForCausalLM, get_preset
 from ernie.recompute import POLICIES
-from pipeline.memory import LOSS_CHUNK_TOKENS, GiB, activation_bytes, training_memory, working_copy_bytes
+from pipeline.memory import (
+    LOSS_CHUNK_TOKENS,
+    GiB,
+    activation_bytes,
+    min_gpus,
+    serving_weights_gb,
+    training_memory,
+    working_copy_bytes,
+)
 
 MARGIN = 0.25
 """Stated margin: the estimate is within 25% of the measurement."""
@@ -101,3 +109,15 @@ def test_planned_activations_follow_the_micro_batch_not_the_worker_batch(capsys)
 def test_the_presets_micro_batches_fit_an_80_gib_gpu_with_the_activation_margin(capsys, preset):
     _, activations, total = planned_pretrain(capsys, preset)
     assert total + MARGIN * activations < 80, (preset, total, activations)
+
+
+@pytest.mark.parametrize(("bits", "published_gpus"), [(4, 4), (2, 2)])
+def test_serving_plan_agrees_with_the_published_300b_deployments(bits, published_gpus):
+    """ERNIE-4.5-300B-A47B is published serving W4 on 4 x 80 GB and W2 on 2 x 80 GB (weights and KV
+    cache): the weights alone, packed as our quantize stage packs them, need no more GPUs than that."""
+    cfg = get_preset("ernie_300b")
+    weights = serving_weights_gb(cfg, bits, 32, ["lm_head", "vision_encoder", "adapter"])
+    assert min_gpus(weights) <= published_gpus
+    assert min_gpus(weights) >= published_gpus - 1, "the packed weights are most of a published deployment"
+    vocab = 2 * 0.847e9  # input embedding and output projection (untied), kept in bf16
+    assert weights == pytest.approx(((299.48e9 - vocab) * (bits + 24 / 32) / 8 + vocab * 2) / GiB, rel=0.01)
