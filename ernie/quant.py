@@ -24,7 +24,8 @@ On disk (a qckpt directory):
                                             names; a quantized linear X holds X.qweight,
                                             X.scales, X.zeros; an expert pool X holds
                                             X.gate_up.{qweight,scales,zeros} and X.down.*
-Loading reads safetensors only, so it never unpickles.
+Loading reads safetensors only, so it never unpickles. The same files hold trellis-coded modules
+(`ernie.quant_tcq`: kinds tcq_linear / tcq_experts, tensors qweight and scales, no zeros).
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import quant_kernel
 from .config import ErnieConfig
 from .hf_config import to_hf_config
 from .model import ErnieForCausalLM
-from . import quant_kernel
 from .moe import GroupedExperts
 
 FORMAT = "ernie-packed-int"
@@ -287,15 +288,18 @@ QUANTIZED_MODULES = (QuantizedLinear, QuantizedGroupedExperts)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """name -> quantized module, in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)}
+    """name -> quantized module (integer or trellis-coded, `ernie.quant_tcq`), in model order."""
+    from .quant_tcq import TCQ_MODULES  # quant_tcq builds on this module
+
+    kinds = QUANTIZED_MODULES + TCQ_MODULES
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 
 def quantized_nbytes(module: nn.Module) -> int:
     """Bytes of a quantized module's packed codes, scales and zero points."""
-    if isinstance(module, QuantizedLinear):
-        return module.nbytes()
-    return module.gate_up.nbytes() + module.down.nbytes()
+    if isinstance(module, QuantizedGroupedExperts):
+        return module.gate_up.nbytes() + module.down.nbytes()
+    return module.nbytes()
 
 
 def _module_from_spec(spec: dict) -> nn.Module:
@@ -318,6 +322,10 @@ def _module_from_spec(spec: dict) -> nn.Module:
         return QuantizedGroupedExperts(
             E, H, two_i // 2, gu["bits"], gu["group_size"], scale_dtype(gu), down_group_size=down["group_size"]
         )
+    if spec.get("kind") in ("tcq_linear", "tcq_experts"):
+        from .quant_tcq import tcq_module_from_spec
+
+        return tcq_module_from_spec(spec, scale_dtype)
     raise QuantFormatError(f"unknown quantized module kind {spec.get('kind')!r}")
 
 
@@ -422,7 +430,7 @@ def load_model(
 def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     if dtype is None or not tensor.is_floating_point():
         return tensor
-    keep = name.endswith(".gate.weight") or name.endswith("e_score_correction_bias") or name.endswith(".scales")
+    keep = name.endswith((".gate.weight", "e_score_correction_bias", ".scales"))
     return tensor if keep else tensor.to(dtype)
 
 

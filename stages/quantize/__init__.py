@@ -2,14 +2,15 @@
 
     python -m pipeline run conf=tiny stages=[quantize]
     python -m pipeline run conf=tiny stages=[quantize] quantize.group_size=64 quantize.symmetric=true
+    python -m pipeline run conf=tiny stages=[quantize] quantize.method=tcq quantize.bits=2
 
 Inputs: `ckpt` (HF layout + tokenizer/) and `dataset` (its val rows measure perplexity).
 Output (qckpt): the packed model (`ernie.quant.save_quantized`: config.json, quant_config.json,
 quantized.safetensors), a copy of the tokenizer, `quant_report.json` (bits, group size, method,
-bytes before / after, size ratio, validation perplexity before / after and its delta,
-per-layer weight reconstruction error) and `quant_error.png`; with `quantize.export=[gptq]` (the
-pipeline presets) or `[compressed-tensors]`, the same weights in a layout vLLM loads, under
-`export-<format>/` (stages/quantize/export.py).
+bytes before / after, size ratio, bits per weight counting every stored byte, validation
+perplexity before / after and its delta, per-layer weight reconstruction error) and
+`quant_error.png`; with `quantize.export=[gptq]` (the pipeline presets) or `[compressed-tensors]`,
+the same weights in a layout vLLM loads, under `export-<format>/` (stages/quantize/export.py).
 """
 
 from __future__ import annotations
@@ -37,25 +38,30 @@ from .export import check_export, write_export
 from .gptq import GPTQLog, gptq_weight_quantizer
 from .quality import plot_layer_errors, save_figure
 from .rtn import SCALE_DTYPES, input_dims, quantization_targets, quantize_model
+from .tcq import TCQSettings, quantize_model_tcq, tcq_weight_quantizer
 
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
 OUTPUT_KIND = "qckpt"
-METHODS = ("rtn", "gptq")
-SUPPORTED_BITS = (2, 4, 8)  # the packable widths of ernie.quant; both methods quantize to any of them
+METHODS = ("rtn", "gptq", "tcq")
+SUPPORTED_BITS = (2, 4, 8)  # the packable widths of ernie.quant; rtn and gptq quantize to any of them
+TCQ_BITS = (2, 4)  # tcq's code widths (its point is 2)
+CALIBRATED = ("gptq", "tcq")
 
 
 @dataclass
 class Config:
     method: str = "rtn"
-    """rtn (round-to-nearest on per-group min/max grids) or gptq (error-compensating, from the
-    calibration rows' input Hessians; see stages/quantize/gptq.py)."""
+    """rtn (round-to-nearest on per-group min/max grids), gptq (error-compensating, from the
+    calibration rows' input Hessians; see stages/quantize/gptq.py) or tcq (trellis-coded: 2-bit codes
+    of a convolutional code, Viterbi-searched under GPTQ's feedback; see stages/quantize/tcq.py)."""
     bits: int = 4
-    """Bits per weight code: 2, 4 or 8."""
+    """Stored code bits per weight: 2, 4 or 8 (tcq: 2 or 4). Scales, zero points and tcq's lead-in
+    codes come on top: the report's bits_per_weight counts every stored byte."""
     group_size: int = 32
-    """Weights sharing one scale / zero point, along the input dim; must divide every quantized
-    layer's input features."""
+    """Weights sharing one scale (rtn / gptq: and zero point), along the input dim; must divide every
+    quantized layer's input features."""
     symmetric: bool = False
-    """Symmetric groups (zero point fixed at 2**(bits-1)) instead of min/max asymmetric ones."""
+    """rtn / gptq: symmetric groups (zero point fixed at 2**(bits-1)) instead of min/max asymmetric ones."""
     skip: list[str] = field(default_factory=lambda: ["lm_head", "vision_encoder", "adapter"])
     """Module names (fnmatch patterns; a parent's name covers its children) kept in full precision.
     Routers, norms and embeddings are never quantized."""
@@ -64,15 +70,22 @@ class Config:
     eval_rows: int = 64
     """Validation rows used for the perplexity before / after (0 = all of them)."""
     calibration_rows: int = 64
-    """gptq: training rows of the dataset whose tokens (text and image) give each layer's inputs."""
+    """gptq / tcq: training rows of the dataset whose tokens (text and image) give each layer's inputs."""
     damp: float = 0.01
-    """gptq: share of the mean Hessian diagonal added to the diagonal."""
+    """gptq / tcq: share of the mean Hessian diagonal added to the diagonal."""
     act_order: bool = False
     """gptq: quantize the most active input columns first (grids set before any update)."""
     block_size: int = 128
-    """gptq: columns per lazy update block (speed only)."""
+    """gptq: columns per lazy update block (speed only). tcq: columns per Viterbi block, a multiple of
+    group_size (memory: rows x 2**(window_bits - bits) x block_size floats per weight)."""
     min_expert_tokens: int = 16
-    """gptq: a routed expert that saw fewer calibration tokens takes its pool's Hessian."""
+    """gptq / tcq: a routed expert that saw fewer calibration tokens takes its pool's Hessian."""
+    window_bits: int = 10
+    """tcq: bits of the window a weight's value is read from (its own code and the ones before it): a
+    multiple of bits, giving 2**(window_bits - bits) trellis states (at most 4096); more states, lower
+    error, proportionally slower."""
+    scale_updates: int = 1
+    """tcq: least-squares refits of each block's scales, each followed by a new Viterbi search."""
     batch_size: int = 8
     """Rows per forward pass while measuring perplexity."""
     export: list[str] = field(default_factory=list)
@@ -85,6 +98,8 @@ class Config:
 def validate(cfg: Config) -> None:
     if cfg.method not in METHODS:
         raise UserError(f"quantize.method={cfg.method!r} is not a known method; available: {', '.join(METHODS)}")
+    if cfg.method == "tcq":
+        _validate_tcq(cfg)
     if cfg.bits not in SUPPORTED_BITS:
         raise UserError(
             f"quantize.bits={cfg.bits} is not supported: the {cfg.method} method writes "
@@ -94,7 +109,7 @@ def validate(cfg: Config) -> None:
         raise UserError(f"quantize.group_size={cfg.group_size} must be a positive number of weights")
     if cfg.scale_dtype not in SCALE_DTYPES:
         raise UserError(f"quantize.scale_dtype={cfg.scale_dtype!r} must be one of {', '.join(SCALE_DTYPES)}")
-    if cfg.method == "gptq":
+    if cfg.method in CALIBRATED:
         if cfg.calibration_rows <= 0 or not 0 <= cfg.damp < 1 or cfg.block_size <= 0 or cfg.min_expert_tokens < 0:
             raise UserError(
                 f"quantize.calibration_rows={cfg.calibration_rows} and quantize.block_size={cfg.block_size} must be "
@@ -103,6 +118,26 @@ def validate(cfg: Config) -> None:
     check_export(list(cfg.export), cfg.bits, cfg.method)
     if cfg.eval_rows < 0 or cfg.batch_size <= 0:
         raise UserError(f"quantize.eval_rows={cfg.eval_rows} must be >= 0 and quantize.batch_size={cfg.batch_size} > 0")
+
+
+def _validate_tcq(cfg: Config) -> None:
+    if cfg.bits not in TCQ_BITS:
+        raise UserError(
+            f"quantize.bits={cfg.bits} is not supported by quantize.method=tcq: it codes 2 or 4 bits per weight"
+        )
+    for key in ("symmetric", "act_order"):
+        if getattr(cfg, key):
+            raise UserError(
+                f"quantize.{key}=True applies to rtn / gptq grids; tcq has no zero points and codes the columns "
+                "in input order: leave it false"
+            )
+    problem = _tcq_settings(cfg).problem()
+    if problem:
+        raise UserError(f"quantize.method=tcq: quantize.{problem}")
+
+
+def _tcq_settings(cfg: Config) -> TCQSettings:
+    return TCQSettings(cfg.bits, cfg.window_bits, cfg.group_size, cfg.block_size, cfg.scale_updates, cfg.damp)
 
 
 def check_group_size(model, cfg: Config) -> None:
@@ -141,20 +176,22 @@ def run(ctx: StageContext) -> StageResult:
     loss_before, n_tokens = val_loss(model, rows, cfg.batch_size)
     ctx.progress.update(1, "quantizing")
     model_bytes_before = _state_bytes(model)
+    weights = sum(p.numel() for m in targets.values() for n, p in m.named_parameters() if n != "bias")
     t0 = time.perf_counter()
     quantize_weight, calibration_report = None, dict
-    if cfg.method == "gptq":
-        quantize_weight, calibration_report = _gptq(ctx, cfg, model, targets, dataset_dir)
-    stats = quantize_model(
-        model,
-        cfg.bits,
-        cfg.group_size,
-        cfg.symmetric,
-        cfg.skip,
-        SCALE_DTYPES[cfg.scale_dtype],
-        on_layer=lambda s: ctx.progress.update(1, s.name),
-        quantize_weight=quantize_weight,
-    )
+    if cfg.method in CALIBRATED:
+        quantize_weight, calibration_report = _calibrated(ctx, cfg, model, targets, dataset_dir)
+
+    def on_layer(stats) -> None:
+        ctx.progress.update(1, stats.name)
+
+    scale_dtype = SCALE_DTYPES[cfg.scale_dtype]
+    if cfg.method == "tcq":
+        stats = quantize_model_tcq(model, targets, quantize_weight, _tcq_settings(cfg), scale_dtype, on_layer)
+    else:
+        stats = quantize_model(
+            model, cfg.bits, cfg.group_size, cfg.symmetric, cfg.skip, scale_dtype, on_layer, quantize_weight
+        )
     quantize_seconds = time.perf_counter() - t0
     calibration = calibration_report()
     loss_after, _ = val_loss(model, rows, cfg.batch_size)
@@ -170,6 +207,14 @@ def run(ctx: StageContext) -> StageResult:
     }
     if cfg.method == "gptq":
         quant_config |= {"damp": cfg.damp, "act_order": cfg.act_order, "calibration_rows": cfg.calibration_rows}
+    if cfg.method == "tcq":
+        quant_config |= {
+            "window_bits": cfg.window_bits,
+            "block_size": cfg.block_size,
+            "scale_updates": cfg.scale_updates,
+            "damp": cfg.damp,
+            "calibration_rows": cfg.calibration_rows,
+        }
     save_quantized(model, out, quant_config)
     _copy_tokenizer(ckpt_dir, dataset_dir, out)
     for fmt in cfg.export:
@@ -186,6 +231,7 @@ def run(ctx: StageContext) -> StageResult:
         "bytes_before": bytes_before,
         "bytes_after": bytes_after,
         "size_ratio": bytes_after / bytes_before,
+        "bits_per_weight": 8 * bytes_after / weights,  # codes, scales, zero points, lead-ins: all of it
         "model_bytes_before": model_bytes_before,
         "model_bytes_after": model_bytes_after,
         "model_size_ratio": model_bytes_after / model_bytes_before,
@@ -229,28 +275,34 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(metrics=metrics, summary=summary, extra={"report": "quant_report.json"})
 
 
-def _gptq(ctx: StageContext, cfg: Config, model, targets: dict, dataset_dir: Path) -> tuple:
-    """GPTQ's per-weight quantizer from one calibration pass over the dataset's training rows, and
-    what goes in the report: tokens seen, per-expert token counts, fallbacks."""
+def _calibrated(ctx: StageContext, cfg: Config, model, targets: dict, dataset_dir: Path) -> tuple:
+    """GPTQ's or TCQ's per-weight quantizer from one calibration pass over the dataset's training rows,
+    and what goes in the report: tokens seen, per-expert token counts, fallbacks."""
     train = dataset_dir / "train"
     if not train.is_dir():
-        raise UserError(f"quantize.method=gptq calibrates on the dataset's train rows, and {train} does not exist")
+        raise UserError(
+            f"quantize.method={cfg.method} calibrates on the dataset's train rows, and {train} does not exist"
+        )
     rows = list(itertools.islice(iter_rows(train), cfg.calibration_rows))
     batches = (collate(rows[i : i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size))
     ctx.progress.update(0, "calibrating")
     calibration = collect(model, targets, batches)
     log = GPTQLog()
-    quantizer = gptq_weight_quantizer(
-        calibration,
-        cfg.bits,
-        cfg.symmetric,
-        cfg.damp,
-        cfg.act_order,
-        cfg.block_size,
-        cfg.min_expert_tokens,
-        SCALE_DTYPES[cfg.scale_dtype],
-        log,
-    )
+    scale_dtype = SCALE_DTYPES[cfg.scale_dtype]
+    if cfg.method == "tcq":
+        quantizer = tcq_weight_quantizer(calibration, _tcq_settings(cfg), cfg.min_expert_tokens, scale_dtype, log)
+    else:
+        quantizer = gptq_weight_quantizer(
+            calibration,
+            cfg.bits,
+            cfg.symmetric,
+            cfg.damp,
+            cfg.act_order,
+            cfg.block_size,
+            cfg.min_expert_tokens,
+            scale_dtype,
+            log,
+        )
 
     def report() -> dict:  # read once the weights are quantized, when the fallbacks are known
         return {
@@ -259,7 +311,7 @@ def _gptq(ctx: StageContext, cfg: Config, model, targets: dict, dataset_dir: Pat
             "experts_pooled": sum(log.pooled_experts.values()),
             "layers_uncalibrated": len(log.uncalibrated),
             "expert_tokens": {name: stats.tokens for name, stats in calibration.experts.items()},
-            "gptq_fallbacks": asdict(log),
+            f"{cfg.method}_fallbacks": asdict(log),
         }
 
     return quantizer, report
