@@ -62,3 +62,35 @@ def test_posttrain_throughput_smoke_measures_ours_and_trl_on_the_same_tokens(tmp
     assert len({(r["tokens"], r["tokens_all_steps"], r["supervised_tokens"]) for r in sft_runs}) == 1
     assert 0 < records["sft", "ours"]["supervised_tokens"] < records["sft", "ours"]["tokens"]
     assert abs(records["sft", "ours"]["loss_step1"] - records["sft", "trl"]["loss_step1"]) < 1e-4
+
+
+def test_serve_load_smoke_measures_our_engine_and_hf_generate_on_the_same_requests(tmp_path):
+    out = tmp_path / "serve_load.json"
+    subprocess.run(
+        [sys.executable, "bench/serve_load.py", "--smoke", "--out", str(out)], cwd=ROOT, check=True, timeout=300
+    )
+    report = json.loads(out.read_text())
+    records = {(r["impl"], r["streams"]): r for r in report["records"]}
+    assert set(records) == {(impl, streams) for impl in ("ours", "hf-generate") for streams in (1, 4)}
+    for streams in (1, 4):
+        ours, hf = records["ours", streams], records["hf-generate", streams]
+        assert ours["requests"] == hf["requests"] and ours["tokens"] == hf["tokens"] > 0
+        assert ours["same_tokens_as_hf"] == 1.0  # greedy on the same checkpoint: the same tokens
+        assert all(r["tokens_per_s"] > 0 and r["ttft_ms"]["p50"] > 0 and r["tpot_ms"]["p99"] > 0 for r in (ours, hf))
+    assert records["ours", 4]["scheduler"]["max_batch"] > 1  # concurrent streams were batched
+
+
+def test_quant_quality_smoke_runs_the_stage_per_method_on_one_checkpoint(tmp_path):
+    out = tmp_path / "quant_quality.json"
+    subprocess.run(
+        [sys.executable, "bench/quant_quality.py", "--smoke", "--work", str(tmp_path), "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+    )
+    report = json.loads(out.read_text())
+    records = {r["method"]: r for r in report["records"]}
+    assert set(records) == {"rtn-4", "gptq-2 (g16)"}
+    assert len({r["ppl_before"] for r in records.values()}) == 1, "one checkpoint, measured once per method alike"
+    assert records["rtn-4"]["bits_per_weight"] > records["gptq-2 (g16)"]["bits_per_weight"]
+    assert all(r["ppl_after"] > 0 and r["task_accuracy_after"] is not None for r in records.values())

@@ -49,6 +49,14 @@ class Config:
     """GPUs reserved per replica."""
     max_tokens: int = 64
     """Completion length when a request gives no max_tokens."""
+    kv_cache_tokens: int = 65536
+    """KV cache budget of a replica, in token slots: running requests x the longest one's cached tokens
+    (rows are left-padded to one length). A request waits in the queue until the batch's planned peak
+    with it stays within the budget; one whose prompt plus max_tokens exceeds it alone gets a 400.
+    Memory per slot: 2 x layers x kv_heads x head_dim x bytes per value (0.3B in bf16: 18 KiB)."""
+    max_batch: int = 64
+    """Most requests a replica decodes together (continuous batching); more wait in the queue. Each
+    replica also takes this many HTTP requests at once (Ray Serve's max_ongoing_requests)."""
     smoke_requests: int = 5
     """Completion requests timed by the smoke test (latency percentiles)."""
     smoke_prompt: str = "1+2="
@@ -78,6 +86,14 @@ def validate(cfg: Config) -> None:
         (0 < cfg.port < 65536, "port", cfg.port, "must be a TCP port (1-65535)"),
         (cfg.num_replicas >= 1, "num_replicas", cfg.num_replicas, "must be at least 1"),
         (cfg.max_tokens >= 1, "max_tokens", cfg.max_tokens, "must be at least 1"),
+        (cfg.max_batch >= 1, "max_batch", cfg.max_batch, "must be at least 1"),
+        (
+            cfg.kv_cache_tokens > max(cfg.max_tokens, cfg.smoke_max_tokens),
+            "kv_cache_tokens",
+            cfg.kv_cache_tokens,
+            f"must exceed max_tokens and smoke_max_tokens ({max(cfg.max_tokens, cfg.smoke_max_tokens)}): a request "
+            "needs room for its prompt and its completion",
+        ),
         (cfg.smoke_requests >= 1, "smoke_requests", cfg.smoke_requests, "must be at least 1"),
         (cfg.smoke_max_tokens >= 1, "smoke_max_tokens", cfg.smoke_max_tokens, "must be at least 1"),
         (cfg.replica_cpus >= 0 and cfg.replica_gpus >= 0, "replica_cpus", cfg.replica_cpus, "must be >= 0"),
@@ -131,8 +147,11 @@ def start(model_dir: Path, tokenizer_path: Path, cfg: Config, model_name: str) -
         raise UserError(f"serve.port={cfg.port} is already in use on {cfg.host}; pick another with serve.port=...")
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     actor_options = {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus}
-    deployment = OpenAIServer.options(num_replicas=cfg.num_replicas, ray_actor_options=actor_options)
-    app = deployment.bind(str(model_dir), str(tokenizer_path), model_name, cfg.max_tokens)
+    deployment = OpenAIServer.options(
+        num_replicas=cfg.num_replicas, ray_actor_options=actor_options, max_ongoing_requests=cfg.max_batch
+    )
+    scheduling = {"kv_cache_tokens": cfg.kv_cache_tokens, "max_batch": cfg.max_batch}
+    app = deployment.bind(str(model_dir), str(tokenizer_path), model_name, cfg.max_tokens, scheduling)
     serve.run(app, name=cfg.app_name, route_prefix="/")
     url = f"http://{cfg.host}:{cfg.port}"
     _wait_ready(f"{url}/v1/models", cfg.ready_timeout_s)

@@ -86,8 +86,16 @@ def _sse(events: Iterator[dict]) -> StreamingResponse:
 class OpenAIServer:
     """One replica: the model (quantized or not) and tokenizer, loaded once."""
 
-    def __init__(self, model_dir: str, tokenizer_path: str, model_name: str, default_max_tokens: int) -> None:
-        self.engine = Engine.load(model_dir, tokenizer_path)
+    def __init__(
+        self,
+        model_dir: str,
+        tokenizer_path: str,
+        model_name: str,
+        default_max_tokens: int,
+        scheduling: dict | None = None,
+    ) -> None:
+        """`scheduling`: the engine's kv_cache_tokens and max_batch (serve.Config)."""
+        self.engine = Engine.load(model_dir, tokenizer_path, **(scheduling or {}))
         self.model_name, self.default_max_tokens = model_name, default_max_tokens
 
     def _check_model(self, requested: str | None) -> None:
@@ -103,7 +111,7 @@ class OpenAIServer:
         try:
             max_tokens = max_tokens or self.default_max_tokens
             return self.engine.complete(
-                prompt_ids, max_tokens, req.temperature, req.top_p, req.seed, req.stop_list(), vision
+                prompt_ids, max_tokens, req.temperature, req.top_p, req.seed, req.stop_list(), vision, req.top_k
             )
         except RequestError as err:
             raise APIError(400, str(err), param=err.param) from None
@@ -165,7 +173,9 @@ class OpenAIServer:
             raise APIError(400, str(err), param=err.param) from None
 
     def _stream(self, prompt_ids: list[int], req, max_tokens: int, vision: dict | None = None):
-        return self.engine.stream(prompt_ids, max_tokens, req.temperature, req.top_p, req.seed, req.stop_list(), vision)
+        return self.engine.stream(
+            prompt_ids, max_tokens, req.temperature, req.top_p, req.seed, req.stop_list(), vision, req.top_k
+        )
 
     def _completion_chunks(self, prompts: list[list[int]], req, max_tokens: int) -> Iterator[dict]:
         request_id, used = new_id("cmpl"), [0, 0]

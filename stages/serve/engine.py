@@ -1,28 +1,32 @@
-"""The serving engine: a loaded model + tokenizer that turns one prompt into one completion.
+"""The serving engine: a loaded model + tokenizer that turns prompts into completions.
 
     engine = Engine.load("out/qckpt", "out/qckpt/tokenizer/tokenizer.json")
     result = engine.complete(engine.encode("2+3="), max_tokens=8, temperature=0.0)
 
-One prefill, then one decode step per token with the KV cache (the loop of
-`ernie.generation.generate`, token by token so that stop strings end it early). A lock
-makes the engine safe to share between a replica's request threads: requests run one at a
-time (batching and PD disaggregation are later work). `stream` yields the text as it is decoded.
+Requests from any number of threads are batched continuously by the engine's `Scheduler`
+(stages/serve/scheduler.py): each is prefilled alone, then joins the running batch, which takes
+one KV-cached decode step per token for all its rows; the cached tokens stay within
+`kv_cache_tokens` (a request waits in the queue until it fits) and the batch within `max_batch`
+rows. `stream` turns a request's tokens into text deltas (stop strings end it early and free its
+rows, as does closing the stream).
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ernie.cache import KVCache
 from ernie.chat_template import SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN
-from ernie.generation import sample_next, without_vision_tokens
 from ernie.quant import is_quantized_dir, load_model
+
+from .scheduler import SamplingParams, Scheduler
+
+DEFAULT_KV_CACHE_TOKENS = 65536
+DEFAULT_MAX_BATCH = 64
 
 
 class RequestError(ValueError):
@@ -51,27 +55,45 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, model_dir: str = "", image_settings: dict | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        model_dir: str = "",
+        image_settings: dict | None = None,
+        kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
         from .images import RequestImages  # images builds on this module's RequestError
 
         self.model, self.tokenizer, self.model_dir = model.eval(), tokenizer, model_dir
         self.config = model.config
         self.quantized = bool(model_dir) and is_quantized_dir(model_dir)
-        self._lock = threading.Lock()
+        self.kv_cache_tokens = kv_cache_tokens
+        self.scheduler = Scheduler(self.model, kv_cache_tokens, max_batch)
+        """Owns the model from its own thread once the first request comes."""
         self._drop = [t for t in SPECIAL_TOKENS if t not in (THINK_OPEN, THINK_CLOSE)]
         self.images = RequestImages(self.config, image_settings)
         """Request images -> widened prompt ids and vision inputs (resize bounds `image_settings`)."""
 
     @classmethod
-    def load(cls, model_dir: str | Path, tokenizer_path: str | Path) -> Engine:
-        """The model of `model_dir` and the tokenizer; image bounds from the model's artifact, else from
-        the artifact the tokenizer came from (the dataset: <artifact>/tokenizer/tokenizer.json)."""
+    def load(
+        cls, model_dir: str | Path, tokenizer_path: str | Path, dtype: torch.dtype | None = None, **scheduling
+    ) -> Engine:
+        """The model of `model_dir` (in `dtype`, else as stored) and the tokenizer; image bounds from the
+        model's artifact, else from the artifact the tokenizer came from (the dataset:
+        <artifact>/tokenizer/tokenizer.json). `scheduling`: kv_cache_tokens, max_batch."""
         from tokenizers import Tokenizer
 
         from .images import find_image_settings
 
         settings = find_image_settings(Path(model_dir), Path(tokenizer_path).resolve().parents[1])
-        return cls(load_model(model_dir), Tokenizer.from_file(str(tokenizer_path)), str(model_dir), settings)
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        return cls(load_model(model_dir, dtype), tokenizer, str(model_dir), settings, **scheduling)
+
+    def close(self) -> None:
+        """Stop the scheduler's thread; requests still queued or running get an error."""
+        self.scheduler.close()
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special-token strings in it (BOS, think tags) become their ids."""
@@ -95,6 +117,12 @@ class Engine:
                 f"context of {limit} tokens",
                 "max_tokens",
             )
+        if len(prompt_ids) + max_tokens > self.kv_cache_tokens:
+            raise RequestError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the server's KV "
+                f"cache budget of {self.kv_cache_tokens} tokens (serve.kv_cache_tokens)",
+                "max_tokens",
+            )
 
     def complete(
         self,
@@ -105,10 +133,11 @@ class Engine:
         seed: int | None = None,
         stop: list[str] | None = None,
         vision: dict[str, torch.Tensor] | None = None,
+        top_k: int = 0,
     ) -> Completion:
         """The whole completion; `vision`: pixel_values / image_grid_thw of the images in `prompt_ids`."""
-        deltas = self.stream(prompt_ids, max_tokens, temperature, top_p, seed, stop, vision)
-        with contextlib.closing(deltas):  # the stream holds the engine's lock until it is closed
+        deltas = self.stream(prompt_ids, max_tokens, temperature, top_p, seed, stop, vision, top_k)
+        with contextlib.closing(deltas):  # closing an unfinished stream frees its rows in the batch
             for delta in deltas:
                 if delta.completion is not None:
                     return delta.completion
@@ -123,22 +152,21 @@ class Engine:
         seed: int | None = None,
         stop: list[str] | None = None,
         vision: dict[str, torch.Tensor] | None = None,
+        top_k: int = 0,
     ) -> Iterator[Delta]:
         """The completion as text deltas, the last carrying the `Completion`. Text that could still
         turn out to begin a stop string, or an unfinished UTF-8 character, is held back until it
-        cannot, so the deltas always add up to the final text."""
+        cannot, so the deltas always add up to the final text. A request that cannot be served is
+        refused here (`RequestError`); it is queued when the stream is first read."""
         self.check(prompt_ids, max_tokens)
-        stop = [s for s in (stop or []) if s]
-        eos = self.config.eos_token_id
-        sent = 0
-        with self._lock, torch.no_grad():
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
-            cache = KVCache(self.config.num_layers)
-            logits = self.model(torch.tensor([prompt_ids]), cache=cache, logits_to_keep=1, **(vision or {})).logits
-            new: list[int] = []
-            for _ in range(max_tokens):
-                step_logits = without_vision_tokens(logits[:, -1], self.config)
-                token = int(sample_next(step_logits, temperature, top_p, generator)[0])
+        params = SamplingParams(max_tokens, temperature, top_p, top_k, seed)
+        return self._deltas(prompt_ids, params, [s for s in (stop or []) if s], vision)
+
+    def _deltas(self, prompt_ids: list[int], params: SamplingParams, stop: list[str], vision) -> Iterator[Delta]:
+        seq = self.scheduler.submit(prompt_ids, params, vision)
+        eos, sent, new = self.config.eos_token_id, 0, []
+        try:
+            for token in seq.tokens():
                 new.append(token)
                 if token == eos:
                     text = self.decode(new[:-1])
@@ -147,15 +175,17 @@ class Engine:
                 text = self.decode(new)
                 cut = min((text.find(s) for s in stop if s in text), default=-1)
                 if cut >= 0:
+                    seq.cancel()  # before the last delta: the rows are freed even if nobody reads on
                     yield Delta(text[sent:cut], Completion(text[:cut], len(prompt_ids), len(new), "stop"))
                     return
                 ready = len(text) - _held_back(text, stop)
                 if ready > sent:
                     yield Delta(text[sent:ready], None)
                     sent = ready
-                logits = self.model(torch.tensor([[token]]), cache=cache).logits
-        text = self.decode(new)
-        yield Delta(text[sent:], Completion(text, len(prompt_ids), len(new), "length"))
+            text = self.decode(new)
+            yield Delta(text[sent:], Completion(text, len(prompt_ids), len(new), "length"))
+        finally:
+            seq.cancel()  # a no-op once finished; a closed stream (client gone) leaves the batch
 
 
 def _held_back(text: str, stop: list[str]) -> int:

@@ -27,6 +27,8 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)
+    """Sample among the k most likely tokens (vLLM's field); 0 or -1: off."""
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per prompt for now")

@@ -1,0 +1,280 @@
+"""Continuous batching: one thread owns the model and decodes every running request in one batch.
+
+    scheduler = Scheduler(model, kv_cache_tokens=65536, max_batch=64)
+    seq = scheduler.submit(prompt_ids, SamplingParams(max_tokens=16, temperature=0.0))
+    for token in seq.tokens(): ...                  # as the scheduler samples them
+    seq.cancel()                                    # a client went away: its rows are freed
+
+Each iteration of the scheduler's thread:
+  1. drops cancelled requests (queued or running) and trims the cache columns nobody uses;
+  2. admits queued requests in arrival order while the batch has room (`max_batch` rows) and the
+     KV budget holds (`kv_cache_tokens`, see `peak_cached_tokens`): each is prefilled alone into
+     its own `KVCache`, its first token sampled, and the cache merged into the batch's
+     (`KVCache.merge` left-pads the shorter side);
+  3. runs ONE decode step for all running rows (each row's last token; positions per row from the
+     cache), samples each row with its own parameters and generator, and removes finished rows
+     (eos or max_tokens) with `KVCache.reorder` + `KVCache.trim`.
+
+A request's tokens go out on its own queue; `Engine.stream` turns them into text deltas. Requests
+are independent: a row's logits depend only on its own tokens (padding is masked, MoE routing is
+per token), and each request samples from its own generator, so a seeded request draws the same
+tokens batched or alone.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ernie.cache import KVCache
+from ernie.generation import sample_next, without_vision_tokens
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    """0: greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """Sample among the k most likely tokens only (ties at the k-th kept); 0 or less: off."""
+    seed: int | None = None
+    """Seeds this request's own generator: the same samples whatever else runs in the batch."""
+
+
+class Sequence:
+    """One request inside the scheduler: its inputs, its tokens so far and the queue they go out on."""
+
+    def __init__(
+        self, prompt_ids: list[int], params: SamplingParams, vision: dict | None, eos: int, device="cpu"
+    ) -> None:
+        self.prompt_ids, self.params, self.vision, self.eos = prompt_ids, params, vision or {}, eos
+        seed = params.seed
+        self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        self.tokens_so_far: list[int] = []
+        self.steps: list[int] = []
+        """The scheduler's decode step count when each token was sampled (interleaving is visible here)."""
+        self.cancelled = False
+        self._out: queue.Queue = queue.Queue()
+
+    @property
+    def finished(self) -> bool:
+        done = self.tokens_so_far and (self.tokens_so_far[-1] == self.eos)
+        return self.cancelled or bool(done) or len(self.tokens_so_far) >= self.params.max_tokens
+
+    @property
+    def cached(self) -> int:
+        """Real tokens this request holds in the KV cache: the prompt and every token fed back."""
+        return len(self.prompt_ids) + max(len(self.tokens_so_far) - 1, 0)
+
+    @property
+    def steps_left(self) -> int:
+        """Decode steps this request may still take part in."""
+        return self.params.max_tokens - max(len(self.tokens_so_far), 1)
+
+    def cancel(self) -> None:
+        """Stop generating (a no-op once finished); the scheduler frees the rows at its next step."""
+        self.cancelled = True
+
+    def tokens(self) -> Iterator[int]:
+        """The generated tokens as they come, up to eos or max_tokens; a scheduler error is raised here."""
+        for _ in range(self.params.max_tokens):
+            item = self._out.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item == self.eos:
+                return
+
+    def _emit(self, token: int, step: int) -> None:
+        self.tokens_so_far.append(token)
+        self.steps.append(step)
+        self._out.put(token)
+
+
+@dataclass
+class SchedulerStats:
+    """What the scheduler did, for tests and benchmarks."""
+
+    decode_steps: int = 0
+    prefills: int = 0
+    max_batch: int = 0
+    """Largest batch one decode step ran."""
+    max_cached_tokens: int = 0
+    """Most key slots (rows x padded length, prefills included) held at once; never above the budget."""
+    row_steps: int = 0
+    """Rows summed over decode steps (row_steps / decode_steps: the mean batch)."""
+
+
+def peak_cached_tokens(rows: list[tuple[int, int]]) -> int:
+    """The most key slots a batch will hold from now on, for rows of (cached tokens, decode steps left).
+
+    After t more steps the rows still running (steps left >= t) hold cached + t tokens each, and the
+    left-padded cache is as long as its longest row (columns that are padding for everyone are
+    trimmed), so the batch holds len(alive) x (max cached of alive + t). Between two rows leaving that
+    only grows, so the peak falls just before a row leaves: t = its steps left. Taking rows by steps
+    left, longest first, the alive rows at each such t are the ones taken so far."""
+    peak, longest = 0, 0
+    for count, (cached, left) in enumerate(sorted(rows, key=lambda row: -row[1]), start=1):
+        longest = max(longest, cached)
+        peak = max(peak, count * (longest + left))
+    return peak
+
+
+def _alone(seq: Sequence) -> tuple[int, int]:
+    """(cached tokens, decode steps left) of a queued request once it is prefilled."""
+    return len(seq.prompt_ids), seq.params.max_tokens - 1
+
+
+def sample_rows(logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """Next token of each row: argmax for greedy rows, else each row's own sampling and generator."""
+    greedy = logits_BV.argmax(dim=-1).tolist()
+    tokens = []
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.temperature <= 0:
+            tokens.append(greedy[row])
+            continue
+        logits = logits_BV[row : row + 1]
+        if 0 < p.top_k < logits.shape[-1]:
+            kth = logits.topk(p.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        tokens.append(int(sample_next(logits, p.temperature, p.top_p, seq.generator)[0]))
+    return tokens
+
+
+class Scheduler:
+    def __init__(self, model, kv_cache_tokens: int, max_batch: int) -> None:
+        self.model, self.config = model, model.config
+        self.kv_cache_tokens, self.max_batch = kv_cache_tokens, max_batch
+        self.device = next(model.parameters()).device
+        self.stats = SchedulerStats()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []  # row i of the cache is _running[i]
+        self._cache = KVCache(self.config.num_layers)
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def batch_size(self) -> int:
+        """Requests decoding now."""
+        return len(self._running)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Key slots the running batch holds now (rows x padded length)."""
+        cache = self._cache
+        return cache.batch_size * cache.length
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, vision: dict | None = None) -> Sequence:
+        """Queue a request (checked by the engine: it fits the context and the budget alone)."""
+        seq = Sequence(prompt_ids, params, vision, self.config.eos_token_id, self.device)
+        if peak_cached_tokens([_alone(seq)]) > self.kv_cache_tokens:
+            raise ValueError(f"a request of {len(prompt_ids)} + {params.max_tokens} tokens never fits the KV budget")
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="serve-scheduler", daemon=True)
+                self._thread.start()
+            self._waiting.append(seq)
+            self._wake.notify()
+        return seq
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not (self._closed or self._waiting or self._running):
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                try:
+                    self._remove_finished()
+                    self._admit()
+                    if self._running:
+                        self._decode()
+                except Exception as err:  # noqa: BLE001 - the requests get the error, the server keeps running
+                    self._fail(self._running, err)
+                    self._running, self._cache = [], KVCache(self.config.num_layers)
+        self._fail([*self._running, *self._waiting], RuntimeError("the serving engine was closed"))
+
+    def _admit(self) -> None:
+        while len(self._running) < self.max_batch:
+            with self._wake:
+                while self._waiting and self._waiting[0].cancelled:
+                    self._waiting.popleft()
+                if not self._waiting:
+                    return
+                seq = self._waiting[0]
+                planned = [(s.cached, s.steps_left) for s in self._running] + [_alone(seq)]
+                if peak_cached_tokens(planned) > self.kv_cache_tokens:
+                    return  # it waits (in order) until running rows finish
+                self._waiting.popleft()
+            try:
+                cache, logits = self._prefill(seq)
+            except Exception as err:  # noqa: BLE001 - a bad request (e.g. its vision inputs) fails alone
+                self._fail([seq], err)
+                continue
+            seq._emit(sample_rows(logits, [seq])[0], self.stats.decode_steps)
+            if not seq.finished:
+                self._cache.merge(cache)
+                self._running.append(seq)
+                self._observe(self._cache.batch_size * self._cache.length)
+
+    def _prefill(self, seq: Sequence) -> tuple[KVCache, torch.Tensor]:
+        cache = KVCache(self.config.num_layers)
+        vision = {k: v.to(self.device) for k, v in seq.vision.items()}
+        ids = torch.tensor([seq.prompt_ids], device=self.device)
+        logits = self.model(ids, cache=cache, logits_to_keep=1, **vision).logits[:, -1]
+        self.stats.prefills += 1
+        self._observe(self._cache.batch_size * self._cache.length + cache.length)
+        return cache, without_vision_tokens(logits, self.config)
+
+    def _decode(self) -> None:
+        """One step for every running row; the rows that finished leave the batch right after."""
+        last = torch.tensor([[s.tokens_so_far[-1]] for s in self._running], device=self.device)
+        logits = self.model(last, cache=self._cache).logits[:, -1]
+        self.stats.decode_steps += 1
+        self.stats.max_batch = max(self.stats.max_batch, len(self._running))
+        self.stats.row_steps += len(self._running)
+        self._observe(self._cache.batch_size * self._cache.length)
+        tokens = sample_rows(without_vision_tokens(logits, self.config), self._running)
+        for seq, token in zip(self._running, tokens, strict=True):
+            if not seq.cancelled:
+                seq._emit(token, self.stats.decode_steps)
+        self._remove_finished()
+
+    def _remove_finished(self) -> None:
+        keep = [i for i, s in enumerate(self._running) if not s.finished]
+        if len(keep) == len(self._running):
+            return
+        if not keep:
+            self._running, self._cache = [], KVCache(self.config.num_layers)
+            return
+        self._cache.reorder(torch.tensor(keep, device=self.device))
+        self._cache.trim()
+        self._running = [self._running[i] for i in keep]
+
+    def _observe(self, cached_tokens: int) -> None:
+        self.stats.max_cached_tokens = max(self.stats.max_cached_tokens, cached_tokens)
+
+    @staticmethod
+    def _fail(seqs: list[Sequence], err: Exception) -> None:
+        for seq in seqs:
+            seq.cancelled = True
+            seq._out.put(err)

@@ -1,0 +1,283 @@
+"""Continuous batching in the serving engine (no Ray): requests decoded together give exactly what
+each gets alone and what `ernie.generation.generate` gives, newcomers join a running batch, seeded
+sampling does not depend on the batch, the KV budget holds under load, and a closed stream frees
+its rows."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ernie import ErnieForCausalLM, get_preset
+from ernie.generation import generate
+from stages.data.tokenizer import train_tokenizer
+from stages.serve.engine import Engine, RequestError
+from stages.serve.scheduler import SamplingParams, Sequence, peak_cached_tokens, sample_rows
+
+EOS = get_preset("tiny_moe").eos_token_id
+
+
+def varied_model(preset: str = "tiny_moe", eos: bool = True) -> ErnieForCausalLM:
+    """A random model with peaked logits: greedy text that varies (the default init repeats one
+    token) and no near-ties that rounding could flip. `eos=False`: the end-of-sentence logit is 0,
+    below the best token's, so greedy requests run to max_tokens."""
+    torch.manual_seed(0)
+    model = ErnieForCausalLM(get_preset(preset)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+        if not eos:
+            model.lm_head.weight[EOS] = 0.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(["how many red squares are there", "two", "three", "a blue circle", "1+2=3"] * 30, 300)
+
+
+@pytest.fixture
+def make_engine(tokenizer):
+    engines = []
+
+    def make(model=None, **scheduling) -> Engine:
+        engines.append(Engine(model if model is not None else varied_model(), tokenizer, **scheduling))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def greedy_reference(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """The model's own greedy decode, up to and including its eos."""
+    new = generate(model, torch.tensor([prompt]), max_tokens)[0].tolist()
+    return new[: new.index(EOS) + 1] if EOS in new else new
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(11, 500) for _ in range(rng.randrange(2, 20))] for _ in range(n)]
+
+
+def greedy_requests(max_tokens: list[int], seed: int) -> list[tuple[list[int], SamplingParams]]:
+    """Greedy requests of various prompt lengths, one per entry of `max_tokens`."""
+    rows = prompts(len(max_tokens), seed)
+    return [(p, SamplingParams(max_tokens=m, temperature=0.0)) for p, m in zip(rows, max_tokens, strict=True)]
+
+
+def run_concurrently(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
+    """Submit every request from its own thread at once; the tokens each got."""
+    results: list = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def client(i: int) -> None:
+        start.wait()
+        results[i] = list(engine.scheduler.submit(*requests[i]).tokens())
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+def test_concurrent_greedy_requests_get_exactly_their_own_greedy_decode(make_engine):
+    engine = make_engine()
+    requests = greedy_requests([12, 5, 30, 9, 1, 20], seed=0)
+    expected = [greedy_reference(engine.model, p, params.max_tokens) for p, params in requests]
+    alone = [list(engine.scheduler.submit(*r).tokens()) for r in requests]
+    together = run_concurrently(engine, requests)
+    assert together == alone == expected
+    assert engine.scheduler.stats.max_batch > 1
+    # the engine's own API on top: text and token counts of each concurrent completion
+    texts: list = [None] * len(requests)
+
+    def complete(i: int) -> None:
+        texts[i] = engine.complete(requests[i][0], requests[i][1].max_tokens, temperature=0.0)
+
+    threads = [threading.Thread(target=complete, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for completion, tokens in zip(texts, expected, strict=True):
+        assert completion.completion_tokens == len(tokens)
+        assert completion.text == engine.decode([t for t in tokens if t != EOS])
+
+
+def test_a_request_arriving_mid_decode_joins_the_running_batch(make_engine):
+    engine = make_engine(varied_model(eos=False))
+    long_prompt, short_prompt = prompts(2, seed=1)
+    long_expected = greedy_reference(engine.model, long_prompt, 80)
+    short_expected = greedy_reference(engine.model, short_prompt, 10)
+    assert len(long_expected) == 80
+    first = engine.scheduler.submit(long_prompt, SamplingParams(max_tokens=80, temperature=0.0))
+    tokens = first.tokens()
+    head = [next(tokens) for _ in range(5)]  # it is decoding now
+    second = engine.scheduler.submit(short_prompt, SamplingParams(max_tokens=10, temperature=0.0))
+    assert list(second.tokens()) == short_expected
+    assert head + list(tokens) == long_expected
+    assert engine.scheduler.stats.max_batch == 2
+    # the newcomer's tokens came from decode steps that also served the running request
+    assert first.steps[0] < second.steps[0] and second.steps[-1] < first.steps[-1]
+    assert set(second.steps[1:]) <= set(first.steps)
+
+
+def test_seeded_sampling_is_the_same_batched_or_alone(make_engine):
+    engine = make_engine()
+    sampled = [
+        SamplingParams(max_tokens=12, temperature=1.0, seed=7),
+        SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=7),
+        SamplingParams(max_tokens=15, temperature=1.2, top_k=5, seed=123),
+        SamplingParams(max_tokens=7, temperature=0.0),
+    ]
+    requests = list(zip(prompts(4, seed=2), sampled, strict=True))
+    alone = [list(engine.scheduler.submit(*r).tokens()) for r in requests]
+    assert run_concurrently(engine, requests) == alone
+    assert engine.scheduler.stats.max_batch > 1
+    # the same draws as `generate` seeded alike (top-k is the engine's own; generate has none)
+    for (prompt, params), tokens in zip(requests[:2], alone[:2], strict=True):
+        new = generate(
+            engine.model,
+            torch.tensor([prompt]),
+            params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+        )[0].tolist()
+        assert tokens == (new[: new.index(EOS) + 1] if EOS in new else new)
+
+
+def test_top_k_draws_only_among_the_k_most_likely_tokens():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    seq = Sequence([5], SamplingParams(max_tokens=200, temperature=1.0, top_k=2, seed=0), None, EOS)
+    assert {sample_rows(logits, [seq])[0] for _ in range(200)} == {0, 1}
+
+
+def test_kv_budget_holds_under_load_and_queued_requests_complete(make_engine):
+    budget = 80
+    engine = make_engine(kv_cache_tokens=budget, max_batch=8)
+    requests = greedy_requests([14, 6, 20, 14, 6, 20, 14, 6], seed=3)
+    assert all(len(p) + r.max_tokens <= budget for p, r in requests)
+    results = run_concurrently(engine, requests)
+    assert results == [greedy_reference(engine.model, p, r.max_tokens) for p, r in requests]
+    stats = engine.scheduler.stats
+    assert stats.max_cached_tokens <= budget  # prefills and padding included
+    assert 2 <= stats.max_batch < len(requests)  # some ran together, others waited in the queue
+    with pytest.raises(RequestError, match="KV cache budget"):
+        engine.complete([5] * 70, max_tokens=11)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 60), st.integers(0, 40)), min_size=1, max_size=12))
+def test_peak_cached_tokens_is_the_largest_padded_batch_step_by_step(rows):
+    """Against a step-by-step walk: after t steps the rows with steps left >= t remain, each t longer."""
+    walk = []
+    for t in range(max(left for _, left in rows) + 1):
+        alive = [cached + t for cached, left in rows if left >= t]
+        walk.append(len(alive) * max(alive))
+    assert peak_cached_tokens(rows) == max(walk)
+
+
+def test_closing_a_stream_cancels_its_sequence_and_frees_its_rows(make_engine):
+    engine = make_engine(varied_model(eos=False))
+    keep_prompt, drop_prompt = prompts(2, seed=4)
+    expected = greedy_reference(engine.model, keep_prompt, 120)
+    kept = engine.scheduler.submit(keep_prompt, SamplingParams(max_tokens=120, temperature=0.0))
+    kept_tokens = kept.tokens()
+    head = [next(kept_tokens) for _ in range(3)]
+    dropped = engine.stream(drop_prompt, max_tokens=500, temperature=0.0)
+    next(dropped)
+    while engine.scheduler.batch_size < 2:
+        time.sleep(0.001)
+    dropped.close()  # what a client disconnect does to the app's generator
+    deadline = time.monotonic() + 10
+    while engine.scheduler.batch_size != 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert engine.scheduler.batch_size == 1  # its row left while the other request runs on
+    assert head + list(kept_tokens) == expected
+    deadline = time.monotonic() + 10
+    while engine.scheduler.cached_tokens and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert engine.scheduler.cached_tokens == 0
+
+
+def test_a_stop_string_frees_the_rows_of_its_request(make_engine):
+    engine = make_engine()
+    prompt = prompts(1, seed=5)[0]
+    free = engine.complete(prompt, max_tokens=40, temperature=0.0)
+    stop = free.text[len(free.text) // 2 :][:2]
+    cut = engine.complete(prompt, max_tokens=40, temperature=0.0, stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.index(stop)]
+    deadline = time.monotonic() + 10
+    while engine.scheduler.batch_size and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert engine.scheduler.batch_size == 0
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_a_quantized_model_batches_too(make_engine, bits):
+    from stages.quantize.rtn import quantize_model
+
+    model = varied_model("tiny_dense")
+    quantize_model(model, bits=bits, group_size=32)
+    engine = make_engine(model)
+    requests = greedy_requests([8, 16, 3, 11], seed=6)
+    assert run_concurrently(engine, requests) == [greedy_reference(model, p, r.max_tokens) for p, r in requests]
+    assert engine.scheduler.stats.max_batch > 1
+
+
+def test_an_image_request_batches_with_text_requests(make_engine):
+    """VL rows carry their 3D RoPE positions into the batch (the cache keeps each row's next position)."""
+    import base64
+
+    from stages.data.scenes import generate_scenes
+    from stages.serve.images import RequestImages, image_bytes
+
+    model = varied_model("tiny_vl")
+    engine = make_engine(model)
+    engine.images = RequestImages(model.config, {"min_pixels": 56 * 56, "max_pixels": 112 * 112})
+    png = generate_scenes(1, random.Random(0))[0].png
+    url = f"data:image/png;base64,{base64.b64encode(png).decode()}"
+    image_prompt = [11, 12, model.config.image_token_id, 13, 14]
+    ids, vision = engine.images.apply(image_prompt, [(image_bytes(url, "x"), "x")])
+    expected = generate(model, torch.tensor([ids]), 12, **vision)[0].tolist()
+    expected = expected[: expected.index(EOS) + 1] if EOS in expected else expected
+    texts = greedy_requests([15, 6], seed=7)
+    results: list = [None] * 3
+
+    def client(i: int) -> None:
+        if i == 0:
+            results[0] = list(
+                engine.scheduler.submit(ids, SamplingParams(max_tokens=12, temperature=0.0), vision).tokens()
+            )
+        else:
+            results[i] = list(engine.scheduler.submit(*texts[i - 1]).tokens())
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results[0] == expected
+    assert results[1:] == [greedy_reference(model, p, r.max_tokens) for p, r in texts]
+    assert engine.scheduler.stats.max_batch > 1
+
+
+def test_serve_config_rejects_a_budget_without_room_for_a_request():
+    import stages.serve as serve_stage
+    from pipeline.contract import UserError
+
+    with pytest.raises(UserError, match="serve.kv_cache_tokens=64 must exceed max_tokens"):
+        serve_stage.validate(serve_stage.Config(kv_cache_tokens=64, max_tokens=64))
+    with pytest.raises(UserError, match="serve.max_batch=0"):
+        serve_stage.validate(serve_stage.Config(max_batch=0))
