@@ -26,7 +26,6 @@ import argparse
 import cProfile
 import json
 import os
-import pickle
 import platform
 import pstats
 import random
@@ -50,7 +49,7 @@ from stages.data.config import SourceConfig  # noqa: E402
 from stages.data.encode import EncodeSpec, encode_batch, table_documents  # noqa: E402
 from stages.data.fast_bpe import fast_encoder  # noqa: E402
 from stages.data.packing import pack_best_fit, pack_greedy  # noqa: E402
-from stages.data.sources import parse_file  # noqa: E402
+from stages.data.sources import RawRecord, parse_file  # noqa: E402
 from stages.data.stdlib_corpus import stdlib_documents  # noqa: E402
 from stages.data.tokenizer import train_tokenizer  # noqa: E402
 
@@ -357,7 +356,7 @@ def run_pieces(corpus: Path, stage_out: Path, config: Config, model, scratch: Pa
     tables, encode_s = timed(encode_rows, rows, spec)
     docs, read_s = timed(read_documents, tables)
     tokens = sum(len(d.tokens) for d in docs)
-    texts = [pickle.loads(r["payload"])[0][1] for r in rows if r["payload"]]
+    texts = [RawRecord.from_row(r).segments[0][1] for r in rows if r["payload"]]
     tokenizer = [
         tokenizer_only(tokenizer_json, texts, "tiktoken"),
         tokenizer_only(tokenizer_json, texts, "HF tokenizers", threads_one=True),

@@ -35,8 +35,12 @@ def render_segments(
     messages: list[dict], add_generation_prompt: bool = False, enable_thinking: bool = False
 ) -> list[tuple[str, bool]]:
     """(text, written_by_assistant) pieces whose concatenation is the rendered chat."""
+    if not isinstance(messages, list | tuple):
+        raise ValueError(f"messages must be a list of {{'role', 'content'}} objects, got {type(messages).__name__}")
     pieces: list[tuple[str, bool]] = [(BOS, False)]
     for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} must be a {{'role', 'content'}} object, got {type(message).__name__}")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise ValueError(f"message {i} has role {role!r}; expected one of {ROLES}")
@@ -55,6 +59,10 @@ def render_segments(
             # The prompt part of an assistant turn is exactly the generation prompt of its mode,
             # so training targets and inference prompts agree token for token.
             reasoning = message.get("reasoning_content")
+            if reasoning is not None and not isinstance(reasoning, str):
+                raise ValueError(
+                    f"message {i} (assistant) reasoning_content must be a string, got {type(reasoning).__name__}"
+                )
             pieces.append((assistant_prompt(thinking=bool(reasoning)), False))
             answer = f"{reasoning}\n{THINK_CLOSE}\n{content}" if reasoning else content
             pieces.append((answer + EOS, True))
@@ -77,9 +85,9 @@ def image_refs(messages: list[dict]) -> list[str]:
     return [
         part["image"]
         for message in messages
-        if isinstance(message.get("content"), list)
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
         for part in message["content"]
-        if isinstance(part, dict) and part.get("type") == "image"
+        if isinstance(part, dict) and part.get("type") == "image" and "image" in part
     ]
 
 

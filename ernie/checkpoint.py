@@ -2,6 +2,7 @@
 
     save_pretrained(model, "out/ckpt")          # config.json, model*.safetensors (+ index)
     model = load_pretrained("out/ckpt")         # ours, or a HF `save_pretrained` dir
+    load_checkpoint_part(meta_model, "out/ckpt", layer=3)   # one decoder layer's tensors only
 
 Tensor names and shapes are those of the published "-PT" checkpoints (ERNIE_FACTS §3):
 per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`, `mlp.gate.weight` [E, H] and
@@ -16,7 +17,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -85,9 +87,12 @@ def _moe_to_hub(prefix: str, moe, cfg: ErnieConfig) -> dict[str, torch.Tensor]:
 
 
 def from_hub_state_dict(
-    hub: dict[str, torch.Tensor], cfg: ErnieConfig, source: str = "checkpoint"
+    hub: dict[str, torch.Tensor], cfg: ErnieConfig, source: str = "checkpoint", moe_layers: Iterable[int] | None = None
 ) -> dict[str, torch.Tensor]:
     """Published names -> our state-dict names; the inverse of `to_hub_state_dict`.
+
+    `moe_layers`: the MoE blocks `hub` holds (default: every one of `cfg`); `read_checkpoint_part`
+    passes the one layer it read.
 
     The MoE tensors are checked here, under their published names: a missing or mis-shaped
     expert / router tensor raises `CheckpointError` naming it. Tensors under an MoE block
@@ -99,7 +104,7 @@ def from_hub_state_dict(
     used: set[str] = set()
     missing: list[str] = []
     wrong: list[str] = []
-    for i in cfg.moe_layers:
+    for i in cfg.moe_layers if moe_layers is None else moe_layers:
         ours.update(_moe_from_hub(f"model.layers.{i}.mlp", hub, cfg, used, missing, wrong))
     problems = []
     if missing:
@@ -176,11 +181,11 @@ def _moe_from_hub(
             key = f"{prefix}.experts.{e}"
             gate = take(f"{key}.gate_proj.weight", (inter, H))
             up = take(f"{key}.up_proj.weight", (inter, H))
-            gate_up.append(torch.cat([gate, up]) if gate is not None and up is not None else None)
+            gate_up.append([gate, up] if gate is not None and up is not None else None)
             down.append(take(f"{key}.down_proj.weight", (H, inter)))
         if all(t is not None for t in gate_up + down):
-            ours[f"{prefix}.{pool}.experts.gate_up_proj"] = torch.stack(gate_up)
-            ours[f"{prefix}.{pool}.experts.down_proj"] = torch.stack(down)
+            ours[f"{prefix}.{pool}.experts.gate_up_proj"] = _stacked([t for pair in gate_up for t in pair], count)
+            ours[f"{prefix}.{pool}.experts.down_proj"] = _stacked(down, count)
         # VL routers are stored transposed [H, E]; the vision one as `gate.weight_1`.
         gate_key = f"{prefix}.gate.weight" + ("_1" if pool == "vision" else "")
         router = take(gate_key, (H, count) if cfg.vision is not None else (count, H))
@@ -189,6 +194,17 @@ def _moe_from_hub(
         if bias is not None:
             ours[f"{prefix}.{pool}.gate.e_score_correction_bias"] = bias.reshape(bias_shape)[row]
     return ours
+
+
+def _stacked(tensors: list[torch.Tensor], count: int) -> torch.Tensor:
+    """`count` experts' tensors (gate_up: each expert's gate then up) stacked [count, ...], copied once into the
+    result (no per-expert concatenation first: loading holds the published tensors and the stack, no more)."""
+    per_expert = len(tensors) // count
+    rows = sum(t.shape[0] for t in tensors[:per_expert])
+    out = torch.empty(count, rows, *tensors[0].shape[1:], dtype=tensors[0].dtype)
+    for e in range(count):
+        torch.cat(tensors[e * per_expert : (e + 1) * per_expert], out=out[e])
+    return out
 
 
 def _first_names(names: list[str], limit: int = 20) -> str:
@@ -260,23 +276,124 @@ def load_config(directory: str | os.PathLike) -> ErnieConfig:
 def iter_checkpoint_tensors(directory: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of the checkpoint, safetensors only."""
     directory = Path(directory)
-    if (directory / INDEX_FILE).is_file():
-        try:
-            files = sorted(set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{directory / INDEX_FILE} is not a safetensors index ({err!r})") from None
-    elif (directory / SINGLE_FILE).is_file():
-        files = [SINGLE_FILE]
-    else:
-        pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
-        hint = f" (found {pickles}: pickled weights are never loaded; convert them to safetensors)" if pickles else ""
-        raise CheckpointError(f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}{hint}")
-    for file in files:
+    for file in _weight_files(directory):
+        _check_inside(directory, file)
         if not (directory / file).is_file():
             raise CheckpointError(f"{directory / file} is listed in {INDEX_FILE} but missing")
         with safe_open(directory / file, framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
+
+
+def _weight_files(directory: Path) -> list[str]:
+    """The safetensors files of a checkpoint: the index's, or the single file."""
+    if (directory / INDEX_FILE).is_file():
+        try:
+            return sorted(set(_read_index(directory)["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{directory / INDEX_FILE} is not a safetensors index ({err!r})") from None
+    if (directory / SINGLE_FILE).is_file():
+        return [SINGLE_FILE]
+    pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+    hint = f" (found {pickles}: pickled weights are never loaded; convert them to safetensors)" if pickles else ""
+    raise CheckpointError(f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def _read_index(directory: Path) -> dict:
+    try:
+        index = json.loads((directory / INDEX_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{directory / INDEX_FILE} is not a safetensors index ({err!r})") from None
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{directory / INDEX_FILE} is not a safetensors index (a JSON {type(index).__name__})")
+    return index
+
+
+def _check_inside(directory: Path, file) -> None:
+    """A weight file named by the index must be a file of the checkpoint directory (no absolute path,
+    no `..`, no symlink out): a checkpoint never reads weights from elsewhere on the machine."""
+    if not isinstance(file, str) or not file or file.startswith("/") or ".." in file.split("/") or "\0" in file:
+        raise CheckpointError(f"{directory / INDEX_FILE} lists weight file {file!r}, outside {directory}")
+    resolved = (directory / file).resolve()
+    if not resolved.is_relative_to(directory.resolve()):
+        raise CheckpointError(f"{directory / INDEX_FILE} lists weight file {file!r}, which resolves to {resolved}")
+
+
+_DECODER_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a tensor belongs to (our name or the published one); None outside the decoder layers."""
+    found = _DECODER_LAYER.match(_normalise_hf5_name(name))
+    return int(found.group(1)) if found else None
+
+
+def checkpoint_weight_map(directory: str | os.PathLike) -> dict[str, str]:
+    """Published tensor name -> the safetensors file of `directory` holding it: the index's weight_map, or the
+    single file's names (its header only is read)."""
+    directory = Path(directory)
+    if not (directory / INDEX_FILE).is_file():
+        return {name: file for file in _weight_files(directory) for name in _file_keys(directory, file)}
+    weight_map = _read_index(directory).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{directory / INDEX_FILE} has no weight_map of tensor names to files")
+    return weight_map
+
+
+def read_checkpoint_part(
+    directory: str | os.PathLike, cfg: ErnieConfig, layer: int | None, weight_map: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """One part of the checkpoint under our names: decoder layer `layer`, or (None) every tensor outside the
+    decoder layers (embeddings, final norm, head, vision encoder and adapter). Only the part's own tensors are
+    read (`safe_open` per file, `get_tensor` per name), so a model larger than memory loads a layer at a time."""
+    directory = Path(directory)
+    weight_map = checkpoint_weight_map(directory) if weight_map is None else weight_map
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for name, file in weight_map.items():
+        if not _IGNORED.search(name) and layer_of(name) == layer:
+            by_file[file].append(name)
+    hub = {}
+    for file, names in sorted(by_file.items()):
+        _check_inside(directory, file)
+        if not (directory / file).is_file():
+            raise CheckpointError(f"{directory / file} is listed in {INDEX_FILE} but missing")
+        # pread: each tensor read into its own memory; a memory map would keep every page read resident while any
+        # tensor of the file lives (the layer's norms and attention weights), so a layer would cost twice its bytes
+        with safe_open(directory / file, framework="pt", backend="pread") as f:
+            held = set(f.keys())
+            for name in names:
+                if name not in held:
+                    raise CheckpointError(f"{directory / INDEX_FILE} places {name} in {file}, which does not hold it")
+                hub[name] = f.get_tensor(name)
+    moe_layers = [layer] if layer in cfg.moe_layers else []
+    return from_hub_state_dict(hub, cfg, source=str(directory), moe_layers=moe_layers)
+
+
+def load_checkpoint_part(
+    model: ErnieForCausalLM, directory: str | os.PathLike, layer: int | None, weight_map: dict[str, str] | None = None
+) -> None:
+    """Fill decoder layer `layer` (None: everything outside the decoder layers, and the buffers) of a model built on
+    the meta device, from that part's tensors alone (`read_checkpoint_part`), checked as `load_pretrained` checks a
+    whole checkpoint. The other parts stay on the meta device."""
+    cfg = model.config
+    state = {k: _cast(k, v, None) for k, v in read_checkpoint_part(directory, cfg, layer, weight_map).items()}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if layer_of(k) == layer}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    problems = _state_problems(expected, state, to_hub_name)
+    if problems:
+        part = f"layer {layer}" if layer is not None else "the tensors outside the decoder layers"
+        raise CheckpointError(f"{directory} ({part}) does not fit {cfg.name}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=False, assign=True)
+    if layer is None:
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        _materialise_buffers(model, "cpu")
+
+
+def _file_keys(directory: Path, file: str) -> list[str]:
+    with safe_open(directory / file, framework="pt") as f:
+        return list(f.keys())
 
 
 def load_pretrained(
@@ -321,6 +438,10 @@ def state_dict_problems(model, state: dict[str, torch.Tensor], display=lambda na
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    return _state_problems(expected, state, display)
+
+
+def _state_problems(expected: dict[str, tuple], state: dict[str, torch.Tensor], display) -> list[str]:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(

@@ -15,6 +15,7 @@ import sys
 import traceback
 
 from .contract import UserError
+from .redact import redact_text
 
 RUN_OPTIONS = ("stages", "from", "until", "force", "dry_run")
 EXAMPLES = __doc__.split("\n\n", 1)[1]
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished stages stay cached, rerun the same command to continue", file=sys.stderr)
@@ -173,11 +174,11 @@ def cmd_ls(args) -> int:
     store = _store_from_words(args.words)
     runs = store.runs()
     if not runs:
-        print(f"no pipeline runs under {store.root}")
+        print(f"no pipeline runs under {redact_text(store.root)}")
         return 0
     print(f"{'run id':24s} {'conf':14s} {'status':9s} {'started':20s} stages")
     for r in runs:
-        stages = " ".join(f"{name}:{s['status']}" for name, s in r.get("stages", {}).items())
+        stages = " ".join(f"{name}:{s.get('status', '?')}" for name, s in _stages(r).items())
         print(f"{r['run_id']:24s} {r['conf']:14s} {r['status']:9s} {r['started_at']:20s} {stages}")
     return 0
 
@@ -185,16 +186,24 @@ def cmd_ls(args) -> int:
 def cmd_show(args) -> int:
     store = _store_from_words(args.words)
     r = store.run(args.run_id)
-    print(f"run {r['run_id']}  conf={r['conf']}  dry_run={r['dry_run']}  status={r['status']}")
+    print(f"run {r['run_id']}  conf={r['conf']}  dry_run={r.get('dry_run', '-')}  status={r['status']}")
     print(f"started {r['started_at']}  finished {r.get('finished_at', '-')}")
-    print(f"MLflow: {r['mlflow_uri']}  parent run {r['mlflow_run_id']}")
-    for name, s in r.get("stages", {}).items():
-        print(f"\n  {name:9s} {s['status']:7s} key {s['cache_key'][:16]}  mlflow run {s['mlflow_run_id']}")
-        print(f"            {s['uri']}")
-        shown = {k: v for k, v in s.get("metrics", {}).items() if isinstance(v, (int, float))}
+    print(redact_text(f"MLflow: {r.get('mlflow_uri', '-')}  parent run {r.get('mlflow_run_id', '-')}"))
+    for name, s in _stages(r).items():
+        key = str(s.get("cache_key", "-"))[:16]
+        print(f"\n  {name:9s} {s.get('status', '?'):7s} key {key}  mlflow run {s.get('mlflow_run_id', '-')}")
+        print(f"            {redact_text(s.get('uri', '-'))}")
+        metrics = s.get("metrics") if isinstance(s.get("metrics"), dict) else {}
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if shown:
             print("            " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())[:12]))
     return 0
+
+
+def _stages(record: dict) -> dict[str, dict]:
+    """The record's stage entries that are entries (a hand-edited record may hold anything)."""
+    stages = record.get("stages")
+    return {str(k): v for k, v in stages.items() if isinstance(v, dict)} if isinstance(stages, dict) else {}
 
 
 def cmd_serve(args) -> int:
@@ -208,6 +217,6 @@ def entry() -> None:
     try:
         code = main()
     except Exception:  # noqa: BLE001 - last resort: never a bare crash without context
-        traceback.print_exc()
+        print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
         code = 1
     sys.exit(code)

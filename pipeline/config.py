@@ -123,7 +123,8 @@ def compose(name: str, overrides: list[str]):
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             return hydra_compose(config_name=name, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
+    # Hydra raises a plain ValueError for some bad overrides (`model=0`: a group choice that is not a name)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise UserError(f"bad configuration for conf={name}: {_one_paragraph(err)}") from None
 
 
@@ -141,10 +142,29 @@ def load(name: str, overrides: list[str], dry_run: bool = False) -> PipelineConf
         cfg: PipelineConfig = OmegaConf.to_object(composed)
     except (OmegaConfBaseException, TypeError, ValueError) as err:
         raise UserError(f"bad configuration for conf={name}: {_one_paragraph(err)}") from None
+    check_known_keys(cfg)
     if dry_run:
         cfg = shrink_for_dry_run(cfg, overrides)
     validate(cfg)
     return cfg
+
+
+def check_known_keys(value, path: str = "") -> None:
+    """Refuse keys no schema declares. Hydra's `+key=value` adds a key even under a structured
+    config, and `to_object` then sets it as a stray attribute: a typo would pass silently."""
+    if dataclasses.is_dataclass(value):
+        declared = {f.name for f in dataclasses.fields(value)}
+        stray = sorted(set(getattr(value, "__dict__", {})) - declared)
+        if stray:
+            raise UserError(
+                f"unknown configuration key {path}{stray[0]}: {type(value).__name__} has no field {stray[0]!r} "
+                "(a +key=value override adds keys no schema declares)"
+            )
+        for name in declared:
+            check_known_keys(getattr(value, name), f"{path}{name}.")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_known_keys(item, f"{path.rstrip('.')}[{i}].")
 
 
 def to_yaml(cfg: PipelineConfig) -> str:
@@ -182,6 +202,11 @@ def validate(cfg: PipelineConfig) -> None:
     if bad:
         raise UserError(
             f"posttrain.recipe={cfg.posttrain.recipe} has unknown method(s) {bad}; known: {list(POSTTRAIN_METHODS)}"
+        )
+    repeated = sorted({m for m in cfg.posttrain.recipe if cfg.posttrain.recipe.count(m) > 1})
+    if repeated:
+        raise UserError(
+            f"posttrain.recipe={cfg.posttrain.recipe} names {repeated} twice; each method is one stage of the graph"
         )
     group = cfg.quantize.group_size
     widths = {"model.hidden_size": cfg.model.hidden_size, "model.intermediate_size": cfg.model.intermediate_size}

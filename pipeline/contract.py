@@ -31,6 +31,33 @@ class UserError(Exception):
     """Bad input from the user: printed as one paragraph, exit code 2, nothing written."""
 
 
+class PathEscape(UserError, ValueError):
+    """A path named by a manifest, an index, a record or the command line that would leave the
+    directory it must stay in (absolute, `..`, or a symlink out). A `ValueError` too, so a reader that
+    turns a bad record's `ValueError` into an error record keeps doing so."""
+
+
+def check_relative(name: str, what: str) -> str:
+    """`name` if it is a relative path that stays where it is put (no root, no `..`, no NUL byte);
+    else `PathEscape` naming `what` and the path. Lexical only: for object stores and for names
+    checked before the directory exists."""
+    if not isinstance(name, str) or not name:
+        raise PathEscape(f"{what}: {name!r} is not a relative path")
+    if name.startswith("/") or "\0" in name or ".." in name.split("/"):
+        raise PathEscape(f"{what}: {name!r} leaves its directory (absolute paths and '..' are refused)")
+    return name
+
+
+def contained(root: str | os.PathLike, name: str, what: str) -> Path:
+    """`root / name` on local disk, refused with `PathEscape` (naming `what` and the path) when `name`
+    is absolute, climbs out with `..`, or resolves through a symlink to somewhere outside `root`."""
+    path = Path(root) / check_relative(name, what)
+    base = Path(root).resolve()
+    if not path.resolve().is_relative_to(base):
+        raise PathEscape(f"{what}: {name!r} resolves to {path.resolve()}, outside {base} (a symlink out)")
+    return path
+
+
 # ---------------------------------------------------------------------- artifacts
 @dataclass(frozen=True)
 class Artifact:

@@ -35,8 +35,28 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> int:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a jsonl file; a line that is not a JSON object (or not UTF-8) is a `ValueError`
+    naming the file and the line."""
+    records: list[dict] = []
+    number = 0
+    with Path(path).open(encoding="utf-8") as f:
+        try:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    records.append(_object(line, path, number))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: invalid UTF-8 after line {number} ({err.reason})") from None
+    return records
+
+
+def _object(line: str, path: Path, number: int) -> dict:
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than the parser's stack
+        raise ValueError(f"{path}:{number}: invalid JSON ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def load_tokenizer(dataset_dir: Path):

@@ -12,6 +12,7 @@ from pathlib import Path
 from .config import PipelineConfig, to_yaml
 from .contract import Artifact, StageContext, UserError, check_fits, requested
 from .graph import EVAL_MODULE, STAGE_MODULES, Selection, StageNode, build_graph, stage_module
+from .redact import redact_text
 from .store import ArtifactStore, cache_key, code_fingerprint
 
 
@@ -121,7 +122,7 @@ def execute(cfg: PipelineConfig, conf_name: str, selection: Selection, dry_run: 
         "conf": conf_name,
         "dry_run": dry_run,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "mlflow_uri": uri,
+        "mlflow_uri": redact_text(uri),  # the record is printed by `show`
         "mlflow_run_id": tracker.parent_id,
         "status": "running",
         "stages": {},

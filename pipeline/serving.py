@@ -5,6 +5,7 @@ from __future__ import annotations
 from .config import PipelineConfig
 from .contract import UserError
 from .graph import Selection
+from .redact import redact_text
 from .runner import make_store, plan_stages
 
 
@@ -23,6 +24,6 @@ def serve_latest(cfg: PipelineConfig, conf: str) -> int:
         )
     connect(cfg.cluster.address, cfg.cluster.local_num_cpus)
     model, dataset = store.fetch(model), store.fetch(dataset)
-    print(f"serving {model.uri} on http://{cfg.serve.host}:{cfg.serve.port}/v1 (Ctrl-C stops)")
+    print(f"serving {redact_text(model.uri)} on http://{cfg.serve.host}:{cfg.serve.port}/v1 (Ctrl-C stops)")
     serve_forever(model.local_dir(), dataset.local_dir(), cfg.serve)
     return 0

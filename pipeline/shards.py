@@ -39,6 +39,8 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from .contract import PathEscape, check_relative, contained
+
 SHARD_SCHEMA_VERSION = 2
 """Version 1: shards only, text fields. Version 2: index.json, image fields."""
 INDEX_FILE = "index.json"
@@ -459,7 +461,18 @@ def _read_index(location: _Location) -> ShardIndex:
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ShardError(f"{location.file_url(INDEX_FILE)} is malformed ({type(err).__name__}: {err})") from None
+    for shard in shards:
+        _check_shard_name(location, shard.name)
     return ShardIndex(location.url, fields, seq_len, shards)
+
+
+def _check_shard_name(location: _Location, name: Any) -> None:
+    """A shard named by index.json is a file of the split directory itself: no path, no symlink out."""
+    what = f"{location.file_url(INDEX_FILE)} lists shard"
+    if not isinstance(name, str) or "/" in check_relative(name, what):
+        raise PathEscape(f"{what} {name!r}, which is not a file name in {location.url}")
+    if location.is_local:
+        contained(location.path, name, what)
 
 
 def _declared_layout(declared: Any, location: _Location) -> tuple[str, ...]:

@@ -23,9 +23,11 @@ from typing import Any
 
 import fsspec
 
-from .contract import MANIFEST, SCHEMA_VERSION, Artifact, UserError, file_digest
+from .contract import MANIFEST, SCHEMA_VERSION, Artifact, PathEscape, UserError, check_relative, contained, file_digest
 
 ROOT = Path(__file__).resolve().parents[1]
+RUN_FIELDS = ("run_id", "conf", "status", "started_at")
+"""What `ls` and `show` need of every run record."""
 STATE_PREFIX = ".work"
 """Under a remote root: resume state (a dot name, so no stage and no artifact key can clash with it)."""
 
@@ -76,7 +78,22 @@ class ArtifactStore:
         return f"{self.root}/{stage}/{key}"
 
     def _path(self, *parts: str) -> str:
+        """A path under the root; every part is one name (no `/`, no `..`): nothing addressed leaves it."""
+        for part in parts:
+            if "/" in check_relative(part, f"a path under artifacts.root={self.root}"):
+                raise PathEscape(f"a path under artifacts.root={self.root}: {part!r} is not one name")
         return "/".join([self.path.rstrip("/"), *parts])
+
+    def _read_json(self, *parts: str) -> Any:
+        """A JSON file under the root (a manifest, a run record); under a local root it may not be a
+        symlink out of the root, and an unreadable one is a `UserError` naming it."""
+        path = self._path(*parts)
+        if self.is_local:
+            contained(self.path, "/".join(parts), f"artifacts.root={self.root}")
+        try:
+            return json.loads(self.fs.cat_file(path))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserError(f"{self.root}/{'/'.join(parts)} is not valid JSON ({err}); delete or restore it") from None
 
     def work_dir(self, stage: str, key: str) -> Path:
         """Resume state of one (stage, cache key), kept across interrupted attempts."""
@@ -106,7 +123,9 @@ class ArtifactStore:
         manifest_path = self._path(stage, key, MANIFEST)
         if not self.fs.exists(manifest_path):
             return None
-        manifest = json.loads(self.fs.cat_file(manifest_path))
+        manifest = self._read_json(stage, key, MANIFEST)
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("kind"), str):
+            raise UserError(f"{self.uri(stage, key)}/{MANIFEST} is not an artifact manifest (no kind); delete it")
         return Artifact(kind=manifest["kind"], uri=self.uri(stage, key), cache_key=key, manifest=manifest)
 
     def fetch(self, artifact: Artifact) -> Artifact:
@@ -123,13 +142,27 @@ class ArtifactStore:
         local = self.local_root / "fetched" / stage / artifact.cache_key
         if not (local / MANIFEST).is_file():
             tmp = local.with_name(local.name + f".tmp-{uuid.uuid4().hex[:8]}")
-            self.fs.get(self._path(*self._rel(artifact.uri)) + "/", str(tmp), recursive=True)
+            remote = self._path(*self._rel(artifact.uri))
+            keys = self.fs.find(remote)
+            targets = [self._local_copy(tmp, remote, key, artifact.uri) for key in keys]  # all checked first
+            for target in targets:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get(keys, [str(t) for t in targets])
             shutil.rmtree(local, ignore_errors=True)
             tmp.rename(local)
         return Artifact(artifact.kind, artifact.uri, artifact.cache_key, artifact.manifest, local_path=str(local))
 
     def _rel(self, uri: str) -> list[str]:
         return uri[len(self.root) + 1 :].split("/")
+
+    @staticmethod
+    def _local_copy(tmp: Path, remote: str, key: str, uri: str) -> Path:
+        """Where a remote artifact's file goes: inside `tmp`, whatever its key says (an object store
+        happily holds a key like `x/../../etc/y`)."""
+        prefix = remote.rstrip("/") + "/"
+        if not key.startswith(prefix):
+            raise PathEscape(f"artifact {uri} lists {key!r}, which is not under {remote}")
+        return contained(tmp, key[len(prefix) :], f"artifact {uri} holds file")
 
     # -------------------------------------------------------------- writing
     def staging_dir(self, stage: str, key: str) -> Path:
@@ -172,8 +205,16 @@ class ArtifactStore:
     def runs(self) -> list[dict]:
         if not self.fs.exists(self._path("runs")):
             return []
-        records = [json.loads(self.fs.cat_file(p)) for p in self.fs.glob(self._path("runs", "*.json"))]
-        return sorted(records, key=lambda r: r.get("started_at", ""))
+        records = []
+        for path in self.fs.glob(self._path("runs", "*.json")):
+            name = path.rsplit("/", 1)[-1]
+            record = self._read_json("runs", name)
+            if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in RUN_FIELDS):
+                raise UserError(
+                    f"{self.root}/runs/{name} is not a pipeline run record (needs {', '.join(RUN_FIELDS)}); delete it"
+                )
+            records.append(record)
+        return sorted(records, key=lambda r: r["started_at"])
 
     def run(self, run_id: str) -> dict:
         matches = [r for r in self.runs() if r["run_id"].startswith(run_id)]

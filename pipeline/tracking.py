@@ -12,6 +12,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from .redact import redact_params, redact_text
+
 
 def tracking_uri(configured: str) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
@@ -59,7 +61,7 @@ class MlflowLogger:
     def params(self, values: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = flatten(values)
+        flat = redact_params(flatten(values))  # a config value or a stage's param may hold a secret
         items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
@@ -96,11 +98,11 @@ class PipelineTracker:
         self.parent_id: str | None = None
 
     def start(self, run_name: str, tags: dict[str, str], config_yaml: str) -> MlflowLogger:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=redact_params(tags))
         self.parent_id = run.info.run_id
         self._system_metrics = _start_system_metrics(self.parent_id, self.uri)
         logger = MlflowLogger(self.uri, self.parent_id)
-        logger.text(config_yaml, "config.yaml")
+        logger.text(redact_text(config_yaml), "config.yaml")
         return logger
 
     def stage(self, name: str, params: Any, tags: dict[str, str], prefix: str = "") -> MlflowLogger:
@@ -130,7 +132,7 @@ class PipelineTracker:
         return version.version
 
     def run_url(self, run_id: str) -> str:
-        return f"{self.uri} experiment {self.experiment_id} run {run_id}"
+        return f"{redact_text(self.uri)} experiment {self.experiment_id} run {run_id}"
 
 
 def _start_system_metrics(run_id: str, uri: str):

@@ -6,6 +6,8 @@ import sys
 
 from tqdm import tqdm
 
+from .redact import redact_text
+
 # metrics worth a line in the console (all are in MLflow)
 HEADLINE = ("val_loss", "eval/val_ppl", "eval/task_accuracy", "size_ratio", "ppl_delta", "reward_accuracy")
 
@@ -40,21 +42,23 @@ class ConsoleUI:
 
     def cached(self, name: str, artifact) -> None:
         by = artifact.manifest.get("pipeline_run", "?")
-        print(f"{name:9s} cached   (produced by run {by})  {artifact.uri}")
+        print(f"{name:9s} cached   (produced by run {by})  {redact_text(artifact.uri)}")
 
     def finished(self, name: str, artifact, metrics: dict, summary: str, seconds: float) -> None:
         head = "  ".join(f"{k}={metrics[k]:.4g}" for k in HEADLINE if isinstance(metrics.get(k), (int, float)))
         print(f"{name:9s} done in {seconds:5.1f}s  {summary}  {head}".rstrip())
 
     def failure(self, failure, resume: str) -> None:
-        tail = [line for line in failure.tb.strip().splitlines() if line.strip()][-6:]
-        print(f"\nstage {failure.stage} failed: {failure.error_type}: {failure.message}", file=sys.stderr)
+        tail = [line for line in redact_text(failure.tb).strip().splitlines() if line.strip()][-6:]
+        message = redact_text(f"{failure.error_type}: {failure.message}")
+        print(f"\nstage {failure.stage} failed: {message}", file=sys.stderr)
         print("  " + "\n  ".join(tail), file=sys.stderr)
+        resume = redact_text(resume)
         print(f"\nFinished stages are cached. After fixing the cause, resume with:\n  {resume}", file=sys.stderr)
 
     def summary(self, cfg, outcome) -> None:
         print(f"\npipeline run {outcome.run_id} finished")
-        print(f"  artifacts: {cfg.artifacts.root}")
+        print(f"  artifacts: {redact_text(cfg.artifacts.root)}")
         print(f"  MLflow:    parent run {outcome.parent_run} (make ui, then open http://127.0.0.1:5000)")
         for name, s in outcome.stages.items():
             evals = {k: v for k, v in s.get("metrics", {}).items() if k.startswith("eval/")}

@@ -161,7 +161,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     with pytest.MonkeyPatch.context() as mp_patch:
         mp_patch.syspath_prepend(str(ROOT))  # the spawned ranks import this module as tests.test_expert_parallel
         mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 # ---------------------------------------------------------------------------------------------- the reference

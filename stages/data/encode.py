@@ -24,6 +24,7 @@ from .fast_bpe import Encoder, fast_encoder
 from .packing import PackDocument, PackImage
 from .sources import RawRecord, fetch_image
 from .tokenizer import BOS_ID, EOS_ID
+from .wire import document_from_bytes, document_to_bytes
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def encode_records(records: list[RawRecord], spec: EncodeSpec):
 
     A text-only document travels as its token ids in the `ids` list column, which the stage's
     process reads as numpy views without a copy; a document with images (patches, 3D positions)
-    is pickled into `doc`.
+    is serialised into `doc` (`wire`, no pickle).
     """
     import pyarrow as pa
 
@@ -118,7 +119,7 @@ def encode_records(records: list[RawRecord], spec: EncodeSpec):
         out["split"].append(
             "" if doc is None else ("val" if split_point(record.segments) < spec.val_fraction else "train")
         )
-        out["doc"].append(pickle.dumps(doc) if doc is not None and not text_only else b"")
+        out["doc"].append(document_to_bytes(doc) if doc is not None and not text_only else b"")
         ids.append(doc.tokens if text_only else _NO_IDS)
         out["tokens"].append(len(doc.tokens) if doc is not None else 0)
         out["vision_tokens"].append(int(doc.modality.sum()) if doc is not None and doc.modality is not None else 0)
@@ -141,7 +142,7 @@ def table_documents(table) -> Iterator[tuple[int, tuple[str, PackDocument]]]:
         for i in range(len(chunk)):
             split, blob = splits[row], docs[row]
             if blob:
-                yield int(tokens[row]), (split, pickle.loads(blob))
+                yield int(tokens[row]), (split, document_from_bytes(blob))
             elif split:
                 doc = PackDocument(doc_id=0, tokens=values[offsets[i] : offsets[i + 1]], source=sources[row])
                 yield int(tokens[row]), (split, doc)

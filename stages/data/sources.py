@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
 import posixpath
 import tarfile
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import fsspec
 from pipeline.contract import UserError
 
 from .config import SourceConfig
+from .wire import segments_from_bytes, segments_to_bytes
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 EXTENSIONS = {
@@ -47,7 +47,7 @@ class RawRecord:
     error: str = ""
 
     def to_row(self) -> dict:
-        payload = pickle.dumps(self.segments) if self.segments is not None else b""
+        payload = segments_to_bytes(self.segments) if self.segments is not None else b""
         return {
             "source": self.source,
             "key": self.key,
@@ -58,7 +58,7 @@ class RawRecord:
 
     @staticmethod
     def from_row(row: dict) -> RawRecord:
-        segments = pickle.loads(row["payload"]) if row["payload"] else None
+        segments = segments_from_bytes(row["payload"]) if row["payload"] else None
         return RawRecord(row["source"], row["key"], segments, row["error_kind"], row["error"])
 
 
@@ -113,6 +113,9 @@ def _jsonl_records(source: SourceConfig, url: str, data: bytes):
             record = json.loads(text)
         except json.JSONDecodeError as error:
             yield RawRecord(source.name, key, error_kind="bad_json", error=f"invalid JSON: {error.msg}")
+            continue
+        except RecursionError:  # nesting deeper than the parser's stack: one bad line, not a bad file
+            yield RawRecord(source.name, key, error_kind="bad_json", error="invalid JSON: nested too deeply")
             continue
         yield _record(source, url, key, record)
 

@@ -21,7 +21,6 @@ twice. The same seed, config and inputs give byte-identical shards.
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 
 import pipeline.shards as shards
 from ernie.chat_template import SPECIAL_TOKENS, render
-from pipeline.contract import StageContext, StageResult, UserError
+from pipeline.contract import StageContext, StageResult, UserError, contained
 from pipeline.formats import write_jsonl
 
 from . import arithmetic, dataflow
@@ -42,12 +41,13 @@ from .packing import RowFormat, balance_order, pack_window
 from .stats import StatsAccumulator, flat_metrics, stats_figures
 from .stdlib_corpus import python_version
 from .tokenizer import PAD_ID, save_tokenizer, train_tokenizer
+from .wire import carry_from_bytes, carry_to_bytes
 
 INPUTS: dict[str, str] = {}
 OUTPUT_KIND = "dataset"
 SPLITS = ("train", "val")
 PROGRESS_FILE = "progress.json"
-CARRY_FILE = "carry-{}.pkl"
+CARRY_FILE = "carry-{}.bin"
 STEPS = ("corpus", "tokenizer", "read + encode", "mix + pack + write", "stats")
 TOKENIZER_SAMPLE_CHARS = 4_000_000
 """Characters of text per file source the BPE trains on when no tokenizer directory is given."""
@@ -196,7 +196,7 @@ class _Progress:
         self.shards: dict[str, list[dict]] = {split: [] for split in SPLITS}
         self.stats = StatsAccumulator()
         self.saves = 0
-        """Generation of the carry file that progress.json refers to (carry-N.pkl)."""
+        """Generation of the carry file that progress.json refers to (carry-N.bin)."""
 
     @staticmethod
     def load(work: Path, config: Config, seed: int) -> _Progress:
@@ -205,7 +205,11 @@ class _Progress:
         path = work / PROGRESS_FILE
         if path.is_file():
             saved = json.loads(path.read_text())
-            listed = [work / split / info["name"] for split in SPLITS for info in saved["shards"][split]]
+            listed = [
+                contained(work / split, info["name"], f"{path} lists shard")
+                for split in SPLITS
+                for info in saved["shards"][split]
+            ]
             # shards already moved into an output that did not survive: start over rather than drop rows
             if saved["fingerprint"] == fingerprint and all(shard.is_file() for shard in listed):
                 progress.mixture = MixtureState(**saved["mixture"])
@@ -229,7 +233,7 @@ class _Progress:
     def load_carry(self) -> dict[str, dict[str, list]]:
         """{"rows": rows waiting for a full shard, "pending": documents not yet packed}, per split."""
         if self.saves:
-            return pickle.loads((self.work / CARRY_FILE.format(self.saves)).read_bytes())
+            return carry_from_bytes((self.work / CARRY_FILE.format(self.saves)).read_bytes())
         return {"rows": {split: [] for split in SPLITS}, "pending": {split: [] for split in SPLITS}}
 
     def snapshot(self, carry: dict) -> tuple[bytes, dict]:
@@ -240,7 +244,7 @@ class _Progress:
             "next_doc_id": self.next_doc_id,
             "stats": self.stats.to_state(),
         }
-        return pickle.dumps(carry), state
+        return carry_to_bytes(carry), state
 
     def commit(self, snapshot: tuple[bytes, dict], shards_so_far: dict[str, list[dict]]) -> None:
         """Once a window's shards are on disk: its carry file, then progress.json switches to it."""

@@ -51,10 +51,24 @@ def decode_image(data: bytes, name: str) -> Image.Image:
         raise ImageError(f"image {name!r} is empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            _check_size(opened, name, len(data))
             opened.load()
             return to_rgb(ImageOps.exif_transpose(opened))
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        if isinstance(e, ImageError):
+            raise
         raise ImageError(f"image {name!r} ({len(data)} bytes) cannot be decoded: {e}") from e
+
+
+def _check_size(image: Image.Image, name: str, size: int) -> None:
+    """Refuse, before decoding, more pixels than Pillow's decompression-bomb limit: Pillow only warns
+    up to twice that, so a PNG of a few hundred KB would decode to ~0.5 GB of pixels, per copy (every
+    image is resized to at most `max_pixels` anyway)."""
+    if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        raise ImageError(
+            f"image {name!r} ({size} bytes) declares {image.width}x{image.height} pixels, more than "
+            f"{Image.MAX_IMAGE_PIXELS:,} (a decompression bomb?)"
+        )
 
 
 def fit_resolution(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import torch
 
 from ernie.batching import normalize_pixels
 from ernie.chat_template import image_refs, render_segments
-from pipeline.contract import UserError
+from pipeline.contract import UserError, contained
 from pipeline.formats import IMAGE_SETTINGS, read_jsonl
 
 PAD_ID = 0
@@ -62,8 +62,8 @@ class ChatImages:
         from stages.imaging import decode_image, image_to_patches
 
         if ref not in self._cache:
-            path = (self.root / ref).resolve()
-            if self.root.resolve() not in path.parents or not path.is_file():
+            path = contained(self.root, ref, f"image {ref!r} is not a file inside the dataset artifact")
+            if not path.is_file():
                 raise ValueError(f"image {ref!r} is not a file inside the dataset artifact")
             image = decode_image(path.read_bytes(), ref)
             self._cache[ref] = image_to_patches(image, self.vision, self.min_pixels, self.max_pixels)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.contract import UserError
+from pipeline.contract import PathEscape, UserError, contained
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -230,7 +230,7 @@ def load_sharded(directory: Location, fingerprint: dict, model: torch.nn.Module,
 
         storage = {"storage_reader": FsspecReader(remote.url(meta["dir"]))}
     else:
-        storage = {"checkpoint_id": str(_local(directory) / meta["dir"])}
+        storage = {"checkpoint_id": str(contained(_local(directory), meta["dir"], f"{directory}/{META_FILE} dir"))}
     model_state, optimizer_state = get_state_dict(model, optimizer)
     if layout is not None:
         layout.checkpoint_state(model, model_state, optimizer_state)
@@ -284,7 +284,15 @@ def read_meta(directory: Location) -> dict | None:
     if is_remote(directory):
         return _RemoteDir(os.fspath(directory)).read_meta()
     path = _local(directory) / META_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return _checked_meta(json.loads(path.read_text()), path) if path.is_file() else None
+
+
+def _checked_meta(meta: dict, where: Location) -> dict:
+    """`meta` whose `dir` (when present) names one step directory beside it, nothing else."""
+    name = meta.get("dir") if isinstance(meta, dict) else None
+    if name is not None and (not isinstance(name, str) or "/" in name or not name.startswith(SHARDED_PREFIX)):
+        raise PathEscape(f"{where}: dir={name!r} is not a {SHARDED_PREFIX}N directory beside it")
+    return meta
 
 
 def copy_state(directory: Location, destination: Path) -> None:
@@ -323,7 +331,7 @@ class _RemoteDir:
 
     def read_meta(self) -> dict | None:
         try:
-            return json.loads(self.fs.cat_file(self._key(META_FILE)))
+            return _checked_meta(json.loads(self.fs.cat_file(self._key(META_FILE))), self.url(META_FILE))
         except FileNotFoundError:
             return None
 
