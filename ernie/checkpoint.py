@@ -190,7 +190,7 @@ def _moe_from_hub(
         gate_key = f"{prefix}.gate.weight" + ("_1" if pool == "vision" else "")
         router = take(gate_key, (H, count) if cfg.vision is not None else (count, H))
         if router is not None:
-            ours[f"{prefix}.{pool}.gate.weight"] = router.T if cfg.vision is not None else router
+            ours[f"{prefix}.{pool}.gate.weight"] = router.T.contiguous() if cfg.vision is not None else router
         if bias is not None:
             ours[f"{prefix}.{pool}.gate.e_score_correction_bias"] = bias.reshape(bias_shape)[row]
     return ours
