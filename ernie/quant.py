@@ -5,6 +5,10 @@
     save_quantized(qmodel, "out/qckpt", {"method": "rtn", "bits": 4, "group_size": 32})
     qmodel = load_quantized("out/qckpt")            # an ErnieForCausalLM with quantized modules
 
+    writer = QuantizedWriter("out/qckpt", parts=3)  # or part by part (the quantize stage, a layer at a time)
+    writer.write(layer.state_dict(prefix="model.layers.0."), {"model.layers.0.self_attn.q_proj": spec, ...})
+    writer.close(config, "float32", {"method": "gptq", ...})
+
 A weight W [..., out, in] is split along the input dim into groups of `group_size`; each
 (row, group) has a scale s and an integer zero point z, and W ~ (q - z) * s with codes
 q in [0, 2**bits - 1]. Codes are packed little-end first along the input dim: for 4 bits,
@@ -24,6 +28,10 @@ On disk (a qckpt directory):
                                             names; a quantized linear X holds X.qweight,
                                             X.scales, X.zeros; an expert pool X holds
                                             X.gate_up.{qweight,scales,zeros} and X.down.*
+  or, written part by part (`QuantizedWriter`; quant_config.json's "weights" names the index):
+    quantized.safetensors.index.json        {"metadata": {"total_size"}, "weight_map": {tensor: shard}}
+    quantized-00001-of-0000N.safetensors    the same tensors, one shard per part (a decoder layer;
+                                            the last shard: everything outside the decoder layers)
 Loading reads safetensors only, so it never unpickles. The same files hold trellis-coded modules
 (`ernie.quant_tcq`: kinds tcq_linear / tcq_experts, tensors qweight and scales, no zeros).
 """
@@ -50,6 +58,7 @@ FORMAT = "ernie-packed-int"
 FORMAT_VERSION = 1
 QUANT_CONFIG_FILE = "quant_config.json"
 WEIGHTS_FILE = "quantized.safetensors"
+WEIGHTS_INDEX_FILE = "quantized.safetensors.index.json"
 SUPPORTED_BITS = (2, 4, 8)
 _SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -347,19 +356,60 @@ def save_quantized(model: ErnieForCausalLM, directory: str | os.PathLike, quant_
         state.pop("lm_head.weight", None)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt", "quant_format": FORMAT})
-    full = {
-        **quant_config,
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "weights": WEIGHTS_FILE,
-        "modules": {name: m.spec() for name, m in modules.items()},
-    }
+    specs = {name: m.spec() for name, m in modules.items()}
     dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    _write_configs(directory, cfg, dtype, quant_config, specs, WEIGHTS_FILE)
+    return directory
+
+
+class QuantizedWriter:
+    """A qckpt written part by part, for models whose weights never are in memory all at once (the quantize
+    stage writes each decoder layer as soon as it is quantized): each `write` is one safetensors shard,
+    `close` writes the index, quant_config.json, config.json and generation_config.json. `load_quantized`
+    reads the result as it reads `save_quantized`'s single file."""
+
+    def __init__(self, directory: str | os.PathLike, parts: int) -> None:
+        self.directory, self.parts = Path(directory), parts
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.weight_map: dict[str, str] = {}
+        self.specs: dict[str, dict] = {}
+        self.written = self.total_bytes = 0
+
+    def write(self, tensors: dict[str, torch.Tensor], modules: dict[str, dict]) -> int:
+        """Write one part: its tensors (our names; a tied head left out by the caller) and the specs of its
+        quantized modules. Returns the shard's bytes."""
+        if self.written >= self.parts:
+            raise QuantFormatError(f"all {self.parts} parts of {self.directory} are written already")
+        file = f"quantized-{self.written + 1:05d}-of-{self.parts:05d}.safetensors"
+        again = sorted(set(tensors) & set(self.weight_map))
+        if again:
+            raise QuantFormatError(f"tensors {again[:5]} are in two parts of {self.directory}")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, self.directory / file, metadata={"format": "pt", "quant_format": FORMAT})
+        self.weight_map.update({k: file for k in tensors})
+        self.specs.update(modules)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.written, self.total_bytes = self.written + 1, self.total_bytes + nbytes
+        return nbytes
+
+    def close(self, cfg: ErnieConfig, dtype: str, quant_config: dict) -> Path:
+        """Write the index and the configs; `dtype` is the unquantized weights' (config.json's torch_dtype)."""
+        if self.written != self.parts:
+            raise QuantFormatError(f"{self.written} of the {self.parts} parts of {self.directory} were written")
+        if not self.specs:
+            raise QuantFormatError("the model has no quantized modules; quantize it before writing it")
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
+        _write_json(self.directory / WEIGHTS_INDEX_FILE, index)
+        _write_configs(self.directory, cfg, dtype, quant_config, self.specs, WEIGHTS_INDEX_FILE)
+        return self.directory
+
+
+def _write_configs(directory: Path, cfg: ErnieConfig, dtype: str, quant_config: dict, specs: dict, weights: str):
+    full = {**quant_config, "format": FORMAT, "version": FORMAT_VERSION, "weights": weights, "modules": specs}
     _write_json(directory / "config.json", to_hf_config(cfg, dtype))
     generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
     _write_json(directory / "generation_config.json", generation)
     _write_json(directory / QUANT_CONFIG_FILE, full)
-    return directory
 
 
 def is_quantized_dir(directory: str | os.PathLike) -> bool:
@@ -402,11 +452,7 @@ def load_quantized(
                     f"{QUANT_CONFIG_FILE} names module {name!r}, which {cfg.name} does not have"
                 ) from None
             model.set_submodule(name, _module_from_spec(spec))
-    weights = directory / qc.get("weights", WEIGHTS_FILE)
-    if not weights.is_file():
-        raise QuantFormatError(f"{weights} is missing")
-    with safe_open(weights, framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state = _read_weights(directory, qc.get("weights", WEIGHTS_FILE))
     _check_state(model, state, str(directory))
     state = {k: _cast(k, v, dtype).to(device) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
@@ -414,6 +460,42 @@ def load_quantized(
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialise_buffers(model, device)
     return model.eval()
+
+
+def _read_weights(directory: Path, weights) -> dict[str, torch.Tensor]:
+    """Every tensor of a qckpt: one safetensors file, or the shards its index lists (tensor by tensor)."""
+    _check_weight_file(directory, weights)
+    if not (directory / weights).is_file():
+        raise QuantFormatError(f"{directory / weights} is missing")
+    if not weights.endswith(".index.json"):
+        with safe_open(directory / weights, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        shards: dict[str, list[str]] = {}
+        for name, shard in json.loads((directory / weights).read_text())["weight_map"].items():
+            shards.setdefault(shard, []).append(name)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise QuantFormatError(f"{directory / weights} is not a safetensors index ({err!r})") from None
+    state = {}
+    for shard, names in sorted(shards.items(), key=lambda item: str(item[0])):
+        _check_weight_file(directory, shard)
+        if not (directory / shard).is_file():
+            raise QuantFormatError(f"{directory / shard} is listed in {weights} but missing")
+        with safe_open(directory / shard, framework="pt") as f:
+            held = set(f.keys())
+            for name in names:
+                if name not in held:
+                    raise QuantFormatError(f"{weights} places {name} in {shard}, which does not hold it")
+                state[name] = f.get_tensor(name)
+    return state
+
+
+def _check_weight_file(directory: Path, name) -> None:
+    """Weight files are plain names inside the qckpt directory: never a path elsewhere on the machine."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+        raise QuantFormatError(f"{directory / QUANT_CONFIG_FILE} names weight file {name!r}, not a file of {directory}")
+    if not (directory / name).resolve().is_relative_to(directory.resolve()):
+        raise QuantFormatError(f"weight file {name!r} of {directory} resolves to {(directory / name).resolve()}")
 
 
 def load_model(

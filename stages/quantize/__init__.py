@@ -4,19 +4,25 @@
     python -m pipeline run conf=tiny stages=[quantize] quantize.group_size=64 quantize.symmetric=true
     python -m pipeline run conf=tiny stages=[quantize] quantize.method=tcq quantize.bits=2
 
-Inputs: `ckpt` (HF layout + tokenizer/) and `dataset` (its val rows measure perplexity).
-Output (qckpt): the packed model (`ernie.quant.save_quantized`: config.json, quant_config.json,
-quantized.safetensors), a copy of the tokenizer, `quant_report.json` (bits, group size, method,
-bytes before / after, size ratio, bits per weight counting every stored byte, validation
-perplexity before / after and its delta, per-layer weight reconstruction error) and
-`quant_error.png`; with `quantize.export=[gptq]` (the pipeline presets) or `[compressed-tensors]`,
-the same weights in a layout vLLM loads, under `export-<format>/` (stages/quantize/export.py).
+Inputs: `ckpt` (HF layout + tokenizer/) and `dataset` (its val rows measure perplexity, its
+tasks/val.jsonl task accuracy, its train rows calibrate gptq / tcq).
+The checkpoint is quantized one decoder layer at a time (stages/quantize/stream.py): memory holds
+the embeddings, head and vision parts, one decoder layer and the rows' hidden states, never the
+whole model. Output (qckpt): the packed model (`ernie.quant.QuantizedWriter`: config.json,
+quant_config.json, one safetensors shard per decoder layer and their index), a copy of the
+tokenizer, `quant_report.json` (bits, group size, method, bytes before / after, size ratio, bits
+per weight counting every stored byte, validation perplexity before / after and its delta, task
+accuracy before / after overall and per task, per-module weight reconstruction error, per-layer
+hidden-state drift) and `quant_error.png`; with `quantize.export=[gptq]` (the pipeline presets) or
+`[compressed-tensors]`, the same weights in a layout vLLM loads, under `export-<format>/`
+(stages/quantize/export.py).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,18 +32,18 @@ from pathlib import Path
 import torch
 
 from ernie.batching import collate
-from ernie.checkpoint import load_pretrained
-from ernie.evaluation import perplexity, val_loss
-from ernie.quant import save_quantized
+from ernie.evaluation import perplexity
+from ernie.quant import QuantizedWriter, load_quantized
 from pipeline.contract import Resources, StageContext, StageResult, UserError
 from pipeline.formats import TOKENIZER_FILE
 from pipeline.shards import iter_rows
 
-from .calibration import collect
+from .calibration import Calibration
 from .export import check_export, write_export
 from .gptq import GPTQLog, gptq_weight_quantizer
-from .quality import plot_layer_errors, save_figure
+from .quality import TaskAccuracy, plot_layer_errors, save_figure
 from .rtn import SCALE_DTYPES, input_dims, quantization_targets, quantize_model
+from .stream import PartQuantizer, StreamResult, load_by_parts, skeleton, stream_quantize
 from .tcq import TCQSettings, quantize_model_tcq, tcq_weight_quantizer
 
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
@@ -46,6 +52,7 @@ METHODS = ("rtn", "gptq", "tcq")
 SUPPORTED_BITS = (2, 4, 8)  # the packable widths of ernie.quant; rtn and gptq quantize to any of them
 TCQ_BITS = (2, 4)  # tcq's code widths (its point is 2)
 CALIBRATED = ("gptq", "tcq")
+TASKS_FILE = "tasks/val.jsonl"
 
 
 @dataclass
@@ -69,8 +76,21 @@ class Config:
     """Storage dtype of the per-group scales: float16, bfloat16 or float32."""
     eval_rows: int = 64
     """Validation rows used for the perplexity before / after (0 = all of them)."""
+    eval_items: int = 64
+    """Items of the dataset's tasks/val.jsonl answered greedily before and after quantizing (task accuracy,
+    exact match as the eval stage scores it), taken round-robin over tasks; 0 = all of them."""
+    max_new_tokens: int = 8
+    """Greedy tokens generated per task answer."""
+    max_memory_gb: float = 0.0
+    """Memory (GiB) the stage may use for whole models; 0 = the machine's. Quantizing never loads the whole model
+    (one decoder layer at a time); task accuracy needs one: the full-precision model (before) and the packed one
+    read back from the output (after) are loaded only when their bytes plus twice the largest layer's fit under
+    this, else the report says why the accuracy was not measured."""
     calibration_rows: int = 64
     """gptq / tcq: training rows of the dataset whose tokens (text and image) give each layer's inputs."""
+    sequential: bool = True
+    """gptq / tcq: each layer is calibrated on the outputs of the layers before it as quantized (GPTQ's
+    sequential setting); false: on full-precision inputs, the statistics of one whole-model pass."""
     damp: float = 0.01
     """gptq / tcq: share of the mean Hessian diagonal added to the diagonal."""
     act_order: bool = False
@@ -118,6 +138,11 @@ def validate(cfg: Config) -> None:
     check_export(list(cfg.export), cfg.bits, cfg.method)
     if cfg.eval_rows < 0 or cfg.batch_size <= 0:
         raise UserError(f"quantize.eval_rows={cfg.eval_rows} must be >= 0 and quantize.batch_size={cfg.batch_size} > 0")
+    if cfg.eval_items < 0 or cfg.max_new_tokens <= 0 or cfg.max_memory_gb < 0:
+        raise UserError(
+            f"quantize.eval_items={cfg.eval_items} and quantize.max_memory_gb={cfg.max_memory_gb} must be >= 0, "
+            f"quantize.max_new_tokens={cfg.max_new_tokens} > 0"
+        )
 
 
 def _validate_tcq(cfg: Config) -> None:
@@ -162,41 +187,99 @@ def run(ctx: StageContext) -> StageResult:
     validate(cfg)
     ckpt_dir, dataset_dir = ctx.input("ckpt").local_dir(), ctx.input("dataset").local_dir()
     out = Path(ctx.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(ctx.seed)
 
-    model = load_pretrained(ckpt_dir).eval()
+    model = skeleton(ckpt_dir)  # on the meta device: shapes only
     check_group_size(model, cfg)
-    rows = list(itertools.islice(iter_rows(dataset_dir / "val"), cfg.eval_rows or None))
     targets = quantization_targets(model, cfg.skip)
     if not targets:
         raise UserError(f"quantize.skip={cfg.skip} leaves no layer to quantize")
-    ctx.progress.set_total(len(targets) + 2, "perplexity before")
-
-    loss_before, n_tokens = val_loss(model, rows, cfg.batch_size)
-    ctx.progress.update(1, "quantizing")
-    model_bytes_before = _state_bytes(model)
     weights = sum(p.numel() for m in targets.values() for n, p in m.named_parameters() if n != "bias")
+    rows = list(itertools.islice(iter_rows(dataset_dir / "val"), cfg.eval_rows or None))
+    calibration_rows = _calibration_rows(cfg, dataset_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx.progress.set_total(model.config.num_layers + 2, "quantizing layer 0")
+
+    log = GPTQLog()
+    writer = QuantizedWriter(out, parts=model.config.num_layers + 1)
     t0 = time.perf_counter()
-    quantize_weight, calibration_report = None, dict
-    if cfg.method in CALIBRATED:
-        quantize_weight, calibration_report = _calibrated(ctx, cfg, model, targets, dataset_dir)
-
-    def on_layer(stats) -> None:
-        ctx.progress.update(1, stats.name)
-
-    scale_dtype = SCALE_DTYPES[cfg.scale_dtype]
-    if cfg.method == "tcq":
-        stats = quantize_model_tcq(model, targets, quantize_weight, _tcq_settings(cfg), scale_dtype, on_layer)
-    else:
-        stats = quantize_model(
-            model, cfg.bits, cfg.group_size, cfg.symmetric, cfg.skip, scale_dtype, on_layer, quantize_weight
-        )
+    result = stream_quantize(
+        ckpt_dir,
+        _batches(rows, cfg.batch_size),
+        None if calibration_rows is None else _batches(calibration_rows, cfg.batch_size),
+        _part_quantizer(cfg, log),
+        writer,
+        cfg.skip,
+        cfg.sequential,
+        lambda part: ctx.progress.update(1, f"quantized {part}"),
+    )
     quantize_seconds = time.perf_counter() - t0
-    calibration = calibration_report()
-    loss_after, _ = val_loss(model, rows, cfg.batch_size)
-    ctx.progress.update(1, "writing")
+    quant_config = _quant_config(cfg)
+    writer.close(model.config, result.dtype, quant_config)
+    _copy_tokenizer(ckpt_dir, dataset_dir, out)
 
+    memory_cap = int(cfg.max_memory_gb * 2**30) or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    tasks = TaskAccuracy.from_file(dataset_dir / TASKS_FILE, out / TOKENIZER_FILE, cfg)
+    packed, assembly = None, 2 * result.largest_layer_bytes  # loading part by part: one layer read and stacked
+    if tasks is not None:
+        tasks.measure("before", lambda: load_by_parts(ckpt_dir), result.model_bytes_before + assembly, memory_cap)
+        packed = tasks.measure("after", lambda: load_quantized(out), result.model_bytes_after + assembly, memory_cap)
+    for fmt in cfg.export:
+        packed = load_quantized(out) if packed is None else packed
+        write_export(packed, fmt, out / f"export-{fmt}", out / "tokenizer", cfg.symmetric)
+    ctx.progress.update(1, "writing the report")
+
+    calibration = {} if calibration_rows is None else _calibration_report(cfg, calibration_rows, result, log)
+    return _report(ctx, cfg, quant_config, result, weights, len(rows), calibration, tasks, quantize_seconds)
+
+
+def _batches(rows: list[dict], batch_size: int) -> list[dict]:
+    return [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+def _calibration_rows(cfg: Config, dataset_dir: Path) -> list[dict] | None:
+    """gptq / tcq: the first `calibration_rows` rows of the dataset's train split; rtn: None."""
+    if cfg.method not in CALIBRATED:
+        return None
+    train = dataset_dir / "train"
+    if not train.is_dir():
+        raise UserError(
+            f"quantize.method={cfg.method} calibrates on the dataset's train rows, and {train} does not exist"
+        )
+    return list(itertools.islice(iter_rows(train), cfg.calibration_rows))
+
+
+def _part_quantizer(cfg: Config, log: GPTQLog) -> PartQuantizer:
+    """Quantizes one part's targets (a decoder layer's, the head...) with the configured method, from the part's
+    calibration statistics (None for rtn); `log` collects the fallbacks over every part."""
+    scale_dtype = SCALE_DTYPES[cfg.scale_dtype]
+
+    def quantize_part(model, targets: dict, calibration: Calibration | None) -> list:
+        if cfg.method == "tcq":
+            settings = _tcq_settings(cfg)
+            quantizer = tcq_weight_quantizer(calibration, settings, cfg.min_expert_tokens, scale_dtype, log)
+            return quantize_model_tcq(model, targets, quantizer, settings, scale_dtype)
+        quantizer = None
+        if calibration is not None:
+            quantizer = gptq_weight_quantizer(
+                calibration,
+                cfg.bits,
+                cfg.symmetric,
+                cfg.damp,
+                cfg.act_order,
+                cfg.block_size,
+                cfg.min_expert_tokens,
+                scale_dtype,
+                log,
+            )
+        return quantize_model(
+            model, cfg.bits, cfg.group_size, cfg.symmetric, cfg.skip, scale_dtype, None, quantizer, targets
+        )
+
+    return quantize_part
+
+
+def _quant_config(cfg: Config) -> dict:
     quant_config = {
         "method": cfg.method,
         "bits": cfg.bits,
@@ -205,53 +288,70 @@ def run(ctx: StageContext) -> StageResult:
         "scale_dtype": cfg.scale_dtype,
         "skip": list(cfg.skip),
     }
+    calibrated = {"damp": cfg.damp, "calibration_rows": cfg.calibration_rows, "sequential": cfg.sequential}
     if cfg.method == "gptq":
-        quant_config |= {"damp": cfg.damp, "act_order": cfg.act_order, "calibration_rows": cfg.calibration_rows}
+        quant_config |= {"act_order": cfg.act_order} | calibrated
     if cfg.method == "tcq":
-        quant_config |= {
-            "window_bits": cfg.window_bits,
-            "block_size": cfg.block_size,
-            "scale_updates": cfg.scale_updates,
-            "damp": cfg.damp,
-            "calibration_rows": cfg.calibration_rows,
-        }
-    save_quantized(model, out, quant_config)
-    _copy_tokenizer(ckpt_dir, dataset_dir, out)
-    for fmt in cfg.export:
-        write_export(model, fmt, out / f"export-{fmt}", out / "tokenizer", cfg.symmetric)
+        quant_config |= {"window_bits": cfg.window_bits, "block_size": cfg.block_size}
+        quant_config |= {"scale_updates": cfg.scale_updates} | calibrated
+    return quant_config
 
+
+def _calibration_report(cfg: Config, rows: list[dict], result: StreamResult, log: GPTQLog) -> dict:
+    """Tokens seen, per-expert token counts, fallbacks (read once every part is quantized)."""
+    return {
+        "calibration_rows": len(rows),
+        "calibration_tokens": int(sum(int((torch.as_tensor(r["document_ids"]) >= 0).sum()) for r in rows)),
+        "experts_pooled": sum(log.pooled_experts.values()),
+        "layers_uncalibrated": len(log.uncalibrated),
+        "expert_tokens": result.expert_tokens,
+        f"{cfg.method}_fallbacks": asdict(log),
+    }
+
+
+def _metrics(cfg: Config, result: StreamResult, weights: int, tasks: TaskAccuracy | None, seconds: float) -> dict:
+    stats = result.stats
     bytes_before = sum(s.bytes_before for s in stats)
     bytes_after = sum(s.bytes_after for s in stats)
-    model_bytes_after = _state_bytes(model)
     errors = [s.rel_error for s in stats]
-    ppl_before, ppl_after = perplexity(loss_before), perplexity(loss_after)
-    metrics = {
+    ppl_before, ppl_after = perplexity(result.loss_before), perplexity(result.loss_after)
+    return {
         "bits": cfg.bits,
         "group_size": cfg.group_size,
         "bytes_before": bytes_before,
         "bytes_after": bytes_after,
         "size_ratio": bytes_after / bytes_before,
         "bits_per_weight": 8 * bytes_after / weights,  # codes, scales, zero points, lead-ins: all of it
-        "model_bytes_before": model_bytes_before,
-        "model_bytes_after": model_bytes_after,
-        "model_size_ratio": model_bytes_after / model_bytes_before,
-        "val_loss_before": loss_before,
-        "val_loss_after": loss_after,
+        "model_bytes_before": result.model_bytes_before,
+        "model_bytes_after": result.model_bytes_after,
+        "model_size_ratio": result.model_bytes_after / result.model_bytes_before,
+        "val_loss_before": result.loss_before,
+        "val_loss_after": result.loss_after,
         "ppl_before": ppl_before,
         "ppl_after": ppl_after,
         "ppl_delta": ppl_after - ppl_before,
         "ppl_rel_delta": (ppl_after - ppl_before) / ppl_before,
         "recon_error_mean": sum(errors) / len(errors),
         "recon_error_max": max(errors),
-        "quantize_seconds": quantize_seconds,
+        "layer_output_error_last": result.layer_output_errors[-1],
+        **(tasks.metrics() if tasks is not None else {}),
+        "quantize_seconds": seconds,
     }
+
+
+def _report(ctx, cfg: Config, quant_config, result: StreamResult, weights, eval_rows, calibration, tasks, seconds):
+    """quant_report.json, the logged metrics and figure, and the stage's result."""
+    out, stats = Path(ctx.output_dir), result.stats
+    metrics = _metrics(cfg, result, weights, tasks, seconds)
     report = {
         **quant_config,
         # timings stay out of the file: same inputs, same artifact bytes
         **{k: v for k, v in metrics.items() if k not in quant_config and k != "quantize_seconds"},
-        "eval_tokens": n_tokens,
-        "eval_rows": len(rows),
+        "eval_tokens": result.eval_tokens,
+        "eval_rows": eval_rows,
+        **(tasks.report() if tasks is not None else {"task_accuracy_not_measured": f"no items in {TASKS_FILE}"}),
         **calibration,
+        "layer_output_error": result.layer_output_errors,
         "layers": [asdict(s) for s in stats],
     }
     (out / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -259,73 +359,24 @@ def run(ctx: StageContext) -> StageResult:
     ctx.log.metrics(metrics | {k: v for k, v in calibration.items() if isinstance(v, (int, float))})
     for i, s in enumerate(stats):
         ctx.log.metrics({"layer_recon_error": s.rel_error}, step=i)
-    fig = plot_layer_errors(
-        [s.name for s in stats],
-        errors,
-        f"{cfg.method} int{cfg.bits} g{cfg.group_size}{' sym' if cfg.symmetric else ''}",
-    )
+    for i, error in enumerate(result.layer_output_errors):
+        ctx.log.metrics({"layer_output_error": error}, step=i)
+    title = f"{cfg.method} int{cfg.bits} g{cfg.group_size}{' sym' if cfg.symmetric else ''}"
+    fig = plot_layer_errors([s.name for s in stats], [s.rel_error for s in stats], title)
     ctx.log.figure(fig, "quant_error.png")
     save_figure(fig, out / "quant_error.png")
 
+    accuracy = ""
+    if tasks is not None:
+        before, after = (metrics.get(f"task_accuracy_{which}") for which in ("before", "after"))
+        accuracy = "; task accuracy " + " -> ".join("n/a" if a is None else f"{a:.1%}" for a in (before, after))
     summary = (
         f"{cfg.method} int{cfg.bits} g{cfg.group_size}: {len(stats)} layers at {metrics['size_ratio']:.2f}x their "
-        f"bytes (model {metrics['model_size_ratio']:.2f}x); val ppl {ppl_before:.3f} -> {ppl_after:.3f} "
-        f"({metrics['ppl_rel_delta']:+.2%}); mean weight error {metrics['recon_error_mean']:.3f}"
+        f"bytes (model {metrics['model_size_ratio']:.2f}x); val ppl {metrics['ppl_before']:.3f} -> "
+        f"{metrics['ppl_after']:.3f} "
+        f"({metrics['ppl_rel_delta']:+.2%}){accuracy}; mean weight error {metrics['recon_error_mean']:.3f}"
     )
     return StageResult(metrics=metrics, summary=summary, extra={"report": "quant_report.json"})
-
-
-def _calibrated(ctx: StageContext, cfg: Config, model, targets: dict, dataset_dir: Path) -> tuple:
-    """GPTQ's or TCQ's per-weight quantizer from one calibration pass over the dataset's training rows,
-    and what goes in the report: tokens seen, per-expert token counts, fallbacks."""
-    train = dataset_dir / "train"
-    if not train.is_dir():
-        raise UserError(
-            f"quantize.method={cfg.method} calibrates on the dataset's train rows, and {train} does not exist"
-        )
-    rows = list(itertools.islice(iter_rows(train), cfg.calibration_rows))
-    batches = (collate(rows[i : i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size))
-    ctx.progress.update(0, "calibrating")
-    calibration = collect(model, targets, batches)
-    log = GPTQLog()
-    scale_dtype = SCALE_DTYPES[cfg.scale_dtype]
-    if cfg.method == "tcq":
-        quantizer = tcq_weight_quantizer(calibration, _tcq_settings(cfg), cfg.min_expert_tokens, scale_dtype, log)
-    else:
-        quantizer = gptq_weight_quantizer(
-            calibration,
-            cfg.bits,
-            cfg.symmetric,
-            cfg.damp,
-            cfg.act_order,
-            cfg.block_size,
-            cfg.min_expert_tokens,
-            scale_dtype,
-            log,
-        )
-
-    def report() -> dict:  # read once the weights are quantized, when the fallbacks are known
-        return {
-            "calibration_rows": len(rows),
-            "calibration_tokens": int(sum(int((torch.as_tensor(r["document_ids"]) >= 0).sum()) for r in rows)),
-            "experts_pooled": sum(log.pooled_experts.values()),
-            "layers_uncalibrated": len(log.uncalibrated),
-            "expert_tokens": {name: stats.tokens for name, stats in calibration.experts.items()},
-            f"{cfg.method}_fallbacks": asdict(log),
-        }
-
-    return quantizer, report
-
-
-def _state_bytes(model) -> int:
-    """Bytes of every distinct tensor of the model (a tied embedding counted once)."""
-    seen, total = set(), 0
-    for t in model.state_dict().values():
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
 
 
 def _copy_tokenizer(ckpt_dir: Path, dataset_dir: Path, out: Path) -> None:

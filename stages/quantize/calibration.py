@@ -5,13 +5,15 @@ alone: gate_up's from the expert's inputs, down's from its SwiGLU activations on
 routing over many experts some experts see few tokens; `expert_hessian` then falls back to the
 pool's Hessian over every routed token ("pooled"), and the counts say which experts did.
 
-The statistics come from one pass of the unquantized model (every layer sees full-precision
-inputs), through forward pre-hooks, so any model that runs `forward` can be calibrated.
+The statistics come through forward pre-hooks (`recording`), so any module that runs `forward` can be
+calibrated: the quantize stage records one decoder layer at a time as it streams the calibration rows
+through the model (stages/quantize/stream.py), `collect` a whole model in one pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -56,8 +58,26 @@ class Calibration:
 @torch.no_grad()
 def collect(model: nn.Module, targets: dict[str, nn.Module], batches: Iterable[dict]) -> Calibration:
     """Run `batches` (model keyword arguments) through `model`, accumulating every target's statistics."""
+    was_training = model.training
+    model.eval()
+    try:
+        with recording(targets) as calibration:
+            for batch in batches:
+                model(**batch)
+    finally:
+        model.train(was_training)
+    return calibration
+
+
+@contextmanager
+def recording(targets: dict[str, nn.Module]) -> Iterator[Calibration]:
+    """Every target's statistics, accumulated from its inputs while the `with` block runs (hooks removed on exit)."""
     calibration = Calibration()
     hooks = []
+    strangers = [name for name, m in targets.items() if not isinstance(m, (GroupedExperts, nn.Linear))]
+    if strangers:
+        kind = type(targets[strangers[0]]).__name__
+        raise TypeError(f"{strangers[0]} is a {kind}, not a Linear or an expert pool")
     for name, module in targets.items():
         if isinstance(module, GroupedExperts):
             E, two_i, H = module.gate_up_proj.shape
@@ -66,21 +86,14 @@ def collect(model: nn.Module, targets: dict[str, nn.Module], batches: Iterable[d
             )
             calibration.experts[name] = stats
             hooks.append(module.register_forward_pre_hook(_expert_hook(module, stats), with_kwargs=True))
-        elif isinstance(module, nn.Linear):
+        else:
             acc = calibration.linear[name] = HessianAccumulator(module.in_features)
             hooks.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
-        else:
-            raise TypeError(f"{name} is a {type(module).__name__}, not a Linear or an expert pool")
-    was_training = model.training
-    model.eval()
     try:
-        for batch in batches:
-            model(**batch)
+        yield calibration
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
-    return calibration
 
 
 def _expert_hook(module: GroupedExperts, stats: ExpertStats):

@@ -100,18 +100,24 @@ def quantize_model(
     scale_dtype: torch.dtype = torch.float16,
     on_layer=None,
     quantize_weight: WeightQuantizer | None = None,
+    targets: dict[str, nn.Module] | None = None,
 ) -> list[LayerQuantStats]:
     """Replace every target module of `model` (in place) by its quantized form: RTN unless
-    `quantize_weight` computes the codes (GPTQ).
+    `quantize_weight` computes the codes (GPTQ). `targets` (names in `model`): the modules to quantize, by
+    default every one `skip` leaves (the quantize stage passes one decoder layer's at a time).
 
     group_size None: one group per row (per-channel scales over the whole input dim)."""
     if quantize_weight is None:
 
         def quantize_weight(_name, weight, g):
+            if weight.dim() == 3:  # an expert pool, one expert at a time: fp32 temporaries of one expert's size
+                parts = [rtn_quantize(w, bits, g, symmetric, scale_dtype) for w in weight]
+                return tuple(torch.stack(p) for p in zip(*parts, strict=True))
             return rtn_quantize(weight, bits, g, symmetric, scale_dtype)
 
     stats = []
-    for name, module in quantization_targets(model, skip or []).items():
+    targets = quantization_targets(model, skip or []) if targets is None else targets
+    for name, module in targets.items():
         if isinstance(module, GroupedExperts):
             qmodule, errors = _quantize_experts(name, module, bits, group_size, scale_dtype, quantize_weight)
             before = sum(p.numel() * p.element_size() for p in (module.gate_up_proj, module.down_proj))
@@ -141,7 +147,8 @@ def _quantize_experts(name: str, module: GroupedExperts, bits, group_size, scale
     for packed, weight, which in parts:
         codes, scales, zeros = quantize_weight(f"{name}.{which}", weight, packed.group_size)
         packed.fill(codes, scales.to(scale_dtype), zeros)
-        errors.append(_rel_error(weight, dequantize(codes, scales, zeros, packed.group_size)))
+        g = packed.group_size
+        errors += [_rel_error(weight[e], dequantize(codes[e], scales[e], zeros[e], g)) for e in range(E)]
     return qmodule, errors
 
 
