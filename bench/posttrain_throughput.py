@@ -71,6 +71,7 @@ from stages.posttrain.loop import Job, WorkerLoop  # noqa: E402
 from stages.posttrain.rewards import exact_match  # noqa: E402
 from stages.posttrain.rollout import RolloutWorker, request_seed  # noqa: E402
 from stages.training.optim import build_optimizer  # noqa: E402
+from stages.training.parallel import Layout  # noqa: E402
 
 PRESETS = ("tiny_dense", "tiny_moe")
 MIN_LR_RATIO = 0.1
@@ -149,23 +150,27 @@ def hf_model(ckpt: Path):
 # ---------------------------------------------------------------------- our side: the stage's loop without Ray
 class LocalLoop(WorkerLoop):
     """`WorkerLoop` on one process without Ray Train: the same model loading, objective setup, optimizer and
-    `train_step`; no DDP wrapper, no train-state restore, and the cross-rank sum is the identity."""
+    `train_step`; no data-parallel wrapper, no train-state restore, and the cross-rank sum is the identity."""
 
-    def __init__(self, job: Job) -> None:  # WorkerLoop.__init__ minus Ray, DDP and the train-state restore
+    def __init__(self, job: Job) -> None:  # WorkerLoop.__init__ minus Ray, the wrapper and the train-state restore
         self.rank, self.world = 0, 1
         self.device = torch.device("cpu")
         self.job, self.cfg, self.objective = job, job.config, job.objective
         torch.manual_seed(job.seed)
         self.train_examples, self.val_examples = job.train, job.val
+        self.layout = Layout("ddp", 1, 1, self.device)  # one process: nothing to reduce
         self.model = load_pretrained(job.ckpt_dir, device=self.device)
         self.model.train()
+        if hasattr(self.objective, "prepare_model"):
+            self.objective.prepare_model(self)
+        self.train_model = self.model
+        self.micro_batch = self.cfg.micro_batch_size or self.cfg.batch_size
         self.step = 0
         self.history = {"train": [], "val": []}
         self.objective.setup(self)
         self.optimizer = build_optimizer(
             self.model, self.cfg.lr, self.cfg.weight_decay, (self.cfg.beta1, self.cfg.beta2)
         )
-        self.ddp = self.model
 
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
         return values.detach().float().clone()
@@ -314,7 +319,7 @@ def sft_ours(ws: Workspace, preset: str, args, pack: bool) -> dict:
     tokens = [sum(len(e.ids) for e in batch) for batch in per_step]
     supervised = [sum(sum(e.mask[1:]) for e in batch) for batch in per_step]
     with torch.no_grad():  # the LM loss alone (HF's loss has no router terms unless output_router_logits)
-        first = objective.loss(loop.model, objective.collate(per_step[0], loop.device), loop)[1]["lm"].item()
+        first = objective.loss(loop.model, objective.micro_batches(per_step[0], loop)[0], loop)[1]["lm"].item()
     clock, losses = StepClock(), []
     clock.start()
     while loop.step < cfg.steps:

@@ -55,16 +55,22 @@ def _print_memory(cfg: PipelineConfig) -> None:
         sections.append((method, section, section.max_length))
     for name, section, length in sections:
         workers = max(section.num_workers, 1)
-        micro = micro_batch_rows(section.batch_size, workers, getattr(section, "micro_batch_size", 0))
-        # the workers' own choice (pretrain.parallel, auto resolved per model); post-training replicates (DDP)
-        sharded = hasattr(section, "parallel_for") and section.parallel_for(cfg.model) == "fsdp"
+        if name == "pretrain":
+            micro = micro_batch_rows(section.batch_size, workers, section.micro_batch_size)
+        else:  # rows of one forward: a chat, a pair's two rows, a prompt's group of completions
+            micro = section.forward_rows()
+        # the workers' own choice (`parallel`, auto resolved per model), as `Layout` makes it
+        sharded = section.parallel_for(cfg.model) == "fsdp"
         ep = getattr(section, "expert_parallel", 1)
-        recompute, loss_impl = getattr(section, "recompute", "none"), getattr(section, "loss_impl", "logits")
-        every = getattr(section, "recompute_every", 1)
+        loss_impl = getattr(section, "loss_impl", "logits")  # DPO and RL objectives take the whole logits
+        recompute, every = section.recompute, section.recompute_every
         plan = training_memory(
             cfg.model, workers, micro, length, sharded, ep, section.precision, recompute, loss_impl, every
         )
-        extra = plan.params_gb / 2 if name == "dpo" else 0.0  # the frozen reference model, bf16
+        # RLVR / UPO keep the frozen input model (fp32, spread like the policy) for their KL and DPO terms;
+        # DPO computes its reference log-probs once before training and keeps only those
+        reference = name != "pretrain" and section.keeps_reference()
+        extra = plan.total_params * 4 / (workers if sharded else 1) / GiB if reference else 0.0
         total = plan.total_gb + extra
         print(
             f"  {name:9s} {workers:7d} {f'{micro} x {length}':>11s} {plan.params_gb + extra:9.2f} "

@@ -84,14 +84,22 @@ def test_the_chunked_loss_plans_one_chunk_of_logits():
     assert (logits - chunked) * GiB == pytest.approx(4 * cfg.vocab_size * (8 * 4096 - LOSS_CHUNK_TOKENS))
 
 
-def planned_pretrain(capsys, preset: str, *overrides: str) -> tuple[str, float, float]:
-    """`plan`'s pretrain row for `preset`: (micro-batch column, activations GiB, total GiB)."""
+TRAINING_STAGES = ("pretrain", "sft", "dpo", "rlvr", "upo")
+
+
+def planned_training(capsys, preset: str, *overrides: str) -> dict[str, tuple[str, float, float]]:
+    """`plan`'s training rows for `preset`: stage -> (micro-batch column, activations GiB, total GiB)."""
     from pipeline.config import load
     from pipeline.plan import _print_memory
 
     _print_memory(load(preset, list(overrides)))
-    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  pretrain "))
-    return " ".join(row[2:5]), float(row[-2]), float(row[-1])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    return {row[0]: (" ".join(row[2:5]), float(row[-2]), float(row[-1])) for row in rows if row[0] in TRAINING_STAGES}
+
+
+def planned_pretrain(capsys, preset: str, *overrides: str) -> tuple[str, float, float]:
+    """`plan`'s pretrain row for `preset`: (micro-batch column, activations GiB, total GiB)."""
+    return planned_training(capsys, preset, *overrides)["pretrain"]
 
 
 def test_planned_activations_follow_the_micro_batch_not_the_worker_batch(capsys):
@@ -107,8 +115,25 @@ def test_planned_activations_follow_the_micro_batch_not_the_worker_batch(capsys)
 
 @pytest.mark.parametrize("preset", ["ernie_0_3b", "ernie_21b", "ernie_300b", "ernie_vl_28b", "ernie_vl_424b"])
 def test_the_presets_micro_batches_fit_an_80_gib_gpu_with_the_activation_margin(capsys, preset):
-    _, activations, total = planned_pretrain(capsys, preset)
-    assert total + MARGIN * activations < 80, (preset, total, activations)
+    """Every training row: pretraining and each post-training method of the preset's recipe."""
+    rows = planned_training(capsys, preset)
+    assert {"pretrain", "sft", "dpo"} <= set(rows), rows
+    for stage, (_, activations, total) in rows.items():
+        assert total + MARGIN * activations < 80, (preset, stage, total, activations)
+
+
+def test_posttraining_rows_follow_the_layout_and_the_forward_rows(capsys):
+    """Post-training plans the layout its workers use (fsdp unless parallel=ddp) and one forward's rows:
+    a chat, a pair's two rows, a prompt's group of completions (and a reference model beside them)."""
+    fsdp = planned_training(capsys, "ernie_21b")
+    ddp = planned_training(capsys, "ernie_21b", "posttrain.sft.parallel=ddp")
+    assert ddp["sft"][2] - ddp["sft"][1] > 4 * (fsdp["sft"][2] - fsdp["sft"][1]), "a replica holds the whole state"
+    assert (fsdp["sft"][0], fsdp["dpo"][0]) == ("1 x 8192", "2 x 8192")
+    rl = ["posttrain.recipe=[sft,rlvr,upo]", "posttrain.rlvr.group_size=4", "posttrain.upo.group_size=4"]
+    rl += ["posttrain.rlvr.micro_batch_size=2", "posttrain.upo.micro_batch_size=2", "posttrain.upo.pairs_per_step=16"]
+    rows = planned_training(capsys, "tiny", *rl)
+    # tiny: batch_size 8 prompts over 2 workers, 2 a forward; UPO adds 8 offline pairs a worker over its 2 parts
+    assert (rows["rlvr"][0].split()[0], rows["upo"][0].split()[0]) == ("8", str(8 + 2 * 4))
 
 
 @pytest.mark.parametrize(("bits", "published_gpus"), [(4, 4), (2, 2)])

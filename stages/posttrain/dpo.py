@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ernie.losses import shifted_targets, weighted_router_loss
 from pipeline.contract import StageContext, StageResult, UserError
+from stages.training.accumulate import split_rows
 
 from . import common
 from .chat import Tokenised, pad_batch, read_records, tokenise_chat
@@ -35,6 +36,15 @@ from .config import TrainConfig
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
 OUTPUT_KIND = "ckpt"
 LOSS_TYPES = ("sigmoid", "ipo")
+DPO_METRICS = (
+    "dpo_loss",
+    "reward_accuracy",
+    "reward_chosen",
+    "reward_rejected",
+    "reward_margin",
+    "preference_accuracy",
+)
+"""The per-pair metrics `DPOObjective._terms` gives (logged as pair means)."""
 
 
 @dataclass
@@ -67,6 +77,10 @@ class Config(TrainConfig):
             )
         if self.sft_weight < 0:
             raise UserError(f"posttrain.{stage}.sft_weight={self.sft_weight!r} must not be negative")
+
+    def forward_rows(self) -> int:
+        """A pair is two rows (chosen and rejected) in the same forward."""
+        return 2 * super().forward_rows()
 
 
 @dataclass
@@ -136,9 +150,10 @@ class DPOObjective:
                 pairs = self.split(loop, split)
                 table = torch.zeros(len(pairs), 2, device=loop.device)
                 for chunk in loop.my_share(len(pairs)):
-                    batch = self.collate([pairs[i] for i in chunk], loop.device)
+                    batch = self.collate(loop.examples(pairs, chunk), loop.device)
                     chosen, rejected, _ = self._policy(loop.model, batch, loop)
-                    table[torch.as_tensor(chunk, device=loop.device)] = torch.stack([chosen, rejected], -1).float()
+                    if len(chunk):
+                        table[torch.as_tensor(chunk, device=loop.device)] = torch.stack([chosen, rejected], -1).float()
                 self.reference[split] = loop.all_sum(table)
         loop.model.train()
 
@@ -158,6 +173,14 @@ class DPOObjective:
         }
         return loss, metrics
 
+    def micro_batches(self, pairs: list[Pair], loop) -> list[dict]:
+        """The step's pairs in micro-batches, each with its share of the step's pairs (every term of the
+        loss is a mean over pairs, and a pair is two rows)."""
+        return [
+            self.collate(chunk, loop.device) | {"share": len(chunk) / len(pairs)}
+            for chunk in split_rows(pairs, loop.micro_batch)
+        ]
+
     def loss(self, model, batch: dict, loop) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen, rejected, out = self._policy(model, batch, loop)
         loss, metrics = self._terms(chosen, rejected, self.reference["train"][batch["index"]])
@@ -167,7 +190,8 @@ class DPOObjective:
             answer_tokens = batch["loss_mask"][:half, 1:].sum(-1).clamp(min=1)
             total = total + self.sft_weight * (-chosen / answer_tokens).mean()
         total = total + weighted_router_loss(out.routing, loop.model.config.loss)
-        return total, {k: v.mean() for k, v in metrics.items()}
+        share = batch.get("share", 1.0)
+        return total * share, {k: v.mean() * share for k, v in metrics.items()}
 
     def evaluate(self, loop) -> dict[str, float]:
         """DPO metrics over the validation pairs (`val_*`) and the train pairs (`train_set_*`)."""
@@ -179,21 +203,15 @@ class DPOObjective:
 
     def _evaluate_pairs(self, loop, pairs: list[Pair], split: str) -> dict[str, float]:
         """Pair-weighted means of the DPO metrics, and the reference's own preference accuracy."""
-        names = [
-            "dpo_loss",
-            "reward_accuracy",
-            "reward_chosen",
-            "reward_rejected",
-            "reward_margin",
-            "preference_accuracy",
-        ]
+        names = list(DPO_METRICS)
         count = loop.eval_count(pairs)
         sums = torch.zeros(len(names), device=loop.device)
         for chunk in loop.my_share(count):
-            batch = self.collate([pairs[i] for i in chunk], loop.device)
+            batch = self.collate(loop.examples(pairs, chunk), loop.device)
             chosen, rejected, _ = self._policy(loop.model, batch, loop)
             _, metrics = self._terms(chosen, rejected, self.reference[split][batch["index"]])
-            sums += torch.stack([metrics[n].float().sum() for n in names])
+            if len(chunk):
+                sums += torch.stack([metrics[n].float().sum() for n in names])
         values = dict(zip(names, (loop.all_sum(sums) / count).tolist(), strict=True))
         ref = self.reference[split][:count]
         values["reference_preference_accuracy"] = float((ref[:, 0] > ref[:, 1]).float().mean())

@@ -47,10 +47,14 @@ def policy_loss(
     clip_eps: float,
     kl_coef: float = 0.0,
     ref_logp: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(token-mean loss, metrics) for [B, T] token log-probs, [B] advantages and a [B, T] 0/1 mask."""
+    """(token-mean loss, metrics) for [B, T] token log-probs, [B] advantages and a [B, T] 0/1 mask.
+
+    `tokens`: the mean's denominator when these rows are one micro-batch of a step (the step's
+    completion tokens, so the micro-batches' results add up to the step's); default the mask's."""
     mask = mask.float()
-    tokens = mask.sum().clamp(min=1)
+    tokens = mask.sum().clamp(min=1) if tokens is None else tokens
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)

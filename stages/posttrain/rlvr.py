@@ -8,16 +8,16 @@ rollout round starts: the learner's weights go to the `rollout_workers` Ray acto
 (`rollout.RolloutWorker`, KV-cache decoding), which sample `group_size` completions of each
 prompt the round's steps will train on. Each completion is scored by the configured reward
 functions (`rewards`, dotted paths; weighted sum), advantages are group-relative, and the
-learner (Ray Train DDP workers) minimises GRPO's clipped surrogate plus `kl_coef` times the
-k3 KL estimate to the frozen input model (`grpo`). Log-probs are taken at the sampling
-temperature throughout. Validation: greedy answers to rlvr/val.jsonl scored by the same
+learner (Ray Train workers, FSDP2 or DDP) minimises GRPO's clipped surrogate plus `kl_coef`
+times the k3 KL estimate to the frozen input model (`grpo`). Log-probs are taken at the
+sampling temperature throughout. Validation: sampled and greedy answers to rlvr/val.jsonl,
+decoded by the rollout actors with the learner's current weights and scored by the same
 rewards (`val_reward`, and `val_reward/<function>` each). Output (ckpt): HF layout +
 tokenizer/ + train_state/.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -28,12 +28,13 @@ import torch
 from ernie.chat_template import image_refs, render
 from ernie.losses import weighted_router_loss
 from pipeline.contract import Request, StageContext, StageResult, UserError
+from stages.training.parallel import reshard
 
 from . import common, rewards
 from .chat import PAD_ID, ChatImages, Tokenised, read_records, vision_inputs, widen_images
 from .config import TrainConfig
 from .grpo import group_advantages, policy_loss, token_logprobs
-from .rollout import RolloutRequest, RolloutWorker, complete, request_seed
+from .rollout import RolloutRequest, RolloutWorker, request_seed
 
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
 OUTPUT_KIND = "ckpt"
@@ -121,6 +122,14 @@ class Config(TrainConfig):
     def weights(self) -> list[float]:
         return list(self.reward_weights) or [1.0] * len(self.rewards)
 
+    def forward_rows(self) -> int:
+        """Each prompt of a micro-batch brings its group_size completions."""
+        return self.group_size * super().forward_rows()
+
+    def keeps_reference(self) -> bool:
+        """The KL term's reference."""
+        return self.kl_coef > 0
+
 
 @dataclass
 class Prompt:
@@ -157,11 +166,13 @@ def tokenise_prompts(
 
 
 class RLVRObjective:
-    """GRPO with rollouts from Ray actors; the KL reference is a frozen copy of the input model on every rank."""
+    """GRPO with rollouts from Ray actors; the KL reference is the frozen input model, spread like the policy."""
 
     def __init__(self, cfg: Config, tokenizer_json: str, actors: list, stage: str = "rlvr") -> None:
         self.cfg, self.tokenizer_json, self.actors, self.stage = cfg, tokenizer_json, actors, stage
-        self.round: dict[int, dict] = {}
+        self.round: dict[int, list[dict]] = {}
+        self.synced: int | None = None
+        """The weights version the actors hold (the step whose rollouts they sample), once this learner sent it."""
 
     # ------------------------------------------------------------------ setup
     def setup(self, loop) -> None:
@@ -170,16 +181,11 @@ class RLVRObjective:
         self.tokenizer = Tokenizer.from_str(self.tokenizer_json)
         self.reward_fns = rewards.resolve(self.cfg.rewards, f"posttrain.{self.stage}.rewards")
         self.reward_names = [getattr(f, "__name__", f"reward{i}") for i, f in enumerate(self.reward_fns)]
-        self.reference = None
-        if self.needs_reference():
-            self.reference = copy.deepcopy(loop.model).eval().requires_grad_(False)
-
-    def needs_reference(self) -> bool:
-        return self.cfg.kl_coef > 0
+        self.reference = loop.frozen_input_model() if self.cfg.keeps_reference() else None
 
     # ------------------------------------------------------------------ rollouts
-    def make_batch(self, loop, step: int) -> dict:
-        """This rank's batch of step `step` (1-based): sampled at the start of its rollout round."""
+    def make_batch(self, loop, step: int) -> list[dict]:
+        """This rank's micro-batches of step `step` (1-based): sampled at the start of its rollout round."""
         u = self.cfg.updates_per_rollout
         start = step - (step - 1) % u
         if step not in self.round:
@@ -189,14 +195,20 @@ class RLVRObjective:
         return self.round.pop(step)
 
     def _sync_weights(self, loop, version: int) -> None:
+        """Collective: the learner's weights, gathered from the shards at rank 0, to every actor, tagged
+        `version` (the step whose rollouts they will sample); nothing when the actors hold them already."""
         import ray
         import torch.distributed as dist
 
+        if self.synced == version:
+            return
+        state = loop.layout.full_state_dict(loop.model, loop.rank)
         if loop.rank == 0:
-            state = {k: v.detach().cpu() for k, v in loop.model.state_dict().items()}
             ref = ray.put(state)
             ray.get([actor.load_weights.remote(ref, version) for actor in self.actors])
+        del state
         dist.barrier()
+        self.synced = version
 
     def _sample(self, loop, start: int, prompts: list[Prompt]) -> tuple[list[list[list[int]]], float]:
         """`group_size` completions of each prompt from the actors, and the seconds it took."""
@@ -226,7 +238,7 @@ class RLVRObjective:
                 completions[i] = group
         return completions, time.perf_counter() - began
 
-    def _rollout_round(self, loop, start: int) -> dict[int, dict]:
+    def _rollout_round(self, loop, start: int) -> dict[int, list[dict]]:
         self._sync_weights(loop, start)
         steps = range(start, start + self.cfg.updates_per_rollout)
         per_step = [[loop.train_examples[i] for i in loop.batch_indices(s)] for s in steps]
@@ -237,9 +249,29 @@ class RLVRObjective:
             batch = self.collate_rollouts(prompts, completions[at : at + len(prompts)], loop.device)
             at += len(prompts)
             batch["stats"]["rollout_seconds"] = torch.tensor(seconds / len(steps))
-            self._add_old_logprobs(loop, batch, needed=len(steps) > 1)
-            batches[s] = batch
+            batches[s] = self.micro_batches(batch, loop)
+            for part in batches[s]:
+                self._add_old_logprobs(loop, part, needed=len(steps) > 1)
         return batches
+
+    def micro_batches(self, batch: dict, loop) -> list[dict]:
+        """A step's rollout batch in micro-batches of `loop.micro_batch` prompts (each with its whole group),
+        each knowing the step's completion tokens and rows (the loss is a token mean, router losses by
+        rows); the step's stats ride on the first. A micro-batch keeps the batch's padded width."""
+        group = self.cfg.group_size
+        prompts = len(batch["groups"])
+        size = loop.micro_batch or prompts
+        whole = {"tokens": batch["mask"].sum().clamp(min=1), "rows": len(batch["input_ids"])}
+        parts = []
+        for first in range(0, prompts, size):
+            rows = slice(first * group, (first + size) * group)
+            part = {k: batch[k][rows] for k in ("input_ids", "mask", "advantages", "reward")}
+            part["vision"] = {k: v.to(loop.device) for k, v in vision_inputs(batch["row_prompts"][rows]).items()}
+            part["groups"] = batch["groups"][first : first + size]
+            part["whole"] = whole
+            part["stats"] = batch["stats"] if first == 0 else {}
+            parts.append(part)
+        return parts
 
     def collate_rollouts(self, prompts: list[Prompt], groups: list[list[list[int]]], device) -> dict:
         """Right-padded prompt + completion rows, the completion mask over targets, rewards and advantages."""
@@ -271,8 +303,7 @@ class RLVRObjective:
         stats.update({f"reward/{name}": per_reward[:, k].mean() for k, name in enumerate(self.reward_names)})
         batch = {"input_ids": input_ids, "mask": mask, "advantages": advantages, "reward": reward}
         batch = {k: v.to(device) for k, v in batch.items()}
-        rows_prompts = [prompt for prompt in prompts for _ in range(cfg.group_size)]
-        batch["vision"] = {k: v.to(device) for k, v in vision_inputs(rows_prompts).items()}
+        batch["row_prompts"] = [prompt for prompt in prompts for _ in range(cfg.group_size)]
         batch["stats"] = stats
         batch["groups"] = grouped
         return batch
@@ -293,49 +324,68 @@ class RLVRObjective:
             with loop.autocast():
                 logits = self.reference(batch["input_ids"], **batch["vision"]).logits
             batch["ref_logp"] = token_logprobs(logits, batch["input_ids"], temperature)
+            reshard(self.reference)  # a frozen model has no backward to free its gathered units
 
     # ------------------------------------------------------------------ learner
     def policy_terms(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """GRPO loss and metrics from the policy's logits over the rollout rows."""
+        """GRPO loss and metrics from the policy's logits over the rollout rows (token sums over the step's
+        completion tokens when the batch is a micro-batch of the step)."""
         logp = token_logprobs(logits, batch["input_ids"], self.cfg.temperature)
         old = batch.get("old_logp", logp.detach())
+        tokens = batch["whole"]["tokens"] if "whole" in batch else None
         return policy_loss(
-            logp, old, batch["advantages"], batch["mask"], self.cfg.clip_eps, self.cfg.kl_coef, batch.get("ref_logp")
+            logp,
+            old,
+            batch["advantages"],
+            batch["mask"],
+            self.cfg.clip_eps,
+            self.cfg.kl_coef,
+            batch.get("ref_logp"),
+            tokens=tokens,
         )
 
     def loss(self, model, batch: dict, loop) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with loop.autocast():
             out = model(batch["input_ids"], **batch["vision"])
         total, metrics = self.policy_terms(out.logits, batch)
-        total = total + weighted_router_loss(out.routing, loop.model.config.loss)
+        row_share = len(batch["input_ids"]) / batch["whole"]["rows"]
+        total = total + weighted_router_loss(out.routing, loop.model.config.loss) * row_share
         return total, metrics | {k: v.to(total.device) for k, v in batch["stats"].items()}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, loop) -> dict[str, float]:
         """Validation prompts scored by the rewards: `eval_samples` completions each at the rollout
         temperature (`val_reward`, `val_reward/<name>`; the same seeds at every evaluation, so
-        evaluations differ only by the weights) and the greedy answer (`val_greedy_reward`)."""
+        evaluations differ only by the weights) and the greedy answer (`val_greedy_reward`).
+
+        The rollout actors decode them, with the learner's current weights: a sharded learner cannot
+        generate (each decode step would gather every layer, on every worker, in step)."""
+        import ray
+
         cfg, count = self.cfg, loop.eval_count(loop.val_examples)
+        self._sync_weights(loop, loop.step + 1)  # the weights the next round samples with, too
         names = ["greedy_reward", "reward", *(f"reward/{n}" for n in self.reward_names)]
         sums = torch.zeros(len(names), device=loop.device)
-        for chunk in loop.my_share(count):
-            prompts = [loop.val_examples[i] for i in chunk]
-            greedy = complete(loop.model, [p.ids for p in prompts], cfg.max_new_tokens, vision=vision_inputs(prompts))
-            for prompt, answer in zip(prompts, greedy, strict=True):
+        chunks = [chunk for chunk in loop.my_share(count) if len(chunk)]
+        futures = []
+        for c, chunk in enumerate(chunks):  # spread this rank's chunks over the actors, ranks offset
+            requests = [
+                RolloutRequest(p.ids, request_seed(loop.job.seed, 0, p.index), p.patches, p.grids)
+                for p in (loop.val_examples[i] for i in chunk)
+            ]
+            actor = self.actors[(loop.rank + c) % len(self.actors)]
+            futures.append(
+                actor.evaluate.remote(requests, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.eval_samples)
+            )
+        for chunk, future in zip(chunks, futures, strict=True):
+            version, greedy, samples = ray.get(future)
+            if version != loop.step + 1:
+                raise RuntimeError(f"a rollout actor evaluated weights of step {version}, not {loop.step + 1}")
+            for prompt, answer, sampled in zip((loop.val_examples[i] for i in chunk), greedy, samples, strict=True):
                 greedy_scores = self._score(answer, prompt)
                 row = [greedy_scores[0], *greedy_scores]  # eval_samples=0: the greedy answer is the sample
-                if cfg.eval_samples:
-                    samples = complete(
-                        loop.model,
-                        [prompt.ids] * cfg.eval_samples,
-                        cfg.max_new_tokens,
-                        cfg.temperature,
-                        cfg.top_p,
-                        request_seed(loop.job.seed, 0, prompt.index),
-                        vision=vision_inputs([prompt] * cfg.eval_samples),
-                    )
-                    scores = torch.tensor([self._score(s, prompt) for s in samples]).mean(0).tolist()
-                    row = [greedy_scores[0], *scores]
+                if sampled:
+                    row = [greedy_scores[0], *torch.tensor([self._score(s, prompt) for s in sampled]).mean(0).tolist()]
                 sums += torch.tensor(row, device=loop.device)
         means = (loop.all_sum(sums) / count).tolist()
         return {f"val_{n}": v for n, v in zip(names, means, strict=True)}

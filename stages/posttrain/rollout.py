@@ -1,11 +1,12 @@
 """Rollouts: sampled completions of chat prompts with the model's KV-cache decoding.
 
 `RolloutWorker` is the Ray actor RLVR and UPO sample from: it holds its own copy of the
-policy, takes the learner's weights at the start of every rollout round (`load_weights`,
-tagged with the round's step so a stale copy is caught), and answers `sample` with G
-completions per prompt, all of its prompts decoded as one batch. Each prompt's G samples are
-drawn from a generator seeded by the request, so the same weights and seed give the same tokens
-on any actor and in any batch: a resumed run samples what the uninterrupted one did.
+policy, takes the learner's weights at the start of every rollout round and before every
+evaluation (`load_weights`, tagged with the step so a stale copy is caught), answers `sample`
+with G completions per prompt, all of its prompts decoded as one batch, and `evaluate` with the
+validation answers. Each prompt's G samples are drawn from a generator seeded by the request, so
+the same weights and seed give the same tokens on any actor and in any batch: a resumed run
+samples what the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -103,3 +104,25 @@ class RolloutWorker:
         vision = vision_inputs(rows_of)
         rows = complete(self.model, prompts, max_new_tokens, temperature, top_p, seeds, vision)
         return self.version, [rows[i : i + group] for i in range(0, len(rows), group)]
+
+    def evaluate(
+        self, requests: list[RolloutRequest], max_new_tokens: int, temperature: float, top_p: float, samples: int
+    ) -> tuple[int, list[list[int]], list[list[list[int]]]]:
+        """(weights version, greedy answers of the requests decoded as one batch, `samples` completions of
+        each request decoded on their own from its seed): validation as the learner would run it."""
+        greedy = complete(self.model, [r.ids for r in requests], max_new_tokens, vision=vision_inputs(requests))
+        sampled = [
+            complete(
+                self.model,
+                [r.ids] * samples,
+                max_new_tokens,
+                temperature,
+                top_p,
+                r.seed,
+                vision=vision_inputs([r] * samples),
+            )
+            if samples
+            else []
+            for r in requests
+        ]
+        return self.version, greedy, sampled

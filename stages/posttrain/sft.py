@@ -4,9 +4,10 @@
 
 Inputs: `ckpt` (the model to tune) and `dataset` (`sft/train.jsonl`, `sft/val.jsonl`:
 {"messages": [...]}). Each chat is rendered with ERNIE's chat template and tokenised piece
-by piece; user, system and template tokens get loss weight 0. Ray Train DDP workers,
-AdamW + warmup/cosine, resumable train state, as in pretraining. Validation: mean
-assistant-token loss on sft/val.jsonl at the start, every `eval_every` steps and at the end.
+by piece; user, system and template tokens get loss weight 0. Ray Train workers (FSDP2 or DDP:
+`parallel`), micro-batches (`micro_batch_size`), AdamW + warmup/cosine, resumable train state,
+as in pretraining. Validation: mean assistant-token loss on sft/val.jsonl at the start, every
+`eval_every` steps and at the end.
 With `lora_rank` > 0 only low-rank adapters on `lora_targets` train (`ernie.lora`); they are
 merged into the weights of the output checkpoint. Output (ckpt): HF layout + tokenizer/ + train_state/.
 """
@@ -14,6 +15,7 @@ merged into the weights of the output checkpoint. Output (ckpt): HF layout + tok
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -21,10 +23,13 @@ from ernie.lora import TARGETS as LORA_TARGETS
 from ernie.lora import add_lora
 from ernie.losses import shifted_targets
 from pipeline.contract import StageContext, StageResult, UserError
+from stages.training.accumulate import LMShare, lm_shares, split_rows, weighted_lm_loss
 
 from . import common
 from .chat import Tokenised, pack_batch, pad_batch, read_records, tokenise_chat
 from .config import TrainConfig
+
+LOSS_IMPLS = ("logits", "chunked")
 
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
 OUTPUT_KIND = "ckpt"
@@ -46,6 +51,11 @@ class Config(TrainConfig):
     """Adapter scale: the update is (lora_alpha / lora_rank) * B @ A."""
     lora_targets: list[str] = field(default_factory=lambda: ["attention", "experts"])
     """Which weights get adapters: attention (q/k/v/o), mlp (dense SwiGLU layers), experts (each routed expert)."""
+    loss_impl: str = "logits"
+    """logits (the full [tokens, vocab] logits, then cross-entropy) or chunked (projection + cross-entropy
+    a chunk of tokens at a time: the same loss and gradients without holding the logits)."""
+
+    OPERATIONAL: ClassVar[set[str]] = TrainConfig.OPERATIONAL | {"loss_impl"}
 
     def validate(self, stage: str = "sft") -> None:
         super().validate(stage)
@@ -53,6 +63,8 @@ class Config(TrainConfig):
             raise UserError(f"posttrain.{stage}.lora_rank={self.lora_rank} must not be negative (0 = no LoRA)")
         if self.lora_rank and self.lora_alpha <= 0:
             raise UserError(f"posttrain.{stage}.lora_alpha={self.lora_alpha} must be positive")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise UserError(f"posttrain.{stage}.loss_impl={self.loss_impl!r} must be one of {LOSS_IMPLS}")
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if self.lora_rank and (unknown or not self.lora_targets):
             raise UserError(
@@ -69,38 +81,54 @@ class SFTObjective:
         lora_alpha: float = 16.0,
         lora_targets: tuple[str, ...] = (),
         pack_length: int = 0,
+        loss_impl: str = "logits",
     ) -> None:
         self.lora_rank, self.lora_alpha, self.lora_targets = lora_rank, lora_alpha, tuple(lora_targets)
         self.pack_length = pack_length
         """0: one padded row per chat; else chats packed into rows of this many tokens."""
+        self.loss_impl = loss_impl
 
-    def setup(self, loop) -> None:
-        """Adapters go on before the optimizer is built and any train state is restored."""
+    def prepare_model(self, loop) -> None:
+        """Adapters go on before the model is spread over the workers (under fsdp they are sharded with
+        the weights they adapt), the optimizer is built and any train state is restored."""
+        loop.model.loss_impl = self.loss_impl
         if self.lora_rank:
             try:
                 add_lora(loop.model, self.lora_rank, self.lora_alpha, self.lora_targets, seed=loop.job.seed)
             except ValueError as err:
                 raise UserError(f"posttrain.sft LoRA: {err}") from None
 
+    def setup(self, loop) -> None:
+        """Nothing to compute from the input model once it is spread."""
+
     def collate(self, examples: list[Tokenised], device: torch.device) -> dict[str, torch.Tensor]:
         if self.pack_length:
             return pack_batch(examples, self.pack_length, device)
         return pad_batch(examples, device)
 
-    def loss(self, model, batch: dict, loop) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def micro_batches(self, examples: list[Tokenised], loop) -> list[tuple[dict, LMShare]]:
+        """The step's chats in micro-batches (each packed or padded on its own), with their shares of the
+        step's assistant tokens and rows (`stages.training.accumulate.lm_shares`)."""
+        batches = [self.collate(chunk, loop.device) for chunk in split_rows(examples, loop.micro_batch)]
+        return list(zip(batches, lm_shares(batches, loop.model.config.loss.token_balanced), strict=True))
+
+    def loss(self, model, part: tuple[dict, LMShare], loop) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch, share = part
         with loop.autocast():
             out = model(**batch)
-        return out.loss, {"lm": out.losses["lm"].detach()}
+        backward, values = weighted_lm_loss(out, share)
+        return backward, {"loss": values[0], "lm": values[1]}
 
     def evaluate(self, loop) -> dict[str, float]:
         """Token-weighted assistant-token loss over the validation chats."""
         totals = torch.zeros(2, device=loop.device)
         for chunk in loop.my_share(loop.eval_count(loop.val_examples)):
-            batch = self.collate([loop.val_examples[i] for i in chunk], loop.device)
+            batch = self.collate(loop.examples(loop.val_examples, chunk), loop.device)
             with loop.autocast():
                 out = loop.model(**batch)
             _, weight = shifted_targets(batch["labels"], batch["loss_mask"], batch.get("document_ids"))
-            totals += torch.stack([out.losses["lm"].float() * weight.sum(), weight.sum()])
+            if len(chunk):  # an empty chunk's forward only keeps a sharded model's ranks in step
+                totals += torch.stack([out.losses["lm"].float() * weight.sum(), weight.sum()])
         totals = loop.all_sum(totals)
         return {"val_loss": float(totals[0] / totals[1].clamp(min=1))}
 
@@ -135,7 +163,8 @@ def run(ctx: StageContext) -> StageResult:
     if len(train) < cfg.batch_size:
         raise UserError(f"posttrain.sft.batch_size={cfg.batch_size} is larger than the {len(train)} SFT chats")
     ctx.log.params({"examples_train": len(train), "examples_val": len(val)})
-    objective = SFTObjective(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.max_length if cfg.pack else 0)
+    pack_length = cfg.max_length if cfg.pack else 0
+    objective = SFTObjective(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, pack_length, cfg.loss_impl)
     result = common.train(ctx, objective, ckpt_dir, train, val, cfg.fingerprint())
     common.finish_outputs(ctx, tokenizer_dir, {"loss_curve": ["loss", "lm", "val_loss"]})
     m = dict(result.metrics)

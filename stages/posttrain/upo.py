@@ -13,9 +13,10 @@ rollout actors, group-relative advantages, clipped surrogate, k3 KL to the input
 The pairs are `pairs=offline` (preferences/train.jsonl, `pairs_per_step` of them a step, in
 a seeded order), `online` (for each sampled group whose rewards differ: its best completion
 chosen, its worst rejected, log-probs at the sampling temperature) or `both`. L_DPO is the
-DPO stage's loss (sigmoid / ipo, label smoothing) against the frozen input model. All rows go
-through one forward pass. Validation: RLVR's val rewards and DPO's pair metrics on
-preferences/val.jsonl (`val_preference_accuracy`, `val_reward_accuracy`, ...).
+DPO stage's loss (sigmoid / ipo, label smoothing) against the frozen input model. The rows of
+a micro-batch (its prompts' rollouts and its share of the offline pairs) go through one
+forward. Validation: RLVR's val rewards and DPO's pair metrics on preferences/val.jsonl
+(`val_preference_accuracy`, `val_reward_accuracy`, ...).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pipeline.contract import StageContext, StageResult, UserError
 
 from . import common, rewards
 from .chat import PAD_ID
-from .dpo import LOSS_TYPES, DPOObjective, Pair, preference_loss, sequence_logprobs, tokenise_pairs
+from .dpo import DPO_METRICS, LOSS_TYPES, DPOObjective, Pair, preference_loss, sequence_logprobs, tokenise_pairs
 from .grpo import token_logprobs
 from .rlvr import Config as RLVRConfig
 from .rlvr import RLVRObjective, load_prompts, start_actors, stop_actors
@@ -72,6 +73,19 @@ class Config(RLVRConfig):
                 f"num_workers={self.num_workers}"
             )
 
+    def keeps_reference(self) -> bool:
+        """DPO's rewards (of online pairs too) are measured against the input model."""
+        return True
+
+    def forward_rows(self) -> int:
+        """A micro-batch's rollouts and its share of the step's offline pairs (two rows each)."""
+        rollouts = super().forward_rows()
+        if self.pairs == "online":
+            return rollouts
+        per_worker = self.batch_size // max(self.num_workers, 1)
+        parts = per_worker // (self.micro_batch_size or per_worker)
+        return rollouts + 2 * -(-(self.pairs_per_step // max(self.num_workers, 1)) // parts)
+
 
 class UPOObjective(RLVRObjective):
     """RLVR's objective with DPO pairs added to every batch (one forward over rollouts and pairs)."""
@@ -85,24 +99,25 @@ class UPOObjective(RLVRObjective):
         super().setup(loop)
         self.dpo.setup(loop)  # reference log-probs of the offline pairs, from the input model
 
-    def needs_reference(self) -> bool:
-        return True  # DPO's rewards are measured against the input model
-
     # ------------------------------------------------------------------ batches
-    def make_batch(self, loop, step: int) -> dict:
-        batch = super().make_batch(loop, step)
+    def make_batch(self, loop, step: int) -> list[dict]:
+        """RLVR's micro-batches with this rank's offline pairs of the step dealt over them; each knows the
+        step's pairs (offline + online: the DPO term is their mean) and rows."""
+        parts = super().make_batch(loop, step)
         cfg = self.cfg
-        rollout_rows = batch["input_ids"].shape[0]
-        parts = [batch["input_ids"]]
-        if cfg.pairs in ("offline", "both"):
-            pairs = [self.dpo.pairs["train"][i] for i in self._pair_indices(loop, step)]
-            offline = self.dpo.collate(pairs, loop.device)
-            batch["offline"] = offline
-            parts.append(offline["input_ids"])
-        width = max(p.shape[1] for p in parts)
-        batch["all_ids"] = torch.cat([_pad_right(p, width) for p in parts])
-        batch["rollout_rows"] = rollout_rows
-        return batch
+        offline = [] if cfg.pairs == "online" else list(self._pair_indices(loop, step))
+        online = sum(int((p["groups"].max(-1).values > p["groups"].min(-1).values).sum()) for p in parts)
+        chunks = np.array_split(np.array(offline, dtype=np.int64), len(parts))
+        rows = sum(len(p["input_ids"]) for p in parts) + 2 * len(offline)
+        for part, chunk in zip(parts, chunks, strict=True):
+            ids = [part["input_ids"]]
+            if len(chunk):
+                part["offline"] = self.dpo.collate([self.dpo.pairs["train"][i] for i in chunk], loop.device)
+                ids.append(part["offline"]["input_ids"])
+            width = max(p.shape[1] for p in ids)
+            part["all_ids"] = torch.cat([_pad_right(p, width) for p in ids])
+            part["whole"] = part["whole"] | {"rows": rows, "pairs": len(offline) + online, "offline": len(offline)}
+        return parts
 
     def _pair_indices(self, loop, step: int) -> np.ndarray:
         """This rank's offline pairs of step `step`: a seeded permutation per epoch, consumed in order."""
@@ -117,11 +132,15 @@ class UPOObjective(RLVRObjective):
     def loss(self, model, batch: dict, loop) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with loop.autocast():
             out = model(batch["all_ids"], **batch["vision"])  # rollout rows (with their images) come first
-        rows = batch["rollout_rows"]
+        whole = batch["whole"]
+        rows = batch["input_ids"].shape[0]
         width = batch["input_ids"].shape[1]
         rollout_logits = out.logits[:rows, :width]
         total, metrics = self.policy_terms(rollout_logits, batch)
         pair_losses, pair_metrics = [], {}
+        if self.cfg.pairs != "online":  # offline metrics are means over the step's offline pairs
+            zero = total.new_zeros(())
+            pair_metrics = {f"offline_{k}": zero for k in DPO_METRICS}
         if "offline" in batch:
             offline = batch["offline"]
             logits = out.logits[rows:, : offline["input_ids"].shape[1]]
@@ -129,13 +148,16 @@ class UPOObjective(RLVRObjective):
             half = len(logp) // 2
             loss, terms = self.dpo._terms(logp[:half], logp[half:], self.dpo.reference["train"][offline["index"]])
             pair_losses.append(loss)
-            pair_metrics |= {f"offline_{k}": v.mean() for k, v in terms.items()}
+            pair_metrics |= {f"offline_{k}": v.sum() / whole["offline"] for k, v in terms.items()}
         if self.cfg.pairs in ("online", "both"):
             loss, count = self._online_pairs(rollout_logits, batch)
             pair_losses.append(loss)
             pair_metrics["online_pairs"] = count
-        dpo_loss = torch.cat(pair_losses).mean() if sum(len(x) for x in pair_losses) else total * 0
-        total = total + self.cfg.dpo_weight * dpo_loss + weighted_router_loss(out.routing, loop.model.config.loss)
+        losses = torch.cat(pair_losses) if pair_losses else total.new_zeros(0)
+        dpo_loss = losses.sum() / whole["pairs"] if whole["pairs"] else total * 0
+        row_share = len(batch["all_ids"]) / whole["rows"]
+        router = weighted_router_loss(out.routing, loop.model.config.loss) * row_share
+        total = total + self.cfg.dpo_weight * dpo_loss + router
         metrics = metrics | pair_metrics | {"pair_dpo_loss": dpo_loss.detach()}
         return total, metrics | {k: v.to(total.device) for k, v in batch["stats"].items()}
 

@@ -29,6 +29,7 @@ from ernie.losses import shifted_targets
 from ernie.moe import update_router_biases
 from pipeline.contract import UserError
 from stages.training import train_state
+from stages.training.accumulate import LOSS_NAMES, LMShare, accumulate, lm_shares, split_rows, weighted_lm_loss
 from stages.training.fp8 import apply_fp8
 from stages.training.optim import build_optimizer, lr_at, set_lr
 from stages.training.parallel import Layout, compile_layers
@@ -37,7 +38,6 @@ from .config import Config
 from .data import Row, TrainReader, load_val_rows
 from .router_stats import RouterLoad
 
-LOSS_NAMES = ("loss", "lm", "aux", "z", "orthogonal")
 HISTORY_FILE = "history.json"
 
 
@@ -82,13 +82,6 @@ def train_worker(loop_config: dict) -> None:
     loop.finish()
 
 
-def split_rows(rows: list[Row], micro_batch: int) -> list[list[Row]]:
-    """Consecutive micro-batches of `micro_batch` rows (0 = one of all rows). Rows, not collated
-    tensors, are split: a VL batch's pixel_values hold per-image patches, not one entry per row."""
-    size = micro_batch or len(rows)
-    return [rows[start : start + size] for start in range(0, len(rows), size)]
-
-
 def forward_backward(
     train_model: torch.nn.Module,
     model: ErnieForCausalLM,
@@ -105,32 +98,26 @@ def forward_backward(
     the whole batch's loss: the LM loss is a mean over supervised tokens, so a micro-batch's weighs
     by its share of them; under `token_balanced` (ERNIE's default) its gradient divides by the
     prediction slots instead, so there, like the router losses (means over all tokens), it weighs
-    by the micro-batch's share of rows. The load-balance loss, a product of two means, is the one
-    part that is per micro-batch rather than exact. `on_routing` sees every micro-batch's routing.
-    Returns the batch's loss components (LOSS_NAMES order, the same weighting) and its row length.
+    by the micro-batch's share of rows (`stages.training.accumulate.lm_shares`). The load-balance
+    loss, a product of two means, is the one part that is per micro-batch rather than exact.
+    `on_routing` sees every micro-batch's routing. Returns the batch's loss components (LOSS_NAMES
+    order, the same weighting) and its row length.
     """
-    parts = [collate(part) for part in split_rows(rows, micro_batch)]
-    supervised = torch.stack([shifted_targets(b["labels"], None, b["document_ids"])[1].sum() for b in parts])
-    row_shares = [len(b["input_ids"]) / len(rows) for b in parts]
-    lm_shares = (supervised / supervised.sum()).tolist() if supervised.sum() > 0 else row_shares
-    lm_grad_shares = row_shares if model.config.loss.token_balanced else lm_shares
-    totals = torch.zeros(len(LOSS_NAMES), device=device)
-    for i, part in enumerate(parts):
-        with layout.no_sync(train_model, last=i == len(parts) - 1):
-            with autocast():
-                out = train_model(**{name: value.to(device) for name, value in part.items()})
-            lm = out.losses["lm"]
-            # the whole loss by the row share, the LM part moved to its own share (x1.0: one micro-batch)
-            (out.loss * row_shares[i] + (lm_grad_shares[i] - row_shares[i]) * lm).backward()
+    batches = [collate(part) for part in split_rows(rows, micro_batch)]
+    shares = lm_shares(batches, model.config.loss.token_balanced)
+
+    def forward(part: tuple[dict, LMShare]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, share = part
+        with autocast():
+            out = train_model(**{name: value.to(device) for name, value in batch.items()})
         if on_routing is not None:
             on_routing(out.routing)
-        zero = torch.zeros((), device=device)
-        values = [out.loss * row_shares[i] + (lm_shares[i] - row_shares[i]) * lm, lm * lm_shares[i]]
-        values += [out.losses.get(name, zero) * row_shares[i] for name in LOSS_NAMES[2:]]
-        totals += torch.stack([v.detach().float() for v in values])
-        del out, lm, values  # the logits of this micro-batch must not live through the next one's forward
-    layout.reduce_expert_grads(model)
-    return totals, parts[0]["input_ids"].shape[1]
+        return weighted_lm_loss(out, share)
+
+    totals = torch.zeros(len(LOSS_NAMES), device=device)
+    for values in accumulate(layout, train_model, model, list(zip(batches, shares, strict=True)), forward):
+        totals += values
+    return totals, batches[0]["input_ids"].shape[1]
 
 
 class WorkerLoop:

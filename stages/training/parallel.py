@@ -72,6 +72,10 @@ def shard_fsdp(
 
     if getattr(model.config, "vision", None) is not None:
         model.every_part_runs = True
+    with torch.no_grad():  # FSDP2 shards contiguous tensors only; a loaded checkpoint may hold transposed views
+        for param in model.parameters():
+            if not param.is_contiguous() and param not in ignore:
+                param.data = param.data.contiguous()
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     layers = list(model.model.layers)
     for i, layer in enumerate(layers):
@@ -92,6 +96,18 @@ def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Every FSDP2 unit of `model` back to its shards (nothing for an unsharded model). A forward
+    without gradients leaves the units FSDP2 keeps gathered for backward (the root, the last layer)
+    gathered, and no backward comes to free them; an optimizer built then would hold the gathered
+    tensors instead of the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def full_state_dict(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:

@@ -3,8 +3,8 @@
 Two layouts, both atomic (a process killed mid-write leaves the previous state intact) and both
 announced by `meta.json`, written last, which says which step the state holds:
 
-- `save` / `load` (post-training, DDP): rank 0 writes `state.pt`, the full replicated state.
-- `ShardedCheckpointer` / `load_sharded` (pretraining, FSDP2 or DDP): every rank writes its own
+- `save` / `load`: rank 0 writes `state.pt`, the full replicated state (no stage uses it now).
+- `ShardedCheckpointer` / `load_sharded` (pretraining and post-training, FSDP2 or DDP): every rank writes its own
   shards of the model and optimizer with torch.distributed.checkpoint into `step-NNNNNNNN/`
   (optionally in the background), beside rank 0's `extra.pt` (step, cursor, RNG, history). DCP
   reshards on load, so a state resumes under another worker count or layout.
