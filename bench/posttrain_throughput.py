@@ -60,6 +60,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import package_version  # noqa: E402  (bench/, the script's own directory)
+
 from ernie import ErnieForCausalLM, get_preset  # noqa: E402
 from ernie.chat_template import BOS, EOS, SPECIAL_TOKENS, render  # noqa: E402
 from ernie.checkpoint import load_pretrained, save_pretrained  # noqa: E402
@@ -626,10 +628,10 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": "float32",
         "threads": args.threads,
         "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "trl": _version("trl"),
-        "accelerate": _version("accelerate"),
-        "datasets": _version("datasets"),
+        "transformers": package_version("transformers"),
+        "trl": package_version("trl"),
+        "accelerate": package_version("accelerate"),
+        "datasets": package_version("datasets"),
         "date": time.strftime("%Y-%m-%d"),
         "smoke": args.smoke,
         "ray_imported": "ray" in sys.modules,
@@ -661,13 +663,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out.write_text(json.dumps(report, indent=1) + "\n")
     return report
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return None
 
 
 def _print_table(records: list[dict]) -> None:

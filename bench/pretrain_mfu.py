@@ -35,6 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import package_version  # noqa: E402  (bench/, the script's own directory)
 from model_step import Case, build_hf, build_ours, cases  # noqa: E402
 
 from ernie import ErnieForCausalLM  # noqa: E402
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "pretrain_mfu",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "transformers": _version("transformers"),
+        "transformers": package_version("transformers"),
         "date": time.strftime("%Y-%m-%d"),
         "smoke": args.smoke,
         "peak_flops": peak,
@@ -337,13 +338,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out.write_text(json.dumps(report, indent=1) + "\n")
     return report
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return None
 
 
 def _print_table(records: list[dict], fp8_status: str) -> None:

@@ -54,6 +54,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import package_version  # noqa: E402  (bench/, the script's own directory)
+
 from ernie import ErnieForCausalLM, get_preset  # noqa: E402
 from ernie.checkpoint import save_pretrained  # noqa: E402
 from ernie.config import ErnieConfig  # noqa: E402
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dtypes": args.dtype,
         "threads": args.threads,
         "torch": torch.__version__,
-        "transformers": _version("transformers"),
+        "transformers": package_version("transformers"),
         "date": time.strftime("%Y-%m-%d"),
         "smoke": args.smoke,
         "config": {
@@ -309,13 +311,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out.write_text(json.dumps(report, indent=1) + "\n")
     return report
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return None
 
 
 def _print_table(records: list[dict]) -> None:

@@ -10,6 +10,7 @@ on this loop.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -36,8 +37,13 @@ def without_vision_tokens(logits_BV: torch.Tensor, config) -> torch.Tensor:
     pixels, so a VL model never generates them (a text model's logits pass unchanged)."""
     if config.vision is None:
         return logits_BV
-    banned = torch.tensor(config.vision_token_ids, device=logits_BV.device)
-    return logits_BV.index_fill(-1, banned, float("-inf"))
+    return logits_BV.index_fill(-1, _id_tensor(tuple(config.vision_token_ids), logits_BV.device), float("-inf"))
+
+
+@functools.cache
+def _id_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Token ids as an index tensor, made once per device (it is used at every decode step)."""
+    return torch.tensor(ids, device=device)
 
 
 @torch.no_grad()

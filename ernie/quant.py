@@ -255,25 +255,18 @@ class _DenseExperts:
         self.num_experts, self.intermediate = num_experts, intermediate
 
 
-class QuantizedGroupedExperts(nn.Module):
-    """`GroupedExperts` with packed weights: gate_up_proj [E, 2I, H] and down_proj [E, H, I],
-    each grouped along its input dim (H and I). forward dequantizes both once per call."""
+class PackedExperts(nn.Module):
+    """An expert pool whose `gate_up` [E, 2I, H] and `down` [E, H, I] weights are stored packed (by a
+    subclass: integer grids, trellis codes); forward dequantizes both once per call and runs them
+    through `GroupedExperts`' own code paths."""
 
-    def __init__(
-        self,
-        num_experts: int,
-        hidden: int,
-        intermediate: int,
-        bits: int = 4,
-        group_size: int = 32,
-        scale_dtype: torch.dtype = torch.float16,
-        down_group_size: int | None = None,
-    ) -> None:
+    gate_up: nn.Module
+    down: nn.Module
+
+    def __init__(self, num_experts: int, intermediate: int) -> None:
         super().__init__()
         self.num_experts, self.intermediate = num_experts, intermediate
         self.ep = None  # whole on every rank: `MoE` asks, as it does of `GroupedExperts`
-        self.gate_up = _PackedWeight((num_experts, 2 * intermediate, hidden), bits, group_size, scale_dtype)
-        self.down = _PackedWeight((num_experts, hidden, intermediate), bits, down_group_size or group_size, scale_dtype)
 
     @property
     def gate_up_proj(self) -> torch.Tensor:
@@ -288,6 +281,28 @@ class QuantizedGroupedExperts(nn.Module):
             self.gate_up.dequantize(x_TH.dtype), self.down.dequantize(x_TH.dtype), self.num_experts, self.intermediate
         )
         return dense.forward(x_TH, topk_ids_TK, topk_weights_TK, impl)
+
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes() + self.down.nbytes()
+
+
+class QuantizedGroupedExperts(PackedExperts):
+    """`GroupedExperts` with packed weights: gate_up_proj [E, 2I, H] and down_proj [E, H, I],
+    each grouped along its input dim (H and I). forward dequantizes both once per call."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden: int,
+        intermediate: int,
+        bits: int = 4,
+        group_size: int = 32,
+        scale_dtype: torch.dtype = torch.float16,
+        down_group_size: int | None = None,
+    ) -> None:
+        super().__init__(num_experts, intermediate)
+        self.gate_up = _PackedWeight((num_experts, 2 * intermediate, hidden), bits, group_size, scale_dtype)
+        self.down = _PackedWeight((num_experts, hidden, intermediate), bits, down_group_size or group_size, scale_dtype)
 
     def spec(self) -> dict:
         return {"kind": "experts", "gate_up_proj": self.gate_up.spec(), "down_proj": self.down.spec()}
@@ -306,8 +321,6 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def quantized_nbytes(module: nn.Module) -> int:
     """Bytes of a quantized module's packed codes, scales and zero points."""
-    if isinstance(module, QuantizedGroupedExperts):
-        return module.gate_up.nbytes() + module.down.nbytes()
     return module.nbytes()
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import SUPPORTED_BITS, QuantFormatError, _DenseExperts, pack, packed_length, unpack
+from .quant import SUPPORTED_BITS, PackedExperts, QuantFormatError, pack, packed_length, unpack
 
 MAX_WINDOW_BITS = 16
 
@@ -199,7 +199,7 @@ class TCQLinear(_TCQWeight):
         )
 
 
-class TCQGroupedExperts(nn.Module):
+class TCQGroupedExperts(PackedExperts):
     """`GroupedExperts` with trellis-coded weights: gate_up_proj [E, 2I, H] and down_proj [E, H, I], each
     row of each expert its own code stream. forward dequantizes both once per call."""
 
@@ -214,29 +214,10 @@ class TCQGroupedExperts(nn.Module):
         scale_dtype: torch.dtype = torch.float16,
         down_group_size: int | None = None,
     ) -> None:
-        super().__init__()
-        self.num_experts, self.intermediate = num_experts, intermediate
-        self.ep = None  # whole on every rank: `MoE` asks, as it does of `GroupedExperts`
+        super().__init__(num_experts, intermediate)
         shapes = {"gate_up": (num_experts, 2 * intermediate, hidden), "down": (num_experts, hidden, intermediate)}
         self.gate_up = _TCQWeight(shapes["gate_up"], bits, window_bits, group_size, scale_dtype)
         self.down = _TCQWeight(shapes["down"], bits, window_bits, down_group_size or group_size, scale_dtype)
-
-    @property
-    def gate_up_proj(self) -> torch.Tensor:
-        return self.gate_up.dequantize()
-
-    @property
-    def down_proj(self) -> torch.Tensor:
-        return self.down.dequantize()
-
-    def forward(self, x_TH, topk_ids_TK, topk_weights_TK, impl="auto") -> torch.Tensor:
-        dense = _DenseExperts(
-            self.gate_up.dequantize(x_TH.dtype), self.down.dequantize(x_TH.dtype), self.num_experts, self.intermediate
-        )
-        return dense.forward(x_TH, topk_ids_TK, topk_weights_TK, impl)
-
-    def nbytes(self) -> int:
-        return self.gate_up.nbytes() + self.down.nbytes()
 
     def spec(self) -> dict:
         return {"kind": "tcq_experts", "gate_up_proj": self.gate_up.spec(), "down_proj": self.down.spec()}

@@ -16,12 +16,15 @@ turns them into the processor's float output when a batch is loaded
 from __future__ import annotations
 
 import io
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from ernie.config import VisionConfig
+from pipeline.formats import IMAGE_SETTINGS
 
 RGB_CHANNELS = 3
 MAX_ASPECT_RATIO = 200
@@ -130,3 +133,13 @@ def image_token_count(grid: tuple[int, int, int], vision: VisionConfig) -> int:
     if t != 1 or h <= 0 or w <= 0 or h % merge or w % merge:
         raise ValueError(f"image grid {tuple(grid)} must be (1, h, w) with h, w positive multiples of {merge}")
     return h * w // merge**2
+
+
+def read_resize_bounds(artifact_dir: Path) -> dict[str, int] | None:
+    """min_pixels / max_pixels an artifact's images were resized with (its `images/settings.json`, written
+    by the data stage), or None when it has none: training and serving resize requests' images alike."""
+    path = Path(artifact_dir) / IMAGE_SETTINGS
+    if not path.is_file():
+        return None
+    bounds = json.loads(path.read_text())
+    return {"min_pixels": int(bounds["min_pixels"]), "max_pixels": int(bounds["max_pixels"])}

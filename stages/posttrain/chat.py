@@ -9,7 +9,6 @@ answer is sampled token by token after it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,16 +46,19 @@ class ChatImages:
     as the data stage turns pretraining images (same resize bounds, from `images/settings.json`)."""
 
     def __init__(self, root: Path, vision, placeholder_id: int) -> None:
-        from stages.imaging import image_token_count
+        from stages.imaging import read_resize_bounds
 
         self.root, self.vision, self.placeholder_id = Path(root), vision, placeholder_id
-        self.token_count = lambda grid: image_token_count(grid, vision)
-        settings = self.root / IMAGE_SETTINGS
-        if not settings.is_file():
+        bounds = read_resize_bounds(self.root)
+        if bounds is None:
             raise UserError(f"the dataset artifact has chats with images but no {IMAGE_SETTINGS}; rerun the data stage")
-        bounds = json.loads(settings.read_text())
-        self.min_pixels, self.max_pixels = int(bounds["min_pixels"]), int(bounds["max_pixels"])
+        self.min_pixels, self.max_pixels = bounds["min_pixels"], bounds["max_pixels"]
         self._cache: dict[str, tuple[np.ndarray, tuple[int, int, int]]] = {}
+
+    def token_count(self, grid: tuple[int, int, int]) -> int:
+        from stages.imaging import image_token_count
+
+        return image_token_count(grid, self.vision)
 
     def load(self, ref: str) -> tuple[np.ndarray, tuple[int, int, int]]:
         from stages.imaging import decode_image, image_to_patches

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +25,9 @@ from .engine import RequestError
 
 def find_image_settings(*artifact_dirs: Path) -> dict | None:
     """min_pixels / max_pixels of the first artifact that holds `images/settings.json`, else None."""
-    for directory in artifact_dirs:
-        path = Path(directory) / IMAGE_SETTINGS
-        if path.is_file():
-            bounds = json.loads(path.read_text())
-            return {"min_pixels": int(bounds["min_pixels"]), "max_pixels": int(bounds["max_pixels"])}
-    return None
+    from stages.imaging import read_resize_bounds
+
+    return next((b for b in map(read_resize_bounds, artifact_dirs) if b is not None), None)
 
 
 def image_bytes(url: str, where: str) -> bytes:
