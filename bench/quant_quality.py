@@ -5,7 +5,8 @@ on the same checkpoint and dataset, in one process: validation perplexity before
 counting every stored byte (codes, scales, zero points, tcq's lead-in codes), quantization seconds, and
 held-out task accuracy (`ernie.tasks`: greedy answers to the dataset's tasks/val.jsonl, exact match) of the
 saved quantized model. RTN is the baseline every PTQ paper reports; GPTQ the published Hessian method;
-tcq ours for 2 bits. llm-compressor and GPTQModel are not run: neither installs beside this project's
+tcq ours for 2 bits; two rows keep attention at 4 bits (quantize.module_bits) under 2-bit MLPs and experts.
+llm-compressor and GPTQModel are not run: neither installs beside this project's
 pinned transformers / compressed-tensors without changing them.
 
     python bench/quant_quality.py --smoke                   # tests: the test checkpoint, rtn4 and tcq2, few rows
@@ -24,7 +25,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,8 +47,11 @@ class Method:
     method: str
     bits: int
     group_size: int
+    module_bits: dict[str, int] = field(default_factory=dict)
+    """Per-module widths (quantize.module_bits): here attention at 4 bits under 2-bit MLPs and experts."""
 
 
+ATTENTION_AT_4 = {"*.self_attn": 4}
 METHODS = [
     Method("rtn-4", "rtn", 4, 32),
     Method("gptq-4", "gptq", 4, 32),
@@ -55,6 +59,8 @@ METHODS = [
     Method("gptq-2 (g16)", "gptq", 2, 16),
     Method("gptq-2 (g32)", "gptq", 2, 32),
     Method("tcq-2", "tcq", 2, 32),
+    Method("gptq-2 + attn gptq-4 (g32)", "gptq", 2, 32, ATTENTION_AT_4),
+    Method("tcq-2 + attn gptq-4", "tcq", 2, 32, ATTENTION_AT_4),
 ]
 SMOKE = [METHODS[0], METHODS[3]]
 
@@ -79,7 +85,12 @@ def task_accuracy(model, tokenizer, dataset: Path, max_items: int) -> float | No
 
 def run_method(m: Method, ckpt: Path, dataset: Path, out: Path, eval_rows: int, calibration_rows: int) -> dict:
     cfg = quantize.Config(
-        method=m.method, bits=m.bits, group_size=m.group_size, eval_rows=eval_rows, calibration_rows=calibration_rows
+        method=m.method,
+        bits=m.bits,
+        group_size=m.group_size,
+        module_bits=dict(m.module_bits),
+        eval_rows=eval_rows,
+        calibration_rows=calibration_rows,
     )
     inputs = {"ckpt": Artifact("ckpt", str(ckpt), "bench"), "dataset": Artifact("dataset", str(dataset), "bench")}
     ctx = StageContext(stage="quantize", config=cfg, model=None, inputs=inputs, output_dir=out)
@@ -92,6 +103,7 @@ def run_method(m: Method, ckpt: Path, dataset: Path, out: Path, eval_rows: int, 
         "stage_method": m.method,
         "bits": m.bits,
         "group_size": m.group_size,
+        "module_bits": m.module_bits,
         "bits_per_weight": report.get("bits_per_weight"),
         "ppl_before": report["ppl_before"],
         "ppl_after": report["ppl_after"],

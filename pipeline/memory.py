@@ -173,20 +173,22 @@ GPU_GIB = 80
 """The GPU `plan` sizes deployments for (H100 / A100 80 GB)."""
 
 
-def serving_weights_gb(model_cfg: ErnieConfig, bits: int, group_size: int, skip: list[str]) -> float:
+def serving_weights_gb(
+    model_cfg: ErnieConfig, bits: int, group_size: int, skip: list[str], module_bits: dict[str, int] | None = None
+) -> float:
     """GiB of one replica's weights as the quantize stage packs them: the quantized linears and experts
-    at `bits` plus an fp16 scale and a uint8 zero point per group; embeddings, norms, routers and the
-    modules of `skip` (fnmatch over parameter names' modules) in bf16."""
-    from fnmatch import fnmatch
+    at their width (`bits`, or the first matching pattern of `module_bits`) plus an fp16 scale and a uint8
+    zero point per group; embeddings, norms, routers and the modules of `skip` in bf16."""
+    from stages.quantize.rtn import bits_of, is_skipped
 
     with torch.device("meta"):
         model = ErnieForCausalLM(model_cfg)
-    bits_per_weight = bits + (16 + 8) / group_size
     total = 0.0
     for name, param in model.named_parameters():
         module = name.rsplit(".", 1)[0]
-        kept = any(fnmatch(module, p) or module.startswith(p.rstrip(".*") + ".") for p in skip)
-        packed = param.ndim >= 2 and not kept and "embed_tokens" not in name and not module.endswith(".gate")
+        packed = param.ndim >= 2 and not is_skipped(module, skip)
+        packed = packed and "embed_tokens" not in name and not module.endswith(".gate")
+        bits_per_weight = bits_of(module, module_bits or {}, bits) + (16 + 8) / group_size
         total += param.numel() * (bits_per_weight / 8 if packed else 2)
     return total / GiB
 

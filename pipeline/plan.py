@@ -79,16 +79,17 @@ def _print_memory(cfg: PipelineConfig) -> None:
     weights = count_params(cfg.model)[0] * 2 / GiB  # bf16
     print(f"  {'quantize':9s} {1:7d} {'-':>11s} {weights:9.2f} {'':9s} {'':9s} {'':9s} {weights:9.2f}  (bf16 in)")
     q = cfg.quantize
-    served = serving_weights_gb(cfg.model, q.bits, q.group_size, list(q.skip))
+    served = serving_weights_gb(cfg.model, q.bits, q.group_size, list(q.skip), dict(q.module_bits))
     per_replica = max(cfg.serve.replica_gpus, 1)
+    widths = "/".join(f"int{b}" for b in [q.bits, *sorted(set(q.module_bits.values()) - {q.bits})])
     print(
         f"  {'serve':9s} {cfg.serve.num_replicas:7d} {'-':>11s} {served / per_replica:9.2f} {'':9s} {'':9s} {'':9s} "
-        f"{served / per_replica:9.2f}  (int{q.bits} g{q.group_size} weights over serve.replica_gpus="
+        f"{served / per_replica:9.2f}  ({widths} g{q.group_size} weights over serve.replica_gpus="
         f"{cfg.serve.replica_gpus:g}, before KV cache)"
     )
     need = min_gpus(served)
     print(
-        f"\nserving: {served:.1f} GiB of int{q.bits} weights a replica need at least {need} x {GPU_GIB} GiB GPU(s) "
+        f"\nserving: {served:.1f} GiB of {widths} weights a replica need at least {need} x {GPU_GIB} GiB GPU(s) "
         f"(90% of each for weights, the rest for KV cache and runtime)"
         + (f"; serve.replica_gpus={cfg.serve.replica_gpus:g} is too few" if 0 < cfg.serve.replica_gpus < need else "")
     )

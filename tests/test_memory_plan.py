@@ -146,3 +146,16 @@ def test_serving_plan_agrees_with_the_published_300b_deployments(bits, published
     assert min_gpus(weights) >= published_gpus - 1, "the packed weights are most of a published deployment"
     vocab = 2 * 0.847e9  # input embedding and output projection (untied), kept in bf16
     assert weights == pytest.approx(((299.48e9 - vocab) * (bits + 24 / 32) / 8 + vocab * 2) / GiB, rel=0.01)
+
+
+def test_serving_plan_counts_each_module_at_its_own_width():
+    """Attention at 8 bits under 2-bit experts costs its extra 6 bits a weight, and no more."""
+    cfg = get_preset("ernie_21b")
+    skip = ["lm_head", "vision_encoder", "adapter"]
+    int2 = serving_weights_gb(cfg, 2, 32, skip)
+    mixed = serving_weights_gb(cfg, 2, 32, skip, {"*.self_attn": 8})
+    assert serving_weights_gb(cfg, 2, 32, skip, {"*": 8}) == pytest.approx(serving_weights_gb(cfg, 8, 32, skip))
+    with torch.device("meta"):
+        model = ErnieForCausalLM(cfg)
+    attention = sum(p.numel() for n, p in model.named_parameters() if ".self_attn." in n)
+    assert mixed - int2 == pytest.approx(attention * 6 / 8 / GiB, rel=1e-6)

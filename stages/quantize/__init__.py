@@ -42,7 +42,7 @@ from .calibration import Calibration
 from .export import check_export, write_export
 from .gptq import GPTQLog, gptq_weight_quantizer
 from .quality import TaskAccuracy, plot_layer_errors, save_figure
-from .rtn import SCALE_DTYPES, input_dims, quantization_targets, quantize_model
+from .rtn import SCALE_DTYPES, by_bits, in_target_order, input_dims, quantization_targets, quantize_model
 from .stream import PartQuantizer, StreamResult, load_by_parts, skeleton, stream_quantize
 from .tcq import TCQSettings, quantize_model_tcq, tcq_weight_quantizer
 
@@ -69,6 +69,11 @@ class Config:
     quantized layer's input features."""
     symmetric: bool = False
     """rtn / gptq: symmetric groups (zero point fixed at 2**(bits-1)) instead of min/max asymmetric ones."""
+    module_bits: dict[str, int] = field(default_factory=dict)
+    """Per-module code widths: module name pattern (fnmatch; a parent's name covers its children) -> bits
+    (2, 4 or 8), the first matching pattern winning; other modules take `bits`. E.g. attention and shared
+    experts at 4 bits under 2-bit routed experts: {"*.self_attn": 4, "*.shared_experts": 4}. With
+    method=tcq, modules at a width other than `bits` are quantized by gptq (tcq codes one width per run)."""
     skip: list[str] = field(default_factory=lambda: ["lm_head", "vision_encoder", "adapter"])
     """Module names (fnmatch patterns; a parent's name covers its children) kept in full precision.
     Routers, norms and embeddings are never quantized."""
@@ -135,7 +140,8 @@ def validate(cfg: Config) -> None:
                 f"quantize.calibration_rows={cfg.calibration_rows} and quantize.block_size={cfg.block_size} must be "
                 f"positive, quantize.damp={cfg.damp} in [0, 1), quantize.min_expert_tokens >= 0"
             )
-    check_export(list(cfg.export), cfg.bits, cfg.method)
+    _validate_module_bits(cfg)
+    check_export(list(cfg.export), widths(cfg), cfg.method)
     if cfg.eval_rows < 0 or cfg.batch_size <= 0:
         raise UserError(f"quantize.eval_rows={cfg.eval_rows} must be >= 0 and quantize.batch_size={cfg.batch_size} > 0")
     if cfg.eval_items < 0 or cfg.max_new_tokens <= 0 or cfg.max_memory_gb < 0:
@@ -143,6 +149,26 @@ def validate(cfg: Config) -> None:
             f"quantize.eval_items={cfg.eval_items} and quantize.max_memory_gb={cfg.max_memory_gb} must be >= 0, "
             f"quantize.max_new_tokens={cfg.max_new_tokens} > 0"
         )
+
+
+def widths(cfg: Config) -> list[int]:
+    """Every code width the run writes: `bits` and those of `module_bits`."""
+    return sorted({cfg.bits, *(int(b) for b in cfg.module_bits.values())})
+
+
+def _validate_module_bits(cfg: Config) -> None:
+    if not isinstance(cfg.module_bits, dict):
+        raise UserError(
+            f'quantize.module_bits={cfg.module_bits!r} must map module name patterns to bits, e.g. {{"*.self_attn": 4}}'
+        )
+    for pattern, bits in cfg.module_bits.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise UserError(f"quantize.module_bits: {pattern!r} is not a module name pattern")
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+            raise UserError(
+                f"quantize.module_bits[{pattern!r}]={bits!r} is not supported: modules are written at "
+                f"{'/'.join(map(str, SUPPORTED_BITS))} bits"
+            )
 
 
 def _validate_tcq(cfg: Config) -> None:
@@ -254,8 +280,8 @@ def _part_quantizer(cfg: Config, log: GPTQLog) -> PartQuantizer:
     calibration statistics (None for rtn); `log` collects the fallbacks over every part."""
     scale_dtype = SCALE_DTYPES[cfg.scale_dtype]
 
-    def quantize_part(model, targets: dict, calibration: Calibration | None) -> list:
-        if cfg.method == "tcq":
+    def quantize_width(model, targets: dict, calibration: Calibration | None, bits: int) -> list:
+        if cfg.method == "tcq" and bits == cfg.bits:
             settings = _tcq_settings(cfg)
             quantizer = tcq_weight_quantizer(calibration, settings, cfg.min_expert_tokens, scale_dtype, log)
             return quantize_model_tcq(model, targets, quantizer, settings, scale_dtype)
@@ -263,7 +289,7 @@ def _part_quantizer(cfg: Config, log: GPTQLog) -> PartQuantizer:
         if calibration is not None:
             quantizer = gptq_weight_quantizer(
                 calibration,
-                cfg.bits,
+                bits,
                 cfg.symmetric,
                 cfg.damp,
                 cfg.act_order,
@@ -273,8 +299,14 @@ def _part_quantizer(cfg: Config, log: GPTQLog) -> PartQuantizer:
                 log,
             )
         return quantize_model(
-            model, cfg.bits, cfg.group_size, cfg.symmetric, cfg.skip, scale_dtype, None, quantizer, targets
+            model, bits, cfg.group_size, cfg.symmetric, cfg.skip, scale_dtype, None, quantizer, targets
         )
+
+    def quantize_part(model, targets: dict, calibration: Calibration | None) -> list:
+        stats = []
+        for bits, group in by_bits(targets, cfg.module_bits, cfg.bits).items():
+            stats += quantize_width(model, group, calibration, bits)
+        return in_target_order(stats, targets)
 
     return quantize_part
 
@@ -288,6 +320,8 @@ def _quant_config(cfg: Config) -> dict:
         "scale_dtype": cfg.scale_dtype,
         "skip": list(cfg.skip),
     }
+    if cfg.module_bits:
+        quant_config["module_bits"] = dict(cfg.module_bits)
     calibrated = {"damp": cfg.damp, "calibration_rows": cfg.calibration_rows, "sequential": cfg.sequential}
     if cfg.method == "gptq":
         quant_config |= {"act_order": cfg.act_order} | calibrated
@@ -361,7 +395,7 @@ def _report(ctx, cfg: Config, quant_config, result: StreamResult, weights, eval_
         ctx.log.metrics({"layer_recon_error": s.rel_error}, step=i)
     for i, error in enumerate(result.layer_output_errors):
         ctx.log.metrics({"layer_output_error": error}, step=i)
-    title = f"{cfg.method} int{cfg.bits} g{cfg.group_size}{' sym' if cfg.symmetric else ''}"
+    title = f"{_label(cfg)}{' sym' if cfg.symmetric else ''}"
     fig = plot_layer_errors([s.name for s in stats], [s.rel_error for s in stats], title)
     ctx.log.figure(fig, "quant_error.png")
     save_figure(fig, out / "quant_error.png")
@@ -371,12 +405,21 @@ def _report(ctx, cfg: Config, quant_config, result: StreamResult, weights, eval_
         before, after = (metrics.get(f"task_accuracy_{which}") for which in ("before", "after"))
         accuracy = "; task accuracy " + " -> ".join("n/a" if a is None else f"{a:.1%}" for a in (before, after))
     summary = (
-        f"{cfg.method} int{cfg.bits} g{cfg.group_size}: {len(stats)} layers at {metrics['size_ratio']:.2f}x their "
+        f"{_label(cfg)}: {len(stats)} layers at {metrics['size_ratio']:.2f}x their "
         f"bytes (model {metrics['model_size_ratio']:.2f}x); val ppl {metrics['ppl_before']:.3f} -> "
         f"{metrics['ppl_after']:.3f} "
         f"({metrics['ppl_rel_delta']:+.2%}){accuracy}; mean weight error {metrics['recon_error_mean']:.3f}"
     )
     return StageResult(metrics=metrics, summary=summary, extra={"report": "quant_report.json"})
+
+
+def _label(cfg: Config) -> str:
+    """e.g. "gptq int4 g32", or "tcq int2+gptq int4 g32" with per-module widths."""
+    parts = [f"{cfg.method} int{cfg.bits}"]
+    for bits in widths(cfg):
+        if bits != cfg.bits:
+            parts.append(f"{'gptq' if cfg.method == 'tcq' else cfg.method} int{bits}")
+    return f"{'+'.join(parts)} g{cfg.group_size}"
 
 
 def _copy_tokenizer(ckpt_dir: Path, dataset_dir: Path, out: Path) -> None:

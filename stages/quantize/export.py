@@ -15,13 +15,17 @@ g = group size, f = 32 / bits codes per int32:
   are written as `gptq`, which every GPTQ kernel reads, asymmetric ones as `gptq_v2`;
 - P.scales fp16 [in / g, out]; P.g_idx int32 [in] = i // g (groups are contiguous: act_order uses
   static groups, so `desc_act` is false).
-Weight = (code - zero) * scale. Modules left in full precision are excluded by `dynamic` rules.
+Weight = (code - zero) * scale. Modules left in full precision are excluded by `dynamic` "-:" rules, and
+modules at another width than the most common one (`quantize.module_bits`) get "+:" rules with their bits;
+each rule matches the published names and the layer vLLM fuses them into (`vllm_layer`: q/k/v, gate/up, a
+block's experts), and such fused siblings must share one width.
 
 compressed-tensors (`export-compressed-tensors/`, format pack-quantized; 4 or 8 bits, the widths
 vLLM's WNA16 kernels take): P.weight_packed int32 [out, in / f] (code of (o, i) at bits
 (i % f) * bits of word [o, i // f], the code being the signed value plus 2**(bits-1)),
 P.weight_scale [out, in / g], P.weight_zero_point int32 [out / f, in / g] packed along the output
-dim (asymmetric grids only), P.weight_shape int64 [2]; weight = (q - zero_point) * scale.
+dim (asymmetric grids only), P.weight_shape int64 [2]; weight = (q - zero_point) * scale. One config group
+per width: the most common targets every Linear, the others their layers by name.
 """
 
 from __future__ import annotations
@@ -52,16 +56,18 @@ class QuantizedTensor:
         self.bits, self.group_size, self.bias = bits, group_size, bias
 
 
-def check_export(formats: list[str], bits: int, method: str) -> None:
-    """Refuse an export the format cannot hold, before any work is done."""
+def check_export(formats: list[str], widths: list[int], method: str) -> None:
+    """Refuse an export the format cannot hold, before any work is done; `widths`: every code width written."""
     for fmt in formats:
         if fmt not in EXPORTS:
             raise UserError(f"quantize.export: {fmt!r} is not a known format; available: {', '.join(EXPORTS)}")
-        if bits not in EXPORT_BITS[fmt]:
-            raise UserError(
-                f"quantize.export={fmt} holds {'/'.join(map(str, EXPORT_BITS[fmt]))}-bit weights, not "
-                f"quantize.bits={bits}" + ("; use quantize.export=[gptq] for 2 bits" if bits == 2 else "")
-            )
+        for bits in widths:
+            if bits not in EXPORT_BITS[fmt]:
+                raise UserError(
+                    f"quantize.export={fmt} holds {'/'.join(map(str, EXPORT_BITS[fmt]))}-bit weights, not "
+                    f"{bits}-bit ones (quantize.bits / quantize.module_bits)"
+                    + ("; use quantize.export=[gptq] for 2 bits" if bits == 2 else "")
+                )
         if method not in ("rtn", "gptq"):
             raise UserError(
                 f"quantize.export={fmt} writes integer grids (codes, scales, zero points); quantize.method={method} "
@@ -120,11 +126,11 @@ def write_export(model: nn.Module, fmt: str, directory: Path, tokenizer_dir: Pat
     save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "model.safetensors", {"format": "pt"})
     config = to_hf_config(model.config, "bfloat16")
     layers = _linear_prefixes(tensors, weights)
-    bits, group_size = weights[0].bits, weights[0].group_size
+    group_size = weights[0].group_size
     if fmt == "gptq":
-        config["quantization_config"] = gptq_config(bits, group_size, symmetric, layers)
+        config["quantization_config"] = gptq_config(group_size, symmetric, layers)
     else:
-        config["quantization_config"] = compressed_tensors_config(bits, group_size, symmetric, layers)
+        config["quantization_config"] = compressed_tensors_config(group_size, symmetric, layers)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -149,18 +155,66 @@ def _float_tensors(model: nn.Module, quantized: set[str]) -> dict[str, torch.Ten
     return out
 
 
-def _linear_prefixes(tensors: dict, weights: list[QuantizedTensor]) -> dict[str, bool]:
-    """Published prefix of every linear layer -> whether it is quantized (2-D `.weight`s that are not
-    embeddings, norms or routers are linear)."""
-    layers = {w.prefix: True for w in weights}
+def _linear_prefixes(tensors: dict, weights: list[QuantizedTensor]) -> dict[str, int]:
+    """Published prefix of every linear layer -> its code bits, 0 when kept in full precision (2-D `.weight`s
+    that are not embeddings, norms or routers are linear)."""
+    layers = {w.prefix: w.bits for w in weights}
     for name, tensor in tensors.items():
         if not name.endswith(".weight") or tensor.ndim != 2:
             continue
         prefix = name.removesuffix(".weight")
         if "embed_tokens" in prefix or prefix.endswith(".gate") or "norm" in prefix.rsplit(".", 1)[-1]:
             continue
-        layers.setdefault(prefix, False)
+        layers.setdefault(prefix, 0)
     return layers
+
+
+_FUSED = (
+    (re.compile(r"^(.*\.self_attn)\.[qkv]_proj$"), r"\1.qkv_proj"),
+    (re.compile(r"^(.*\.mlp\.experts)\.\d+\.(?:gate|up|down)_proj$"), r"\1"),
+    (re.compile(r"^(.*\.(?:mlp|shared_experts))\.(?:gate|up)_proj$"), r"\1.gate_up_proj"),
+)
+
+
+def vllm_layer(prefix: str) -> str:
+    """The layer vLLM builds for a published linear: q/k/v and gate/up fused, a block's experts one FusedMoE
+    (vLLM matches quantization rules against these names)."""
+    for pattern, fused in _FUSED:
+        if pattern.match(prefix):
+            return pattern.sub(fused, prefix)
+    return prefix
+
+
+def _by_vllm_layer(layers: dict[str, int]) -> dict[str, tuple[int, list[str]]]:
+    """vLLM layer -> (its one width, the published prefixes it fuses). A fused layer has one width: published
+    linears that vLLM fuses but were quantized at different widths (or some not at all) are refused."""
+    fused: dict[str, dict[str, int]] = {}
+    for prefix, bits in layers.items():
+        fused.setdefault(vllm_layer(prefix), {})[prefix] = bits
+    out = {}
+    for layer, members in fused.items():
+        widths = set(members.values())
+        if len(widths) > 1:
+            detail = ", ".join(f"{p}: {b or 'full precision'}" for p, b in sorted(members.items()))
+            raise UserError(
+                f"vLLM runs {sorted(members)} as one layer {layer}, which has one width; they were quantized at "
+                f"different widths ({detail}): give them one in quantize.module_bits / quantize.skip"
+            )
+        out[layer] = (widths.pop(), sorted(members))
+    return out
+
+
+def default_bits(layers: dict[str, int]) -> int:
+    """The width most quantized linears share (ties: the narrower); the others are written as overrides."""
+    counts: dict[int, int] = {}
+    for bits in layers.values():
+        if bits:
+            counts[bits] = counts.get(bits, 0) + 1
+    return max(counts, key=lambda b: (counts[b], -b))
+
+
+def _names_rule(names: list[str]) -> str:
+    return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
 
 
 # ---------------------------------------------------------------------- packing
@@ -226,44 +280,57 @@ def _compressed_tensors(w: QuantizedTensor, symmetric: bool) -> dict[str, torch.
 
 
 # ---------------------------------------------------------------------- quantization_config
-def gptq_config(bits: int, group_size: int, symmetric: bool, layers: dict[str, bool]) -> dict:
-    skipped = sorted(prefix for prefix, quantized in layers.items() if not quantized and prefix != "lm_head")
+def gptq_config(group_size: int, symmetric: bool, layers: dict[str, int]) -> dict:
+    """`layers`: published prefix -> bits (0: full precision). Layers at another width than the default get a
+    vLLM `dynamic` override ("+:" rule, bits) and full-precision ones a "-:" rule, each matching the published
+    names and vLLM's fused layer."""
+    bits = default_bits(layers)
+    dynamic = {}
+    for layer, (width, members) in sorted(_by_vllm_layer(layers).items()):
+        if layer == "lm_head" or width == bits:
+            continue
+        rule = _names_rule(sorted({layer, *members}))
+        dynamic[f"-:{rule}" if width == 0 else f"+:{rule}"] = {} if width == 0 else {"bits": width}
     return {
         "quant_method": "gptq",
         "bits": bits,
         "group_size": group_size,
         "sym": symmetric,
         "desc_act": False,
-        "lm_head": layers.get("lm_head", False),
+        "lm_head": bool(layers.get("lm_head", 0)),
         "checkpoint_format": "gptq" if symmetric else "gptq_v2",
-        # vLLM: a "-:" rule leaves the layers whose prefix it matches unquantized
-        "dynamic": {f"-:^{re.escape(prefix)}$": {} for prefix in skipped},
+        "dynamic": dynamic,
     }
 
 
-def compressed_tensors_config(bits: int, group_size: int, symmetric: bool, layers: dict[str, bool]) -> dict:
-    weights = {
-        "num_bits": bits,
-        "type": "int",
-        "symmetric": symmetric,
-        "strategy": "group",
-        "group_size": group_size,
-        "dynamic": False,
-        "actorder": None,
-        "observer": "minmax",
-    }
+def compressed_tensors_config(group_size: int, symmetric: bool, layers: dict[str, int]) -> dict:
+    """One config group per width: the default width's targets every Linear, each other width's its layers by
+    name (a name match wins over a class match in vLLM)."""
+    bits = default_bits(layers)
+    by_layer = _by_vllm_layer(layers)
+
+    def group(width: int, targets: list[str]) -> dict:
+        weights = {
+            "num_bits": width,
+            "type": "int",
+            "symmetric": symmetric,
+            "strategy": "group",
+            "group_size": group_size,
+            "dynamic": False,
+            "actorder": None,
+            "observer": "minmax",
+        }
+        return {"targets": targets, "weights": weights, "input_activations": None, "format": "pack-quantized"}
+
+    groups = {"group_0": group(bits, ["Linear"])}
+    for width in sorted({w for w, _ in by_layer.values()} - {0, bits}):
+        names = sorted({n for layer, (w, members) in by_layer.items() if w == width for n in (layer, *members)})
+        groups[f"group_{len(groups)}"] = group(width, ["re:" + _names_rule(names)])
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": weights,
-                "input_activations": None,
-                "format": "pack-quantized",
-            }
-        },
-        "ignore": sorted(prefix for prefix, quantized in layers.items() if not quantized),
+        "config_groups": groups,
+        "ignore": sorted(prefix for prefix, width in layers.items() if not width),
         "kv_cache_scheme": None,
     }

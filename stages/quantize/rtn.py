@@ -30,6 +30,8 @@ class LayerQuantStats:
     rel_error: float
     bytes_before: int
     bytes_after: int
+    bits: int = 0
+    """Code bits of the module's weights (per-module widths: `bits_of`)."""
 
 
 def rtn_quantize(
@@ -65,9 +67,33 @@ def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
     return ((w / scale.float()).round() + zero).clamp(0, 2**bits - 1).to(torch.uint8)
 
 
+def matches(name: str, pattern: str) -> bool:
+    """A module name matches a pattern (fnmatch) when the pattern matches it or one of its parents."""
+    parts = name.split(".")
+    return any(fnmatch(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
+
+
 def is_skipped(name: str, skip: list[str]) -> bool:
-    """A module is skipped when a pattern matches its name (fnmatch) or one of its parents."""
-    return any(fnmatch(name, p) or name.startswith(p.rstrip(".*") + ".") for p in skip)
+    return any(matches(name, p) for p in skip)
+
+
+def bits_of(name: str, module_bits: dict[str, int], default: int) -> int:
+    """A module's code width: the first pattern of `module_bits` (in the order given) that matches it, else
+    `default`. First match wins, as in vLLM's GPTQ `dynamic` rules the export writes."""
+    return next((int(bits) for pattern, bits in module_bits.items() if matches(name, pattern)), default)
+
+
+def by_bits(targets: dict[str, nn.Module], module_bits: dict[str, int], default: int) -> dict[int, dict]:
+    """Targets split by their code width, each group in model order."""
+    groups: dict[int, dict[str, nn.Module]] = {}
+    for name, module in targets.items():
+        groups.setdefault(bits_of(name, module_bits, default), {})[name] = module
+    return groups
+
+
+def in_target_order(stats: list[LayerQuantStats], targets: dict[str, nn.Module]) -> list[LayerQuantStats]:
+    order = {name: i for i, name in enumerate(targets)}
+    return sorted(stats, key=lambda s: order[s.name])
 
 
 def quantization_targets(model: nn.Module, skip: list[str]) -> dict[str, nn.Module]:
@@ -131,7 +157,7 @@ def quantize_model(
             kind, after = "linear", qmodule.nbytes()
         qmodule.to(next(iter(module.parameters())).device)
         model.set_submodule(name, qmodule)
-        stats.append(LayerQuantStats(name, kind, _combine(errors), before, after))
+        stats.append(LayerQuantStats(name, kind, _combine(errors), before, after, bits))
         if on_layer is not None:
             on_layer(stats[-1])
     return stats

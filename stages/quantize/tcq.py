@@ -301,7 +301,7 @@ def quantize_model_tcq(
             kind = "linear"
         qmodule.to(next(iter(module.parameters())).device)
         model.set_submodule(name, qmodule)
-        stats.append(LayerQuantStats(name, kind, _combine(errors), before, qmodule.nbytes()))
+        stats.append(LayerQuantStats(name, kind, _combine(errors), before, qmodule.nbytes(), settings.bits))
         if on_layer is not None:
             on_layer(stats[-1])
     return stats

@@ -5,6 +5,7 @@ published layout) they give exactly the weights our engine runs."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from ernie.checkpoint import to_hub_state_dict
 from ernie.quant import dequantize
 from pipeline.contract import UserError
 from stages.quantize.export import pack_rows, quantized_tensors, unpack_rows, write_export
-from stages.quantize.rtn import quantize_model
+from stages.quantize.rtn import by_bits, quantization_targets, quantize_model
 
 
 @settings(max_examples=30, deadline=None)
@@ -119,10 +120,12 @@ def test_compressed_tensors_export_is_decompressed_by_the_library_to_our_weights
 
 
 def test_exports_that_cannot_hold_the_weights_are_refused_before_any_work():
-    with pytest.raises(UserError, match="compressed-tensors holds 4/8-bit weights, not quantize.bits=2"):
+    with pytest.raises(UserError, match="compressed-tensors holds 4/8-bit weights, not 2-bit ones"):
         quantize.validate(quantize.Config(bits=2, export=["compressed-tensors"]))
     with pytest.raises(UserError, match="'awq' is not a known format"):
         quantize.validate(quantize.Config(export=["awq"]))
+    with pytest.raises(UserError, match="compressed-tensors holds 4/8-bit weights, not 2-bit ones"):
+        quantize.validate(quantize.Config(module_bits={"*.mlp": 2}, export=["compressed-tensors"]))
 
 
 @pytest.fixture(scope="module")
@@ -130,14 +133,70 @@ def artifacts(tmp_path_factory):
     return tiny_artifacts.build(tmp_path_factory.getbasetemp() / "tiny_artifacts")
 
 
-def test_the_stage_writes_the_gptq_export_of_the_weights_it_saved(artifacts, tmp_path):
+def _gptq_bits(qc: dict, prefix: str) -> int:
+    """A layer's width as vLLM resolves it: the first `dynamic` rule whose regex matches the prefix ("-:": not
+    quantized, "+:": its overrides), else the config's bits."""
+    for rule, override in qc["dynamic"].items():
+        if re.match(rule[2:], prefix):
+            return 0 if rule.startswith("-:") else override.get("bits", qc["bits"])
+    return qc["bits"]
+
+
+def test_the_stage_writes_the_gptq_export_of_the_weights_it_saved_at_their_own_widths(artifacts, tmp_path):
     from ernie.quant import load_quantized
 
     inputs = {"ckpt": ("ckpt", artifacts["ckpt"]), "dataset": ("dataset", artifacts["dataset"])}
-    cfg = quantize.Config(group_size=16, export=["gptq"], eval_rows=8)
+    module_bits = {"*.self_attn": 8, "model.layers.0.mlp": 2}
+    cfg = quantize.Config(group_size=16, export=["gptq"], eval_rows=8, module_bits=module_bits)
     quantize.run(tiny_artifacts.context("quantize", cfg, inputs, tmp_path))
     tensors = load_file(tmp_path / "export-gptq" / "model.safetensors")
+    qc = json.loads((tmp_path / "export-gptq" / "config.json").read_text())["quantization_config"]
+    assert qc["bits"] == 4
     saved = _ours(load_quantized(tmp_path))
+    widths = {}
     for prefix, weight in saved.items():
-        torch.testing.assert_close(_gptq_read(tensors, prefix, 4, v2=True), weight, rtol=0, atol=0, msg=prefix)
+        bits = widths[prefix] = _gptq_bits(qc, prefix)
+        torch.testing.assert_close(_gptq_read(tensors, prefix, bits, v2=True), weight, rtol=0, atol=0, msg=prefix)
+    assert widths["model.layers.0.self_attn.q_proj"] == widths["model.layers.1.self_attn.v_proj"] == 8
+    assert widths["model.layers.0.mlp.up_proj"] == 2 and widths["model.layers.1.mlp.experts.0.down_proj"] == 4
+    # vLLM fuses q/k/v and gate/up, and runs a block's experts as one layer: the rules name those layers too
+    for fused, bits in [("model.layers.1.self_attn.qkv_proj", 8), ("model.layers.0.mlp.gate_up_proj", 2)]:
+        assert _gptq_bits(qc, fused) == bits
+    assert _gptq_bits(qc, "model.layers.1.mlp.experts") == 4
     assert (tmp_path / "export-gptq" / "tokenizer.json").is_file()
+
+
+def test_compressed_tensors_holds_each_width_in_its_own_group_read_by_the_library(tmp_path):
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    torch.manual_seed(0)
+    model = ErnieForCausalLM(get_preset("tiny_moe")).eval()
+    targets = quantization_targets(model, ["lm_head"])
+    for bits, group in by_bits(targets, {"*.self_attn": 8}, 4).items():
+        quantize_model(model, bits, 16, False, targets=group)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    out = write_export(model, "compressed-tensors", tmp_path / "ct", tmp_path / "tok", False)
+    qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    assert [g.weights.num_bits for g in qc.config_groups.values()] == [4, 8]
+    by_name = qc.config_groups["group_1"]
+    tensors = load_file(out / "model.safetensors")
+    for prefix, weight in _ours(model).items():
+        named = any(re.fullmatch(t.removeprefix("re:"), prefix) for t in by_name.targets)
+        assert named == (".self_attn." in prefix), prefix
+        scheme = by_name if named else qc.config_groups["group_0"]
+        local = {k.removeprefix(prefix + "."): v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        read = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+        torch.testing.assert_close(read.float(), weight, rtol=1e-3, atol=1e-4, msg=prefix)
+
+
+def test_layers_vllm_fuses_at_different_widths_are_refused_with_the_layers_named(tmp_path):
+    torch.manual_seed(0)
+    model = ErnieForCausalLM(get_preset("tiny_moe")).eval()
+    targets = quantization_targets(model, ["lm_head"])
+    for bits, group in by_bits(targets, {"model.layers.0.self_attn.q_proj": 8}, 4).items():
+        quantize_model(model, bits, 16, False, targets=group)
+    (tmp_path / "tok").mkdir()
+    with pytest.raises(UserError, match=r"one layer model\.layers\.0\.self_attn\.qkv_proj.*q_proj: 8"):
+        write_export(model, "gptq", tmp_path / "gptq", tmp_path / "tok", False)

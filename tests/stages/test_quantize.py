@@ -160,6 +160,60 @@ def test_more_bits_give_smaller_weight_error(artifacts):
     assert errors[8] < errors[4] / 4 < errors[2] / 4
 
 
+def test_module_bits_give_each_matched_module_its_own_width(quantized, artifacts, tmp_path):
+    """rtn int2 with attention at 4 bits: attention is quantized exactly as in the all-int4 run (RTN is per
+    module), everything else at 2 bits; the packed model says so, and the report counts the bytes."""
+    out4 = quantized[0]
+    module_bits = {"*.self_attn": 4, "model.layers.0.mlp.down_proj": 8}
+    result = _run(artifacts, tmp_path, bits=2, module_bits=module_bits, eval_items=0)
+    report = json.loads((tmp_path / "quant_report.json").read_text())
+    all4 = {s["name"]: s for s in json.loads((out4 / "quant_report.json").read_text())["layers"]}
+    for layer in report["layers"]:
+        name = layer["name"]
+        expected = 8 if name == "model.layers.0.mlp.down_proj" else 4 if ".self_attn." in name else 2
+        assert layer["bits"] == expected, name
+        if expected == 4:
+            assert layer["rel_error"] == all4[name]["rel_error"], name
+        else:
+            assert layer["rel_error"] != all4[name]["rel_error"], name
+    qc = json.loads((tmp_path / "quant_config.json").read_text())
+    assert qc["module_bits"] == module_bits and qc["bits"] == 2
+    assert qc["modules"]["model.layers.1.self_attn.o_proj"]["bits"] == 4
+    assert qc["modules"]["model.layers.1.mlp.text.experts"]["gate_up_proj"]["bits"] == 2
+    assert (
+        2 < result.metrics["bits_per_weight"] < json.loads((out4 / "quant_report.json").read_text())["bits_per_weight"]
+    )
+    model = load_quantized(tmp_path)
+    assert (model.model.layers[2].self_attn.k_proj.bits, model.model.layers[0].mlp.down_proj.bits) == (4, 8)
+    loss, _ = val_loss(model, load_rows(artifacts["dataset"] / "val"))
+    assert perplexity(loss) == pytest.approx(result.metrics["ppl_after"], rel=1e-6)
+    assert "rtn int2+rtn int4+rtn int8 g32" in result.summary
+
+
+def test_tcq_codes_its_width_and_gptq_the_modules_given_another(artifacts, tmp_path):
+    _run(
+        artifacts,
+        tmp_path,
+        method="tcq",
+        bits=2,
+        module_bits={"*.self_attn": 4},
+        block_size=32,
+        min_expert_tokens=4,
+        calibration_rows=16,
+        eval_rows=8,
+        eval_items=0,
+    )
+    modules = json.loads((tmp_path / "quant_config.json").read_text())["modules"]
+    assert (modules["model.layers.1.self_attn.q_proj"]["kind"], modules["model.layers.1.self_attn.q_proj"]["bits"]) == (
+        "linear",
+        4,
+    )
+    assert modules["model.layers.1.mlp.text.experts"]["kind"] == "tcq_experts"
+    assert modules["model.layers.0.mlp.up_proj"]["kind"] == "tcq_linear"
+    report = json.loads((tmp_path / "quant_report.json").read_text())
+    assert report["layers_uncalibrated"] == 0
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     st.integers(1, 5),
@@ -197,6 +251,8 @@ def test_symmetric_groups_use_the_fixed_zero_point(artifacts, tmp_path):
         ({"group_size": 48}, r"quantize\.group_size=48 does not divide the input features of model\.layers\.0"),
         ({"scale_dtype": "int8"}, r"quantize\.scale_dtype"),
         ({"skip": ["model", "lm_head"]}, r"leaves no layer to quantize"),
+        ({"module_bits": {"*.self_attn": 3}}, r"quantize\.module_bits\['\*\.self_attn'\]=3 is not supported"),
+        ({"module_bits": {"*.mlp": 2}, "export": ["compressed-tensors"]}, r"not 2-bit ones"),
     ],
 )
 def test_bad_settings_are_refused_with_the_key_named(artifacts, tmp_path, overrides, message):
