@@ -168,14 +168,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _print_table(records: list[dict]) -> None:
-    head = f"{'method':14s} {'bits/w':>7s} {'ppl before':>11s} {'ppl after':>10s} {'delta':>8s} {'acc':>11s}"
+    head = f"{'method':27s} {'bits/w':>7s} {'ppl before':>11s} {'ppl after':>10s} {'delta':>8s} {'acc':>11s}"
     print(f"\n{head} {'s':>6s}")
     for r in records:
         acc = r["task_accuracy_after"]
         acc_text = "-" if acc is None else f"{r['task_accuracy_before']:.2f}->{acc:.2f}"
         bpw = "-" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.2f}"
         print(
-            f"{r['method']:14s} {bpw:>7s} {r['ppl_before']:11.3f} {r['ppl_after']:10.3f} "
+            f"{r['method']:27s} {bpw:>7s} {r['ppl_before']:11.3f} {r['ppl_after']:10.3f} "
             f"{r['ppl_rel_delta']:+8.2%} {acc_text:>11s} {r['quantize_seconds'] or 0:6.1f}"
         )
 
