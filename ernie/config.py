@@ -49,18 +49,27 @@ class VisionConfig:
     """The ViT over variable-resolution patches and the adapter into the language model."""
 
     depth: int = 32
+    """Transformer blocks of the vision encoder."""
     hidden_size: int = 1280
+    """Width of the vision encoder."""
     num_heads: int = 16
+    """Attention heads of the vision encoder."""
     intermediate_size: int = 5120
+    """Width of the vision encoder's MLPs."""
     patch_size: int = 14
+    """Side of a square pixel patch, in pixels."""
     in_channels: int = 3
+    """Colour channels of the pixels (RGB)."""
     spatial_merge_size: int = 2
     """2x2 neighbouring patches become one language-model token."""
     temporal_merge_size: int = 2
     """Two frames become one token; a still image is duplicated into two frames."""
     layer_norm_eps: float = 1e-6
+    """Epsilon of the vision encoder's LayerNorms."""
     rope_theta: float = 10000.0
+    """Base of the vision encoder's 2D rotary frequencies."""
     hidden_act: str = "quick_gelu"
+    """Activation of the vision encoder's MLPs."""
 
     @property
     def patch_dim(self) -> int:
@@ -86,32 +95,53 @@ class ErnieConfig:
     """Architecture of one ERNIE 4.5 model (text tower; `vision` for the VL models)."""
 
     name: str = "custom"
+    """The architecture's name (a preset's: ernie_0_3b, ernie_21b...); shown in plans and errors."""
     vocab_size: int = 103424
+    """Token embeddings and output logits (the data stage's tokenizer must match it)."""
     hidden_size: int = 1024
+    """Width of the residual stream."""
     num_layers: int = 18
+    """Decoder layers."""
     num_heads: int = 16
+    """Query heads of attention."""
     num_kv_heads: int = 2
+    """Key / value heads (grouped-query attention: num_heads is a multiple)."""
     head_dim: int = 128
+    """Width of one attention head."""
     intermediate_size: int = 3072
     """Width of the dense SwiGLU MLP (non-MoE layers)."""
     rope_theta: float = 500000.0
+    """Base of the rotary position frequencies."""
     max_position_embeddings: int = 131072
+    """Longest context the model serves (prompt plus completion)."""
     rms_norm_eps: float = 1e-5
+    """Epsilon of the RMSNorms."""
     tie_word_embeddings: bool = True
+    """The output projection shares the input embedding's weights."""
     initializer_range: float = 0.02
+    """Standard deviation of the initial weights of a model trained from scratch."""
     pad_token_id: int = 0
+    """Padding token (never a training target)."""
     bos_token_id: int = 1
+    """Beginning-of-sequence token."""
     eos_token_id: int = 2
+    """End-of-sequence token: generation stops at it."""
     moe: MoEConfig | None = None
     vision: VisionConfig | None = None
     mrope_section: tuple[int, int, int] = (22, 22, 20)
     """Frequency pairs given to (height, width, time) by the 3D RoPE of VL models."""
     image_token_id: int = 100295
+    """Placeholder token replaced by an image's merged patch embeddings (VL models)."""
     image_start_token_id: int = 101304
+    """Token before an image's placeholders."""
     image_end_token_id: int = 101305
+    """Token after an image's placeholders."""
     video_token_id: int = 103367
+    """Placeholder token of a video's merged patches (VL models; videos are not served yet)."""
     video_start_token_id: int = 101306
+    """Token before a video's placeholders."""
     video_end_token_id: int = 101307
+    """Token after a video's placeholders."""
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:

@@ -67,6 +67,7 @@ class TrackingConfig:
     uri: str = ""
     """MLflow tracking URI; empty = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db."""
     experiment: str = "ernie-pipeline"
+    """MLflow experiment the runs are logged under (created when missing)."""
     register_model: bool = True
     """Register the served model in the MLflow model registry."""
 
@@ -82,7 +83,9 @@ class ClusterConfig:
 @dataclass
 class PipelineConfig:
     name: str = "tiny"
+    """The run's name (a preset sets its own); MLflow parent runs and `ls` show it."""
     seed: int = 0
+    """The seed every stage gets (and part of every cache key): the same config gives the same artifacts."""
     model: ErnieConfig = field(default_factory=ErnieConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)

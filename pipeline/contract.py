@@ -173,7 +173,9 @@ class Resources:
     """What the stage's Ray actor asks the cluster for (distributed stages: per worker too)."""
 
     num_cpus: float = 1.0
+    """Logical CPUs reserved (Ray's num_cpus; torch threads follow Ray's OMP_NUM_THREADS)."""
     num_gpus: float = 0.0
+    """GPUs reserved (fractions share one GPU)."""
     memory_gb: float = 0.0
     """Memory to reserve for the stage actor (0 = no reservation)."""
 

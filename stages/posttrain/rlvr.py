@@ -52,7 +52,9 @@ class Config(TrainConfig):
     group_size: int = 8
     """Completions sampled per prompt; advantages are relative to the group."""
     temperature: float = 1.0
+    """Sampling temperature of the rollouts (validation answers are greedy)."""
     top_p: float = 1.0
+    """Nucleus sampling of the rollouts: the smallest set of tokens holding this much probability."""
     max_new_tokens: int = 16
     """Tokens sampled per completion (and generated per validation answer)."""
     clip_eps: float = 0.2

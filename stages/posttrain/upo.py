@@ -54,7 +54,9 @@ class Config(RLVRConfig):
     beta: float = 0.1
     """DPO's beta: rewards are beta * (log pi - log ref)."""
     loss_type: str = "sigmoid"
+    """sigmoid (DPO, with optional label_smoothing) or ipo, for the preference pairs (as posttrain.dpo)."""
     label_smoothing: float = 0.0
+    """sigmoid only: the probability that a pair's preference label is flipped, in [0, 0.5)."""
 
     def validate(self, stage: str = "upo") -> None:
         super().validate(stage)

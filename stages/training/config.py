@@ -46,7 +46,9 @@ class TrainingConfig:
     weight_decay: float = 0.0
     """AdamW decoupled weight decay on matrices (norms, biases and routers are not decayed)."""
     beta1: float = 0.9
+    """AdamW's first-moment decay."""
     beta2: float = 0.95
+    """AdamW's second-moment decay."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = no clipping)."""
     precision: str = "fp32"
