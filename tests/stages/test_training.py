@@ -248,6 +248,7 @@ def _wait_for_idle_cluster(ray_local, timeout: float = 60) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_pretrain_killed_twice_resumes_to_the_same_weights(pretrained, ray_local, tmp_path):
     reference_ctx, reference, _ = pretrained
     ctx = make_ctx(
@@ -379,6 +380,7 @@ def _kill_a_train_worker_after_checkpoint(meta: Path, killed: list) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_pretrain_restarts_a_crashed_worker_group_from_the_train_state(pretrained, ray_local, tmp_path):
     reference_ctx, reference, _ = pretrained
     ctx = make_ctx(
@@ -755,6 +757,7 @@ def test_upo_prefers_as_well_as_dpo_and_raises_the_reward(sft_run, dpo_run, data
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_upo_restarts_a_crashed_worker_group_to_the_same_weights(sft_run, dataset, tmp_path):
     """A learner killed after the first train state: Ray Train restarts the group, the rollout actors get
     the restored weights, the seeded rollouts repeat, and the weights end equal to an uninterrupted run's."""
