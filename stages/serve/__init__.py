@@ -5,6 +5,7 @@
 
     curl http://127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' \
          -d '{"model": "ernie-tiny", "messages": [{"role": "user", "content": "2+3="}]}'
+    # with serve.api_key (or $ERNIE_SERVE_API_KEY) set: -H "Authorization: Bearer $ERNIE_SERVE_API_KEY"
 
 Inputs: `model` (a qckpt, or a ckpt: told apart by quant_config.json) and `dataset` (its
 tokenizer, when the model dir carries none). Output (endpoint): `endpoint.json` with the URL,
@@ -15,6 +16,7 @@ real HTTP endpoint with the `openai` client.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import statistics
 import time
@@ -24,11 +26,18 @@ from pathlib import Path
 from pipeline.contract import Request, Resources, StageContext, StageResult, UserError, check_fits
 from pipeline.formats import TOKENIZER_FILE
 
+from .vllm_backend import VLLMSettings, engines, gpus_per_engine, validate_settings
+
 INPUTS = {"model": "qckpt", "dataset": "dataset"}
 """`model` may be a qckpt or a ckpt (ACCEPTED_KINDS)."""
 ACCEPTED_KINDS = {"model": ("qckpt", "ckpt"), "dataset": ("dataset",)}
 OUTPUT_KIND = "endpoint"
 DEFAULT_MODEL_NAME = "ernie-tiny"
+BACKENDS = ("engine", "vllm")
+MASKED = "***"
+"""What endpoint.json records for a set API key (as pipeline.redact masks secrets)."""
+API_KEY_ENV = "ERNIE_SERVE_API_KEY"
+"""Where the API key comes from when serve.api_key is empty: a key kept out of config files."""
 
 
 @dataclass
@@ -57,6 +66,15 @@ class Config:
     max_batch: int = 64
     """Most requests a replica decodes together (continuous batching); more wait in the queue. Each
     replica also takes this many HTTP requests at once (Ray Serve's max_ongoing_requests)."""
+    api_key: str = ""
+    """Bearer token every route but /health asks for (401 without it); empty: $ERNIE_SERVE_API_KEY, and
+    when that is unset too the API is open. Masked in MLflow params and endpoint.json."""
+    max_n: int = 8
+    """Most choices (`n`) one request may ask for per prompt; more get a 400."""
+    max_request_bytes: int = 8 * 1024 * 1024
+    """Largest request body taken (images come inline, base64); larger ones get a 413 before parsing."""
+    max_tokens_limit: int = 4096
+    """Most tokens a request may ask to generate per choice (max_tokens); more get a 400."""
     smoke_requests: int = 5
     """Completion requests timed by the smoke test (latency percentiles)."""
     smoke_prompt: str = "1+2="
@@ -67,12 +85,28 @@ class Config:
     """How long to wait for the endpoint to answer after deployment."""
     block: bool = False
     """Keep serving after the smoke test until interrupted (Ctrl-C); else shut the app down."""
+    backend: str = "engine"
+    """engine: our own engine on Ray Serve (CPU or GPU, bf16 and our packed 4/2-bit weights); vllm: Ray Serve LLM
+    over vLLM on the quantize stage's export (GPU clusters only, docs/serving_vllm.md)."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """backend=vllm: parallelism, prefill/decode disaggregation and its KV connector, checked by a preflight."""
     resources: Resources = field(default_factory=lambda: Resources(num_cpus=0.5))
     """What the stage's own Ray actor asks for (the replicas ask for replica_cpus each)."""
 
+    def fingerprint(self) -> dict:
+        """What the cache key hashes: everything but the API key (a hash of a secret is not printed in keys)."""
+        return {k: v for k, v in asdict(self).items() if k != "api_key"}
+
     def requested(self) -> Request:
-        """The stage actor plus the replicas."""
+        """The stage actor plus the replicas (backend=vllm: its engines' GPUs)."""
         r, n = self.resources, self.num_replicas
+        if self.backend == "vllm":
+            gpus = engines(self.vllm) * gpus_per_engine(self.vllm, self.vllm.tensor_parallel_size or 1)
+            return Request(
+                cpus=r.num_cpus,
+                gpus=r.num_gpus + gpus,
+                terms=f"resources.num_cpus={r.num_cpus:g}, num_gpus={r.num_gpus:g} + {gpus} GPUs of the vLLM engines",
+            )
         return Request(
             cpus=r.num_cpus + n * self.replica_cpus,
             gpus=r.num_gpus + n * self.replica_gpus,
@@ -87,6 +121,15 @@ def validate(cfg: Config) -> None:
         (cfg.num_replicas >= 1, "num_replicas", cfg.num_replicas, "must be at least 1"),
         (cfg.max_tokens >= 1, "max_tokens", cfg.max_tokens, "must be at least 1"),
         (cfg.max_batch >= 1, "max_batch", cfg.max_batch, "must be at least 1"),
+        (cfg.max_n >= 1, "max_n", cfg.max_n, "must be at least 1"),
+        (cfg.max_request_bytes >= 1024, "max_request_bytes", cfg.max_request_bytes, "must be at least 1024"),
+        (
+            cfg.max_tokens_limit >= max(cfg.max_tokens, cfg.smoke_max_tokens),
+            "max_tokens_limit",
+            cfg.max_tokens_limit,
+            f"must be at least max_tokens and smoke_max_tokens ({max(cfg.max_tokens, cfg.smoke_max_tokens)}): the "
+            "server's own defaults must pass it",
+        ),
         (
             cfg.kv_cache_tokens > max(cfg.max_tokens, cfg.smoke_max_tokens),
             "kv_cache_tokens",
@@ -102,6 +145,15 @@ def validate(cfg: Config) -> None:
     for ok, key, value, rule in checks:
         if not ok:
             raise UserError(f"serve.{key}={value!r} {rule}")
+    if cfg.backend not in BACKENDS:
+        raise UserError(f"serve.backend={cfg.backend!r} is not a backend; available: {', '.join(BACKENDS)}")
+    if cfg.backend == "vllm":
+        validate_settings(cfg.vllm)
+        if api_key(cfg):
+            raise UserError(
+                f"serve.api_key / ${API_KEY_ENV} is not enforced with serve.backend=vllm (Ray Serve LLM's ingress "
+                "checks no key); unset it or put an authenticating proxy in front"
+            )
 
 
 def find_tokenizer(*dirs: Path | None) -> Path:
@@ -118,6 +170,18 @@ def find_tokenizer(*dirs: Path | None) -> Path:
 def served_name(cfg: Config) -> str:
     """The model name of the API: the same for the stage and `serve_forever`."""
     return cfg.model_name or DEFAULT_MODEL_NAME
+
+
+def api_key(cfg: Config) -> str:
+    """The key clients must send: serve.api_key, else $ERNIE_SERVE_API_KEY; empty: no auth."""
+    return cfg.api_key or os.environ.get(API_KEY_ENV, "")
+
+
+def recorded_config(cfg: Config) -> dict:
+    """The config as endpoint.json records it: the API key masked (whether one is set stays visible)."""
+    record = {k: v for k, v in asdict(cfg).items() if k != "resources"}
+    record["api_key"] = MASKED if api_key(cfg) else ""
+    return record
 
 
 # ---------------------------------------------------------------------- deploy / stop
@@ -141,6 +205,12 @@ def start(model_dir: Path, tokenizer_path: Path, cfg: Config, model_name: str) -
 
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS when set, else a local Ray
+    if cfg.backend == "vllm":
+        from .vllm_backend import deploy
+
+        url = deploy(cfg.vllm, model_dir, model_name, cfg.host, cfg.port, cfg.app_name)  # preflight first
+        _wait_ready(f"{url}/v1/models", cfg.ready_timeout_s)
+        return url
     check_fits(cfg.requested(), ray.cluster_resources(), "serve")
     serve_running = bool(serve.status().proxies)
     if not serve_running and not port_is_free(cfg.host, cfg.port):
@@ -151,10 +221,16 @@ def start(model_dir: Path, tokenizer_path: Path, cfg: Config, model_name: str) -
         num_replicas=cfg.num_replicas, ray_actor_options=actor_options, max_ongoing_requests=cfg.max_batch
     )
     scheduling = {"kv_cache_tokens": cfg.kv_cache_tokens, "max_batch": cfg.max_batch}
-    app = deployment.bind(str(model_dir), str(tokenizer_path), model_name, cfg.max_tokens, scheduling)
+    limits = {
+        "api_key": api_key(cfg),
+        "max_n": cfg.max_n,
+        "max_request_bytes": cfg.max_request_bytes,
+        "max_tokens_limit": cfg.max_tokens_limit,
+    }
+    app = deployment.bind(str(model_dir), str(tokenizer_path), model_name, cfg.max_tokens, scheduling, limits)
     serve.run(app, name=cfg.app_name, route_prefix="/")
     url = f"http://{cfg.host}:{cfg.port}"
-    _wait_ready(f"{url}/v1/models", cfg.ready_timeout_s)
+    _wait_ready(f"{url}/v1/models", cfg.ready_timeout_s, api_key(cfg))
     return url
 
 
@@ -176,17 +252,23 @@ def stop(cfg: Config, timeout_s: float = 30.0) -> None:
             time.sleep(0.2)
 
 
-def _wait_ready(url: str, timeout_s: float) -> None:
+def _wait_ready(url: str, timeout_s: float, key: str = "") -> None:
+    """Poll an authenticated route, so a key the app does not take fails here, not in the smoke test."""
     import urllib.error
     import urllib.request
 
     deadline = time.monotonic() + timeout_s
     last = None
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5) as response:
                 if response.status == 200:
                     return
+        except urllib.error.HTTPError as err:
+            if err.code == 401:
+                raise RuntimeError(f"the endpoint {url} refused the API key (HTTP 401)") from None
+            last = err
         except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
             last = err
         time.sleep(0.25)
@@ -198,7 +280,7 @@ def smoke_test(url: str, model_name: str, cfg: Config) -> tuple[dict, dict[str, 
     """Chat + completion requests through the real HTTP endpoint with the openai client."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = OpenAI(base_url=f"{url}/v1", api_key=api_key(cfg) or "unused", max_retries=0, timeout=60)
     t0 = time.perf_counter()
     chat = client.chat.completions.create(
         model=model_name,
@@ -258,7 +340,7 @@ def run(ctx: StageContext) -> StageResult:
             "quantized": quantized,
             "status": "serving" if cfg.block else "stopped after the smoke test",
             "deployment": {
-                **{k: v for k, v in asdict(cfg).items() if k != "resources"},
+                **recorded_config(cfg),
                 "model_name": model_name,
                 "model_dir": str(model_dir),
                 "tokenizer": str(tokenizer_path),
@@ -266,6 +348,10 @@ def run(ctx: StageContext) -> StageResult:
             },
             "smoke": smoke,
         }
+        if cfg.backend == "vllm":
+            from .vllm_backend import preflight
+
+            endpoint["vllm_preflight"] = preflight(cfg.vllm, model_dir, model_name).to_dict()
         out = Path(ctx.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "endpoint.json").write_text(json.dumps(endpoint, indent=2, default=str) + "\n")

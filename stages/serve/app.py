@@ -4,29 +4,40 @@
     POST /v1/completions        prompt (str or list of str) -> text (`stream: true`: server-sent events)
     POST /v1/chat/completions   messages -> ERNIE chat template with the generation prompt -> reply
                                 (VL models: image_url parts with base64 data: URLs, `stages.serve.images`)
+    GET  /metrics               Prometheus text format (`stages.serve.metrics`)
     GET  /health                200 once the replica has its model
 
-Bad requests get HTTP 400 (unknown model: 404) with an OpenAI-style error body.
+`n` choices per prompt (and every prompt of a list) are decoded concurrently, so the scheduler batches
+them. With an API key set, every route but /health wants `Authorization: Bearer <key>` (else 401).
+Bodies over the size limit get 413 before they are parsed; bad requests get HTTP 400 (unknown model:
+404); all errors carry an OpenAI-style error body.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the request models as real
 # classes in the signatures of Ray Serve's class-based routes, not as strings.
 
+import contextlib
+import hmac
 import json
+import queue
+import threading
+import time
 from collections.abc import Iterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from ernie.chat_template import THINK_CLOSE, THINK_OPEN, render
 
-from .engine import Engine, RequestError, split_reasoning
+from .engine import Delta, Engine, RequestError, split_reasoning
 from .images import image_bytes
+from .metrics import ServeMetrics
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    chat_choice,
     chat_chunk,
     chat_response,
     completion_chunk,
@@ -36,6 +47,12 @@ from .protocol import (
     new_id,
     usage_chunk,
 )
+
+OPEN_PATHS = frozenset({"/health"})
+"""Routes that answer without the API key: a load balancer's health check holds no key."""
+DEFAULT_MAX_N = 8
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_TOKENS_LIMIT = 4096
 
 app = FastAPI(title="ernie-pipeline", description="OpenAI-compatible serving of an ERNIE 4.5 checkpoint")
 
@@ -69,7 +86,96 @@ async def _validation_error(_: Request, err: RequestValidationError) -> JSONResp
     return JSONResponse(error_body("; ".join(problems), param=param), status_code=400)
 
 
-# defined before the deployment class: Serve serializes the class when it is decorated
+# ---------------------------------------------------------------------- in front of every route
+# Everything below up to the deployment class is defined before it: Serve serializes the class (and
+# a copy of `app`, middleware included) when it is decorated.
+def _replica():
+    """The serving replica (the deployment instance) this request reached; None outside Ray Serve."""
+    try:
+        return serve.get_replica_context().servable_object
+    except Exception:  # noqa: BLE001 - no replica context: not running under Serve
+        return None
+
+
+def _authorized(header: bytes | None, key: bytes) -> bool:
+    scheme, _, token = (header or b"").partition(b" ")
+    # compare_digest: how far the token matches the key does not show in the time the answer takes
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+
+
+async def _refuse(send, status: int, message: str, code: str, headers: list | None = None) -> None:
+    body = json.dumps(error_body(message, code=code)).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Gate:
+    """ASGI middleware: the API key, the body size limit and the request counter. Middleware rather
+    than a route dependency so an oversized body is refused before FastAPI buffers and parses it, and
+    so refusals (401, 413) and unknown routes are counted too."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send) -> None:
+        server = _replica() if scope["type"] == "http" else None
+        if server is None:
+            await self.inner(scope, receive, send)
+            return
+        started = [False]
+
+        async def send_counted(message) -> None:
+            if message["type"] == "http.response.start":  # counted before the client can see the answer
+                started[0] = True
+                server.metrics.request(scope["path"], message["status"])
+            await send(message)
+
+        try:
+            await self._gated(server, scope, receive, send_counted)
+        finally:
+            if not started[0]:  # the app failed before answering: the server's 500
+                server.metrics.request(scope["path"], 500)
+
+    async def _gated(self, server, scope, receive, send) -> None:
+        headers = dict(scope["headers"])
+        if server.api_key and scope["path"] not in OPEN_PATHS:
+            if not _authorized(headers.get(b"authorization"), server.api_key.encode()):
+                missing = b"authorization" not in headers
+                message = (
+                    "no API key given: send the header Authorization: Bearer <key>"
+                    if missing
+                    else "Incorrect API key provided"
+                )
+                await _refuse(send, 401, message, "invalid_api_key", [(b"www-authenticate", b"Bearer")])
+                return
+        limit = server.max_request_bytes
+        too_large = f"the request body is larger than this server takes ({limit} bytes, serve.max_request_bytes)"
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await _refuse(send, 413, too_large, "request_too_large")
+            return
+        # counted as it arrives too: a chunked body has no Content-Length, and a header can lie
+        messages, size, more = [], 0, True
+        while more and size <= limit:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            more = message["type"] == "http.request" and message.get("more_body", False)
+        if size > limit:
+            await _refuse(send, 413, too_large, "request_too_large")
+            return
+        buffered = iter(messages)
+
+        async def replay():
+            return next(buffered, None) or await receive()
+
+        await self.inner(scope, replay, send)
+
+
+app.add_middleware(Gate)
+
+
 def _sse(events: Iterator[dict]) -> StreamingResponse:
     """Server-sent events as OpenAI streams them: `data: <json>` per chunk, then `data: [DONE]`."""
 
@@ -79,6 +185,87 @@ def _sse(events: Iterator[dict]) -> StreamingResponse:
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")
+
+
+_FINISHED = object()
+
+
+def _together(streams: list[Iterator[Delta]], workers: int) -> Iterator[tuple[int, Delta]]:
+    """(index, delta) of every stream as they come. Each stream is read in a thread of its own (at most
+    `workers` at once: the batch holds no more), so the scheduler queues them together and decodes
+    them in one batch instead of one after another. Closing this iterator stops the streams still
+    running: each frees its rows after its next token."""
+    out: queue.Queue = queue.Queue()
+    todo: queue.Queue = queue.Queue()
+    for item in enumerate(streams):
+        todo.put(item)
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                i, stream = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                with contextlib.closing(stream):  # closing an unfinished stream frees its rows
+                    for delta in stream:
+                        out.put((i, delta))
+                        if stop.is_set():
+                            return
+                out.put((i, _FINISHED))
+            except BaseException as err:  # noqa: BLE001 - the request's reader raises it
+                out.put((i, err))
+                return
+
+    for k in range(min(workers, len(streams))):
+        threading.Thread(target=work, name=f"serve-choice-{k}", daemon=True).start()
+    try:
+        left = len(streams)
+        while left:
+            i, item = out.get()
+            if item is _FINISHED:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        stop.set()
+
+
+def _measured(deltas: Iterator[tuple[int, Delta]], metrics: ServeMetrics, n: int, started: float):
+    """`deltas` passed through, timing each choice's first text and pace, counting its tokens, and each
+    prompt's tokens once (choice i belongs to prompt i // n)."""
+    first: dict[int, float] = {}
+    prompts_done: set[int] = set()
+    with contextlib.closing(deltas):  # closing this closes the streams' reader now, not when collected
+        for i, delta in deltas:
+            now = time.perf_counter()
+            if i not in first:
+                first[i] = now
+                metrics.first_token(now - started)
+            done = delta.completion
+            if done is not None:
+                metrics.choice_done(done.completion_tokens, now - first[i])
+                if i // n not in prompts_done:
+                    prompts_done.add(i // n)
+                    metrics.prompt_done(done.prompt_tokens)
+            yield i, delta
+
+
+def _gather(deltas: Iterator[tuple[int, Delta]], count: int) -> list:
+    """The final `Completion` of each of `count` choices, in index order."""
+    finals = [None] * count
+    for i, delta in deltas:
+        finals[i] = delta.completion or finals[i]
+    return finals
+
+
+def _usage(finals: list, n: int) -> tuple[int, int]:
+    """(prompt tokens, completion tokens) of choices in index order: each prompt counted once, as
+    OpenAI counts it, and every choice's completion."""
+    return sum(done.prompt_tokens for done in finals[::n]), sum(done.completion_tokens for done in finals)
 
 
 @serve.deployment
@@ -93,10 +280,18 @@ class OpenAIServer:
         model_name: str,
         default_max_tokens: int,
         scheduling: dict | None = None,
+        limits: dict | None = None,
     ) -> None:
-        """`scheduling`: the engine's kv_cache_tokens and max_batch (serve.Config)."""
+        """`scheduling`: the engine's kv_cache_tokens and max_batch; `limits`: api_key, max_n,
+        max_request_bytes, max_tokens_limit (serve.Config)."""
         self.engine = Engine.load(model_dir, tokenizer_path, **(scheduling or {}))
         self.model_name, self.default_max_tokens = model_name, default_max_tokens
+        limits = limits or {}
+        self.api_key: str = limits.get("api_key") or ""
+        self.max_n: int = limits.get("max_n", DEFAULT_MAX_N)
+        self.max_request_bytes: int = limits.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)
+        self.max_tokens_limit: int = limits.get("max_tokens_limit", DEFAULT_MAX_TOKENS_LIMIT)
+        self.metrics = ServeMetrics(self.engine.scheduler)
 
     def _check_model(self, requested: str | None) -> None:
         if requested not in (None, "", self.model_name):
@@ -107,14 +302,9 @@ class OpenAIServer:
                 code="model_not_found",
             )
 
-    def _complete(self, prompt_ids: list[int], req, max_tokens: int | None, vision: dict | None = None):
-        try:
-            max_tokens = max_tokens or self.default_max_tokens
-            return self.engine.complete(
-                prompt_ids, max_tokens, req.temperature, req.top_p, req.seed, req.stop_list(), vision, req.top_k
-            )
-        except RequestError as err:
-            raise APIError(400, str(err), param=err.param) from None
+    def _check_n(self, n: int) -> None:
+        if n > self.max_n:
+            raise APIError(400, f"n={n} is more choices than this server gives ({self.max_n}, serve.max_n)", param="n")
 
     @app.get("/health")
     def health(self) -> dict:
@@ -124,25 +314,33 @@ class OpenAIServer:
     def models(self) -> dict:
         return models_response(self.model_name, self.engine.model_dir)
 
+    @app.get("/metrics")
+    def scrape(self) -> Response:
+        body, content_type = self.metrics.expose()
+        return Response(content=body, media_type=content_type)
+
     @app.post("/v1/completions")
     def completions(self, req: CompletionRequest):
+        started = time.perf_counter()
         self._check_model(req.model)
+        self._check_n(req.n)
         prompts = [self.engine.encode(p) for p in ([req.prompt] if isinstance(req.prompt, str) else req.prompt)]
         max_tokens = req.max_tokens or self.default_max_tokens
+        deltas = self._start(prompts, req, max_tokens, "max_tokens", started)
         if req.stream:
-            self._check(prompts, max_tokens)
-            return _sse(self._completion_chunks(prompts, req, max_tokens))
-        choices, prompt_tokens, completion_tokens = [], 0, 0
-        for i, prompt_ids in enumerate(prompts):
-            result = self._complete(prompt_ids, req, max_tokens)
-            choices.append({"index": i, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason})
-            prompt_tokens += result.prompt_tokens
-            completion_tokens += result.completion_tokens
-        return completion_response(self.model_name, choices, prompt_tokens, completion_tokens)
+            return _sse(self._completion_chunks(deltas, req))
+        finals = _gather(deltas, len(prompts) * req.n)
+        choices = [
+            {"index": i, "text": done.text, "logprobs": None, "finish_reason": done.finish_reason}
+            for i, done in enumerate(finals)
+        ]
+        return completion_response(self.model_name, choices, *_usage(finals, req.n))
 
     @app.post("/v1/chat/completions")
     def chat_completions(self, req: ChatCompletionRequest):
+        started = time.perf_counter()
         self._check_model(req.model)
+        self._check_n(req.n)
         image_urls: list[tuple[str, str]] = []
         messages = [m.template_message(i, image_urls) for i, m in enumerate(req.messages)]
         try:
@@ -153,62 +351,88 @@ class OpenAIServer:
             raise APIError(400, str(err), param=err.param) from None
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from None
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         max_tokens = req.max_completion_tokens or req.max_tokens or self.default_max_tokens
+        deltas = self._start([prompt_ids], req, max_tokens, param, started, vision)
         if req.stream:
-            self._check([prompt_ids], max_tokens)
-            return _sse(self._chat_chunks(prompt_ids, vision, req, max_tokens))
-        result = self._complete(prompt_ids, req, max_tokens, vision)
-        reasoning, content = split_reasoning(result.text) if req.thinking() else (None, result.text.strip())
-        return chat_response(
-            self.model_name, content, reasoning, result.finish_reason, result.prompt_tokens, result.completion_tokens
-        )
+            return _sse(self._chat_chunks(deltas, req))
+        finals = _gather(deltas, req.n)
+        choices = []
+        for i, done in enumerate(finals):
+            reasoning, content = split_reasoning(done.text) if req.thinking() else (None, done.text.strip())
+            choices.append(chat_choice(i, content, reasoning, done.finish_reason))
+        return chat_response(self.model_name, choices, *_usage(finals, req.n))
 
-    # ------------------------------------------------------------------ streaming
-    def _check(self, prompts: list[list[int]], max_tokens: int) -> None:
-        """Errors a stream would meet are raised before it starts, as HTTP errors, not mid-stream."""
+    # ------------------------------------------------------------------ choices
+    def _start(
+        self, prompts: list[list[int]], req, max_tokens: int, param: str, started: float, vision: dict | None = None
+    ) -> Iterator[tuple[int, Delta]]:
+        """Every choice's stream (index prompt_index * n + j, seed + j), refused here, before anything
+        runs or streams, when one cannot be served; read together when the result is iterated."""
         try:
-            for prompt_ids in prompts:
-                self.engine.check(prompt_ids, max_tokens)
+            streams = [
+                self.engine.stream(
+                    prompt_ids,
+                    max_tokens,
+                    req.temperature,
+                    req.top_p,
+                    req.choice_seed(j),
+                    req.stop_list(),
+                    vision,
+                    req.top_k,
+                )
+                for prompt_ids in prompts
+                for j in range(req.n)
+            ]
         except RequestError as err:
             raise APIError(400, str(err), param=err.param) from None
+        # after the engine's own checks: a request beyond the model's context is told that first
+        if max_tokens > self.max_tokens_limit:
+            raise APIError(
+                400,
+                f"{param}={max_tokens} is more than this server generates per choice "
+                f"({self.max_tokens_limit}, serve.max_tokens_limit)",
+                param=param,
+            )
+        workers = self.engine.scheduler.max_batch
+        return _measured(_together(streams, workers), self.metrics, req.n, started)
 
-    def _stream(self, prompt_ids: list[int], req, max_tokens: int, vision: dict | None = None):
-        return self.engine.stream(
-            prompt_ids, max_tokens, req.temperature, req.top_p, req.seed, req.stop_list(), vision, req.top_k
-        )
-
-    def _completion_chunks(self, prompts: list[list[int]], req, max_tokens: int) -> Iterator[dict]:
-        request_id, used = new_id("cmpl"), [0, 0]
-        for i, prompt_ids in enumerate(prompts):
-            for delta in self._stream(prompt_ids, req, max_tokens):
+    def _completion_chunks(self, deltas: Iterator[tuple[int, Delta]], req) -> Iterator[dict]:
+        request_id, finals = new_id("cmpl"), []
+        with contextlib.closing(deltas):  # a client gone mid-stream stops every choice
+            for i, delta in deltas:
                 done = delta.completion
                 if delta.text or done is not None:
                     yield completion_chunk(request_id, self.model_name, i, delta.text, done and done.finish_reason)
                 if done is not None:
-                    used[0] += done.prompt_tokens
-                    used[1] += done.completion_tokens
+                    finals.append((i, done))
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield usage_chunk(request_id, self.model_name, "text_completion", *used)
+            ordered = [done for _, done in sorted(finals, key=lambda f: f[0])]
+            yield usage_chunk(request_id, self.model_name, "text_completion", *_usage(ordered, req.n))
 
-    def _chat_chunks(self, prompt_ids: list[int], vision: dict, req, max_tokens: int) -> Iterator[dict]:
-        """Assistant deltas; in thinking mode the text before </think> goes out as `reasoning_content`."""
-        request_id = new_id("chatcmpl")
-        yield chat_chunk(request_id, self.model_name, {"role": "assistant", "content": ""}, None)
-        reasoning = req.thinking()
-        for delta in self._stream(prompt_ids, req, max_tokens, vision):
-            parts = {}
-            text = delta.text
-            if reasoning:
-                thought, closed, text = text.partition(THINK_CLOSE)
-                if thought.replace(THINK_OPEN, ""):
-                    parts["reasoning_content"] = thought.replace(THINK_OPEN, "")
-                reasoning = not closed
-            if text and not reasoning:
-                parts["content"] = text
-            done = delta.completion
-            if parts or done is not None:
-                yield chat_chunk(request_id, self.model_name, parts, done and done.finish_reason)
+    def _chat_chunks(self, deltas: Iterator[tuple[int, Delta]], req) -> Iterator[dict]:
+        """Assistant deltas per choice; in thinking mode the text before </think> goes out as
+        `reasoning_content`. Every choice first gets its role chunk, as OpenAI sends it."""
+        request_id, finals = new_id("chatcmpl"), []
+        for i in range(req.n):
+            yield chat_chunk(request_id, self.model_name, {"role": "assistant", "content": ""}, None, i)
+        reasoning = [req.thinking()] * req.n
+        with contextlib.closing(deltas):
+            for i, delta in deltas:
+                parts = {}
+                text = delta.text
+                if reasoning[i]:
+                    thought, closed, text = text.partition(THINK_CLOSE)
+                    if thought.replace(THINK_OPEN, ""):
+                        parts["reasoning_content"] = thought.replace(THINK_OPEN, "")
+                    reasoning[i] = not closed
+                if text and not reasoning[i]:
+                    parts["content"] = text
+                done = delta.completion
+                if parts or done is not None:
+                    yield chat_chunk(request_id, self.model_name, parts, done and done.finish_reason, i)
+                if done is not None:
+                    finals.append((i, done))
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield usage_chunk(
-                request_id, self.model_name, "chat.completion.chunk", done.prompt_tokens, done.completion_tokens
-            )
+            ordered = [done for _, done in sorted(finals, key=lambda f: f[0])]
+            yield usage_chunk(request_id, self.model_name, "chat.completion.chunk", *_usage(ordered, req.n))

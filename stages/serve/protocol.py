@@ -31,13 +31,20 @@ class _Request(BaseModel):
     """Sample among the k most likely tokens (vLLM's field); 0 or -1: off."""
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per prompt for now")
+    n: int = Field(1, ge=1)
+    """Choices per prompt, decoded concurrently (the batch takes them together); at most `serve.max_n`.
+    With a `seed`, choice j samples with seed + j: repeatable, yet the choices differ from each other
+    (greedy ones, temperature 0, are all the same)."""
     stream: bool = False
     """Server-sent events: one chunk per piece of decoded text, then `data: [DONE]`."""
     stream_options: StreamOptions | None = None
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def choice_seed(self, j: int) -> int | None:
+        """The seed of choice j of a prompt (see `n`)."""
+        return None if self.seed is None else self.seed + j
 
 
 class CompletionRequest(_Request):
@@ -119,19 +126,21 @@ def completion_response(model: str, choices: list[dict], prompt_tokens: int, com
     }
 
 
-def chat_response(
-    model: str, content: str, reasoning: str | None, finish_reason: str, prompt_tokens: int, completion_tokens: int
-) -> dict:
+def chat_choice(index: int, content: str, reasoning: str | None, finish_reason: str) -> dict:
     message = {"role": "assistant", "content": content}
     if reasoning is not None:
         message["reasoning_content"] = reasoning
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+
+
+def chat_response(model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    """`choices`: `chat_choice`s in index order."""
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
@@ -156,8 +165,8 @@ def completion_chunk(request_id: str, model: str, index: int, text: str, finish_
     }
 
 
-def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None) -> dict:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None, index: int = 0) -> dict:
+    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     return {
         "id": request_id,
         "object": "chat.completion.chunk",

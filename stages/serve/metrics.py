@@ -1,0 +1,89 @@
+"""Prometheus metrics of one serving replica, scraped at GET /metrics.
+
+Each replica keeps its own `CollectorRegistry`: the process-wide default one would also export
+whatever else the Ray worker registers, and a second deployment in the same process would clash on
+the names. Ray Serve routes a scrape to one replica, so with several replicas each scrape shows the
+replica that answered it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+ROLE = "colocated"
+"""The `role` label of every metric: prefill and decode run in the same replica for now."""
+PREFIX = "ernie_serve_"
+ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+"""Paths counted under their own name; any other path counts as "other", so a scanner probing random
+URLs cannot grow the label set without bound."""
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServeMetrics:
+    """The replica's metrics; the scheduler's gauges are read when scraped, so they cost nothing per step."""
+
+    def __init__(self, scheduler, role: str = ROLE) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.role = role
+        r = self.registry
+        self._requests = Counter(
+            f"{PREFIX}requests",
+            "HTTP requests answered, by route and status code",
+            ["role", "route", "status"],
+            registry=r,
+        )
+        self._ttft = Histogram(
+            f"{PREFIX}time_to_first_token_seconds",
+            "From the request's arrival at its handler to the first text of a choice",
+            ["role"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        ).labels(role)
+        self._tpot = Histogram(
+            f"{PREFIX}time_per_output_token_seconds",
+            "Per choice: the time after its first text divided by the tokens generated after the first",
+            ["role"],
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        ).labels(role)
+        self._generated = Counter(
+            f"{PREFIX}generated_tokens", "Completion tokens of finished choices", ["role"], registry=r
+        ).labels(role)
+        self._prompt = Counter(
+            f"{PREFIX}prompt_tokens", "Prompt tokens, once per prompt as `usage` counts them", ["role"], registry=r
+        ).labels(role)
+        gauges = {
+            "queue_depth": ("Requests waiting for a place in the batch", lambda: len(_waiting(scheduler))),
+            "running": ("Requests decoding now", lambda: scheduler.batch_size),
+            "kv_cache_used_tokens": ("KV cache slots the batch holds now", lambda: scheduler.cached_tokens),
+            "kv_cache_budget_tokens": ("KV cache slots the batch may hold", lambda: scheduler.kv_cache_tokens),
+        }
+        for name, (doc, read) in gauges.items():
+            Gauge(f"{PREFIX}{name}", doc, ["role"], registry=r).labels(role).set_function(read)
+
+    def request(self, path: str, status: int) -> None:
+        route = path if path in ROUTES else "other"
+        self._requests.labels(self.role, route, str(status)).inc()
+
+    def first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+
+    def choice_done(self, completion_tokens: int, after_first_s: float) -> None:
+        """A finished choice: its tokens, and its pace once the first text was out (when it had more than one)."""
+        self._generated.inc(completion_tokens)
+        if completion_tokens > 1:
+            self._tpot.observe(after_first_s / (completion_tokens - 1))
+
+    def prompt_done(self, prompt_tokens: int) -> None:
+        self._prompt.inc(prompt_tokens)
+
+    def expose(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _waiting(scheduler) -> tuple | list:
+    """The scheduler's queue: it has no public view of it, so this reads its private deque (a scrape
+    that races the scheduler thread reads a length that was true a moment ago)."""
+    return getattr(scheduler, "_waiting", ())
