@@ -77,7 +77,13 @@ def plan_stages(cfg: PipelineConfig, store: ArtifactStore, selection: Selection)
 
 
 def check_resources(cfg: PipelineConfig, planned: list[PlannedStage], cluster: dict[str, float]) -> None:
-    """Refuse, before anything runs, a stage the cluster can never place (Ray would wait forever)."""
+    """Refuse, before anything runs, a stage the cluster can never place (Ray would wait forever). An autoscaling
+    cluster is judged by the ceiling it may grow to (`cluster.max_cpus` / `max_gpus`), not by its size at rest."""
+    cluster = {
+        **cluster,
+        "CPU": max(cluster.get("CPU", 0.0), cfg.cluster.max_cpus),
+        "GPU": max(cluster.get("GPU", 0.0), cfg.cluster.max_gpus),
+    }
     for p in planned:
         if p.run:
             check_fits(requested(cfg.section(p.node.config_path)), cluster, p.node.config_path)
