@@ -78,6 +78,12 @@ class ClusterConfig:
     """Ray cluster address; empty = $RAY_ADDRESS, else a local Ray started for the run."""
     local_num_cpus: int = LOCAL_RAY_CPUS
     """Logical CPUs of the local Ray (more than the cores is fine: stages mostly wait on workers)."""
+    max_cpus: float = 0.0
+    """An autoscaling cluster's ceiling of CPUs (Ray autoscaler max_workers, KubeRay maxReplicas): stages are
+    checked against it rather than the nodes up now, and wait while the autoscaler adds nodes; 0: the cluster as
+    it is."""
+    max_gpus: float = 0.0
+    """The same ceiling for GPUs (a cluster at rest is often its head alone, with no GPU)."""
 
 
 @dataclass

@@ -43,3 +43,22 @@ def test_check_fits_names_the_stage_the_settings_and_what_the_cluster_has():
         check_fits(need, {"CPU": 2.0}, "posttrain.rlvr")
     with pytest.raises(UserError, match=r"x asks for 1 GPU\(s\).*has 0\..*dry_run=true"):
         check_fits(Request(cpus=0, gpus=1, terms="t"), {"CPU": 4.0}, "x")
+
+
+def test_an_autoscaling_cluster_is_judged_by_its_ceiling_not_its_size_at_rest():
+    from types import SimpleNamespace
+
+    from pipeline.runner import check_resources
+
+    cfg = PipelineConfig()
+    cfg.pretrain.resources.num_gpus = 1
+    cfg.pretrain.num_workers = 8
+    planned = [SimpleNamespace(run=True, node=SimpleNamespace(config_path="pretrain"))]
+    at_rest = {"CPU": 8.0, "GPU": 0.0}  # the head alone
+    with pytest.raises(UserError, match="but the Ray cluster has 0"):
+        check_resources(cfg, planned, at_rest)
+    cfg.cluster.max_gpus = 64
+    check_resources(cfg, planned, at_rest)
+    cfg.cluster.max_gpus = 4
+    with pytest.raises(UserError, match="but the Ray cluster has 4"):
+        check_resources(cfg, planned, at_rest)
