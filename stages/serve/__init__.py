@@ -66,6 +66,10 @@ class Config:
     max_batch: int = 64
     """Most requests a replica decodes together (continuous batching); more wait in the queue. Each
     replica also takes this many HTTP requests at once (Ray Serve's max_ongoing_requests)."""
+    max_queued_requests: int = 256
+    """Requests each HTTP proxy holds waiting for a free replica slot (beyond max_batch per replica); more get an
+    HTTP 503 at once (Ray Serve's back pressure), so a flood cannot grow the server's memory without bound.
+    -1: no bound."""
     api_key: str = ""
     """Bearer token every route but /health asks for (401 without it); empty: $ERNIE_SERVE_API_KEY, and
     when that is unset too the API is open. Masked in MLflow params and endpoint.json."""
@@ -122,6 +126,12 @@ def validate(cfg: Config) -> None:
         (cfg.max_tokens >= 1, "max_tokens", cfg.max_tokens, "must be at least 1"),
         (cfg.max_batch >= 1, "max_batch", cfg.max_batch, "must be at least 1"),
         (cfg.max_n >= 1, "max_n", cfg.max_n, "must be at least 1"),
+        (
+            cfg.max_queued_requests == -1 or cfg.max_queued_requests >= 1,
+            "max_queued_requests",
+            cfg.max_queued_requests,
+            "must be at least 1, or -1 for no bound",
+        ),
         (cfg.max_request_bytes >= 1024, "max_request_bytes", cfg.max_request_bytes, "must be at least 1024"),
         (
             cfg.max_tokens_limit >= max(cfg.max_tokens, cfg.smoke_max_tokens),
@@ -218,7 +228,10 @@ def start(model_dir: Path, tokenizer_path: Path, cfg: Config, model_name: str) -
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     actor_options = {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus}
     deployment = OpenAIServer.options(
-        num_replicas=cfg.num_replicas, ray_actor_options=actor_options, max_ongoing_requests=cfg.max_batch
+        num_replicas=cfg.num_replicas,
+        ray_actor_options=actor_options,
+        max_ongoing_requests=cfg.max_batch,
+        max_queued_requests=cfg.max_queued_requests,
     )
     scheduling = {"kv_cache_tokens": cfg.kv_cache_tokens, "max_batch": cfg.max_batch}
     limits = {

@@ -5,14 +5,14 @@ a random tiny_moe checkpoint, an API key and small limits."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import socket
 import time
-from dataclasses import asdict
 
 import openai
 import pytest
 import requests
+import served_app
 import tiny_artifacts
 import torch
 from omegaconf import OmegaConf
@@ -21,10 +21,8 @@ from tokenizers import Tokenizer
 
 import stages.serve as serve_stage
 from ernie import ErnieForCausalLM, get_preset
-from ernie.checkpoint import save_pretrained
 from pipeline.redact import redact_params, redact_text
 from pipeline.tracking import flatten
-from stages.data.tokenizer import train_tokenizer
 from stages.serve.engine import Engine
 
 KEY = "sk-test-6f1d0c2b9a8e7d"
@@ -34,34 +32,14 @@ LIMITS = dict(api_key=KEY, max_n=4, max_request_bytes=4096, max_tokens_limit=32,
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A random tiny_moe checkpoint with its own small tokenizer: what the served answers say does not matter here."""
-    ckpt = tmp_path_factory.mktemp("limits_ckpt")
-    tokenizer = train_tokenizer(["how many red squares are there", "two", "three", "1+2=3", "reverse cat"] * 30, 300)
-    torch.manual_seed(0)
-    save_pretrained(ErnieForCausalLM(get_preset("tiny_moe").replace(vocab_size=300)), ckpt)
-    (ckpt / "tokenizer").mkdir()
-    tokenizer.save(str(ckpt / "tokenizer" / "tokenizer.json"))
-    return ckpt
+    return served_app.random_checkpoint(tmp_path_factory.mktemp("limits_ckpt"))
 
 
 @pytest.fixture(scope="module")
 def served(ckpt):
     """(config, base url) of the module's app."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = serve_stage.Config(port=port, model_name=MODEL, app_name="ernie-limits", **LIMITS)
-    serve_stage.validate(cfg)
-    url = serve_stage.start(ckpt, ckpt / "tokenizer" / "tokenizer.json", cfg, MODEL)
-    yield cfg, url
-    serve_stage.stop(cfg)
-    if started:
-        ray.shutdown()
+    with served_app.served(ckpt, MODEL, "ernie-limits", **LIMITS) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +64,7 @@ def test_choices_of_one_request_are_decoded_in_one_batch_and_stop_together(ckpt)
     from stages.serve.app import _together
 
     torch.manual_seed(0)  # in fp32 and in memory: the stored checkpoint runs slower on a busy CPU
-    model = ErnieForCausalLM(get_preset("tiny_moe").replace(vocab_size=300))
+    model = ErnieForCausalLM(get_preset("tiny_moe").replace(vocab_size=served_app.VOCAB))
     engine = Engine(model, Tokenizer.from_file(str(ckpt / "tokenizer" / "tokenizer.json")))
     try:
         prompt = engine.encode("1+2=")
@@ -214,7 +192,7 @@ def test_the_stage_smoke_tests_with_the_key_and_records_no_key(served, ckpt, tmp
     cfg, url = served
     monkeypatch.setattr(serve_stage, "start", lambda *args: url)
     monkeypatch.setattr(serve_stage, "stop", lambda *args: None)
-    stage_cfg = serve_stage.Config(**{**asdict(cfg), "resources": cfg.resources, "smoke_requests": 2})
+    stage_cfg = dataclasses.replace(cfg, smoke_requests=2)
     ctx = tiny_artifacts.context("serve", stage_cfg, {"model": ("ckpt", ckpt)}, tmp_path)
     result = serve_stage.run(ctx)
     endpoint = (tmp_path / "endpoint.json").read_text()
