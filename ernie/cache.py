@@ -87,6 +87,37 @@ class KVCache:
         k = self.keys[0]
         return 0 if k is None else k.shape[0]
 
+    # ------------------------------------------------------------------ handing rows to another engine
+    def export(self) -> dict:
+        """The cache as contiguous CPU tensors, without the slots no row holds a real token in: what an
+        engine that did not compute it needs to decode on (prefill/decode disaggregation). Nothing here
+        changes; `from_state` rebuilds it."""
+        if self.keys[0] is None:
+            return {"keys": list(self.keys), "values": list(self.values)}
+        cols = slice(None) if self.key_valid is None else self.key_valid.any(dim=0)
+
+        def cpu(t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+            if t is None:
+                return None
+            index = (slice(None),) * dim + (cols,)
+            return t[index].detach().to("cpu").contiguous()
+
+        state = {"keys": [cpu(k, 2) for k in self.keys], "values": [cpu(v, 2) for v in self.values]}
+        state.update({name: cpu(getattr(self, name), 1) for name in ("key_valid", "document_ids")})
+        state["next_position"] = None if self.next_position is None else self.next_position.detach().cpu()
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str = "cpu") -> KVCache:
+        """A cache of `export()`'s tensors, moved to `device`."""
+        cache = cls(len(state["keys"]))
+        cache.keys = [None if k is None else k.to(device) for k in state["keys"]]
+        cache.values = [None if v is None else v.to(device) for v in state["values"]]
+        for name in ("key_valid", "document_ids", "next_position"):
+            t = state.get(name)
+            setattr(cache, name, None if t is None else t.to(device))
+        return cache
+
     def _valid(self) -> torch.Tensor:
         if self.key_valid is not None:
             return self.key_valid

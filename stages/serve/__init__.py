@@ -26,6 +26,7 @@ from pathlib import Path
 from pipeline.contract import Request, Resources, StageContext, StageResult, UserError, check_fits
 from pipeline.formats import TOKENIZER_FILE
 
+from .roles import PDSettings
 from .vllm_backend import VLLMSettings, engines, gpus_per_engine, validate_settings
 
 INPUTS = {"model": "qckpt", "dataset": "dataset"}
@@ -34,6 +35,7 @@ ACCEPTED_KINDS = {"model": ("qckpt", "ckpt"), "dataset": ("dataset",)}
 OUTPUT_KIND = "endpoint"
 DEFAULT_MODEL_NAME = "ernie-tiny"
 BACKENDS = ("engine", "vllm")
+MODES = ("colocated", "pd")
 MASKED = "***"
 """What endpoint.json records for a set API key (as pipeline.redact masks secrets)."""
 API_KEY_ENV = "ERNIE_SERVE_API_KEY"
@@ -89,6 +91,12 @@ class Config:
     """How long to wait for the endpoint to answer after deployment."""
     block: bool = False
     """Keep serving after the smoke test until interrupted (Ctrl-C); else shut the app down."""
+    mode: str = "colocated"
+    """colocated: each replica prefills and decodes its own requests; pd: prefill/decode disaggregation, one replica
+    routing to `pd.workers` worker actors, some prefilling, the rest decoding, the prompt's KV cache handed over
+    through Ray's object store, roles switched as the load mix changes (docs/serving.md)."""
+    pd: PDSettings = field(default_factory=PDSettings)
+    """mode=pd: the workers, their resources and the role-switching policy."""
     backend: str = "engine"
     """engine: our own engine on Ray Serve (CPU or GPU, bf16 and our packed 4/2-bit weights); vllm: Ray Serve LLM
     over vLLM on the quantize stage's export (GPU clusters only, docs/serving_vllm.md)."""
@@ -104,6 +112,14 @@ class Config:
     def requested(self) -> Request:
         """The stage actor plus the replicas (backend=vllm: its engines' GPUs)."""
         r, n = self.resources, self.num_replicas
+        if self.mode == "pd":
+            w = self.pd
+            return Request(
+                cpus=r.num_cpus + self.replica_cpus + w.workers * w.worker_cpus,
+                gpus=r.num_gpus + w.workers * w.worker_gpus,
+                terms=f"resources.num_cpus={r.num_cpus:g} + replica_cpus={self.replica_cpus:g} + pd.workers="
+                f"{w.workers} x (worker_cpus={w.worker_cpus:g}, worker_gpus={w.worker_gpus:g})",
+            )
         if self.backend == "vllm":
             gpus = engines(self.vllm) * gpus_per_engine(self.vllm, self.vllm.tensor_parallel_size or 1)
             return Request(
@@ -155,6 +171,20 @@ def validate(cfg: Config) -> None:
     for ok, key, value, rule in checks:
         if not ok:
             raise UserError(f"serve.{key}={value!r} {rule}")
+    if cfg.mode not in MODES:
+        raise UserError(f"serve.mode={cfg.mode!r} is not a mode; available: {', '.join(MODES)}")
+    if cfg.mode == "pd":
+        if not 1 <= cfg.pd.prefill_workers < cfg.pd.workers:
+            raise UserError(
+                f"serve.pd.prefill_workers={cfg.pd.prefill_workers} of serve.pd.workers={cfg.pd.workers}: each role "
+                "needs at least one worker"
+            )
+        if cfg.num_replicas != 1 or cfg.backend != "engine":
+            raise UserError(
+                f"serve.mode=pd runs one routing replica over its own workers (serve.pd.workers) on the engine "
+                f"backend: set serve.num_replicas=1 (got {cfg.num_replicas}) and serve.backend=engine "
+                f"(got {cfg.backend!r})"
+            )
     if cfg.backend not in BACKENDS:
         raise UserError(f"serve.backend={cfg.backend!r} is not a backend; available: {', '.join(BACKENDS)}")
     if cfg.backend == "vllm":
@@ -233,7 +263,16 @@ def start(model_dir: Path, tokenizer_path: Path, cfg: Config, model_name: str) -
         max_ongoing_requests=cfg.max_batch,
         max_queued_requests=cfg.max_queued_requests,
     )
-    scheduling = {"kv_cache_tokens": cfg.kv_cache_tokens, "max_batch": cfg.max_batch}
+    scheduling: dict = {"kv_cache_tokens": cfg.kv_cache_tokens, "max_batch": cfg.max_batch}
+    if cfg.mode == "pd":
+        w = cfg.pd
+        scheduling["pd"] = {
+            "workers": w.workers,
+            "prefill_workers": w.prefill_workers,
+            "worker_cpus": w.worker_cpus,
+            "worker_gpus": w.worker_gpus,
+            "policy": w.roles,
+        }
     limits = {
         "api_key": api_key(cfg),
         "max_n": cfg.max_n,

@@ -284,14 +284,24 @@ class OpenAIServer:
     ) -> None:
         """`scheduling`: the engine's kv_cache_tokens and max_batch; `limits`: api_key, max_n,
         max_request_bytes, max_tokens_limit (serve.Config)."""
-        self.engine = Engine.load(model_dir, tokenizer_path, **(scheduling or {}))
+        scheduling = dict(scheduling or {})
+        pd = scheduling.pop("pd", None)
+        if pd is None:
+            self.engine = Engine.load(model_dir, tokenizer_path, **scheduling)
+        else:  # prefill/decode workers behind this replica, which routes (stages/serve/pd.py)
+            from .pd import PDEngine
+
+            self.engine = PDEngine.load(model_dir, tokenizer_path, **scheduling, **pd)
         self.model_name, self.default_max_tokens = model_name, default_max_tokens
         limits = limits or {}
         self.api_key: str = limits.get("api_key") or ""
         self.max_n: int = limits.get("max_n", DEFAULT_MAX_N)
         self.max_request_bytes: int = limits.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)
         self.max_tokens_limit: int = limits.get("max_tokens_limit", DEFAULT_MAX_TOKENS_LIMIT)
-        self.metrics = ServeMetrics(self.engine.scheduler)
+        if pd is None:
+            self.metrics = ServeMetrics(self.engine.scheduler)
+        else:
+            self.metrics = ServeMetrics(self.engine.scheduler, "router", self.engine.stats)
 
     def _check_model(self, requested: str | None) -> None:
         if requested not in (None, "", self.model_name):

@@ -9,12 +9,18 @@ one KV-cached decode step per token for all its rows; the cached tokens stay wit
 `kv_cache_tokens` (a request waits in the queue until it fits) and the batch within `max_batch`
 rows. `stream` turns a request's tokens into text deltas (stop strings end it early and free its
 rows, as does closing the stream).
+
+`EngineFront` is what the API sees of an engine (tokenizer, checks, text deltas) over a source of
+tokens; `Engine` draws them from its own scheduler, `stages.serve.pd.PDEngine` from prefill and decode
+workers. `Engine.prefill` is the prefill half of a request on its own: the handoff another engine's
+scheduler decodes on (`Scheduler.submit_prefilled`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +29,7 @@ import torch
 from ernie.chat_template import SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN
 from ernie.quant import is_quantized_dir, load_model
 
-from .scheduler import SamplingParams, Scheduler
+from .scheduler import Prefilled, SamplingParams, Scheduler
 
 DEFAULT_KV_CACHE_TOKENS = 65536
 DEFAULT_MAX_BATCH = 64
@@ -54,46 +60,35 @@ class Completion:
     finish_reason: str  # "stop" (eos or a stop string) | "length"
 
 
-class Engine:
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        model_dir: str = "",
-        image_settings: dict | None = None,
-        kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
-        max_batch: int = DEFAULT_MAX_BATCH,
-    ) -> None:
+def load_front(model_dir: str | Path, tokenizer_path: str | Path):
+    """(tokenizer, image settings) as a server finds them: image bounds from the model's artifact, else
+    from the artifact the tokenizer came from (the dataset: <artifact>/tokenizer/tokenizer.json)."""
+    from tokenizers import Tokenizer
+
+    from .images import find_image_settings
+
+    settings = find_image_settings(Path(model_dir), Path(tokenizer_path).resolve().parents[1])
+    return Tokenizer.from_file(str(tokenizer_path)), settings
+
+
+class EngineFront:
+    """What the API uses of an engine, over a source of tokens (`_tokens`): one implementation of the
+    checks and of stop strings / held-back text, whichever engine (colocated or PD) makes the tokens."""
+
+    def _init_front(self, tokenizer, config, model_dir: str, image_settings: dict | None, kv_cache_tokens: int):
         from .images import RequestImages  # images builds on this module's RequestError
 
-        self.model, self.tokenizer, self.model_dir = model.eval(), tokenizer, model_dir
-        self.config = model.config
+        self.tokenizer, self.config, self.model_dir = tokenizer, config, model_dir
         self.quantized = bool(model_dir) and is_quantized_dir(model_dir)
         self.kv_cache_tokens = kv_cache_tokens
-        self.scheduler = Scheduler(self.model, kv_cache_tokens, max_batch)
-        """Owns the model from its own thread once the first request comes."""
         self._drop = [t for t in SPECIAL_TOKENS if t not in (THINK_OPEN, THINK_CLOSE)]
-        self.images = RequestImages(self.config, image_settings)
+        self.images = RequestImages(config, image_settings)
         """Request images -> widened prompt ids and vision inputs (resize bounds `image_settings`)."""
 
-    @classmethod
-    def load(
-        cls, model_dir: str | Path, tokenizer_path: str | Path, dtype: torch.dtype | None = None, **scheduling
-    ) -> Engine:
-        """The model of `model_dir` (in `dtype`, else as stored) and the tokenizer; image bounds from the
-        model's artifact, else from the artifact the tokenizer came from (the dataset:
-        <artifact>/tokenizer/tokenizer.json). `scheduling`: kv_cache_tokens, max_batch."""
-        from tokenizers import Tokenizer
-
-        from .images import find_image_settings
-
-        settings = find_image_settings(Path(model_dir), Path(tokenizer_path).resolve().parents[1])
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        return cls(load_model(model_dir, dtype), tokenizer, str(model_dir), settings, **scheduling)
-
-    def close(self) -> None:
-        """Stop the scheduler's thread; requests still queued or running get an error."""
-        self.scheduler.close()
+    def _tokens(self, prompt_ids: list[int], params: SamplingParams, vision: dict | None) -> Iterator[int]:
+        """The request's tokens as they come; nothing may start before the first is asked for, and closing
+        the iterator must free whatever the request holds."""
+        raise NotImplementedError
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special-token strings in it (BOS, think tags) become their ids."""
@@ -162,11 +157,17 @@ class Engine:
         params = SamplingParams(max_tokens, temperature, top_p, top_k, seed)
         return self._deltas(prompt_ids, params, [s for s in (stop or []) if s], vision)
 
+    def tokens(self, prompt_ids: list[int], params: SamplingParams, vision: dict | None = None) -> Iterator[int]:
+        """The request's token ids as they come (eos included), for callers that detokenize themselves
+        (benchmarks, tests); checked as `stream` checks, queued when first read, freed when closed."""
+        self.check(prompt_ids, params.max_tokens)
+        return self._tokens(prompt_ids, params, vision)
+
     def _deltas(self, prompt_ids: list[int], params: SamplingParams, stop: list[str], vision) -> Iterator[Delta]:
-        seq = self.scheduler.submit(prompt_ids, params, vision)
+        tokens = self._tokens(prompt_ids, params, vision)
         eos, sent, new = self.config.eos_token_id, 0, []
         try:
-            for token in seq.tokens():
+            for token in tokens:
                 new.append(token)
                 if token == eos:
                     text = self.decode(new[:-1])
@@ -175,7 +176,7 @@ class Engine:
                 text = self.decode(new)
                 cut = min((text.find(s) for s in stop if s in text), default=-1)
                 if cut >= 0:
-                    seq.cancel()  # before the last delta: the rows are freed even if nobody reads on
+                    tokens.close()  # before the last delta: the rows are freed even if nobody reads on
                     yield Delta(text[sent:cut], Completion(text[:cut], len(prompt_ids), len(new), "stop"))
                     return
                 ready = len(text) - _held_back(text, stop)
@@ -185,7 +186,77 @@ class Engine:
             text = self.decode(new)
             yield Delta(text[sent:], Completion(text, len(prompt_ids), len(new), "length"))
         finally:
-            seq.cancel()  # a no-op once finished; a closed stream (client gone) leaves the batch
+            tokens.close()  # a no-op once finished; a closed stream (client gone) leaves the batch
+
+
+class Engine(EngineFront):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        model_dir: str = "",
+        image_settings: dict | None = None,
+        kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
+        self.model = model.eval()
+        self._init_front(tokenizer, model.config, model_dir, image_settings, kv_cache_tokens)
+        self.scheduler = Scheduler(self.model, kv_cache_tokens, max_batch)
+        """Owns the model from its own thread once the first request comes."""
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        tokenizer_path: str | Path,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        **scheduling,
+    ) -> Engine:
+        """The model of `model_dir` (in `dtype`, else as stored, on `device`) and the tokenizer, image
+        bounds as `load_front` finds them. `scheduling`: kv_cache_tokens, max_batch."""
+        tokenizer, settings = load_front(model_dir, tokenizer_path)
+        return cls(load_model(model_dir, dtype, device), tokenizer, str(model_dir), settings, **scheduling)
+
+    def close(self) -> None:
+        """Stop the scheduler's thread; requests still queued or running get an error."""
+        self.scheduler.close()
+
+    def _tokens(self, prompt_ids: list[int], params: SamplingParams, vision: dict | None) -> Iterator[int]:
+        seq = self.scheduler.submit(prompt_ids, params, vision)
+        try:
+            yield from seq.tokens()
+        finally:
+            seq.cancel()  # a no-op once finished
+
+    def prefill(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        vision: dict[str, torch.Tensor] | None = None,
+        top_k: int = 0,
+    ) -> Prefilled:
+        """The prefill half of a request, for another engine to decode (`Scheduler.submit_prefilled`);
+        checked and sampled as `stream` would. Blocks until the scheduler has run it."""
+        return self.start_prefill(prompt_ids, max_tokens, temperature, top_p, seed, vision, top_k).result()
+
+    def start_prefill(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        vision: dict[str, torch.Tensor] | None = None,
+        top_k: int = 0,
+    ) -> Future[Prefilled]:
+        """`prefill` without waiting: for callers that await the result (an asyncio actor)."""
+        self.check(prompt_ids, max_tokens)
+        params = SamplingParams(max_tokens, temperature, top_p, top_k, seed)
+        return self.scheduler.submit_prefill(prompt_ids, params, vision)
 
 
 def _held_back(text: str, stop: list[str]) -> int:

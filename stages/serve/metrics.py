@@ -8,10 +8,13 @@ replica that answered it.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 ROLE = "colocated"
-"""The `role` label of every metric: prefill and decode run in the same replica for now."""
+"""The `role` label of the replica's own metrics: "colocated", or "router" in front of PD workers."""
+PD_ROLES = ("prefill", "decode")
 PREFIX = "ernie_serve_"
 ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
 """Paths counted under their own name; any other path counts as "other", so a scanner probing random
@@ -23,7 +26,8 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 class ServeMetrics:
     """The replica's metrics; the scheduler's gauges are read when scraped, so they cost nothing per step."""
 
-    def __init__(self, scheduler, role: str = ROLE) -> None:
+    def __init__(self, scheduler, role: str = ROLE, pd_stats=None) -> None:
+        """`pd_stats`: `PDEngine.stats` in PD mode, for the per-role gauges."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.role = role
         r = self.registry
@@ -54,13 +58,41 @@ class ServeMetrics:
             f"{PREFIX}prompt_tokens", "Prompt tokens, once per prompt as `usage` counts them", ["role"], registry=r
         ).labels(role)
         gauges = {
-            "queue_depth": ("Requests waiting for a place in the batch", lambda: len(_waiting(scheduler))),
+            "queue_depth": ("Requests waiting for a place in the batch", lambda: scheduler.queued),
             "running": ("Requests decoding now", lambda: scheduler.batch_size),
             "kv_cache_used_tokens": ("KV cache slots the batch holds now", lambda: scheduler.cached_tokens),
             "kv_cache_budget_tokens": ("KV cache slots the batch may hold", lambda: scheduler.kv_cache_tokens),
         }
         for name, (doc, read) in gauges.items():
             Gauge(f"{PREFIX}{name}", doc, ["role"], registry=r).labels(role).set_function(read)
+        if pd_stats is not None:
+            self._role_gauges(pd_stats)
+
+    def _role_gauges(self, pd_stats) -> None:
+        """PD serving: per worker role (prefill, decode) its workers, queue and running requests, and the role
+        switches so far; one stats call a scrape (it asks the workers)."""
+        cached = {"at": -1.0, "stats": {}}
+
+        def read(key: str, role: str):
+            def value() -> float:
+                now = time.monotonic()
+                if now - cached["at"] > 0.5:
+                    cached["at"], cached["stats"] = now, pd_stats()
+                return float(cached["stats"].get(key, {}).get(role, 0))
+
+            return value
+
+        docs = {
+            "workers": "PD workers holding this role now",
+            "queue_depth": "Requests queued at the workers of this role",
+            "running": "Requests running at the workers of this role",
+            "in_flight": "Requests the router sent to workers of this role and not done yet",
+            "switches_to": "Workers switched to this role so far (dynamic role switching)",
+        }
+        for key, doc in docs.items():
+            gauge = Gauge(f"{PREFIX}pd_{key}", doc, ["role"], registry=self.registry)
+            for role in PD_ROLES:
+                gauge.labels(role).set_function(read(key, role))
 
     def request(self, path: str, status: int) -> None:
         route = path if path in ROUTES else "other"
@@ -81,9 +113,3 @@ class ServeMetrics:
     def expose(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-def _waiting(scheduler) -> tuple | list:
-    """The scheduler's queue: it has no public view of it, so this reads its private deque (a scrape
-    that races the scheduler thread reads a length that was true a moment ago)."""
-    return getattr(scheduler, "_waiting", ())

@@ -19,16 +19,26 @@ A request's tokens go out on its own queue; `Engine.stream` turns them into text
 are independent: a row's logits depend only on its own tokens (padding is masked, MoE routing is
 per token), and each request samples from its own generator, so a seeded request draws the same
 tokens batched or alone.
+
+Prefill/decode disaggregation (stages/serve/pd.py) splits step 2 across engines on one code path:
+`submit_prefill` runs it up to the first token and hands back a `Prefilled` (the request's cache,
+first token and generator state) instead of joining the batch; `submit_prefilled` admits such a
+request on another engine under the same rules, restoring its cache instead of computing it, so it
+decodes exactly as it would have where it was prefilled.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ernie.cache import KVCache
@@ -47,6 +57,93 @@ class SamplingParams:
     """Seeds this request's own generator: the same samples whatever else runs in the batch."""
 
 
+class _Packed(NamedTuple):
+    """A tensor as raw bytes: numpy arrays travel out of band (pickle 5; in Ray's object store they are
+    read zero-copy on the node), torch tensors would be copied into the pickle."""
+
+    data: np.ndarray
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _pack(t: torch.Tensor | None) -> _Packed | None:
+    if t is None:
+        return None
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return _Packed(flat.view(torch.uint8).numpy(), str(t.dtype).removeprefix("torch."), tuple(t.shape))
+
+
+def _unpack(x: torch.Tensor | _Packed | None, device) -> torch.Tensor | None:
+    """A tensor on `device` owning its memory: a received array may be a read-only view of the object
+    store, and a handoff kept in process may be restored more than once."""
+    if not isinstance(x, _Packed):
+        return None if x is None else x.to(device, copy=True)
+    with warnings.catch_warnings():  # read-only buffer: only read here, then copied
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        raw = torch.from_numpy(x.data)
+    return raw.view(getattr(torch, x.dtype)).reshape(x.shape).to(device, copy=True)
+
+
+def _map_cache(state: dict, fn) -> dict:
+    return {k: [fn(t) for t in v] if isinstance(v, list) else fn(v) for k, v in state.items()}
+
+
+@dataclass
+class Prefilled:
+    """A request prefilled by one engine for another to decode (prefill/decode disaggregation): all its
+    decode needs to go on exactly as it would have on the engine that prefilled it. Pickling sends the
+    tensors as raw byte arrays (`_Packed`), which Ray's object store hands out without a copy."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    first_token: int
+    eos: int
+    cache: dict
+    """`KVCache.export()` of the prompt: per-layer K/V trimmed to its length, the next RoPE position
+    (for VL prompts the position after the images' 3D positions), key validity and documents."""
+    generator_state: torch.Tensor | None = None
+    """The request's seeded generator after drawing the first token."""
+
+    @property
+    def finished(self) -> bool:
+        """The first token already ends the request: nothing is left to decode."""
+        return self.first_token == self.eos or self.params.max_tokens <= 1
+
+    @property
+    def nbytes(self) -> int:
+        sizes = []
+        for v in self.cache.values():
+            for t in v if isinstance(v, list) else [v]:
+                if isinstance(t, _Packed):
+                    sizes.append(t.data.nbytes)
+                elif t is not None:
+                    sizes.append(t.numel() * t.element_size())
+        return sum(sizes)
+
+    def arrays(self) -> list[np.ndarray]:
+        """The byte arrays of a received handoff (empty before pickling): read-only when they are views
+        of Ray's object store, i.e. when it came zero-copy."""
+        found = [p for v in self.cache.values() for p in (v if isinstance(v, list) else [v])]
+        return [p.data for p in [*found, self.generator_state] if isinstance(p, _Packed)]
+
+    def restore_cache(self, device) -> KVCache:
+        return KVCache.from_state(_map_cache(self.cache, lambda t: _unpack(t, device)), device)
+
+    def restore_generator(self, device) -> torch.Generator | None:
+        if self.generator_state is None:
+            return None
+        generator = torch.Generator(device=device)
+        generator.set_state(_unpack(self.generator_state, "cpu"))
+        return generator
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["cache"] = _map_cache(self.cache, lambda t: t if isinstance(t, _Packed) else _pack(t))
+        gen = self.generator_state
+        state["generator_state"] = gen if isinstance(gen, _Packed) else _pack(gen)
+        return state
+
+
 class Sequence:
     """One request inside the scheduler: its inputs, its tokens so far and the queue they go out on."""
 
@@ -60,6 +157,12 @@ class Sequence:
         self.steps: list[int] = []
         """The scheduler's decode step count when each token was sampled (interleaving is visible here)."""
         self.cancelled = False
+        self.prefilled: Prefilled | None = None
+        """Set for a request prefilled elsewhere: its cache is restored from here, not computed."""
+        self.handoff: Future | None = None
+        """Set for a prefill-only request: gets its `Prefilled` instead of joining the batch."""
+        self.listener: Callable[[int | BaseException], None] | None = None
+        """Also told each token (or the error) as it goes out: for readers that cannot block on a queue."""
         self._out: queue.Queue = queue.Queue()
 
     @property
@@ -94,7 +197,23 @@ class Sequence:
     def _emit(self, token: int, step: int) -> None:
         self.tokens_so_far.append(token)
         self.steps.append(step)
-        self._out.put(token)
+        self._put(token)
+
+    def _put(self, item: int | BaseException) -> None:
+        self._out.put(item)
+        if self.listener is not None:
+            try:
+                self.listener(item)
+            except Exception:  # noqa: BLE001 - its reader is gone (e.g. a closed event loop): only it stops
+                self.cancelled = True
+
+    def _fail(self, err: BaseException) -> None:
+        self.cancelled = True
+        if self.handoff is not None:
+            if not self.handoff.done():
+                self.handoff.set_exception(err)
+            return
+        self._put(err)
 
 
 @dataclass
@@ -109,6 +228,10 @@ class SchedulerStats:
     """Most key slots (rows x padded length, prefills included) held at once; never above the budget."""
     row_steps: int = 0
     """Rows summed over decode steps (row_steps / decode_steps: the mean batch)."""
+    handed_off: int = 0
+    """Prefills handed to another engine (`submit_prefill`)."""
+    taken_over: int = 0
+    """Requests admitted with a cache prefilled elsewhere (`submit_prefilled`)."""
 
 
 def peak_cached_tokens(rows: list[tuple[int, int]]) -> int:
@@ -127,8 +250,9 @@ def peak_cached_tokens(rows: list[tuple[int, int]]) -> int:
 
 
 def _alone(seq: Sequence) -> tuple[int, int]:
-    """(cached tokens, decode steps left) of a queued request once it is prefilled."""
-    return len(seq.prompt_ids), seq.params.max_tokens - 1
+    """(cached tokens, decode steps left) of a queued request once it is prefilled; a prefill-only
+    request holds its cache for the prefill alone."""
+    return len(seq.prompt_ids), 0 if seq.handoff is not None else seq.params.max_tokens - 1
 
 
 def sample_rows(logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -167,6 +291,11 @@ class Scheduler:
         return len(self._running)
 
     @property
+    def queued(self) -> int:
+        """Requests waiting for admission (prefill-only ones included)."""
+        return len(self._waiting)
+
+    @property
     def cached_tokens(self) -> int:
         """Key slots the running batch holds now (rows x padded length)."""
         cache = self._cache
@@ -174,9 +303,36 @@ class Scheduler:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, vision: dict | None = None) -> Sequence:
         """Queue a request (checked by the engine: it fits the context and the budget alone)."""
+        return self._queue(Sequence(prompt_ids, params, vision, self.config.eos_token_id, self.device))
+
+    def submit_prefill(
+        self, prompt_ids: list[int], params: SamplingParams, vision: dict | None = None
+    ) -> Future[Prefilled]:
+        """Queue a request to be prefilled only: its prompt runs and its first token is drawn as for
+        `submit`, then it is handed back (for another engine's `submit_prefilled`) instead of joining
+        the batch. It takes no batch row; it waits for KV room for its prompt."""
         seq = Sequence(prompt_ids, params, vision, self.config.eos_token_id, self.device)
+        seq.handoff = Future()
+        self._queue(seq)
+        return seq.handoff
+
+    def submit_prefilled(
+        self, prefilled: Prefilled, listener: Callable[[int | BaseException], None] | None = None
+    ) -> Sequence:
+        """Queue a request prefilled elsewhere: admitted as `submit` admits (batch rows, KV budget, in
+        order), its cache restored, its first token (emitted first, as `submit`'s) the prefill's, and its
+        generator where the prefill left it. `listener`: see `Sequence.listener`."""
+        seq = Sequence(prefilled.prompt_ids, prefilled.params, None, self.config.eos_token_id, self.device)
+        seq.prefilled, seq.listener = prefilled, listener
+        if prefilled.generator_state is not None:
+            seq.generator = prefilled.restore_generator(self.device)
+        return self._queue(seq)
+
+    def _queue(self, seq: Sequence) -> Sequence:
         if peak_cached_tokens([_alone(seq)]) > self.kv_cache_tokens:
-            raise ValueError(f"a request of {len(prompt_ids)} + {params.max_tokens} tokens never fits the KV budget")
+            raise ValueError(
+                f"a request of {len(seq.prompt_ids)} + {seq.params.max_tokens} tokens never fits the KV budget"
+            )
         with self._wake:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
@@ -214,27 +370,50 @@ class Scheduler:
         self._fail([*self._running, *self._waiting], RuntimeError("the serving engine was closed"))
 
     def _admit(self) -> None:
-        while len(self._running) < self.max_batch:
-            with self._wake:
-                while self._waiting and self._waiting[0].cancelled:
-                    self._waiting.popleft()
-                if not self._waiting:
-                    return
-                seq = self._waiting[0]
-                planned = [(s.cached, s.steps_left) for s in self._running] + [_alone(seq)]
-                if peak_cached_tokens(planned) > self.kv_cache_tokens:
-                    return  # it waits (in order) until running rows finish
-                self._waiting.popleft()
+        while (seq := self._next_admitted()) is not None:
             try:
-                cache, logits = self._prefill(seq)
+                cache, first = self._start(seq)
+                if seq.handoff is not None:
+                    seq.handoff.set_result(self._handoff(seq, cache, first))
+                    continue
             except Exception as err:  # noqa: BLE001 - a bad request (e.g. its vision inputs) fails alone
                 self._fail([seq], err)
                 continue
-            seq._emit(sample_rows(logits, [seq])[0], self.stats.decode_steps)
+            seq._emit(first, self.stats.decode_steps)
             if not seq.finished:
                 self._cache.merge(cache)
                 self._running.append(seq)
                 self._observe(self._cache.batch_size * self._cache.length)
+
+    def _next_admitted(self) -> Sequence | None:
+        """The first queued request, taken off the queue if the batch has room for it (a row, unless it
+        is prefill-only, and the KV budget); None: nothing can be admitted now."""
+        with self._wake:
+            while self._waiting and self._waiting[0].cancelled:
+                self._waiting.popleft()
+            if not self._waiting:
+                return None
+            seq = self._waiting[0]
+            if seq.handoff is None and len(self._running) >= self.max_batch:
+                return None
+            planned = [(s.cached, s.steps_left) for s in self._running] + [_alone(seq)]
+            if peak_cached_tokens(planned) > self.kv_cache_tokens:
+                return None  # it waits (in order) until running rows finish
+            return self._waiting.popleft()
+
+    def _start(self, seq: Sequence) -> tuple[KVCache, int]:
+        """A request's prompt cache and first token: computed here, or restored from its prefill elsewhere."""
+        if seq.prefilled is not None:
+            prefilled, seq.prefilled = seq.prefilled, None  # its buffers (maybe object store memory) can go
+            self.stats.taken_over += 1
+            return prefilled.restore_cache(self.device), prefilled.first_token
+        cache, logits = self._prefill(seq)
+        return cache, sample_rows(logits, [seq])[0]
+
+    def _handoff(self, seq: Sequence, cache: KVCache, first: int) -> Prefilled:
+        self.stats.handed_off += 1
+        state = None if seq.generator is None else seq.generator.get_state()
+        return Prefilled(seq.prompt_ids, seq.params, first, seq.eos, cache.export(), state)
 
     def _prefill(self, seq: Sequence) -> tuple[KVCache, torch.Tensor]:
         cache = KVCache(self.config.num_layers)
@@ -276,5 +455,4 @@ class Scheduler:
     @staticmethod
     def _fail(seqs: list[Sequence], err: Exception) -> None:
         for seq in seqs:
-            seq.cancelled = True
-            seq._out.put(err)
+            seq._fail(err)
