@@ -16,6 +16,7 @@ import traceback
 
 from .contract import UserError
 from .redact import redact_text
+from .store import StorageError
 
 RUN_OPTIONS = ("stages", "from", "until", "force", "dry_run")
 EXAMPLES = __doc__.split("\n\n", 1)[1]
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
+    except StorageError as err:  # the artifact root failed outside a stage (run records, cache lookups)
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; finished stages stay cached, rerun the same command to continue", file=sys.stderr)
         return 130

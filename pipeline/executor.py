@@ -8,7 +8,9 @@ last), so files are written where the stage ran.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -102,8 +104,7 @@ class StageActor:
         store = ArtifactStore(*job.store_args)
         ctx = job.context
         ctx.progress = self.progress
-        ctx.inputs = {name: store.fetch(a) for name, a in ctx.inputs.items()}
-        ctx.output_dir = store.staging_dir(job.stage, job.key)
+        staged = None
         try:
             result = importlib.import_module(job.module).run(ctx)
             metrics = dict(result.metrics)
@@ -117,8 +118,14 @@ class StageActor:
                 ctx.output_dir,
                 {**job.manifest_extra, "metrics": metrics, "summary": result.summary, **result.extra},
             )
+            ctx.inputs = {name: store.fetch(a) for name, a in ctx.inputs.items()}
+            ctx.output_dir = staged = store.staging_dir(job.stage, job.key)
         except BaseException as err:
-            raise StageFailure(job.stage, err, traceback.format_exc()) from None
+            tb = traceback.format_exc()
+            err = _disk_full(err, job.stage, [staged, ctx.work_dir, store.local_root]) or err
+            if staged is not None:
+                _discard(staged)
+            raise StageFailure(job.stage, err, tb) from None
         return {"artifact": artifact, "metrics": metrics, "summary": result.summary}
 
     def _evaluate(self, job: StageJob, ctx: StageContext) -> dict[str, float]:
@@ -156,6 +163,65 @@ class StageFailure(Exception):
 
     def __reduce__(self):
         return (_rebuild_failure, (self.stage, self.error_type, self.message, self.tb, self.user_error))
+
+
+class DiskFull(OSError):
+    """A stage's write failed for want of space (ENOSPC / EDQUOT): names the file, when the error
+    does, and the free space where the stage writes."""
+
+
+def _disk_full(err: BaseException, stage: str, places: list) -> DiskFull | None:
+    """`err` as a `DiskFull` if it, or an error it wraps (a cause, a Ray task's error), is ENOSPC."""
+    found = _no_space(err, set())
+    if found is None:
+        return None
+    space, devices = [], set()
+    for place in (p for p in places if p is not None):
+        path = Path(place)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        try:
+            device, usage = path.stat().st_dev, shutil.disk_usage(path)
+        except OSError:
+            continue
+        if device not in devices:  # one line per filesystem
+            devices.add(device)
+            space.append(f"{_size(usage.free)} free of {_size(usage.total)} at {place}")
+    target = found.filename2 or found.filename  # a copy's error names its source, then its destination
+    written = f" writing {target}" if target else ""
+    return DiskFull(
+        found.errno,
+        f"no space left on device{written} (stage {stage}; {'; '.join(space)}). The partial output was deleted "
+        "and no manifest written. Free some space, or point artifacts.root / artifacts.local_root at a larger "
+        "disk, and rerun the same command",
+    )
+
+
+def _no_space(err: BaseException | None, seen: set[int]) -> OSError | None:
+    if err is None or id(err) in seen:
+        return None
+    seen.add(id(err))
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return err
+    for inner in (err.__cause__, err.__context__, getattr(err, "cause", None)):
+        found = _no_space(inner, seen)
+        if found is not None:
+            return found
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            break
+        n /= 1024
+    return f"{n:.1f} {unit}"
+
+
+def _discard(staged: Path) -> None:
+    """A failed attempt's output (and its eval scratch directory): never an artifact, so no disk holds it."""
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.rmtree(staged.parent / f".eval-{staged.name}", ignore_errors=True)
 
 
 def _rebuild_failure(stage, error_type, message, tb, user_error):

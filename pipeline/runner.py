@@ -4,6 +4,7 @@ track everything in MLflow and record the run for `ls` / `show`."""
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -148,8 +149,15 @@ def execute(cfg: PipelineConfig, conf_name: str, selection: Selection, dry_run: 
     finally:
         record["status"] = "finished" if ok else "failed"
         record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        store.save_run(record)
-        tracker.finish(tracker.parent_id, ok)
+        try:
+            store.save_run(record)
+        except Exception as err:
+            if ok:
+                raise
+            # the stage's own error is the one to report (the store may fail for the same reason)
+            print(f"warning: the run record was not updated: {redact_text(str(err))}", file=sys.stderr)
+        finally:
+            tracker.finish(tracker.parent_id, ok)
     _register(cfg, tracker, artifacts, outcome)
     return outcome
 

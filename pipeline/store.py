@@ -11,12 +11,14 @@ Local working copies of remote artifacts and the other resume state live under `
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,11 @@ RUN_FIELDS = ("run_id", "conf", "status", "started_at")
 """What `ls` and `show` need of every run record."""
 STATE_PREFIX = ".work"
 """Under a remote root: resume state (a dot name, so no stage and no artifact key can clash with it)."""
+
+
+class StorageError(RuntimeError):
+    """An operation on a remote artifact root (S3, ...) failed after the client's own retries; the
+    message names the operation, the URL and the cause (the S3 error code where there is one)."""
 
 
 def cache_key(stage: str, config: Any, code: str, input_keys: dict[str, str], extra: dict | None = None) -> str:
@@ -66,11 +73,28 @@ def code_fingerprint(module_path: str) -> str:
     return h.hexdigest()
 
 
+def _describe(err: BaseException) -> str:
+    """A client error in one line: its type and message, the service's error code and HTTP status
+    (s3fs keeps botocore's error as the cause), and what to do about a denied access."""
+    text = f"{type(err).__name__}: {err}"
+    response = getattr(err.__cause__, "response", None) or getattr(err, "response", None)
+    if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        text += f" (error code {response['Error']['Code']}, HTTP {status})"
+    if isinstance(err, PermissionError):
+        text += (
+            ". Access was denied: check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE, an expired session"
+            " token) and the bucket policy, then rerun the same command"
+        )
+    return text
+
+
 class ArtifactStore:
     def __init__(self, root: str, local_root: str | os.PathLike) -> None:
         self.root = root.rstrip("/")
         self.fs, self.path = fsspec.core.url_to_fs(self.root)
         self.is_local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
+        self.scheme = self.root.split("://", 1)[0] if "://" in self.root else "file"
         self.local_root = Path(local_root)
 
     # -------------------------------------------------------------- addresses
@@ -121,9 +145,10 @@ class ArtifactStore:
     def find(self, stage: str, key: str) -> Artifact | None:
         """The finished artifact for this key, or None (no manifest = not an artifact)."""
         manifest_path = self._path(stage, key, MANIFEST)
-        if not self.fs.exists(manifest_path):
-            return None
-        manifest = self._read_json(stage, key, MANIFEST)
+        with self._remote_op("reading", f"{self.uri(stage, key)}/{MANIFEST}"):
+            if not self.fs.exists(manifest_path):
+                return None
+            manifest = self._read_json(stage, key, MANIFEST)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("kind"), str):
             raise UserError(f"{self.uri(stage, key)}/{MANIFEST} is not an artifact manifest (no kind); delete it")
         return Artifact(kind=manifest["kind"], uri=self.uri(stage, key), cache_key=key, manifest=manifest)
@@ -143,11 +168,12 @@ class ArtifactStore:
         if not (local / MANIFEST).is_file():
             tmp = local.with_name(local.name + f".tmp-{uuid.uuid4().hex[:8]}")
             remote = self._path(*self._rel(artifact.uri))
-            keys = self.fs.find(remote)
-            targets = [self._local_copy(tmp, remote, key, artifact.uri) for key in keys]  # all checked first
-            for target in targets:
-                target.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get(keys, [str(t) for t in targets])
+            with self._remote_op("download of", artifact.uri):
+                keys = self.fs.find(remote)
+                targets = [self._local_copy(tmp, remote, key, artifact.uri) for key in keys]  # all checked first
+                for target in targets:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get(keys, [str(t) for t in targets])
             shutil.rmtree(local, ignore_errors=True)
             tmp.rename(local)
         return Artifact(artifact.kind, artifact.uri, artifact.cache_key, artifact.manifest, local_path=str(local))
@@ -176,7 +202,10 @@ class ArtifactStore:
         return path
 
     def commit(self, stage: str, key: str, kind: str, staged: Path, manifest_extra: dict) -> Artifact:
-        """Move the staged output into place, then write the manifest last."""
+        """Move the staged output into place, then write the manifest last.
+
+        If any step fails (disk full, S3 access denied, ...) the half-placed directory is removed as far
+        as possible and no manifest exists: `find` never sees it, and the next commit replaces it."""
         manifest = {
             "kind": kind,
             "schema_version": SCHEMA_VERSION,
@@ -187,20 +216,58 @@ class ArtifactStore:
             **manifest_extra,
         }
         final = self._path(stage, key)
-        if self.fs.exists(final):
-            self.fs.rm(final, recursive=True)  # a directory without manifest: an earlier attempt that died
-        if self.is_local:
-            os.replace(staged, final)
-        else:
-            self.fs.put(str(staged) + "/", final, recursive=True)
+        uri = self.uri(stage, key)
+        with self._remote_op("removal of an unfinished earlier attempt at", uri):
+            if self.fs.exists(final):
+                self.fs.rm(final, recursive=True)  # a directory without manifest: an earlier attempt that died
+        try:
+            if self.is_local:
+                os.replace(staged, final)
+            else:
+                with self._remote_op(f"upload of {staged} to", uri):
+                    self.fs.put(str(staged) + "/", final, recursive=True)
+            self._write(self._path(stage, key, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
+        except BaseException:
+            with contextlib.suppress(Exception):  # best effort: with credentials revoked this fails too
+                self.fs.rm(final, recursive=True)
+            raise
+        if not self.is_local:
             shutil.rmtree(staged, ignore_errors=True)
-        self.fs.pipe(self._path(stage, key, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
-        return Artifact(kind=kind, uri=self.uri(stage, key), cache_key=key, manifest=manifest)
+        return Artifact(kind=kind, uri=uri, cache_key=key, manifest=manifest)
+
+    def _write(self, path: str, data: bytes) -> None:
+        """One file under the root, whole or not at all: locally a temporary file renamed into place
+        (a full disk leaves no truncated manifest or record); on an object store one PUT."""
+        if not self.is_local:
+            with self._remote_op("write of", self.root + path[len(self.path.rstrip("/")) :]):
+                self.fs.pipe(path, data)
+            return
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    @contextlib.contextmanager
+    def _remote_op(self, what: str, url: str) -> Iterator[None]:
+        """Errors of a remote root's client (after its retries) as a `StorageError` naming what failed."""
+        try:
+            yield
+        except (UserError, StorageError):
+            raise
+        except Exception as err:
+            if self.is_local:
+                raise
+            raise StorageError(f"{self.scheme.upper()} {what} {url} failed: {_describe(err)}") from err
 
     # -------------------------------------------------------------- run records
     def save_run(self, record: dict) -> None:
-        self.fs.makedirs(self._path("runs"), exist_ok=True)
-        self.fs.pipe(self._path("runs", f"{record['run_id']}.json"), (json.dumps(record, indent=2) + "\n").encode())
+        with self._remote_op("write of", f"{self.root}/runs/{record['run_id']}.json"):
+            self.fs.makedirs(self._path("runs"), exist_ok=True)
+        self._write(self._path("runs", f"{record['run_id']}.json"), (json.dumps(record, indent=2) + "\n").encode())
 
     def runs(self) -> list[dict]:
         if not self.fs.exists(self._path("runs")):
