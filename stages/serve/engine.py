@@ -198,10 +198,11 @@ class Engine(EngineFront):
         image_settings: dict | None = None,
         kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
         max_batch: int = DEFAULT_MAX_BATCH,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         self.model = model.eval()
         self._init_front(tokenizer, model.config, model_dir, image_settings, kv_cache_tokens)
-        self.scheduler = Scheduler(self.model, kv_cache_tokens, max_batch)
+        self.scheduler = Scheduler(self.model, kv_cache_tokens, max_batch, prefix_cache_tokens)
         """Owns the model from its own thread once the first request comes."""
 
     @classmethod
@@ -214,7 +215,7 @@ class Engine(EngineFront):
         **scheduling,
     ) -> Engine:
         """The model of `model_dir` (in `dtype`, else as stored, on `device`) and the tokenizer, image
-        bounds as `load_front` finds them. `scheduling`: kv_cache_tokens, max_batch."""
+        bounds as `load_front` finds them. `scheduling`: kv_cache_tokens, max_batch, prefix_cache_tokens."""
         tokenizer, settings = load_front(model_dir, tokenizer_path)
         return cls(load_model(model_dir, dtype, device), tokenizer, str(model_dir), settings, **scheduling)
 

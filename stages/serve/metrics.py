@@ -63,6 +63,13 @@ class ServeMetrics:
             "kv_cache_used_tokens": ("KV cache slots the batch holds now", lambda: scheduler.cached_tokens),
             "kv_cache_budget_tokens": ("KV cache slots the batch may hold", lambda: scheduler.kv_cache_tokens),
         }
+        prefixes = getattr(scheduler, "prefixes", None)
+        if prefixes is not None:
+            gauges["prefix_cache_tokens"] = ("Prompt-prefix KV slots stored for reuse", lambda: prefixes.tokens)
+            gauges["prefix_cache_reused_tokens"] = (
+                "Prompt tokens whose prefill a stored prefix saved, so far",
+                lambda: prefixes.stats.tokens_reused,
+            )
         for name, (doc, read) in gauges.items():
             Gauge(f"{PREFIX}{name}", doc, ["role"], registry=r).labels(role).set_function(read)
         if pd_stats is not None:

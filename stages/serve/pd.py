@@ -191,6 +191,7 @@ class PDEngine(EngineFront):
         policy: RoleSwitchPolicy | None = None,
         kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
         max_batch: int = DEFAULT_MAX_BATCH,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         if not 1 <= prefill_workers < workers:
             raise ValueError(f"prefill_workers={prefill_workers} of workers={workers}: each role needs a worker")
@@ -198,6 +199,7 @@ class PDEngine(EngineFront):
             ray.init()  # RAY_ADDRESS when set, else a local Ray
         tokenizer, settings = load_front(model_dir, tokenizer_path)
         scheduling = {"kv_cache_tokens": kv_cache_tokens, "max_batch": max_batch}
+        scheduling["prefix_cache_tokens"] = prefix_cache_tokens  # each worker its own (prefill workers use it)
         device = "cuda" if worker_gpus > 0 else "cpu"
         threads = max(1, math.floor(worker_cpus))
         options = {"num_cpus": worker_cpus, "num_gpus": worker_gpus}

@@ -44,6 +44,8 @@ import torch
 from ernie.cache import KVCache
 from ernie.generation import sample_next, without_vision_tokens
 
+from .prefix_cache import PrefixCache
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -273,9 +275,11 @@ def sample_rows(logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
 
 
 class Scheduler:
-    def __init__(self, model, kv_cache_tokens: int, max_batch: int) -> None:
+    def __init__(self, model, kv_cache_tokens: int, max_batch: int, prefix_cache_tokens: int = 0) -> None:
+        """`prefix_cache_tokens`: prompt-prefix KV kept for reuse (`PrefixCache`); 0: off."""
         self.model, self.config = model, model.config
         self.kv_cache_tokens, self.max_batch = kv_cache_tokens, max_batch
+        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.device = next(model.parameters()).device
         self.stats = SchedulerStats()
         self._waiting: deque[Sequence] = deque()
@@ -416,10 +420,17 @@ class Scheduler:
         return Prefilled(seq.prompt_ids, seq.params, first, seq.eos, cache.export(), state)
 
     def _prefill(self, seq: Sequence) -> tuple[KVCache, torch.Tensor]:
-        cache = KVCache(self.config.num_layers)
+        """The prompt's cache and last logits; with prefix caching (text prompts), only the part after the
+        longest stored prefix runs, and the prompt is stored for the prompts after it."""
+        cache, done = KVCache(self.config.num_layers), 0
+        reuse = self.prefixes is not None and not seq.vision
+        if reuse and (hit := self.prefixes.lookup(seq.prompt_ids)) is not None:
+            cache, done = hit
         vision = {k: v.to(self.device) for k, v in seq.vision.items()}
-        ids = torch.tensor([seq.prompt_ids], device=self.device)
+        ids = torch.tensor([seq.prompt_ids[done:]], device=self.device)
         logits = self.model(ids, cache=cache, logits_to_keep=1, **vision).logits[:, -1]
+        if reuse:
+            self.prefixes.store(seq.prompt_ids, cache)
         self.stats.prefills += 1
         self._observe(self._cache.batch_size * self._cache.length + cache.length)
         return cache, without_vision_tokens(logits, self.config)

@@ -281,3 +281,46 @@ def test_serve_config_rejects_a_budget_without_room_for_a_request():
         serve_stage.validate(serve_stage.Config(kv_cache_tokens=64, max_tokens=64))
     with pytest.raises(UserError, match="serve.max_batch=0"):
         serve_stage.validate(serve_stage.Config(max_batch=0))
+
+
+# ---------------------------------------------------------------------- prefix caching
+def test_prompts_sharing_a_prefix_prefill_only_the_rest_and_give_the_same_tokens(make_engine):
+    """Chat-like requests: one long shared prefix (a system prompt), different questions. With prefix caching
+    the later prompts reuse the stored prefix's KV (block-aligned, 16 tokens) and prefill only their own tail;
+    their greedy tokens are the model's own greedy decode, as without the cache."""
+    model = varied_model(eos=False)
+    rng = random.Random(0)
+    system = [rng.randrange(3, 250) for _ in range(45)]
+    prompts = [system + [rng.randrange(3, 250) for _ in range(rng.randrange(1, 9))] for _ in range(5)]
+    engine = make_engine(model, prefix_cache_tokens=256)
+    for prompt in prompts:
+        got = list(engine.scheduler.submit(prompt, SamplingParams(8, temperature=0.0)).tokens())
+        assert got == greedy_reference(model, prompt, 8)
+    stats = engine.scheduler.prefixes.stats
+    assert stats.hits == 4 and stats.tokens_reused == 4 * 32  # the 45-token prefix, at its 32-token boundary
+    assert engine.scheduler.prefixes.tokens <= 256
+
+
+def test_the_prefix_cache_keeps_its_budget_and_forgets_least_recently_used_first():
+    from stages.serve.prefix_cache import PrefixCache
+
+    model = varied_model()
+    cache = PrefixCache(budget_tokens=64, block=16)
+
+    def cached(prompt):
+        from ernie.cache import KVCache
+
+        kv = KVCache(model.config.num_layers)
+        with torch.inference_mode():
+            model(torch.tensor([prompt]), cache=kv, logits_to_keep=1)
+        cache.store(prompt, kv)
+
+    a, b, c = ([i] * 40 for i in (5, 6, 7))  # 32 tokens stored each
+    cached(a)
+    cached(b)
+    assert cache.tokens == 64 and cache.lookup(a + [1]) is not None  # a is now the most recent
+    cached(c)  # evicts b, the least recently used
+    assert cache.tokens == 64 and cache.stats.evicted == 1
+    assert cache.lookup(b + [1]) is None and cache.lookup(a + [1])[1] == 32 and cache.lookup(c + [1])[1] == 32
+    assert cache.lookup(a[:16] + [9] * 30)[1] == 16  # a shorter shared boundary
+    assert cache.lookup(a[:15] + [9]) is None and cache.lookup(a[:32])[1] == 16  # leaves one token to compute
