@@ -3,8 +3,11 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# `make ui UI_PORT=5001` when 5000 is taken; `make run RUN_ARGS='serve.port=8001'` passes Hydra overrides
+UI_PORT  ?= 5000
+RUN_ARGS ?=
 
-.PHONY: setup run test test-faults test-fast ui lint format bench clean
+.PHONY: setup run test test-faults test-cluster test-quickstart test-fast ui lint format bench clean
 
 setup: $(STAMP)
 
@@ -18,19 +21,27 @@ $(STAMP): pyproject.toml
 
 # the tiny pipeline end to end: data -> pretrain -> sft -> dpo -> quantize -> serve (CPU, local Ray)
 run: $(STAMP)
-	$(PY) -m pipeline run conf=tiny
+	$(PY) -m pipeline run conf=tiny $(RUN_ARGS)
 
-# the suite without the fault-injection tests (kept under 30 minutes on 2 cores)
+# the suite without the fault-injection and multi-node tests (kept under 30 minutes on 2 cores)
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not faults"
+	$(PY) -m pytest -q -m "not faults and not cluster"
 
 # killed stages and workers, S3 errors, a full disk: each must end in the same artifacts or a clear error
 test-faults: $(STAMP)
 	$(PY) -m pytest -q -m faults
 
-# the MLflow UI on the project's tracking store: http://127.0.0.1:5000
+# a Ray head and a second Ray node on this machine, artifacts on S3 (moto): tests/cluster (a few minutes)
+test-cluster: $(STAMP)
+	$(PY) -m pytest -q -m cluster
+
+# docs/quickstart.md on a fresh clone of HEAD (or: bash tests/quickstart.sh DIR): make run, make ui, the runs over HTTP
+test-quickstart:
+	bash tests/quickstart.sh
+
+# the MLflow UI on the project's tracking store: http://127.0.0.1:5000 (UI_PORT)
 ui: $(STAMP)
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

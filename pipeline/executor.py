@@ -55,6 +55,20 @@ def connect(address: str, local_num_cpus: int) -> dict[str, float]:
     return ray.cluster_resources()
 
 
+def check_shared_root(root: str, is_local: bool, autoscaling: bool = False) -> None:
+    """Refuse a local `artifacts.root` on a cluster of several nodes (or one that autoscales, which will have
+    them): a stage on another node (or a Ray Train worker) would write where the others cannot read, or find
+    nothing where it reads."""
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if is_local and (nodes > 1 or autoscaling):
+        what = f"{nodes} nodes" if nodes > 1 else "an autoscaling ceiling (cluster.max_cpus / max_gpus)"
+        raise UserError(
+            f"artifacts.root={root} is a local directory, but the Ray cluster has {what}: stages and "
+            "workers on the other nodes cannot read or write it. Set artifacts.root=s3://BUCKET/PREFIX (or another "
+            "fsspec store every node reaches, e.g. gs://...) and rerun (docs/cluster.md)."
+        )
+
+
 def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
     """ray.init retries an unreachable address for minutes; a TCP probe answers in seconds."""
     import socket
@@ -106,6 +120,8 @@ class StageActor:
         ctx.progress = self.progress
         staged = None
         try:
+            ctx.inputs = {name: store.fetch(a) for name, a in ctx.inputs.items()}
+            ctx.output_dir = staged = store.staging_dir(job.stage, job.key)
             result = importlib.import_module(job.module).run(ctx)
             metrics = dict(result.metrics)
             if job.eval_module:
@@ -118,8 +134,6 @@ class StageActor:
                 ctx.output_dir,
                 {**job.manifest_extra, "metrics": metrics, "summary": result.summary, **result.extra},
             )
-            ctx.inputs = {name: store.fetch(a) for name, a in ctx.inputs.items()}
-            ctx.output_dir = staged = store.staging_dir(job.stage, job.key)
         except BaseException as err:
             tb = traceback.format_exc()
             err = _disk_full(err, job.stage, [staged, ctx.work_dir, store.local_root]) or err
@@ -151,18 +165,6 @@ class StageActor:
 
         shutil.rmtree(eval_dir, ignore_errors=True)
         return eval_metrics
-
-
-class StageFailure(Exception):
-    """A stage raised; carries its own traceback so the driver can summarise it."""
-
-    def __init__(self, stage: str, error: BaseException, tb: str) -> None:
-        super().__init__(f"{stage}: {type(error).__name__}: {error}")
-        self.stage, self.error_type, self.message, self.tb = stage, type(error).__name__, str(error), tb
-        self.user_error = isinstance(error, UserError)
-
-    def __reduce__(self):
-        return (_rebuild_failure, (self.stage, self.error_type, self.message, self.tb, self.user_error))
 
 
 class DiskFull(OSError):
@@ -222,6 +224,18 @@ def _discard(staged: Path) -> None:
     """A failed attempt's output (and its eval scratch directory): never an artifact, so no disk holds it."""
     shutil.rmtree(staged, ignore_errors=True)
     shutil.rmtree(staged.parent / f".eval-{staged.name}", ignore_errors=True)
+
+
+class StageFailure(Exception):
+    """A stage raised; carries its own traceback so the driver can summarise it."""
+
+    def __init__(self, stage: str, error: BaseException, tb: str) -> None:
+        super().__init__(f"{stage}: {type(error).__name__}: {error}")
+        self.stage, self.error_type, self.message, self.tb = stage, type(error).__name__, str(error), tb
+        self.user_error = isinstance(error, UserError)
+
+    def __reduce__(self):
+        return (_rebuild_failure, (self.stage, self.error_type, self.message, self.tb, self.user_error))
 
 
 def _rebuild_failure(stage, error_type, message, tb, user_error):

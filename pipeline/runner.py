@@ -112,6 +112,8 @@ def execute(cfg: PipelineConfig, conf_name: str, selection: Selection, dry_run: 
     planned = plan_stages(cfg, store, selection)  # reads only
     if any(p.run for p in planned):  # an all-cached run needs no cluster
         cluster = executor.connect(cfg.cluster.address, cfg.cluster.local_num_cpus)
+        autoscaling = bool(cfg.cluster.max_cpus or cfg.cluster.max_gpus)
+        executor.check_shared_root(store.root, store.is_local, autoscaling)
         check_resources(cfg, planned, cluster)
     store.check_writable()  # the first write of the run
 

@@ -10,8 +10,10 @@ AdamW with warmup + cosine decay, gradient clipping, LM + router losses; validat
 remote artifact root, e.g. s3://bucket/prefix/.work/pretrain/KEY/train_state) or, under a
 local root, `<work_dir>/train_state/`; a rerun with the same cache key resumes from it exactly
 (step, LR, RNG, optimizer, data cursor), and so does a worker group that Ray Train restarts
-after a worker died. A local work dir must be visible to every rank (one node, or a shared
-filesystem); so must the dataset.
+after a worker died. Under a remote root every node reaches what the workers read and write:
+they stream the dataset's shards from the artifact's URL, and Ray Train's own storage (the final
+checkpoint on its way to this process) is `<state_uri>/ray/`. Under a local root (one node: the
+orchestrator refuses a local root on a cluster of several) they use this node's copies.
 
 Output (ckpt): config.json, model.safetensors, generation_config.json, tokenizer/ (copied
 from the dataset), train_state/ (the final train state and its metric history).
@@ -46,7 +48,8 @@ __all__ = ["Config", "INPUTS", "OUTPUT_KIND", "run"]
 def run(ctx: StageContext) -> StageResult:
     cfg: Config = ctx.config
     cfg.validate()
-    dataset_dir = ctx.input("dataset").local_dir()
+    dataset = ctx.input("dataset")
+    dataset_dir = dataset.local_dir()
     tokenizer_dir = _tokenizer_dir(dataset_dir)
     work_dir = ctx.work_dir or ctx.output_dir.parent / f".{ctx.output_dir.name}.work"
     state_dir = f"{ctx.state_uri}/train_state" if ctx.state_uri else str(work_dir / "train_state")
@@ -58,7 +61,9 @@ def run(ctx: StageContext) -> StageResult:
         config=cfg,
         model=ctx.model,
         seed=ctx.seed,
-        dataset_dir=str(dataset_dir),
+        # a remote artifact's URL: every worker streams its shards from the store itself, on whichever
+        # node it runs (this process's copy is on this node's disk only)
+        dataset_dir=dataset.uri if "://" in dataset.uri else str(dataset_dir),
         unit_rows=unit_rows,
         data_streams=streams,
         state_dir=state_dir,
@@ -70,6 +75,7 @@ def run(ctx: StageContext) -> StageResult:
         },
     )
     ctx.progress.set_total(cfg.steps, "pretraining")
+    storage = f"{ctx.state_uri}/ray" if ctx.state_uri else work_dir / "ray"  # Ray Train's: every node reaches it
     result = fit(
         train_worker,
         {"job": job},
@@ -77,10 +83,10 @@ def run(ctx: StageContext) -> StageResult:
         cpus_per_worker=cfg.cpus_per_worker,
         gpus_per_worker=cfg.resources.num_gpus,
         max_failures=cfg.max_failures,
-        storage=work_dir / "ray",
+        storage=storage,
         on_message=relay(ctx, loss_key="loss"),
     )
-    copy_checkpoint(result, ctx.output_dir, work_dir / "ray")
+    copy_checkpoint(result, ctx.output_dir, storage)
     shutil.copytree(tokenizer_dir, ctx.output_dir / "tokenizer", dirs_exist_ok=True)
     _log_figures(ctx, ctx.output_dir / "train_state" / HISTORY_FILE)
     metrics = dict(result.metrics)

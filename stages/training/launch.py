@@ -7,6 +7,7 @@ metrics are logged and the progress bar moves from the stage's own logger and `P
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -50,10 +51,13 @@ def fit(
     cpus_per_worker: float,
     gpus_per_worker: float,
     max_failures: int,
-    storage: Path,
+    storage: Path | str,
     on_message: OnMessage,
 ):
-    """Train with `num_workers` DDP workers; returns Ray Train's `Result` (its checkpoint is rank 0's last)."""
+    """Train with `num_workers` DDP workers; returns Ray Train's `Result` (its checkpoint is rank 0's last).
+
+    `storage` is Ray Train's storage: a local directory (one node) or an fsspec URL (e.g. under the
+    remote artifact root's `.work/`) that the workers on every node write the checkpoint to."""
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
@@ -61,6 +65,7 @@ def fit(
     sink = Queue(actor_options={"num_cpus": 0})
     resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker > 0 else {})
     name = f"run-{uuid.uuid4().hex[:8]}"
+    storage_fs, storage_path = _storage(storage)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={**loop_config, "sink": sink},
@@ -69,7 +74,8 @@ def fit(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
     )
@@ -108,13 +114,30 @@ def _drain(sink, on_message: OnMessage, timeout: float) -> None:
         return
 
 
-def copy_checkpoint(result, output_dir: Path, storage: Path) -> None:
+def _storage(storage: Path | str):
+    """(pyarrow filesystem or None, path) for Ray Train: an fsspec URL goes through fsspec, as the
+    artifact store does (see storage.NodeFileSystem)."""
+    if "://" not in str(storage):
+        return None, str(storage)
+    from .storage import ray_storage
+
+    return ray_storage(str(storage))
+
+
+def copy_checkpoint(result, output_dir: Path, storage: Path | str) -> None:
     """Copy the run's final checkpoint into `output_dir`, then drop Ray Train's copy of the run."""
     if result.checkpoint is None:
         raise RuntimeError("the training run ended without a final checkpoint")
     output_dir.mkdir(parents=True, exist_ok=True)
     result.checkpoint.to_directory(str(output_dir))
-    shutil.rmtree(storage, ignore_errors=True)
+    if "://" not in str(storage):
+        shutil.rmtree(storage, ignore_errors=True)
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(storage))
+    with contextlib.suppress(Exception):  # best effort, as locally: the checkpoint is already copied
+        fs.rm(path, recursive=True)
 
 
 def relay(ctx, loss_key: str | None = None) -> OnMessage:
