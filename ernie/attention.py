@@ -3,6 +3,12 @@
 Two kernels: SDPA (default; takes the flash/causal path when nothing but causality masks)
 and FlexAttention (a block-sparse document mask, for long packed rows on GPU). Both see
 the same `AttentionMask`, so they agree to floating-point tolerance.
+
+A decode step (one new token per row after a cached prefix) takes its own SDPA path: the
+query heads that share a KV head are folded into the query-length dimension, so one SDPA
+call attends over the cached K/V as they are, with no per-query-head copy of K/V (what
+`enable_gqa` costs with a single query: on CPU the fused kernel then works head by head,
+re-reading and, in bf16, re-converting each KV block once per query head).
 """
 
 from __future__ import annotations
@@ -36,6 +42,12 @@ class AttentionMask:
     document_ids: torch.Tensor | None = None  # [B, kv_len]
     impl: AttnImpl = "sdpa"
     _prepared: object = None
+    _decode_bias: torch.Tensor | None = None  # additive form of `_prepared` for decode steps
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per row after a cached prefix (the SDPA kernel's grouped-query fast path)."""
+        return self.impl == "sdpa" and self.q_len == 1 and self.past > 0
 
     def prepare(self, batch: int, device: torch.device) -> AttentionMask:
         """Build the mask tensor (or flex block mask) once for all layers."""
@@ -67,6 +79,19 @@ class AttentionMask:
         # A padded query with no visible key would give NaN; let it see all (its output is unused).
         allowed = allowed | ~allowed.any(-1, keepdim=True)
         return allowed[:, None]
+
+    def decode_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """For a decode step: the mask as an additive bias [B or 1, 1, 1, kv_len] in `dtype` (0 where
+        a key is seen, -inf elsewhere; the same numbers SDPA makes of the boolean mask), or None when
+        every key is seen. Made by the first layer, reused by the others."""
+        if self._prepared is None:
+            return None
+        bias = self._decode_bias
+        if bias is None or bias.dtype != dtype:
+            allowed = self._prepared
+            bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+            self._decode_bias = bias
+        return bias
 
     def flex_block_mask(self, batch: int, device: torch.device):
         from torch.nn.attention.flex_attention import create_block_mask
@@ -110,6 +135,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        if mask.is_decode:
+            return self.o_proj(self._decode_attention(q, k, v, mask).view(B, 1, -1))
         gqa = self.num_heads != self.num_kv_heads
         if mask.impl == "flex":
             out = _flex_attention()(q, k, v, block_mask=mask._prepared, enable_gqa=gqa)
@@ -120,6 +147,21 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask._prepared, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+    def _decode_attention(
+        self, q_BH1D: torch.Tensor, k_BNLD: torch.Tensor, v_BNLD: torch.Tensor, mask: AttentionMask
+    ) -> torch.Tensor:
+        """Attention of one new token per row: [B, H, 1, D] queries over [B, Hkv, kv_len, D] keys and
+        values -> [B, H * D].
+
+        Query head h reads KV head h // g (g = H / Hkv, as `enable_gqa` pairs them), so the g query heads
+        of a KV head become g query rows of that head: q [B, Hkv, g, D]. They are one token, so they see
+        the same keys: the mask [B, 1, 1, kv_len] broadcasts over heads and rows, and causality leaves
+        the new token, the last slot, free to see every cached one."""
+        B, H, _, D = q_BH1D.shape
+        q = q_BH1D.reshape(B, self.num_kv_heads, H // self.num_kv_heads, D)
+        out = F.scaled_dot_product_attention(q, k_BNLD, v_BNLD, attn_mask=mask.decode_bias(q.dtype))
+        return out.reshape(B, H * D)
 
 
 _FLEX = None
