@@ -230,19 +230,10 @@ class Engine(EngineFront):
         finally:
             seq.cancel()  # a no-op once finished
 
-    def prefill(
-        self,
-        prompt_ids: list[int],
-        max_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        vision: dict[str, torch.Tensor] | None = None,
-        top_k: int = 0,
-    ) -> Prefilled:
-        """The prefill half of a request, for another engine to decode (`Scheduler.submit_prefilled`);
-        checked and sampled as `stream` would. Blocks until the scheduler has run it."""
-        return self.start_prefill(prompt_ids, max_tokens, temperature, top_p, seed, vision, top_k).result()
+    def prefill(self, *request, **sampling) -> Prefilled:
+        """The prefill half of a request (`start_prefill`'s arguments), for another engine to decode
+        (`Scheduler.submit_prefilled`); checked and sampled as `stream` would. Blocks until it has run."""
+        return self.start_prefill(*request, **sampling).result()
 
     def start_prefill(
         self,

@@ -18,6 +18,21 @@ from stages.data.tokenizer import train_tokenizer
 VOCAB = 300
 
 
+def varied_model(preset: str = "tiny_moe", eos: bool = True) -> ErnieForCausalLM:
+    """A random model with peaked logits: greedy text that varies (the default init repeats one
+    token) and no near-ties that rounding could flip. `eos=False`: the end-of-sentence logit is 0,
+    below the best token's, so greedy requests run to max_tokens."""
+    torch.manual_seed(0)
+    model = ErnieForCausalLM(get_preset(preset)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+        if not eos:
+            model.lm_head.weight[get_preset(preset).eos_token_id] = 0.0
+    return model
+
+
 def random_checkpoint(directory: Path) -> Path:
     """A random tiny_moe checkpoint (fp32) and its tokenizer under `directory`: what it answers does not matter."""
     tokenizer = train_tokenizer(["how many red squares are there", "two", "three", "1+2=3", "reverse cat"] * 30, VOCAB)

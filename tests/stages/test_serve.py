@@ -25,18 +25,6 @@ def artifacts(tmp_path_factory):
     return tiny_artifacts.build(tmp_path_factory.getbasetemp() / "tiny_artifacts")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    if started:
-        ray.shutdown()
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

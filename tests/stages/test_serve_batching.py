@@ -13,29 +13,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from served_app import varied_model
 
-from ernie import ErnieForCausalLM, get_preset
+from ernie import get_preset
 from ernie.generation import generate
 from stages.data.tokenizer import train_tokenizer
 from stages.serve.engine import Engine, RequestError
 from stages.serve.scheduler import SamplingParams, Sequence, peak_cached_tokens, sample_rows
 
 EOS = get_preset("tiny_moe").eos_token_id
-
-
-def varied_model(preset: str = "tiny_moe", eos: bool = True) -> ErnieForCausalLM:
-    """A random model with peaked logits: greedy text that varies (the default init repeats one
-    token) and no near-ties that rounding could flip. `eos=False`: the end-of-sentence logit is 0,
-    below the best token's, so greedy requests run to max_tokens."""
-    torch.manual_seed(0)
-    model = ErnieForCausalLM(get_preset(preset)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.2)
-        if not eos:
-            model.lm_head.weight[EOS] = 0.0
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from served_app import varied_model
 
-from ernie import ErnieForCausalLM, get_preset
+from ernie import get_preset
 from ernie.checkpoint import save_pretrained
 from pipeline.formats import IMAGE_SETTINGS
 from stages.data.tokenizer import train_tokenizer
@@ -36,13 +37,7 @@ SAMPLED = [
 def ckpt(tmp_path_factory):
     """A VL checkpoint with peaked logits (varied greedy text, no near-ties) and no end-of-sentence
     (greedy runs to max_tokens), its tokenizer and image settings, as the pipeline's artifacts hold them."""
-    torch.manual_seed(0)
-    model = ErnieForCausalLM(get_preset(PRESET)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.2)
-        model.lm_head.weight[EOS] = 0.0
+    model = varied_model(PRESET, eos=False)
     path = tmp_path_factory.mktemp("pd_ckpt")
     save_pretrained(model, path)
     tokenizer = train_tokenizer(["how many red squares are there", "two", "three", "a blue circle"] * 30, 300)
@@ -162,18 +157,6 @@ def test_role_policy_wants_pressure_on_one_side_and_room_on_the_other():
 
 
 # ---------------------------------------------------------------------- PD workers on Ray
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def pd(ckpt, local_ray):
     from stages.serve.pd import PDEngine
