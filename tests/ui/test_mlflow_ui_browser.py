@@ -15,18 +15,16 @@ step fails (failure.png and failure.html).
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from cli import ROOT, clean_env, free_port
+from mlflow_server import start_server, stop, wait_until_up
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -56,48 +54,6 @@ DATA_ONLY = [
 METRIC = "packing_efficiency"  # logged by the data stage; a top-level name, so its chart title is the full name
 METRICS_TAB = '[role="tab"][aria-controls$="-content-model-metrics"]'  # the run page's "Model metrics" tab
 WAIT = 60  # seconds, for any one thing to appear in the browser
-
-
-def _start_server(db: Path, port: int, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            *(sys.executable, "-m", "mlflow", "server"),
-            *("--backend-store-uri", f"sqlite:///{db}"),
-            *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-        ],
-        cwd=db.parent,
-        env=clean_env(),
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # the server starts uvicorn and a job runner: stopped together below
-    )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=15)
-    except ProcessLookupError:
-        pass
-
-
-def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            pytest.fail(f"the MLflow server never answered at {url}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
 
 
 def _browser():
@@ -142,7 +98,7 @@ def test_the_mlflow_ui_shows_the_parent_run_its_stage_run_and_a_metric_chart(tmp
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server_log = tmp_path / "mlflow-server.log"
-    server = _start_server(db, port, server_log)
+    server = start_server(db, port, server_log)
     run = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "run", "conf=tiny", *DATA_ONLY],
         cwd=workspace,
@@ -176,7 +132,7 @@ def test_the_mlflow_ui_shows_the_parent_run_its_stage_run_and_a_metric_chart(tmp
         value = stage.data.metrics[METRIC]
         exp, parent_id, stage_id = experiment.experiment_id, parent.info.run_id, stage.info.run_id
 
-        _wait_until_up(url, server, server_log, timeout=180)
+        wait_until_up(url, server, server_log, timeout=180)
         mark("server")
         starter.join(timeout=WAIT)
         mark("browser")
@@ -249,7 +205,7 @@ def test_the_mlflow_ui_shows_the_parent_run_its_stage_run_and_a_metric_chart(tmp
         starter.join(timeout=WAIT)
         if browser.get("driver") is not None:
             browser["driver"].quit()
-        _stop(server)
+        stop(server)
         shutil.rmtree(ARTIFACTS, ignore_errors=True)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         for png in shots.iterdir():
