@@ -80,16 +80,33 @@ def _print_memory(cfg: PipelineConfig) -> None:
     print(f"  {'quantize':9s} {1:7d} {'-':>11s} {weights:9.2f} {'':9s} {'':9s} {'':9s} {weights:9.2f}  (bf16 in)")
     q = cfg.quantize
     served = serving_weights_gb(cfg.model, q.bits, q.group_size, list(q.skip), dict(q.module_bits))
-    per_replica = max(cfg.serve.replica_gpus, 1)
     widths = "/".join(f"int{b}" for b in [q.bits, *sorted(set(q.module_bits.values()) - {q.bits})])
+    sv = cfg.serve
+    if sv.backend == "vllm":  # vLLM shards a replica over tensor_parallel_size x pipeline_parallel_size GPUs
+        from stages.serve.vllm_backend import engines, gpus_per_engine
+
+        replicas, per_replica = engines(sv.vllm), gpus_per_engine(sv.vllm, sv.vllm.tensor_parallel_size or 1)
+        over = f"serve.vllm tensor x pipeline parallel = {per_replica}"
+    else:  # our engine runs a replica on one device
+        replicas, per_replica, over = (
+            sv.num_replicas,
+            max(sv.replica_gpus, 1),
+            f"serve.replica_gpus={sv.replica_gpus:g}",
+        )
     print(
-        f"  {'serve':9s} {cfg.serve.num_replicas:7d} {'-':>11s} {served / per_replica:9.2f} {'':9s} {'':9s} {'':9s} "
-        f"{served / per_replica:9.2f}  ({widths} g{q.group_size} weights over serve.replica_gpus="
-        f"{cfg.serve.replica_gpus:g}, before KV cache)"
+        f"  {'serve':9s} {replicas:7d} {'-':>11s} {served / per_replica:9.2f} {'':9s} {'':9s} {'':9s} "
+        f"{served / per_replica:9.2f}  ({widths} g{q.group_size} weights over {over}, before KV cache)"
     )
     need = min_gpus(served)
+    short = ""
+    if sv.backend == "vllm" and per_replica < need:
+        short = f"; serve.vllm's {per_replica} GPU(s) per replica are too few"
+    elif sv.backend != "vllm" and need > 1:
+        short = (
+            "; the engine backend runs a replica on one device: serve this model with serve.backend=vllm and "
+            f"serve.vllm.tensor_parallel_size={need if need & (need - 1) == 0 else 1 << need.bit_length()}"
+        )
     print(
         f"\nserving: {served:.1f} GiB of {widths} weights a replica need at least {need} x {GPU_GIB} GiB GPU(s) "
-        f"(90% of each for weights, the rest for KV cache and runtime)"
-        + (f"; serve.replica_gpus={cfg.serve.replica_gpus:g} is too few" if 0 < cfg.serve.replica_gpus < need else "")
+        f"(90% of each for weights, the rest for KV cache and runtime){short}"
     )
