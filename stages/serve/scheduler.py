@@ -374,7 +374,16 @@ class Scheduler:
         self._fail([*self._running, *self._waiting], RuntimeError("the serving engine was closed"))
 
     def _admit(self) -> None:
-        while (seq := self._next_admitted()) is not None:
+        """Admit what fits: plain text requests that arrive together are prefilled in one padded forward
+        (`_prefill_together`); the rest (restored, prefill-only, image or prefix-cached requests) one by one."""
+        picked: list[Sequence] = []
+        while (seq := self._next_admitted(picked)) is not None:
+            picked.append(seq)
+        together = [s for s in picked if self._batchable(s)]
+        if len(together) > 1:
+            self._prefill_together(together)
+            picked = [s for s in picked if not self._batchable(s)]
+        for seq in picked:
             try:
                 cache, first = self._start(seq)
                 if seq.handoff is not None:
@@ -389,18 +398,50 @@ class Scheduler:
                 self._running.append(seq)
                 self._observe(self._cache.batch_size * self._cache.length)
 
-    def _next_admitted(self) -> Sequence | None:
-        """The first queued request, taken off the queue if the batch has room for it (a row, unless it
-        is prefill-only, and the KV budget); None: nothing can be admitted now."""
+    def _batchable(self, seq: Sequence) -> bool:
+        return seq.prefilled is None and seq.handoff is None and not seq.vision and self.prefixes is None
+
+    def _prefill_together(self, seqs: list[Sequence]) -> None:
+        """One left-padded prefill for several text requests: their first tokens, then their rows join the batch.
+        Padding is masked and positions count real tokens only, so each row is what its own prefill gives."""
+        longest = max(len(s.prompt_ids) for s in seqs)
+        pad = self.config.pad_token_id
+        ids = torch.tensor([[pad] * (longest - len(s.prompt_ids)) + s.prompt_ids for s in seqs], device=self.device)
+        mask = torch.tensor([[0] * (longest - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs])
+        cache = KVCache(self.config.num_layers)
+        try:
+            logits = self.model(ids, attention_mask=mask.to(self.device), cache=cache, logits_to_keep=1).logits[:, -1]
+            firsts = sample_rows(without_vision_tokens(logits, self.config), seqs)
+        except Exception as err:  # noqa: BLE001 - these requests fail, the server keeps running
+            self._fail(seqs, err)
+            return
+        self.stats.prefills += len(seqs)
+        self._observe(self._cache.batch_size * self._cache.length + cache.batch_size * cache.length)
+        for seq, first in zip(seqs, firsts, strict=True):
+            seq._emit(first, self.stats.decode_steps)
+        keep = [i for i, s in enumerate(seqs) if not s.finished]
+        if not keep:
+            return
+        if len(keep) < len(seqs):
+            cache.reorder(torch.tensor(keep, device=self.device))
+        self._cache.merge(cache)
+        self._running.extend(seqs[i] for i in keep)
+        self._observe(self._cache.batch_size * self._cache.length)
+
+    def _next_admitted(self, picked: list[Sequence] = ()) -> Sequence | None:
+        """The first queued request, taken off the queue if the batch has room for it beside the running rows
+        and the requests `picked` this round (a row, unless it is prefill-only, and the KV budget); None:
+        nothing more can be admitted now."""
         with self._wake:
             while self._waiting and self._waiting[0].cancelled:
                 self._waiting.popleft()
             if not self._waiting:
                 return None
             seq = self._waiting[0]
-            if seq.handoff is None and len(self._running) >= self.max_batch:
+            rows = len(self._running) + sum(1 for s in picked if s.handoff is None)
+            if seq.handoff is None and rows >= self.max_batch:
                 return None
-            planned = [(s.cached, s.steps_left) for s in self._running] + [_alone(seq)]
+            planned = [(s.cached, s.steps_left) for s in self._running] + [_alone(s) for s in (*picked, seq)]
             if peak_cached_tokens(planned) > self.kv_cache_tokens:
                 return None  # it waits (in order) until running rows finish
             return self._waiting.popleft()

@@ -310,3 +310,36 @@ def test_the_prefix_cache_keeps_its_budget_and_forgets_least_recently_used_first
     assert cache.lookup(b + [1]) is None and cache.lookup(a + [1])[1] == 32 and cache.lookup(c + [1])[1] == 32
     assert cache.lookup(a[:16] + [9] * 30)[1] == 16  # a shorter shared boundary
     assert cache.lookup(a[:15] + [9]) is None and cache.lookup(a[:32])[1] == 16  # leaves one token to compute
+
+
+def test_requests_that_arrive_together_are_prefilled_in_one_padded_forward_with_their_own_tokens():
+    """Queued together, plain text requests of different lengths are prefilled in one left-padded forward (one
+    model call, not one each) and still give exactly their own greedy decode; a seeded sampled one its own draw."""
+    from stages.serve.scheduler import Scheduler
+
+    model = varied_model(eos=False)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 250) for _ in range(n)] for n in (3, 17, 9, 30)]
+    scheduler = Scheduler(model, kv_cache_tokens=4096, max_batch=8)
+    calls = []
+    model.register_forward_pre_hook(
+        lambda _m, args, kwargs: calls.append(args[0].shape if args else None), with_kwargs=True
+    )
+    seqs = [Sequence(p, SamplingParams(6, temperature=0.0), None, EOS) for p in prompts]
+    seqs.append(Sequence(prompts[1], SamplingParams(6, temperature=1.0, seed=3), None, EOS))
+    scheduler._waiting.extend(seqs)  # queued before the loop looks: they are admitted together
+    with torch.inference_mode():
+        scheduler._admit()
+        assert scheduler.stats.prefills == 5 and len(calls) == 1 and calls[0][0] == 5
+        while scheduler._running:
+            scheduler._decode()
+    for seq, prompt in zip(seqs[:4], prompts, strict=True):
+        assert seq.tokens_so_far == greedy_reference(model, prompt, 6)
+    alone = Sequence(prompts[1], SamplingParams(6, temperature=1.0, seed=3), None, EOS)
+    single = Scheduler(model, kv_cache_tokens=4096, max_batch=8)
+    single._waiting.append(alone)
+    with torch.inference_mode():
+        single._admit()
+        while single._running:
+            single._decode()
+    assert seqs[4].tokens_so_far == alone.tokens_so_far
