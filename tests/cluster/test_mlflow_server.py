@@ -5,24 +5,13 @@ s3://...`, moto), so the driver needs no S3 credentials of its own for tracking.
 from __future__ import annotations
 
 import pytest
-from cli import clean_env, free_port, pipeline
+from cli import DATA_ONLY, clean_env, free_port, pipeline
 from mlflow_server import start_server, stop, wait_until_up
 from s3_server import moto_s3
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 BUCKET = "mlflow-artifacts"
-DATA_ONLY = [
-    "stages=[data]",
-    "model=tiny_moe",
-    "data.sources=[{name:arithmetic,kind:arithmetic,weight:1.0}]",
-    "data.max_documents=100",
-    "data.arithmetic_documents=100",
-    "data.sft_examples=40",
-    "data.preference_pairs=40",
-    "data.rlvr_prompts=40",
-    "data.eval_tasks=20",
-]
 
 
 def test_a_run_logs_to_the_server_and_its_artifacts_land_in_the_bucket(tmp_path):

@@ -43,3 +43,18 @@ def stage_lines(stdout: str) -> dict[str, str]:
             if parts[1] in ("done", "cached"):
                 out[parts[0]] = parts[1]
     return out
+
+
+# the data stage alone, on a text model with the generated arithmetic source only: the cheapest
+# real run that still logs a parent run and a nested stage run with metrics
+DATA_ONLY = [
+    "stages=[data]",
+    "model=tiny_moe",
+    "data.sources=[{name:arithmetic,kind:arithmetic,weight:1.0}]",
+    "data.max_documents=100",
+    "data.arithmetic_documents=100",
+    "data.sft_examples=40",
+    "data.preference_pairs=40",
+    "data.rlvr_prompts=40",
+    "data.eval_tasks=20",
+]

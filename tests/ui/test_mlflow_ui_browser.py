@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli import ROOT, clean_env, free_port
+from cli import DATA_ONLY, ROOT, clean_env, free_port
 from mlflow_server import start_server, stop, wait_until_up
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -38,19 +38,6 @@ pytestmark = [
     ),
 ]
 
-# the data stage alone, on a text model with the generated arithmetic source only: the cheapest
-# real run that still logs a parent run and a nested stage run with metrics
-DATA_ONLY = [
-    "stages=[data]",
-    "model=tiny_moe",
-    "data.sources=[{name:arithmetic,kind:arithmetic,weight:1.0}]",
-    "data.max_documents=100",
-    "data.arithmetic_documents=100",
-    "data.sft_examples=40",
-    "data.preference_pairs=40",
-    "data.rlvr_prompts=40",
-    "data.eval_tasks=20",
-]
 METRIC = "packing_efficiency"  # logged by the data stage; a top-level name, so its chart title is the full name
 METRICS_TAB = '[role="tab"][aria-controls$="-content-model-metrics"]'  # the run page's "Model metrics" tab
 WAIT = 60  # seconds, for any one thing to appear in the browser
