@@ -15,10 +15,13 @@ which every worker of a multi-node run can reach). Locally the step directory is
 the step directory is written in place and counts once `meta.json` names it (one PUT: the
 commit); rank 0 deletes any step directory `meta.json` does not name, the previous state once the
 next one is committed and, at start, what a killed run left half-written.
+Locally `meta.json` also holds the sha256 of every file of the step directory (rank 0 reads the state
+once at commit), checked before a resume loads it: a damaged state is refused, not trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -204,6 +207,7 @@ class ShardedCheckpointer:
             self.remote.write_meta(meta)  # the commit: one PUT naming the finished step directory
             self.remote.keep_only(name)
             return
+        meta = meta | {"sha256": file_digests(Path(written))}  # checked before a resume loads the state
         shutil.rmtree(self.directory / name, ignore_errors=True)
         os.replace(written, self.directory / name)
         _write_meta(self.directory, meta)
@@ -230,7 +234,9 @@ def load_sharded(directory: Location, fingerprint: dict, model: torch.nn.Module,
 
         storage = {"storage_reader": FsspecReader(remote.url(meta["dir"]))}
     else:
-        storage = {"checkpoint_id": str(contained(_local(directory), meta["dir"], f"{directory}/{META_FILE} dir"))}
+        step_dir = contained(_local(directory), meta["dir"], f"{directory}/{META_FILE} dir")
+        _verify_on_rank0(step_dir, meta.get("sha256"), directory)
+        storage = {"checkpoint_id": str(step_dir)}
     model_state, optimizer_state = get_state_dict(model, optimizer)
     if layout is not None:
         layout.checkpoint_state(model, model_state, optimizer_state)
@@ -244,6 +250,42 @@ def load_sharded(directory: Location, fingerprint: dict, model: torch.nn.Module,
     if remote is not None:
         return remote.load_extra(meta["dir"])
     return torch.load(_local(directory) / meta["dir"] / EXTRA_FILE, map_location="cpu", weights_only=True)
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every file below `directory`, by path relative to it."""
+    digests = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digests[path.relative_to(directory).as_posix()] = h.hexdigest()
+    return digests
+
+
+def damaged_files(step_dir: Path, recorded: dict[str, str]) -> list[str]:
+    """Files of a committed local state that are missing or no longer match the digests meta.json recorded."""
+    found = file_digests(step_dir)
+    return sorted(name for name, digest in recorded.items() if found.get(name) != digest)
+
+
+def _verify_on_rank0(step_dir: Path, recorded: dict | None, directory: Location) -> None:
+    """Collective when distributed: rank 0 checks the digests (one read of the state), every rank gets its word,
+    so no rank loads a damaged state (a disk error, a copy cut short, a hand edit) as if it were whole. States
+    written before digests were recorded load unchecked."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    damaged = [damaged_files(step_dir, recorded) if recorded else []]
+    if distributed:
+        dist.broadcast_object_list(damaged, src=0)
+    if damaged[0]:
+        raise UserError(
+            f"the train state in {directory} is damaged: {', '.join(damaged[0][:5])} of {step_dir.name} no longer "
+            f"match the sha256 recorded when it was committed (meta.json); delete {directory} to start this stage "
+            "over, or restore the state from a copy"
+        )
 
 
 def _key_groups_by_param(optimizer_state: dict) -> list[list[str]]:

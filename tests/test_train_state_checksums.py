@@ -1,0 +1,57 @@
+"""A committed train state carries the sha256 of its files; a resume refuses a state whose files changed since."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pipeline.contract import UserError
+from stages.training import train_state
+
+
+@pytest.fixture
+def one_rank():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _model_and_optimizer(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_a_resume_verifies_the_digests_and_refuses_a_damaged_state(one_rank, tmp_path):
+    state = tmp_path / "train_state"
+    model, optimizer = _model_and_optimizer(0)
+    extra = {"step": 3, "cursor": 12, "fingerprint": {"lr": 1e-2}}
+    train_state.ShardedCheckpointer(state, rank=0).save(model, optimizer, extra)
+    meta = json.loads((state / train_state.META_FILE).read_text())
+    step_dir = state / meta["dir"]
+    assert set(meta["sha256"]) == {p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file()}
+
+    fresh, fresh_optimizer = _model_and_optimizer(1)
+    assert train_state.load_sharded(state, {"lr": 1e-2}, fresh, fresh_optimizer)["step"] == 3
+    torch.testing.assert_close(fresh.state_dict(), model.state_dict(), rtol=0, atol=0)
+
+    shard = next(p for p in sorted(step_dir.rglob("*.distcp")))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit pattern in the middle of a shard
+    shard.write_bytes(bytes(data))
+    again, again_optimizer = _model_and_optimizer(2)
+    with pytest.raises(UserError, match=rf"damaged: {shard.relative_to(step_dir).as_posix()} of {meta['dir']}"):
+        train_state.load_sharded(state, {"lr": 1e-2}, again, again_optimizer)
+    shard.unlink()  # a file gone altogether
+    with pytest.raises(UserError, match="no longer match the sha256"):
+        train_state.load_sharded(state, {"lr": 1e-2}, again, again_optimizer)
