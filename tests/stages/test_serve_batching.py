@@ -285,6 +285,10 @@ def test_prompts_sharing_a_prefix_prefill_only_the_rest_and_give_the_same_tokens
     stats = engine.scheduler.prefixes.stats
     assert stats.hits == 4 and stats.tokens_reused == 4 * 32  # the 45-token prefix, at its 32-token boundary
     assert engine.scheduler.prefixes.tokens <= 256
+    from stages.serve.metrics import ServeMetrics
+
+    scraped = ServeMetrics(engine.scheduler).expose()[0].decode()
+    assert 'ernie_serve_prefix_cache_reused_tokens{role="colocated"} 128.0' in scraped
 
 
 def test_the_prefix_cache_keeps_its_budget_and_forgets_least_recently_used_first():
