@@ -22,6 +22,7 @@ from .config import ErnieConfig
 from .layers import RMSNorm, SwiGLU
 from .losses import lm_loss, router_losses
 from .moe import ExpertsImpl, MoE, RouterOutput
+from .paged_cache import PagedBatch
 from .positions import document_positions, vision_token_mask, vl_position_ids
 from .recompute import POLICIES, recompute
 from .rope import frequency_axes, inv_frequencies, rope_cos_sin
@@ -197,7 +198,7 @@ class ErnieForCausalLM(nn.Module):
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
         vision_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | PagedBatch | None = None,
         logits_to_keep: int = 0,
     ) -> ErnieOutput:
         """Run the model.
@@ -208,7 +209,8 @@ class ErnieForCausalLM(nn.Module):
         attention_mask [B, S] 1 for real tokens (left padding); position_ids [B, S] or
         [3, B, S]; pixel_values / image_grid_thw (and the video pair) for VL models;
         vision_mask [B, S] overrides which tokens use the vision experts;
-        cache: a `KVCache`, filled by a prefill and extended by each decode step;
+        cache: a `KVCache`, filled by a prefill and extended by each decode step, or a `PagedBatch`
+        (requests laid end to end in input [1, T]; logits [1, requests, V], each request's last token);
         logits_to_keep > 0 computes logits for the last positions only.
         """
         cfg = self.config
@@ -220,16 +222,36 @@ class ErnieForCausalLM(nn.Module):
         if cfg.vision is not None and vision_mask is None and input_ids is not None:
             vision_mask = vision_token_mask(input_ids, cfg)
 
-        past = cache.length if cache is not None else 0
-        key_valid = _append(cache.key_valid if cache else None, attention_mask, past, B, S, x.device, torch.bool)
-        documents = _append(cache.document_ids if cache else None, document_ids, past, B, S, x.device, torch.long)
+        paged = isinstance(cache, PagedBatch)
+        if paged:
+            # requests laid end to end in one row: the batch knows their positions and does their attention
+            if B != 1 or S != cache.tokens:
+                raise ValueError(
+                    f"a paged batch of {cache.tokens} tokens takes input [1, {cache.tokens}], got [{B}, {S}]"
+                )
+            position_ids = cache.position_ids if position_ids is None else position_ids
+            cache_for_positions, mask = None, None
+        else:
+            past = cache.length if cache is not None else 0
+            key_valid = _append(cache.key_valid if cache else None, attention_mask, past, B, S, x.device, torch.bool)
+            documents = _append(cache.document_ids if cache else None, document_ids, past, B, S, x.device, torch.long)
+            cache_for_positions = cache
         if position_ids is None:
             position_ids = self._default_positions(
-                input_ids, B, S, x.device, document_ids, attention_mask, image_grid_thw, video_grid_thw, cache
+                input_ids,
+                B,
+                S,
+                x.device,
+                document_ids,
+                attention_mask,
+                image_grid_thw,
+                video_grid_thw,
+                cache_for_positions,
             )
-        mask = AttentionMask(
-            past=past, q_len=S, kv_len=past + S, key_valid=key_valid, document_ids=documents, impl=self.attn_impl
-        ).prepare(B, x.device)
+        if not paged:
+            mask = AttentionMask(
+                past=past, q_len=S, kv_len=past + S, key_valid=key_valid, document_ids=documents, impl=self.attn_impl
+            ).prepare(B, x.device)
         cos_sin = rope_cos_sin(position_ids, self.rope_inv_freq, self.rope_axes)
         cos_sin = (cos_sin[0].to(x.device), cos_sin[1].to(x.device))
 
@@ -243,7 +265,11 @@ class ErnieForCausalLM(nn.Module):
             if layer_routing:
                 routing.append(layer_routing)
         x = self.model.norm(x)
-        if cache is not None:
+        if paged:
+            cache.finish(position_ids)
+            x = x[:, cache.logit_index]  # each request's last token
+            logits_to_keep = 0
+        elif cache is not None:
             cache.key_valid, cache.document_ids = key_valid, documents
             # continue from the last token's position (its largest axis for 3D positions), not the
             # row maximum: in a packed row the last document restarts at 0

@@ -41,7 +41,7 @@ def rope_cos_sin(
     else:
         pos_FBS = position_ids.float()[axes_F.to(position_ids.device)]  # pick the axis per frequency
         angles_BSF = pos_FBS.permute(1, 2, 0) * inv_freq_F
-    angles_BSD = angles_BSF.repeat_interleave(2, dim=-1)
+    angles_BSD = angles_BSF[..., None].expand(*angles_BSF.shape, 2).flatten(-2)  # each frequency twice
     return angles_BSD.cos(), angles_BSD.sin()
 
 

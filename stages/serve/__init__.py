@@ -61,10 +61,17 @@ class Config:
     max_tokens: int = 64
     """Completion length when a request gives no max_tokens."""
     kv_cache_tokens: int = 65536
-    """KV cache budget of a replica, in token slots: running requests x the longest one's cached tokens
-    (rows are left-padded to one length). A request waits in the queue until the batch's planned peak
-    with it stays within the budget; one whose prompt plus max_tokens exceeds it alone gets a 400.
-    Memory per slot: 2 x layers x kv_heads x head_dim x bytes per value (0.3B in bf16: 18 KiB)."""
+    """KV cache budget of a replica, in token slots: a pool of blocks of kv_block_tokens slots (rounded up to whole
+    blocks), allocated when the replica starts. A request is admitted when the blocks it may hold at its longest
+    (prompt + max_tokens) are free beside the running requests', else it waits in the queue; one whose prompt plus
+    max_tokens exceeds the budget alone gets a 400. Memory per slot: 2 x layers x kv_heads x head_dim x bytes per
+    value (0.3B in bf16: 18 KiB)."""
+    kv_block_tokens: int = 16
+    """Token slots per KV block (paged cache): a request holds whole blocks, so up to this many slots less one
+    go unused per request."""
+    prefill_chunk_tokens: int = 512
+    """Prompt tokens one forward takes beside the decoding requests' tokens (chunked prefill): a longer prompt
+    runs over several steps, so one long prompt stalls the running requests for at most this many tokens' work."""
     max_batch: int = 64
     """Most requests a replica decodes together (continuous batching); more wait in the queue. Each
     replica also takes this many HTTP requests at once (Ray Serve's max_ongoing_requests)."""
@@ -145,6 +152,8 @@ def validate(cfg: Config) -> None:
         (cfg.num_replicas >= 1, "num_replicas", cfg.num_replicas, "must be at least 1"),
         (cfg.max_tokens >= 1, "max_tokens", cfg.max_tokens, "must be at least 1"),
         (cfg.max_batch >= 1, "max_batch", cfg.max_batch, "must be at least 1"),
+        (cfg.kv_block_tokens >= 1, "kv_block_tokens", cfg.kv_block_tokens, "must be at least 1"),
+        (cfg.prefill_chunk_tokens >= 1, "prefill_chunk_tokens", cfg.prefill_chunk_tokens, "must be at least 1"),
         (cfg.max_n >= 1, "max_n", cfg.max_n, "must be at least 1"),
         (cfg.prefix_cache_tokens >= 0, "prefix_cache_tokens", cfg.prefix_cache_tokens, "must be >= 0 (0: off)"),
         (
@@ -272,6 +281,8 @@ def start(model_dir: Path, tokenizer_path: Path, cfg: Config, model_name: str) -
         "kv_cache_tokens": cfg.kv_cache_tokens,
         "max_batch": cfg.max_batch,
         "prefix_cache_tokens": cfg.prefix_cache_tokens,
+        "kv_block_tokens": cfg.kv_block_tokens,
+        "prefill_chunk_tokens": cfg.prefill_chunk_tokens,
     }
     if cfg.mode == "pd":
         w = cfg.pd

@@ -29,7 +29,13 @@ import torch
 from ernie.chat_template import SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN
 from ernie.quant import is_quantized_dir, load_model
 
-from .scheduler import Prefilled, SamplingParams, Scheduler
+from .scheduler import (
+    DEFAULT_BLOCK_TOKENS,
+    DEFAULT_PREFILL_CHUNK_TOKENS,
+    Prefilled,
+    SamplingParams,
+    Scheduler,
+)
 
 DEFAULT_KV_CACHE_TOKENS = 65536
 DEFAULT_MAX_BATCH = 64
@@ -199,10 +205,14 @@ class Engine(EngineFront):
         kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
         max_batch: int = DEFAULT_MAX_BATCH,
         prefix_cache_tokens: int = 0,
+        kv_block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
     ) -> None:
         self.model = model.eval()
         self._init_front(tokenizer, model.config, model_dir, image_settings, kv_cache_tokens)
-        self.scheduler = Scheduler(self.model, kv_cache_tokens, max_batch, prefix_cache_tokens)
+        self.scheduler = Scheduler(
+            self.model, kv_cache_tokens, max_batch, prefix_cache_tokens, kv_block_tokens, prefill_chunk_tokens
+        )
         """Owns the model from its own thread once the first request comes."""
 
     @classmethod
@@ -215,7 +225,7 @@ class Engine(EngineFront):
         **scheduling,
     ) -> Engine:
         """The model of `model_dir` (in `dtype`, else as stored, on `device`) and the tokenizer, image
-        bounds as `load_front` finds them. `scheduling`: kv_cache_tokens, max_batch, prefix_cache_tokens."""
+        bounds as `load_front` finds them. `scheduling`: `Engine`'s keyword arguments after image_settings."""
         tokenizer, settings = load_front(model_dir, tokenizer_path)
         return cls(load_model(model_dir, dtype, device), tokenizer, str(model_dir), settings, **scheduling)
 

@@ -45,7 +45,7 @@ import torch
 
 from .engine import DEFAULT_KV_CACHE_TOKENS, DEFAULT_MAX_BATCH, Engine, EngineFront, load_front
 from .roles import DECODE, PREFILL, ROLES, RoleSwitch, RoleSwitchPolicy, WorkerLoad, decide
-from .scheduler import SamplingParams
+from .scheduler import DEFAULT_BLOCK_TOKENS, DEFAULT_PREFILL_CHUNK_TOKENS, SamplingParams
 
 REPORT_TTL_S = 0.5
 """Worker-reported loads (`stats`, metrics gauges) are at most this old."""
@@ -192,13 +192,20 @@ class PDEngine(EngineFront):
         kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
         max_batch: int = DEFAULT_MAX_BATCH,
         prefix_cache_tokens: int = 0,
+        kv_block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
     ) -> None:
         if not 1 <= prefill_workers < workers:
             raise ValueError(f"prefill_workers={prefill_workers} of workers={workers}: each role needs a worker")
         if not ray.is_initialized():
             ray.init()  # RAY_ADDRESS when set, else a local Ray
         tokenizer, settings = load_front(model_dir, tokenizer_path)
-        scheduling = {"kv_cache_tokens": kv_cache_tokens, "max_batch": max_batch}
+        scheduling = {
+            "kv_cache_tokens": kv_cache_tokens,
+            "max_batch": max_batch,
+            "kv_block_tokens": kv_block_tokens,
+            "prefill_chunk_tokens": prefill_chunk_tokens,
+        }
         scheduling["prefix_cache_tokens"] = prefix_cache_tokens  # each worker its own (prefill workers use it)
         device = "cuda" if worker_gpus > 0 else "cpu"
         threads = max(1, math.floor(worker_cpus))

@@ -3,32 +3,34 @@
     scheduler = Scheduler(model, kv_cache_tokens=65536, max_batch=64)
     seq = scheduler.submit(prompt_ids, SamplingParams(max_tokens=16, temperature=0.0))
     for token in seq.tokens(): ...                  # as the scheduler samples them
-    seq.cancel()                                    # a client went away: its rows are freed
+    seq.cancel()                                    # a client went away: its blocks are freed
 
-Each iteration of the scheduler's thread:
-  1. drops cancelled requests (queued or running) and trims the cache columns nobody uses;
-  2. admits queued requests in arrival order while the batch has room (`max_batch` rows) and the
-     KV budget holds (`kv_cache_tokens`, see `peak_cached_tokens`): each is prefilled alone into
-     its own `KVCache`, its first token sampled, and the cache merged into the batch's
-     (`KVCache.merge` left-pads the shorter side);
-  3. runs ONE decode step for all running rows (each row's last token; positions per row from the
-     cache), samples each row with its own parameters and generator, and removes finished rows
-     (eos or max_tokens) with `KVCache.reorder` + `KVCache.trim`.
+The requests' keys and values live in a paged cache (`ernie.paged_cache`): a pool of fixed blocks of
+`block_tokens` slots, `kv_cache_tokens` in all. Each iteration of the scheduler's thread:
+  1. frees the blocks of finished and cancelled requests;
+  2. admits queued requests in arrival order while the batch has a row (`max_batch`) and the pool has
+     the blocks the request may hold at its longest (prompt + max_tokens - 1), so a running request
+     never runs out of room: the others wait in the queue;
+  3. runs ONE forward: a token for every decoding request and the next chunk of the admitted prompts
+     (`prefill_chunk_tokens` in all; a longer prompt goes on in the next forwards), laid end to end;
+     every request whose step or prompt is done samples with its own parameters and generator, and
+     the finished ones (eos, max_tokens) leave. Nobody's cache moves when a request joins or leaves.
 
 A request's tokens go out on its own queue; `Engine.stream` turns them into text deltas. Requests
-are independent: a row's logits depend only on its own tokens (padding is masked, MoE routing is
-per token), and each request samples from its own generator, so a seeded request draws the same
+are independent: a request's logits depend only on its own tokens (attention reads its own blocks,
+MoE routing is per token), and each request samples from its own generator, so a seeded request draws the same
 tokens batched or alone.
 
-Prefill/decode disaggregation (stages/serve/pd.py) splits step 2 across engines on one code path:
-`submit_prefill` runs it up to the first token and hands back a `Prefilled` (the request's cache,
-first token and generator state) instead of joining the batch; `submit_prefilled` admits such a
+Prefill/decode disaggregation (stages/serve/pd.py) splits a request across engines on one code path:
+`submit_prefill` runs a prompt up to the first token and hands back a `Prefilled` (the request's
+cache, first token and generator state) instead of decoding; `submit_prefilled` admits such a
 request on another engine under the same rules, restoring its cache instead of computing it, so it
 decodes exactly as it would have where it was prefilled.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import warnings
@@ -43,6 +45,7 @@ import torch
 
 from ernie.cache import KVCache
 from ernie.generation import sample_next, without_vision_tokens
+from ernie.paged_cache import BlockPool, PagedBatch, Segment
 
 from .prefix_cache import PrefixCache
 
@@ -101,8 +104,8 @@ class Prefilled:
     first_token: int
     eos: int
     cache: dict
-    """`KVCache.export()` of the prompt: per-layer K/V trimmed to its length, the next RoPE position
-    (for VL prompts the position after the images' 3D positions), key validity and documents."""
+    """The prompt's cache: per-layer keys and values [1, kv_heads, prompt tokens, head_dim] and the next RoPE
+    position (for VL prompts the position after the images' 3D positions)."""
     generator_state: torch.Tensor | None = None
     """The request's seeded generator after drawing the first token."""
 
@@ -129,7 +132,10 @@ class Prefilled:
         return [p.data for p in [*found, self.generator_state] if isinstance(p, _Packed)]
 
     def restore_cache(self, device) -> KVCache:
-        return KVCache.from_state(_map_cache(self.cache, lambda t: _unpack(t, device)), device)
+        state = _map_cache(self.cache, lambda t: _unpack(t, device))
+        cache = KVCache(len(state["keys"]))
+        cache.keys, cache.values, cache.next_position = state["keys"], state["values"], state["next_position"]
+        return cache
 
     def restore_generator(self, device) -> torch.Generator | None:
         if self.generator_state is None:
@@ -165,6 +171,14 @@ class Sequence:
         """Set for a prefill-only request: gets its `Prefilled` instead of joining the batch."""
         self.listener: Callable[[int | BaseException], None] | None = None
         """Also told each token (or the error) as it goes out: for readers that cannot block on a queue."""
+        self.blocks: list[int] = []
+        """Its KV blocks in the scheduler's pool."""
+        self.reserved = 0
+        """Blocks promised to it at admission (its longest)."""
+        self.done = 0
+        """Tokens whose keys/values are in its blocks."""
+        self.next_position: int | None = None
+        """RoPE position of the next token it feeds the model."""
         self._out: queue.Queue = queue.Queue()
 
     @property
@@ -218,6 +232,10 @@ class Sequence:
         self._put(err)
 
 
+DEFAULT_BLOCK_TOKENS = 16
+DEFAULT_PREFILL_CHUNK_TOKENS = 512
+
+
 @dataclass
 class SchedulerStats:
     """What the scheduler did, for tests and benchmarks."""
@@ -225,41 +243,21 @@ class SchedulerStats:
     decode_steps: int = 0
     prefills: int = 0
     max_batch: int = 0
-    """Largest batch one decode step ran."""
+    """Most requests one decode step advanced."""
     max_cached_tokens: int = 0
-    """Most key slots (rows x padded length, prefills included) held at once; never above the budget."""
+    """Most token slots held at once (whole blocks, prompts included); never above the budget."""
     row_steps: int = 0
-    """Rows summed over decode steps (row_steps / decode_steps: the mean batch)."""
+    """Requests summed over decode steps (row_steps / decode_steps: the mean batch)."""
     handed_off: int = 0
     """Prefills handed to another engine (`submit_prefill`)."""
     taken_over: int = 0
     """Requests admitted with a cache prefilled elsewhere (`submit_prefilled`)."""
 
 
-def peak_cached_tokens(rows: list[tuple[int, int]]) -> int:
-    """The most key slots a batch will hold from now on, for rows of (cached tokens, decode steps left).
-
-    After t more steps the rows still running (steps left >= t) hold cached + t tokens each, and the
-    left-padded cache is as long as its longest row (columns that are padding for everyone are
-    trimmed), so the batch holds len(alive) x (max cached of alive + t). Between two rows leaving that
-    only grows, so the peak falls just before a row leaves: t = its steps left. Taking rows by steps
-    left, longest first, the alive rows at each such t are the ones taken so far."""
-    peak, longest = 0, 0
-    for count, (cached, left) in enumerate(sorted(rows, key=lambda row: -row[1]), start=1):
-        longest = max(longest, cached)
-        peak = max(peak, count * (longest + left))
-    return peak
-
-
-def _alone(seq: Sequence) -> tuple[int, int]:
-    """(cached tokens, decode steps left) of a queued request once it is prefilled; a prefill-only
-    request holds its cache for the prefill alone."""
-    return len(seq.prompt_ids), 0 if seq.handoff is not None else seq.params.max_tokens - 1
-
-
 def sample_rows(logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """Next token of each row: argmax for greedy rows, else each row's own sampling and generator."""
-    greedy = logits_BV.argmax(dim=-1).tolist()
+    # max().indices is argmax (the first of equal maxima), several times faster on CPU (bf16 most)
+    greedy = logits_BV.max(dim=-1).indices.tolist()
     tokens = []
     for row, seq in enumerate(seqs):
         p = seq.params
@@ -275,16 +273,37 @@ def sample_rows(logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
 
 
 class Scheduler:
-    def __init__(self, model, kv_cache_tokens: int, max_batch: int, prefix_cache_tokens: int = 0) -> None:
-        """`prefix_cache_tokens`: prompt-prefix KV kept for reuse (`PrefixCache`); 0: off."""
+    def __init__(
+        self,
+        model,
+        kv_cache_tokens: int,
+        max_batch: int,
+        prefix_cache_tokens: int = 0,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+    ) -> None:
+        """`kv_cache_tokens`: the KV budget in token slots (rounded up to whole blocks of `block_tokens`);
+        `prefill_chunk_tokens`: prompt tokens one forward takes beside the decode rows (longer prompts go in
+        chunks over several steps); `prefix_cache_tokens`: prompt-prefix KV kept for reuse (`PrefixCache`); 0: off."""
+        if kv_cache_tokens < 1 or max_batch < 1 or block_tokens < 1 or prefill_chunk_tokens < 1:
+            raise ValueError(
+                f"kv_cache_tokens={kv_cache_tokens}, max_batch={max_batch}, block_tokens={block_tokens} and "
+                f"prefill_chunk_tokens={prefill_chunk_tokens} must all be at least 1"
+            )
         self.model, self.config = model, model.config
         self.kv_cache_tokens, self.max_batch = kv_cache_tokens, max_batch
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.pool = BlockPool.for_model(model, math.ceil(kv_cache_tokens / block_tokens), block_tokens)
         self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.device = next(model.parameters()).device
         self.stats = SchedulerStats()
         self._waiting: deque[Sequence] = deque()
-        self._running: list[Sequence] = []  # row i of the cache is _running[i]
-        self._cache = KVCache(self.config.num_layers)
+        self._prefilling: list[Sequence] = []
+        """Admitted, their prompt (partly) still to run, in arrival order."""
+        self._running: list[Sequence] = []
+        """Decoding: one token each per forward."""
+        self._reserved = 0
+        """Blocks promised to the admitted requests: what each may hold at its longest."""
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -296,14 +315,13 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        """Requests waiting for admission (prefill-only ones included)."""
-        return len(self._waiting)
+        """Requests without their first token yet: waiting for admission or with their prompt still running."""
+        return len(self._waiting) + len(self._prefilling)
 
     @property
     def cached_tokens(self) -> int:
-        """Key slots the running batch holds now (rows x padded length)."""
-        cache = self._cache
-        return cache.batch_size * cache.length
+        """Token slots of the blocks requests hold now."""
+        return self.pool.used_blocks * self.pool.block_size
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, vision: dict | None = None) -> Sequence:
         """Queue a request (checked by the engine: it fits the context and the budget alone)."""
@@ -313,8 +331,8 @@ class Scheduler:
         self, prompt_ids: list[int], params: SamplingParams, vision: dict | None = None
     ) -> Future[Prefilled]:
         """Queue a request to be prefilled only: its prompt runs and its first token is drawn as for
-        `submit`, then it is handed back (for another engine's `submit_prefilled`) instead of joining
-        the batch. It takes no batch row; it waits for KV room for its prompt."""
+        `submit`, then it is handed back (for another engine's `submit_prefilled`) instead of decoding
+        here. It takes no batch row; it waits for KV room for its prompt."""
         seq = Sequence(prompt_ids, params, vision, self.config.eos_token_id, self.device)
         seq.handoff = Future()
         self._queue(seq)
@@ -332,8 +350,13 @@ class Scheduler:
             seq.generator = prefilled.restore_generator(self.device)
         return self._queue(seq)
 
+    def _need(self, seq: Sequence) -> int:
+        """Blocks a request holds at its longest: its prompt and every token fed back (prefill-only: its prompt)."""
+        tokens = len(seq.prompt_ids) + (0 if seq.handoff is not None else seq.params.max_tokens - 1)
+        return self.pool.blocks_for(tokens)
+
     def _queue(self, seq: Sequence) -> Sequence:
-        if peak_cached_tokens([_alone(seq)]) > self.kv_cache_tokens:
+        if self._need(seq) > self.pool.num_blocks:
             raise ValueError(
                 f"a request of {len(seq.prompt_ids)} + {seq.params.max_tokens} tokens never fits the KV budget"
             )
@@ -359,150 +382,186 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not (self._closed or self._waiting or self._running):
+                    while not (self._closed or self._waiting or self._running or self._prefilling):
                         self._wake.wait()
                     if self._closed:
                         break
-                try:
-                    self._remove_finished()
-                    self._admit()
-                    if self._running:
-                        self._decode()
-                except Exception as err:  # noqa: BLE001 - the requests get the error, the server keeps running
-                    self._fail(self._running, err)
-                    self._running, self._cache = [], KVCache(self.config.num_layers)
-        self._fail([*self._running, *self._waiting], RuntimeError("the serving engine was closed"))
+                self.step()
+        self._fail([*self._running, *self._prefilling, *self._waiting], RuntimeError("the serving engine was closed"))
+
+    def step(self) -> None:
+        """One iteration: free what finished, admit what fits, run one forward for every admitted request."""
+        try:
+            self._remove_finished()
+            self._admit()
+            if self._running or self._prefilling:
+                self._forward()
+        except Exception as err:  # noqa: BLE001 - the requests get the error, the server keeps running
+            failed = [*self._running, *self._prefilling]
+            self._fail(failed, err)
+            for seq in failed:
+                self._release(seq)
+            self._running, self._prefilling = [], []
 
     def _admit(self) -> None:
-        """Admit what fits: plain text requests that arrive together are prefilled in one padded forward
-        (`_prefill_together`); the rest (restored, prefill-only, image or prefix-cached requests) one by one."""
-        picked: list[Sequence] = []
-        while (seq := self._next_admitted(picked)) is not None:
-            picked.append(seq)
-        together = [s for s in picked if self._batchable(s)]
-        if len(together) > 1:
-            self._prefill_together(together)
-            picked = [s for s in picked if not self._batchable(s)]
-        for seq in picked:
+        """Take queued requests in order while they fit. Text prompts wait in `_prefilling` for the next forward;
+        a request prefilled elsewhere decodes on its restored cache, an image prompt is prefilled alone now."""
+        while (seq := self._next_admitted()) is not None:
+            seq.reserved = self._need(seq)
+            self._reserved += seq.reserved
             try:
-                cache, first = self._start(seq)
-                if seq.handoff is not None:
-                    seq.handoff.set_result(self._handoff(seq, cache, first))
-                    continue
+                if seq.prefilled is not None:
+                    self._restore(seq)
+                elif seq.vision:
+                    self._prefill_alone(seq)
+                else:
+                    self._reuse_prefix(seq)
+                    self._prefilling.append(seq)
             except Exception as err:  # noqa: BLE001 - a bad request (e.g. its vision inputs) fails alone
                 self._fail([seq], err)
-                continue
-            seq._emit(first, self.stats.decode_steps)
-            if not seq.finished:
-                self._cache.merge(cache)
-                self._running.append(seq)
-                self._observe(self._cache.batch_size * self._cache.length)
+                self._release(seq)
 
-    def _batchable(self, seq: Sequence) -> bool:
-        return seq.prefilled is None and seq.handoff is None and not seq.vision and self.prefixes is None
-
-    def _prefill_together(self, seqs: list[Sequence]) -> None:
-        """One left-padded prefill for several text requests: their first tokens, then their rows join the batch.
-        Padding is masked and positions count real tokens only, so each row is what its own prefill gives."""
-        longest = max(len(s.prompt_ids) for s in seqs)
-        pad = self.config.pad_token_id
-        ids = torch.tensor([[pad] * (longest - len(s.prompt_ids)) + s.prompt_ids for s in seqs], device=self.device)
-        mask = torch.tensor([[0] * (longest - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs])
-        cache = KVCache(self.config.num_layers)
-        try:
-            logits = self.model(ids, attention_mask=mask.to(self.device), cache=cache, logits_to_keep=1).logits[:, -1]
-            firsts = sample_rows(without_vision_tokens(logits, self.config), seqs)
-        except Exception as err:  # noqa: BLE001 - these requests fail, the server keeps running
-            self._fail(seqs, err)
-            return
-        self.stats.prefills += len(seqs)
-        self._observe(self._cache.batch_size * self._cache.length + cache.batch_size * cache.length)
-        for seq, first in zip(seqs, firsts, strict=True):
-            seq._emit(first, self.stats.decode_steps)
-        keep = [i for i, s in enumerate(seqs) if not s.finished]
-        if not keep:
-            return
-        if len(keep) < len(seqs):
-            cache.reorder(torch.tensor(keep, device=self.device))
-        self._cache.merge(cache)
-        self._running.extend(seqs[i] for i in keep)
-        self._observe(self._cache.batch_size * self._cache.length)
-
-    def _next_admitted(self, picked: list[Sequence] = ()) -> Sequence | None:
-        """The first queued request, taken off the queue if the batch has room for it beside the running rows
-        and the requests `picked` this round (a row, unless it is prefill-only, and the KV budget); None:
-        nothing more can be admitted now."""
+    def _next_admitted(self) -> Sequence | None:
+        """The first queued request, taken off the queue if the batch has a row for it (unless it is
+        prefill-only) and its blocks fit beside the admitted requests'; None: nothing more can be admitted now."""
         with self._wake:
             while self._waiting and self._waiting[0].cancelled:
                 self._waiting.popleft()
             if not self._waiting:
                 return None
             seq = self._waiting[0]
-            rows = len(self._running) + sum(1 for s in picked if s.handoff is None)
+            rows = len(self._running) + sum(1 for s in self._prefilling if s.handoff is None)
             if seq.handoff is None and rows >= self.max_batch:
                 return None
-            planned = [(s.cached, s.steps_left) for s in self._running] + [_alone(s) for s in (*picked, seq)]
-            if peak_cached_tokens(planned) > self.kv_cache_tokens:
-                return None  # it waits (in order) until running rows finish
+            if self._reserved + self._need(seq) > self.pool.num_blocks:
+                return None  # it waits (in order) until running requests finish
             return self._waiting.popleft()
 
-    def _start(self, seq: Sequence) -> tuple[KVCache, int]:
-        """A request's prompt cache and first token: computed here, or restored from its prefill elsewhere."""
-        if seq.prefilled is not None:
-            prefilled, seq.prefilled = seq.prefilled, None  # its buffers (maybe object store memory) can go
-            self.stats.taken_over += 1
-            return prefilled.restore_cache(self.device), prefilled.first_token
-        cache, logits = self._prefill(seq)
-        return cache, sample_rows(logits, [seq])[0]
+    def _grow(self, seq: Sequence, tokens: int) -> list[int]:
+        """The request's blocks, enough for `tokens` (within its reservation)."""
+        missing = self.pool.blocks_for(tokens) - len(seq.blocks)
+        if missing > 0:
+            seq.blocks += self.pool.allocate(missing)
+            self.stats.max_cached_tokens = max(self.stats.max_cached_tokens, self.cached_tokens)
+        return seq.blocks
 
-    def _handoff(self, seq: Sequence, cache: KVCache, first: int) -> Prefilled:
-        self.stats.handed_off += 1
-        state = None if seq.generator is None else seq.generator.get_state()
-        return Prefilled(seq.prompt_ids, seq.params, first, seq.eos, cache.export(), state)
+    def _release(self, seq: Sequence) -> None:
+        self.pool.release(seq.blocks)
+        seq.blocks = []
+        self._reserved -= seq.reserved
+        seq.reserved = 0
 
-    def _prefill(self, seq: Sequence) -> tuple[KVCache, torch.Tensor]:
-        """The prompt's cache and last logits; with prefix caching (text prompts), only the part after the
-        longest stored prefix runs, and the prompt is stored for the prompts after it."""
-        cache, done = KVCache(self.config.num_layers), 0
-        reuse = self.prefixes is not None and not seq.vision
-        if reuse and (hit := self.prefixes.lookup(seq.prompt_ids)) is not None:
-            cache, done = hit
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """With prefix caching: the longest stored prefix of the prompt goes into its blocks, the rest runs."""
+        seq.next_position = 0
+        if self.prefixes is None or (hit := self.prefixes.lookup(seq.prompt_ids)) is None:
+            return
+        cache, n = hit
+        self.pool.write(self._grow(seq, n), 0, [k[0] for k in cache.keys], [v[0] for v in cache.values])
+        seq.done = seq.next_position = n
+
+    def _restore(self, seq: Sequence) -> None:
+        """A request prefilled elsewhere: its cache into its blocks, its first token out."""
+        prefilled, seq.prefilled = seq.prefilled, None  # its buffers (maybe object store memory) can go
+        cache = prefilled.restore_cache(self.device)
+        keys, values = [k[0] for k in cache.keys], [v[0] for v in cache.values]
+        self.pool.write(self._grow(seq, keys[0].shape[1]), 0, keys, values)
+        seq.done, seq.next_position = keys[0].shape[1], int(cache.next_position[0])
+        self.stats.taken_over += 1
+        self._started(seq, prefilled.first_token)
+
+    def _prefill_alone(self, seq: Sequence) -> None:
+        """An image prompt: one forward of its own (its embeddings and 3D positions need its pixels)."""
+        n = len(seq.prompt_ids)
+        batch = PagedBatch(self.pool, [Segment(self._grow(seq, n), 0, n)])
         vision = {k: v.to(self.device) for k, v in seq.vision.items()}
-        ids = torch.tensor([seq.prompt_ids[done:]], device=self.device)
-        logits = self.model(ids, cache=cache, logits_to_keep=1, **vision).logits[:, -1]
-        if reuse:
-            self.prefixes.store(seq.prompt_ids, cache)
+        logits = self.model(torch.tensor([seq.prompt_ids], device=self.device), cache=batch, **vision).logits[0]
+        seq.done, seq.next_position = n, batch.next_positions[0]
         self.stats.prefills += 1
-        self._observe(self._cache.batch_size * self._cache.length + cache.length)
-        return cache, without_vision_tokens(logits, self.config)
+        self._started(seq, sample_rows(without_vision_tokens(logits, self.config), [seq])[0])
 
-    def _decode(self) -> None:
-        """One step for every running row; the rows that finished leave the batch right after."""
-        last = torch.tensor([[s.tokens_so_far[-1]] for s in self._running], device=self.device)
-        logits = self.model(last, cache=self._cache).logits[:, -1]
-        self.stats.decode_steps += 1
-        self.stats.max_batch = max(self.stats.max_batch, len(self._running))
-        self.stats.row_steps += len(self._running)
-        self._observe(self._cache.batch_size * self._cache.length)
-        tokens = sample_rows(without_vision_tokens(logits, self.config), self._running)
-        for seq, token in zip(self._running, tokens, strict=True):
+    def _forward(self) -> None:
+        """One model call: a token for every decoding request and the next chunk of waiting prompts (at most
+        `prefill_chunk_tokens` of them), laid end to end; then each request whose prompt or step is done samples."""
+        segments, ids = [], []
+        for seq in self._running:
+            segments.append(Segment(self._grow(seq, seq.done + 1), seq.done, 1, seq.next_position))
+            ids.append(seq.tokens_so_far[-1])
+        chunks, budget = [], self.prefill_chunk_tokens
+        for seq in self._prefilling:
+            if budget <= 0:
+                break
+            n = min(len(seq.prompt_ids) - seq.done, budget)
+            budget -= n
+            segments.append(Segment(self._grow(seq, seq.done + n), seq.done, n, seq.next_position))
+            ids.extend(seq.prompt_ids[seq.done : seq.done + n])
+            chunks.append((seq, n))
+        batch = PagedBatch(self.pool, segments)
+        logits = self.model(torch.tensor([ids], device=self.device), cache=batch).logits[0]
+        logits = without_vision_tokens(logits, self.config)
+
+        decoding = list(self._running)
+        prompted = [seq for seq, n in chunks if seq.done + n == len(seq.prompt_ids)]
+        rows = list(range(len(decoding))) + [len(decoding) + i for i, (seq, n) in enumerate(chunks) if seq in prompted]
+        tokens = sample_rows(logits[rows] if len(rows) < len(segments) else logits, [*decoding, *prompted])
+        for seq, position in zip(self._running, batch.next_positions, strict=False):
+            seq.done, seq.next_position = seq.done + 1, position
+        for (seq, n), position in zip(chunks, batch.next_positions[len(decoding) :], strict=True):
+            seq.done, seq.next_position = seq.done + n, position
+        if decoding:
+            self.stats.decode_steps += 1
+            self.stats.max_batch = max(self.stats.max_batch, len(decoding))
+            self.stats.row_steps += len(decoding)
+        for seq, token in zip(decoding, tokens, strict=False):
             if not seq.cancelled:
                 seq._emit(token, self.stats.decode_steps)
+        self._prefilling = [seq for seq in self._prefilling if seq not in prompted]
+        for seq, token in zip(prompted, tokens[len(decoding) :], strict=True):
+            self.stats.prefills += 1
+            if self.prefixes is not None:
+                self._store_prefix(seq)
+            self._started(seq, token)
         self._remove_finished()
 
-    def _remove_finished(self) -> None:
-        keep = [i for i, s in enumerate(self._running) if not s.finished]
-        if len(keep) == len(self._running):
+    def _started(self, seq: Sequence, first: int) -> None:
+        """A request's prompt is in its blocks and its first token drawn: hand it over, or emit it and decode."""
+        if seq.handoff is not None:
+            self.stats.handed_off += 1
+            state = None if seq.generator is None else seq.generator.get_state()
+            handoff = Prefilled(seq.prompt_ids, seq.params, first, seq.eos, self._export(seq), state)
+            self._release(seq)
+            seq.handoff.set_result(handoff)
             return
-        if not keep:
-            self._running, self._cache = [], KVCache(self.config.num_layers)
-            return
-        self._cache.reorder(torch.tensor(keep, device=self.device))
-        self._cache.trim()
-        self._running = [self._running[i] for i in keep]
+        seq._emit(first, self.stats.decode_steps)
+        if seq.finished:
+            self._release(seq)
+        else:
+            self._running.append(seq)
 
-    def _observe(self, cached_tokens: int) -> None:
-        self.stats.max_cached_tokens = max(self.stats.max_cached_tokens, cached_tokens)
+    def _export(self, seq: Sequence) -> dict:
+        """The request's cache (`Prefilled.cache`): what another engine restores."""
+        keys, values = self.pool.read(seq.blocks, seq.done)
+        return {
+            "keys": [k[None].cpu() for k in keys],
+            "values": [v[None].cpu() for v in values],
+            "next_position": torch.tensor([seq.next_position]),
+        }
+
+    def _store_prefix(self, seq: Sequence) -> None:
+        keys, values = self.pool.read(seq.blocks, len(seq.prompt_ids))
+        cache = KVCache(self.config.num_layers)
+        cache.keys, cache.values = [k[None] for k in keys], [v[None] for v in values]
+        cache.next_position = torch.tensor([seq.next_position], device=self.device)
+        self.prefixes.store(seq.prompt_ids, cache)
+
+    def _remove_finished(self) -> None:
+        for group in ("_running", "_prefilling"):
+            seqs = getattr(self, group)
+            if any(s.finished for s in seqs):
+                for seq in seqs:
+                    if seq.finished:
+                        self._release(seq)
+                setattr(self, group, [s for s in seqs if not s.finished])
 
     @staticmethod
     def _fail(seqs: list[Sequence], err: Exception) -> None:

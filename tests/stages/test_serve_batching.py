@@ -19,7 +19,7 @@ from ernie import get_preset
 from ernie.generation import generate
 from stages.data.tokenizer import train_tokenizer
 from stages.serve.engine import Engine, RequestError
-from stages.serve.scheduler import SamplingParams, Sequence, peak_cached_tokens, sample_rows
+from stages.serve.scheduler import SamplingParams, Scheduler, Sequence, sample_rows
 
 EOS = get_preset("tiny_moe").eos_token_id
 
@@ -163,15 +163,32 @@ def test_kv_budget_holds_under_load_and_queued_requests_complete(make_engine):
         engine.complete([5] * 70, max_tokens=11)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 60), st.integers(0, 40)), min_size=1, max_size=12))
-def test_peak_cached_tokens_is_the_largest_padded_batch_step_by_step(rows):
-    """Against a step-by-step walk: after t steps the rows with steps left >= t remain, each t longer."""
-    walk = []
-    for t in range(max(left for _, left in rows) + 1):
-        alive = [cached + t for cached, left in rows if left >= t]
-        walk.append(len(alive) * max(alive))
-    assert peak_cached_tokens(rows) == max(walk)
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 40), st.integers(1, 30)), min_size=1, max_size=10),
+    st.integers(4, 16),
+    st.integers(1, 24),
+)
+def test_the_block_pool_never_overflows_and_frees_every_block(requests, block_tokens, chunk):
+    """Any mix of prompt lengths and max_tokens under a budget of a few requests' worth of blocks: admission
+    reserves each request's longest, so allocation never fails, every request ends with its own greedy
+    tokens (long prompts run in chunks) and all blocks come back."""
+    model = varied_model(eos=False)
+    budget = max(p + m for p, m in requests) * 2
+    scheduler = Scheduler(
+        model, kv_cache_tokens=budget, max_batch=4, block_tokens=block_tokens, prefill_chunk_tokens=chunk
+    )
+    rng = random.Random(len(requests))
+    seqs = [
+        scheduler.submit([rng.randrange(3, 250) for _ in range(p)], SamplingParams(m, temperature=0.0))
+        for p, m in requests
+    ]
+    outs = [list(seq.tokens()) for seq in seqs]
+    scheduler.close()
+    for seq, out in zip(seqs, outs, strict=True):
+        assert out == greedy_reference(model, seq.prompt_ids, seq.params.max_tokens)
+    assert scheduler.stats.max_cached_tokens <= scheduler.pool.num_blocks * block_tokens
+    assert scheduler.pool.free_blocks == scheduler.pool.num_blocks and scheduler._reserved == 0
 
 
 def test_closing_a_stream_cancels_its_sequence_and_frees_its_rows(make_engine):
@@ -316,11 +333,10 @@ def test_the_prefix_cache_keeps_its_budget_and_forgets_least_recently_used_first
     assert cache.lookup(a[:15] + [9]) is None and cache.lookup(a[:32])[1] == 16  # leaves one token to compute
 
 
-def test_requests_that_arrive_together_are_prefilled_in_one_padded_forward_with_their_own_tokens():
-    """Queued together, plain text requests of different lengths are prefilled in one left-padded forward (one
-    model call, not one each) and still give exactly their own greedy decode; a seeded sampled one its own draw."""
-    from stages.serve.scheduler import Scheduler
-
+def test_requests_that_arrive_together_are_prefilled_in_one_forward_with_their_own_tokens():
+    """Queued together, plain text requests of different lengths are prefilled in one forward (their tokens end to
+    end in one row: one model call, not one each) and still give exactly their own greedy decode; a seeded sampled
+    one its own draw. Later forwards carry one token per request."""
     model = varied_model(eos=False)
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 250) for _ in range(n)] for n in (3, 17, 9, 30)]
@@ -333,17 +349,17 @@ def test_requests_that_arrive_together_are_prefilled_in_one_padded_forward_with_
     seqs.append(Sequence(prompts[1], SamplingParams(6, temperature=1.0, seed=3), None, EOS))
     scheduler._waiting.extend(seqs)  # queued before the loop looks: they are admitted together
     with torch.inference_mode():
-        scheduler._admit()
-        assert scheduler.stats.prefills == 5 and len(calls) == 1 and calls[0][0] == 5
+        scheduler.step()
+        assert scheduler.stats.prefills == 5 and calls == [(1, sum(map(len, prompts)) + 17)]
         while scheduler._running:
-            scheduler._decode()
+            scheduler.step()
+    assert calls[1] == (1, 5) and scheduler.stats.max_batch == 5
     for seq, prompt in zip(seqs[:4], prompts, strict=True):
         assert seq.tokens_so_far == greedy_reference(model, prompt, 6)
     alone = Sequence(prompts[1], SamplingParams(6, temperature=1.0, seed=3), None, EOS)
     single = Scheduler(model, kv_cache_tokens=4096, max_batch=8)
     single._waiting.append(alone)
     with torch.inference_mode():
-        single._admit()
-        while single._running:
-            single._decode()
+        while single.step() or single._running or single._prefilling:
+            pass
     assert seqs[4].tokens_so_far == alone.tokens_so_far

@@ -1,0 +1,243 @@
+"""Paged KV cache for serving: fixed blocks of token slots shared by every request, and one forward's view of them.
+
+    pool = BlockPool.for_model(model, num_blocks=4096, block_size=16)
+    blocks = pool.allocate(pool.blocks_for(len(prompt)))
+    batch = PagedBatch(pool, [Segment(blocks, past=0, new=len(prompt))])
+    logits = model(torch.tensor([prompt]), cache=batch).logits    # [1, segments, vocab]: each one's last token
+
+A request's keys and values live in its own blocks wherever they are in the pool, so requests join and
+leave a running batch without moving anyone else's cache (the contiguous `KVCache` copies the whole batch
+then), and memory is counted in blocks, not in rows padded to the longest one.
+
+One forward serves any mix of requests: their new tokens are laid end to end in one row ([1, T]), so the
+projections, MLPs and the LM head run once over all of them (a decode step's one token per request and a
+prompt's chunk alike: chunked prefill), and only attention looks at which request a token belongs to.
+The one-token segments (decode) attend in one batched call over their blocks, gathered into a reused
+workspace; each longer segment (a prompt or a prompt's chunk) attends causally on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class BlockPool:
+    """Per layer, keys and values of `num_blocks` blocks of `block_size` token slots, and which blocks are free.
+
+    The memory is zeroed once: a slot no request owns still holds finite numbers, so attention may read it
+    under a mask (a masked NaN would still poison the softmax)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(
+                f"a block pool needs num_blocks >= 1 (got {num_blocks}) and block_size >= 1 (got {block_size})"
+            )
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._free: deque[int] = deque(range(num_blocks))
+        self._workspace: list[torch.Tensor] = []
+        """Two buffers of blocks (keys, values) the decode gather writes into, reused by every layer and step."""
+
+    @classmethod
+    def for_model(cls, model, num_blocks: int, block_size: int) -> BlockPool:
+        cfg = model.config
+        weight = model.model.embed_tokens.weight
+        return cls(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks, block_size, weight.dtype, weight.device)
+
+    # ------------------------------------------------------------------ blocks
+    def blocks_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.block_size)
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise RuntimeError(f"the KV block pool has {len(self._free)} free blocks, {count} were asked for")
+        return [self._free.popleft() for _ in range(count)]
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+    def slots(self, blocks: list[int], start: int, stop: int) -> torch.Tensor:
+        """Flat slot indices (block * block_size + offset) of token positions [start, stop) of a request."""
+        pos = torch.arange(start, stop)
+        table = torch.tensor(blocks, dtype=torch.long)
+        return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.keys[0].device)
+
+    # ------------------------------------------------------------------ moving a request's cache in and out
+    def write(self, blocks: list[int], start: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Store per-layer [Hkv, n, D] keys/values at positions [start, start + n) of the request owning `blocks`."""
+        n = keys[0].shape[1]
+        slots = self.slots(blocks, start, start + n)
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            self._flat(self.keys[layer]).index_copy_(0, slots, k.transpose(0, 1).to(self.keys[layer].dtype))
+            self._flat(self.values[layer]).index_copy_(0, slots, v.transpose(0, 1).to(self.values[layer].dtype))
+
+    def read(self, blocks: list[int], length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer [Hkv, length, D] keys/values of a request's first `length` positions (a copy)."""
+        slots = self.slots(blocks, 0, length)
+        keys = [self._flat(k).index_select(0, slots).transpose(0, 1).contiguous() for k in self.keys]
+        values = [self._flat(v).index_select(0, slots).transpose(0, 1).contiguous() for v in self.values]
+        return keys, values
+
+    @staticmethod
+    def _flat(pool: torch.Tensor) -> torch.Tensor:
+        return pool.view(-1, *pool.shape[2:])
+
+    def _gather(self, layer: int, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the blocks in `table` [B, nb], as [B, Hkv, nb * block_size, D] views of the workspace."""
+        B, nb = table.shape
+        need = B * nb
+        if not self._workspace or self._workspace[0].shape[0] < need:
+            shape = (max(need, 2 * self._workspace[0].shape[0] if self._workspace else need), *self.keys[0].shape[1:])
+            self._workspace = [self.keys[0].new_empty(shape), self.keys[0].new_empty(shape)]
+        flat = table.reshape(-1)
+        out = []
+        for pool, ws in ((self.keys[layer], self._workspace[0]), (self.values[layer], self._workspace[1])):
+            gathered = torch.index_select(pool, 0, flat, out=ws[:need])
+            out.append(gathered.view(B, nb * self.block_size, *pool.shape[2:]).transpose(1, 2))
+        return out[0], out[1]
+
+
+@dataclass
+class Segment:
+    """One request's part of a forward: its new tokens, after the `past` ones already in its blocks."""
+
+    blocks: list[int]
+    """The request's blocks, enough for past + new tokens."""
+    past: int
+    new: int
+    next_position: int | None = None
+    """RoPE position of its first new token; None for a prompt starting from scratch: the model's own positions
+    (a VL prompt's 3D ones; plain text counts tokens). Several segments all need it."""
+
+
+class PagedBatch:
+    """One forward over a `BlockPool`: what the model takes as `cache` (see the module docstring).
+
+    Built once per forward and shared by the layers (slot indices, the decode group's block table and mask);
+    each layer's `attend` stores its new keys/values and attends. After the forward, `next_positions` holds
+    each segment's position to continue from."""
+
+    def __init__(self, pool: BlockPool, segments: list[Segment]) -> None:
+        if not segments:
+            raise ValueError("a paged batch needs at least one segment")
+        if len(segments) > 1 and any(s.next_position is None for s in segments):
+            raise ValueError(
+                "segments of a batched forward need their next_position (the model's positions are per row)"
+            )
+        self.pool, self.segments = pool, segments
+        device = pool.keys[0].device
+        bs = pool.block_size
+        # index lists built in Python and made tensors once: per-segment tensor ops would cost more than a
+        # small model's decode step
+        starts, slots, positions, offset = [], [], [], 0
+        for s in segments:
+            if s.new < 1:
+                raise ValueError(f"a segment must bring at least one new token (got {s.new})")
+            if len(s.blocks) * bs < s.past + s.new:
+                raise ValueError(f"{len(s.blocks)} blocks of {bs} slots cannot hold {s.past} + {s.new} tokens")
+            starts.append(offset)
+            offset += s.new
+            slots += [s.blocks[p // bs] * bs + p % bs for p in range(s.past, s.past + s.new)]
+            if s.next_position is not None:
+                positions += range(s.next_position, s.next_position + s.new)
+        self.tokens = offset
+        self._starts = starts
+        self.write_slots = torch.tensor(slots, device=device)
+        self.logit_index = torch.tensor([a + s.new - 1 for a, s in zip(starts, segments, strict=True)], device=device)
+        self.position_ids = torch.tensor([positions], device=device) if positions else None
+        self.next_positions: list[int] | None = None
+
+        # one-token segments (decode steps) attend together over a padded table of their blocks
+        self._decode = [i for i, s in enumerate(segments) if s.new == 1]
+        self._decode_tokens = torch.tensor([starts[i] for i in self._decode], dtype=torch.long, device=device)
+        if self._decode:
+            lengths = [segments[i].past + 1 for i in self._decode]
+            width = pool.blocks_for(max(lengths))
+            # short rows repeat their first block: read under the mask, never seen
+            table = [segments[i].blocks[:width] for i in self._decode]
+            self._table = torch.tensor([t + [t[0]] * (width - len(t)) for t in table], device=device)
+            self._bias = None
+            if min(lengths) < width * bs:
+                seen = torch.arange(width * bs, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+                bias = torch.zeros(seen.shape, dtype=pool.keys[0].dtype, device=device)
+                self._bias = bias.masked_fill_(~seen, float("-inf"))[:, None, None, :]
+        self._longer = [i for i, s in enumerate(segments) if s.new > 1]
+        self._read_slots = {
+            i: pool.slots(segments[i].blocks, 0, segments[i].past + segments[i].new)
+            for i in self._longer
+            if segments[i].past
+        }
+
+    # the attributes the model reads of any cache
+    next_position = None
+    key_valid = None
+    document_ids = None
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this layer's new keys/values, then attention of every new token over its own request's cache.
+
+        q [1, H, T, D], k / v [1, Hkv, T, D] -> [1, T, H * D]."""
+        _, H, T, D = q.shape
+        Hkv = k.shape[1]
+        pool = self.pool
+        k_pool, v_pool = pool._flat(pool.keys[layer]), pool._flat(pool.values[layer])
+        k_pool.index_copy_(0, self.write_slots, k[0].transpose(0, 1))
+        v_pool.index_copy_(0, self.write_slots, v[0].transpose(0, 1))
+        out = q.new_empty(T, H * D) if self._longer else None
+        if self._decode:
+            B = len(self._decode)
+            only_decode = B == T  # a plain decode step: token i is request i's, no picking needed
+            q_dec = q[0] if only_decode else q[0].index_select(1, self._decode_tokens)
+            # the g query heads of a KV head are g query rows of it: one SDPA call, no per-head copy of K/V
+            q_dec = q_dec.transpose(0, 1).reshape(B, Hkv, H // Hkv, D)
+            keys, values = pool._gather(layer, self._table)
+            att = F.scaled_dot_product_attention(q_dec, keys, values, attn_mask=self._bias).reshape(B, H * D)
+            if only_decode:
+                return att[None]
+            out.index_copy_(0, self._decode_tokens, att)
+        gqa = H != Hkv
+        for i in self._longer:
+            seg, a = self.segments[i], self._starts[i]
+            q_seg = q[:, :, a : a + seg.new]
+            if not seg.past:
+                att = F.scaled_dot_product_attention(
+                    q_seg, k[:, :, a : a + seg.new], v[:, :, a : a + seg.new], is_causal=True, enable_gqa=gqa
+                )
+            else:
+                slots = self._read_slots[i]
+                keys = k_pool.index_select(0, slots).transpose(0, 1)[None]
+                values = v_pool.index_select(0, slots).transpose(0, 1)[None]
+                q_slot = torch.arange(seg.past, seg.past + seg.new, device=q.device)
+                seen = torch.arange(seg.past + seg.new, device=q.device)[None, :] <= q_slot[:, None]
+                att = F.scaled_dot_product_attention(q_seg, keys, values, attn_mask=seen, enable_gqa=gqa)
+            out[a : a + seg.new] = att[0].transpose(0, 1).reshape(seg.new, H * D)
+        return out[None]
+
+    def finish(self, position_ids: torch.Tensor) -> None:
+        """Note where each segment's positions go on (for 3D positions, from their largest axis)."""
+        flat = position_ids if position_ids.dim() == 2 else position_ids.amax(dim=0)
+        self.next_positions = (flat[0, self.logit_index] + 1).tolist()
