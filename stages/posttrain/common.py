@@ -28,6 +28,13 @@ def input_dirs(ctx: StageContext) -> tuple[Path, Path, Path]:
     raise UserError(f"stage {ctx.stage}: neither {ckpt_dir}/tokenizer/ nor {dataset_dir}/tokenizer/ has tokenizer.json")
 
 
+def worker_checkpoint(ctx: StageContext, ckpt_dir: Path) -> str:
+    """Where Ray Train workers and rollout actors load the input checkpoint from: its artifact URL under a remote
+    root (they may run on another node than this stage, whose local copy is `ckpt_dir`), else `ckpt_dir`."""
+    artifact = ctx.input("ckpt")
+    return artifact.uri if "://" in artifact.uri and not artifact.uri.startswith("file://") else str(ckpt_dir)
+
+
 def load_tokenizer(tokenizer_dir: Path):
     from tokenizers import Tokenizer
 
@@ -49,15 +56,18 @@ def train(ctx: StageContext, objective, ckpt_dir: Path, train_examples: list, va
 
     cfg = ctx.config
     work_dir = ctx.work_dir or ctx.output_dir.parent / f".{ctx.output_dir.name}.work"
+    # under a remote root the train state and Ray Train's storage live there: every node's workers reach them
+    state_dir = f"{ctx.state_uri}/train_state" if ctx.state_uri else str(work_dir / "train_state")
+    storage = f"{ctx.state_uri}/ray" if ctx.state_uri else work_dir / "ray"
     launch.check_cluster(cfg.requested(), f"posttrain.{ctx.stage}")
     job = Job(
         config=cfg,
         objective=objective,
-        ckpt_dir=str(ckpt_dir),
+        ckpt_dir=worker_checkpoint(ctx, ckpt_dir),
         seed=ctx.seed,
         train=ray.put(train_examples),
         val=ray.put(val_examples),
-        state_dir=str(work_dir / "train_state"),
+        state_dir=state_dir,
         fingerprint={ctx.stage: fingerprint, "seed": ctx.seed, "ckpt": ctx.input("ckpt").cache_key},
     )
     ctx.progress.set_total(cfg.steps, ctx.stage)
@@ -68,10 +78,10 @@ def train(ctx: StageContext, objective, ckpt_dir: Path, train_examples: list, va
         cpus_per_worker=cfg.cpus_per_worker,
         gpus_per_worker=cfg.resources.num_gpus,
         max_failures=cfg.max_failures,
-        storage=work_dir / "ray",
+        storage=storage,
         on_message=launch.relay(ctx),
     )
-    launch.copy_checkpoint(result, ctx.output_dir, work_dir / "ray")
+    launch.copy_checkpoint(result, ctx.output_dir, storage)
     return result
 
 

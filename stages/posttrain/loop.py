@@ -32,6 +32,7 @@ from stages.training import train_state
 from stages.training.accumulate import accumulate
 from stages.training.optim import build_optimizer, lr_at, set_lr
 from stages.training.parallel import Layout, reshard, shard_fsdp
+from stages.training.storage import local_checkpoint
 
 HISTORY_FILE = "history.json"
 
@@ -70,6 +71,7 @@ class Job:
     config: Any
     objective: Objective
     ckpt_dir: str
+    """The input checkpoint: a local directory (one node), or its artifact URL, which each worker downloads."""
     seed: int
     train: Any  # ray.ObjectRef of a list of examples
     val: Any
@@ -115,6 +117,7 @@ class WorkerLoop:
         self.job, self.cfg, self.objective = job, job.config, job.objective
         torch.manual_seed(job.seed)
         self.train_examples, self.val_examples = train_examples, val_examples
+        self.ckpt_dir, self._ckpt_copy = local_checkpoint(job.ckpt_dir)
         self.build_model()
         self.step = 0
         self.history: dict[str, list] = {"train": [], "val": []}
@@ -136,10 +139,10 @@ class WorkerLoop:
         shards it, so no worker's device ever holds the whole model.
         """
         cfg = self.cfg
-        mode = cfg.parallel_for(load_config(self.job.ckpt_dir))
+        mode = cfg.parallel_for(load_config(self.ckpt_dir))
         param_dtype = torch.bfloat16 if cfg.precision == "bf16" else None  # fsdp gathers layers in bf16
         self.layout = Layout.build(mode, self.world, 1, self.device, param_dtype)
-        self.model = load_pretrained(self.job.ckpt_dir, device=self._load_device())
+        self.model = load_pretrained(self.ckpt_dir, device=self._load_device())
         self.model.recompute, self.model.recompute_every = cfg.recompute, cfg.recompute_every
         self.model.train()
         prepare = getattr(self.objective, "prepare_model", None)
@@ -161,7 +164,7 @@ class WorkerLoop:
     def frozen_input_model(self) -> torch.nn.Module:
         """The input checkpoint again, frozen (a reference model), spread like the policy: sharded under
         fsdp (FSDP2 only gathers it, layer by layer, in each forward), whole on each worker under ddp."""
-        model = load_pretrained(self.job.ckpt_dir, device=self._load_device()).eval().requires_grad_(False)
+        model = load_pretrained(self.ckpt_dir, device=self._load_device()).eval().requires_grad_(False)
         if self.layout.mode == "fsdp":
             shard_fsdp(model, self.device, param_dtype=self.layout.param_dtype)
         return model

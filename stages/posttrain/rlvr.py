@@ -435,7 +435,7 @@ def run(ctx: StageContext) -> StageResult:
     common.check_vocab(tokenizer, ckpt_dir, ctx.stage)
     train, val = load_prompts(ctx, cfg, tokenizer, dataset_dir, ckpt_dir)
     ctx.log.params({"prompts_train": len(train), "prompts_val": len(val)})
-    actors = start_actors(cfg, ckpt_dir, ctx.stage)
+    actors = start_actors(cfg, common.worker_checkpoint(ctx, ckpt_dir), ctx.stage)
     try:
         objective = RLVRObjective(cfg, tokenizer.to_str(), actors)
         result = common.train(ctx, objective, ckpt_dir, train, val, cfg.fingerprint())

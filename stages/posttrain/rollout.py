@@ -79,10 +79,13 @@ class RolloutWorker:
     """A Ray actor holding a copy of the policy for sampling (wrap with `ray.remote` to start one)."""
 
     def __init__(self, ckpt_dir: str, threads: int = 1) -> None:
+        """`ckpt_dir`: a local directory, or a checkpoint URL (the actor may run on another node)."""
         from ernie.checkpoint import load_pretrained
+        from stages.training.storage import local_checkpoint
 
         torch.set_num_threads(max(int(threads), 1))
-        self.model = load_pretrained(ckpt_dir)
+        path, self._ckpt_copy = local_checkpoint(ckpt_dir)
+        self.model = load_pretrained(path)
         self.model.eval()
         self.version = -1
 

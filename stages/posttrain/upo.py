@@ -210,7 +210,7 @@ def run(ctx: StageContext) -> StageResult:
         for split in ("train", "val")
     }
     ctx.log.params({"prompts_train": len(train), "prompts_val": len(val), "pairs_train": len(pairs["train"])})
-    actors = start_actors(cfg, ckpt_dir, ctx.stage)
+    actors = start_actors(cfg, common.worker_checkpoint(ctx, ckpt_dir), ctx.stage)
     try:
         objective = UPOObjective(cfg, tokenizer.to_str(), actors, pairs)
         result = common.train(ctx, objective, ckpt_dir, train, val, cfg.fingerprint())

@@ -1,6 +1,10 @@
-"""Ray Train's storage on an fsspec store (s3://...), for runs whose workers may sit on any node."""
+"""Ray Train's storage on an fsspec store (s3://...), and checkpoints read from one, for runs whose workers
+may sit on any node."""
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 import fsspec
 import pyarrow.fs
@@ -26,3 +30,21 @@ def ray_storage(url: str) -> tuple[pyarrow.fs.FileSystem, str]:
     protocol, _ = fsspec.core.split_protocol(url)
     handler = NodeFileSystem(protocol)
     return pyarrow.fs.PyFileSystem(handler), handler.fs._strip_protocol(url)
+
+
+def local_checkpoint(uri: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """(directory, its holder) of a checkpoint for this process to load: `uri` itself when it is a local path;
+    for a URL (an artifact under a remote root, which a worker on another node cannot reach through the stage's
+    local copy), its top-level files (config, weights, their index; not the train state or tokenizer below it)
+    downloaded to a temporary directory that goes when the holder does."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri.removeprefix("file://"), None
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.invalidate_cache(path)
+    files = [entry["name"] for entry in fs.ls(path, detail=True) if entry["type"] == "file"]
+    if not files:
+        raise FileNotFoundError(f"the checkpoint {uri} holds no files")
+    holder = tempfile.TemporaryDirectory(prefix="ernie-ckpt-")
+    for name in files:
+        fs.get_file(name, str(Path(holder.name) / name.rsplit("/", 1)[-1]))
+    return holder.name, holder

@@ -4,11 +4,11 @@ through RAY_ADDRESS, artifacts on S3 (moto_server).
 
 Where things run is forced by the nodes' resources, not left to the scheduler:
 - node_a: 1 CPU, 4 GiB of Ray's logical `memory`; node_b: 1 CPU, 1 GiB. The run asks 2 GiB for the
-  data and pretrain stage actors (`*.resources.memory_gb=2`): they can only go to node_a.
-- pretraining's 2 Ray Train workers take 1 CPU each: no node holds both, so one runs on each.
+  stage actors (data, pretrain, sft, dpo: `*.resources.memory_gb=2`): they can only go to node_a.
+- each training stage's 2 Ray Train workers take 1 CPU each: no node holds both, so one runs on each.
 Each node reaches S3 through a recording proxy of its own (tests/helpers/ray_nodes.py): the proxy of
-node_b seeing the dataset's shards read proves that the worker there read, from S3, what the data
-stage on node_a wrote. Where the actors ran is read back from the GCS's actor table (dead actors
+node_b seeing the dataset's shards and the input checkpoints read proves that the workers there read,
+from S3, what the stages on node_a wrote, and its train-state writes that they resume from there. Where the actors ran is read back from the GCS's actor table (dead actors
 included) after the run.
 
 `make test-cluster` runs these (CI does, after `make test-faults`): about 1.5 minutes on an idle
@@ -47,13 +47,24 @@ SMALL = [
     "pretrain.eval_every=4",
     "pretrain.checkpoint_every=4",
     "pretrain.eval_rows=8",
+    "posttrain.sft.steps=2",
+    "posttrain.sft.eval_every=2",
+    "posttrain.sft.checkpoint_every=2",
+    "posttrain.sft.batch_size=4",
+    "posttrain.dpo.steps=2",
+    "posttrain.dpo.eval_every=2",
+    "posttrain.dpo.checkpoint_every=2",
+    "posttrain.dpo.batch_size=4",
     "eval.max_items=4",
     "eval.max_rows=8",
     # only node_a has the logical memory for these: the stage actors are pinned there
     "data.resources.memory_gb=2",
     "pretrain.resources.memory_gb=2",
-    "until=pretrain",
+    "posttrain.sft.resources.memory_gb=2",
+    "posttrain.dpo.resources.memory_gb=2",
+    "until=dpo",
 ]
+STAGES = ["data", "pretrain", "sft", "dpo"]
 
 ACTORS = """
 import json, sys, ray
@@ -130,16 +141,16 @@ def test_stages_and_train_workers_run_on_both_nodes_and_share_artifacts_through_
     )
     seconds = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:] + two_nodes.cluster.logs()
-    assert stage_lines(result.stdout) == {"data": "done", "pretrain": "done"}
-    print(f"data + pretrain on two nodes: {seconds:.0f} s")
-    print("\n".join(line for line in result.stdout.splitlines() if line.split()[:1] in (["data"], ["pretrain"])))
+    assert stage_lines(result.stdout) == dict.fromkeys(STAGES, "done")
+    print(f"{' + '.join(STAGES)} on two nodes: {seconds:.0f} s")
+    print("\n".join(line for line in result.stdout.splitlines() if line.split()[:1] in [[s] for s in STAGES]))
 
     labels, actors = _cluster_state(two_nodes)
     node_of = lambda actor: labels[actor["Address"]["NodeID"]]  # noqa: E731
     stage_actors = sorted((a for a in actors if a["ActorClassName"] == "StageActor"), key=lambda a: a["StartTime"])
-    assert [node_of(a) for a in stage_actors] == ["node_a", "node_a"], "data, then pretrain: pinned by memory"
+    assert [node_of(a) for a in stage_actors] == ["node_a"] * len(STAGES), "one per stage, pinned by memory"
     workers = [a for a in actors if a["ActorClassName"] == "RayTrainWorker"]
-    assert sorted(node_of(a) for a in workers) == ["node_a", "node_b"], workers
+    assert sorted(node_of(a) for a in workers) == ["node_a"] * 3 + ["node_b"] * 3, workers  # pretrain, sft, dpo
 
     fs = two_nodes.s3.fs
     (data_manifest,) = fs.glob(f"{BUCKET}/run/data/*/manifest.json")
@@ -159,6 +170,15 @@ def test_stages_and_train_workers_run_on_both_nodes_and_share_artifacts_through_
     assert b.paths("PUT", state + "train_state/"), "the worker on node_b wrote its train-state shards to S3"
     assert a.paths("PUT", state + "train_state/")
     assert a.paths("PUT", state + "ray/") or b.paths("PUT", state + "ray/"), "Ray Train's storage is on S3"
+    # post-training: each stage's input checkpoint read from S3 by the worker on node_b, its state written there
+    for stage, upstream in (("sft", "pretrain"), ("dpo", "sft")):
+        (manifest,) = fs.glob(f"{BUCKET}/run/{stage}/*/manifest.json")
+        key = manifest.split("/")[-2]
+        (upstream_manifest,) = fs.glob(f"{BUCKET}/run/{upstream}/*/manifest.json")
+        weights = f"/{BUCKET}/run/{upstream}/{upstream_manifest.split('/')[-2]}/model.safetensors"
+        assert b.paths("GET", weights), f"the {stage} worker on node_b loaded its checkpoint from S3"
+        assert b.paths("PUT", f"/{BUCKET}/run/.work/{stage}/{key}/train_state/"), f"{stage} state from node_b on S3"
+        assert fs.exists(f"{BUCKET}/run/{stage}/{key}/model.safetensors")
     assert not list(tmp_path.glob("runs/artifacts")), "nothing under the default local root"
 
 
