@@ -22,12 +22,8 @@ sent (for HF: its batch started); TPOT = (last - first token) / (tokens - 1); p5
     python bench/serve_load.py --smoke          # tiny dense, 1 and 4 streams, a few short requests (tests)
     python bench/serve_load.py                  # tiny-dense, tiny-moe, ernie-0.3b-4l; fp32, bf16; 1 / 8 / 32 streams
     python bench/serve_load.py --case ernie-0.3b-4l --streams 32 --threads 2
-    python bench/serve_load.py --smoke --pd 2   # also prefill/decode disaggregated (Ray)
 
-`--pd N` adds a third implementation per level, `ours-pd`: `stages.serve.pd.PDEngine` with N worker
-actors on a local Ray (`--pd-prefill-workers` of them prefilling; `--threads` CPUs and torch threads
-each; `--pd-switching` lets roles follow the load), the same closed-loop clients reading its token
-stream; `same_tokens_as_colocated` compares its tokens with ours.
+Prefill/decode disaggregation against colocated serving: bench/serve_pd.py.
 
 Writes JSON (one record per case, implementation and concurrency) to --out.
 """
@@ -67,7 +63,12 @@ from ernie.checkpoint import save_pretrained  # noqa: E402
 from ernie.config import ErnieConfig  # noqa: E402
 from stages.data.tokenizer import train_tokenizer  # noqa: E402
 from stages.serve.engine import Engine  # noqa: E402
-from stages.serve.scheduler import SamplingParams, SchedulerStats  # noqa: E402
+from stages.serve.scheduler import (  # noqa: E402
+    DEFAULT_BLOCK_TOKENS,
+    DEFAULT_PREFILL_CHUNK_TOKENS,
+    SamplingParams,
+    SchedulerStats,
+)
 
 
 def cases() -> dict[str, ErnieConfig]:
@@ -182,29 +183,6 @@ def run_hf(model, requests: list[Request], streams: int, pad: int, eos: int) -> 
     return served, time.perf_counter() - start
 
 
-def start_pd(ckpt: Path, tokenizer_path: Path, dtype: torch.dtype, args):
-    """A PDEngine of `args.pd` workers on a local Ray (started here if none runs)."""
-    import ray
-
-    from stages.serve.pd import PDEngine
-    from stages.serve.roles import RoleSwitchPolicy
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=args.pd * args.threads, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    policy = RoleSwitchPolicy(enabled=args.pd_switching, interval_s=0.5, min_dwell_s=5.0)
-    return PDEngine(
-        ckpt,
-        tokenizer_path,
-        workers=args.pd,
-        prefill_workers=args.pd_prefill_workers,
-        worker_cpus=args.threads,
-        dtype=dtype,
-        policy=policy,
-        kv_cache_tokens=args.kv_cache_tokens,
-        max_batch=max(args.streams),
-    )
-
-
 # ---------------------------------------------------------------------- figures
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
@@ -238,9 +216,6 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
     with torch.inference_mode():
         run_ours(engine, warm, 2)
         run_hf(hf, warm, 2, cfg.pad_token_id, cfg.eos_token_id)
-    pd = start_pd(ckpt, tokenizer_path, torch_dtype, args) if args.pd else None
-    if pd is not None:
-        run_clients(lambda req: pd.tokens(req.prompt, SamplingParams(req.max_tokens, temperature=0.0)), warm, 2)
     records = []
     for streams in args.streams:
         n = max(args.min_requests, args.requests_per_stream * streams)
@@ -270,33 +245,9 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
         hf_record = {**base, "impl": "hf-generate", **summarise(theirs, theirs_wall), "batching": f"waves of {streams}"}
         ours_record["speedup_vs_hf"] = round(ours_record["tokens_per_s"] / hf_record["tokens_per_s"], 2)
         level = [ours_record, hf_record]
-        if pd is not None:
-            switches = len(pd.role_switches)
-            mine, mine_wall = run_clients(
-                lambda req: pd.tokens(req.prompt, SamplingParams(req.max_tokens, temperature=0.0)), requests, streams
-            )
-            stats = pd.stats()
-            pd_record = {
-                **base,
-                "impl": "ours-pd",
-                **summarise(mine, mine_wall),
-                "same_tokens_as_colocated": round(
-                    sum(a.tokens == b.tokens for a, b in zip(mine, ours, strict=True)) / len(requests), 3
-                ),
-                "pd": {
-                    "workers": args.pd,
-                    "prefill_workers_at_start": args.pd_prefill_workers,
-                    "switching": args.pd_switching,
-                    "role_switches": len(pd.role_switches) - switches,
-                    "roles_after": stats["workers"],
-                },
-            }
-            level.append(pd_record)
         for record in level:
             print(json.dumps(record), flush=True)
             records.append(record)
-    if pd is not None:
-        pd.close()
     engine.close()
     del engine, hf
     gc.collect()
@@ -316,12 +267,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-requests", type=int, default=8, help="requests per level at least (1 stream: 8)")
     parser.add_argument("--kv-cache-tokens", type=int, default=65536, help="our engine's KV budget (serve config)")
     parser.add_argument("--out", default="bench/results/serve_load.json")
-    parser.add_argument("--pd", type=int, default=0, help="also serve PD-disaggregated on this many workers (>= 2)")
-    parser.add_argument("--pd-prefill-workers", type=int, default=1, help="of --pd, prefilling at the start")
-    parser.add_argument("--pd-switching", action="store_true", help="PD roles follow the load (RoleSwitchPolicy)")
     args = parser.parse_args(argv)
-    if args.pd and not 1 <= args.pd_prefill_workers < args.pd:
-        parser.error("--pd needs at least 2 workers and --pd-prefill-workers between 1 and --pd - 1")
     args.prompt_range, args.max_tokens_range = (8, 48), (16, 64)
     if args.smoke:
         args.case = args.case or ["tiny-dense"]
@@ -373,16 +319,11 @@ def main(argv: list[str] | None = None) -> dict:
             "max_tokens": list(args.max_tokens_range),
             "sampling": "greedy, stops at eos",
             "kv_cache_tokens": args.kv_cache_tokens,
-            "ours": "Engine.load + continuous batching, C closed-loop client threads, tokens timed on receipt",
+            "kv_block_tokens": DEFAULT_BLOCK_TOKENS,
+            "prefill_chunk_tokens": DEFAULT_PREFILL_CHUNK_TOKENS,
+            "ours": "Engine.load + continuous batching on the paged KV cache, C closed-loop client threads, tokens "
+            "timed on receipt",
             "hf": "AutoModelForCausalLM (sdpa) generate on left-padded waves of C requests, streamer-timed steps",
-            **(
-                {
-                    "pd": f"PDEngine, {args.pd} Ray workers ({args.pd_prefill_workers} prefilling at first), "
-                    f"{args.threads} threads each, switching {'on' if args.pd_switching else 'off'}"
-                }
-                if args.pd
-                else {}
-            ),
         },
         "records": records,
     }

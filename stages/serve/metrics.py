@@ -58,10 +58,10 @@ class ServeMetrics:
             f"{PREFIX}prompt_tokens", "Prompt tokens, once per prompt as `usage` counts them", ["role"], registry=r
         ).labels(role)
         gauges = {
-            "queue_depth": ("Requests waiting for a place in the batch", lambda: scheduler.queued),
+            "queue_depth": ("Requests without their first token yet (queued or prefilling)", lambda: scheduler.queued),
             "running": ("Requests decoding now", lambda: scheduler.batch_size),
-            "kv_cache_used_tokens": ("KV cache slots the batch holds now", lambda: scheduler.cached_tokens),
-            "kv_cache_budget_tokens": ("KV cache slots the batch may hold", lambda: scheduler.kv_cache_tokens),
+            "kv_cache_used_tokens": ("Token slots of the KV blocks requests hold now", lambda: scheduler.cached_tokens),
+            "kv_cache_budget_tokens": ("Token slots of the KV block pool", lambda: scheduler.kv_cache_tokens),
         }
         prefixes = getattr(scheduler, "prefixes", None)
         if prefixes is not None:
