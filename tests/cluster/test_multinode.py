@@ -8,11 +8,11 @@ Where things run is forced by the nodes' resources, not left to the scheduler:
 - each training stage's 2 Ray Train workers take 1 CPU each: no node holds both, so one runs on each.
 Each node reaches S3 through a recording proxy of its own (tests/helpers/ray_nodes.py): the proxy of
 node_b seeing the dataset's shards and the input checkpoints read proves that the workers there read,
-from S3, what the stages on node_a wrote, and its train-state writes that they resume from there. Where the actors ran is read back from the GCS's actor table (dead actors
-included) after the run.
+from S3, what the stages on node_a wrote, and its train-state writes that they resume from there.
+Where the actors ran is read back from the GCS's actor table (dead actors included) after the run.
 
-`make test-cluster` runs these (CI does, after `make test-faults`): about 1.5 minutes on an idle
-2-core machine, 2.5 under heavy load. The GCS's actor table is read through `ray._private.state`:
+`make test-cluster` runs these (CI does, after `make test-faults`): about 2.5 minutes on an idle
+2-core machine. The GCS's actor table is read through `ray._private.state`:
 Ray's public state API needs the dashboard, which the nodes do not start.
 """
 

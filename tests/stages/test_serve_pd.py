@@ -157,6 +157,32 @@ def test_role_policy_wants_pressure_on_one_side_and_room_on_the_other():
 
 
 # ---------------------------------------------------------------------- PD workers on Ray
+def test_serve_pd_bench_smoke_compares_pd_and_colocated_on_each_mix(local_ray, tmp_path):
+    """bench/serve_pd.py on this module's Ray (before the `pd` fixture's workers hold its CPUs)."""
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    sys.path.insert(0, str(bench))
+    threads = torch.get_num_threads()
+    try:
+        import serve_pd
+
+        report = serve_pd.main(["--smoke", "--out", str(tmp_path / "serve_pd.json")])
+    finally:
+        torch.set_num_threads(threads)
+        sys.path.remove(str(bench))
+    records = {(r["mix"], r["impl"]): r for r in report["records"]}
+    assert set(records) == {
+        (mix, impl) for mix in ("prefill-heavy", "decode-heavy", "mixed") for impl in ("colocated", "pd")
+    }
+    for mix in ("prefill-heavy", "decode-heavy", "mixed"):
+        colocated, pd = records[mix, "colocated"], records[mix, "pd"]
+        assert colocated["tokens"] == pd["tokens"] > 0 and pd["same_tokens_as_colocated"] == 1.0  # fp32 greedy
+        assert all(r["ttft_ms"]["p99"] > 0 and r["tpot_ms"]["p50"] > 0 for r in (colocated, pd))
+    assert json.loads((tmp_path / "serve_pd.json").read_text())["records"] == report["records"]
+
+
 @pytest.fixture(scope="module")
 def pd(ckpt, local_ray):
     from stages.serve.pd import PDEngine
