@@ -178,6 +178,10 @@ class Resources:
     """GPUs reserved (fractions share one GPU)."""
     memory_gb: float = 0.0
     """Memory to reserve for the stage actor (0 = no reservation)."""
+    custom: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources the stage actor needs, e.g. {gpu_serve: 1}: it runs only on nodes started with them
+    (`ray start --resources='{"gpu_serve": 4}'`, a node type's `resources:` in the cluster launcher or KubeRay).
+    New keys need Hydra's `++`: `++serve.resources.custom={gpu_serve:1}`."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,23 @@ def check_fits(request: Request, cluster: dict[str, float], key: str) -> None:
             raise UserError(
                 f"{key} asks for {need:g} {name}(s) at once ({request.terms}) but the Ray cluster has {have:g}. "
                 f"Lower the request, add nodes{', or use dry_run=true for a CPU rehearsal' if name == 'GPU' else ''}."
+            )
+
+
+def check_custom_resources(resources: Any, cluster: dict[str, float] | None, key: str) -> None:
+    """Refuse a bad `resources.custom` entry, or (given the cluster's totals) one no node offers: Ray would wait
+    for it forever."""
+    for name, need in getattr(resources, "custom", {}).items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise UserError(f"{key}.resources.custom.{name}: ask for it with num_cpus, num_gpus or memory_gb")
+        if not need > 0:
+            raise UserError(f"{key}.resources.custom.{name}={need} must be > 0")
+        have = 0.0 if cluster is None else cluster.get(name, 0.0)
+        if cluster is not None and need > have + 1e-9:
+            raise UserError(
+                f"{key} asks for {need:g} of the custom resource {name!r} (resources.custom) but the Ray cluster's "
+                f"nodes offer {have:g}. Start a node with it (ray start --resources='{{\"{name}\": {need:g}}}') or "
+                "drop the entry."
             )
 
 

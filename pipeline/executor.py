@@ -259,6 +259,8 @@ def run_stage(job: StageJob, resources: Any, on_progress, distributed: bool = Fa
     }
     if resources.memory_gb:
         options["memory"] = int(resources.memory_gb * 2**30)
+    if getattr(resources, "custom", None):
+        options["resources"] = dict(resources.custom)
     actor = StageActor.options(**options).remote()
     ref = actor.run.remote(job)
     try:

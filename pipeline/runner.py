@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import PipelineConfig, to_yaml
-from .contract import Artifact, StageContext, UserError, check_fits, requested
+from .contract import Artifact, StageContext, UserError, check_custom_resources, check_fits, requested
 from .graph import EVAL_MODULE, STAGE_MODULES, Selection, StageNode, build_graph, stage_module
 from .redact import redact_text
 from .store import ArtifactStore, cache_key, code_fingerprint
@@ -79,7 +79,9 @@ def plan_stages(cfg: PipelineConfig, store: ArtifactStore, selection: Selection)
 
 def check_resources(cfg: PipelineConfig, planned: list[PlannedStage], cluster: dict[str, float]) -> None:
     """Refuse, before anything runs, a stage the cluster can never place (Ray would wait forever). An autoscaling
-    cluster is judged by the ceiling it may grow to (`cluster.max_cpus` / `max_gpus`), not by its size at rest."""
+    cluster is judged by the ceiling it may grow to (`cluster.max_cpus` / `max_gpus`), not by its size at rest;
+    its custom resources (the node types it may add) are then not checked either."""
+    autoscaling = cfg.cluster.max_cpus > cluster.get("CPU", 0.0) or cfg.cluster.max_gpus > cluster.get("GPU", 0.0)
     cluster = {
         **cluster,
         "CPU": max(cluster.get("CPU", 0.0), cfg.cluster.max_cpus),
@@ -87,7 +89,11 @@ def check_resources(cfg: PipelineConfig, planned: list[PlannedStage], cluster: d
     }
     for p in planned:
         if p.run:
-            check_fits(requested(cfg.section(p.node.config_path)), cluster, p.node.config_path)
+            section = cfg.section(p.node.config_path)
+            check_fits(requested(section), cluster, p.node.config_path)
+            check_custom_resources(
+                getattr(section, "resources", None), None if autoscaling else cluster, p.node.config_path
+            )
 
 
 def git_commit() -> str:

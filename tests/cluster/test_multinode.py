@@ -4,7 +4,9 @@ through RAY_ADDRESS, artifacts on S3 (moto_server).
 
 Where things run is forced by the nodes' resources, not left to the scheduler:
 - node_a: 1 CPU, 4 GiB of Ray's logical `memory`; node_b: 1 CPU, 1 GiB. The run asks 2 GiB for the
-  stage actors (data, pretrain, sft, dpo: `*.resources.memory_gb=2`): they can only go to node_a.
+  data, pretrain and sft stage actors (`*.resources.memory_gb=2`): they can only go to node_a. The dpo
+  stage actor asks for the custom resource only node_b has (`resources.custom`): it runs there, and
+  reads the dataset and SFT's checkpoint, which stages on node_a wrote, from S3.
 - each training stage's 2 Ray Train workers take 1 CPU each: no node holds both, so one runs on each.
 Each node reaches S3 through a recording proxy of its own (tests/helpers/ray_nodes.py): the proxy of
 node_b seeing the dataset's shards and the input checkpoints read proves that the workers there read,
@@ -61,7 +63,8 @@ SMALL = [
     "data.resources.memory_gb=2",
     "pretrain.resources.memory_gb=2",
     "posttrain.sft.resources.memory_gb=2",
-    "posttrain.dpo.resources.memory_gb=2",
+    # and DPO's on node_b: only node_b offers the custom resource `node_b` (tests/helpers/ray_nodes.py)
+    "++posttrain.dpo.resources.custom={node_b:0.5}",
     "until=dpo",
 ]
 STAGES = ["data", "pretrain", "sft", "dpo"]
@@ -148,7 +151,7 @@ def test_stages_and_train_workers_run_on_both_nodes_and_share_artifacts_through_
     labels, actors = _cluster_state(two_nodes)
     node_of = lambda actor: labels[actor["Address"]["NodeID"]]  # noqa: E731
     stage_actors = sorted((a for a in actors if a["ActorClassName"] == "StageActor"), key=lambda a: a["StartTime"])
-    assert [node_of(a) for a in stage_actors] == ["node_a"] * len(STAGES), "one per stage, pinned by memory"
+    assert [node_of(a) for a in stage_actors] == ["node_a", "node_a", "node_a", "node_b"], "pinned by resources"
     workers = [a for a in actors if a["ActorClassName"] == "RayTrainWorker"]
     assert sorted(node_of(a) for a in workers) == ["node_a"] * 3 + ["node_b"] * 3, workers  # pretrain, sft, dpo
 
@@ -179,6 +182,14 @@ def test_stages_and_train_workers_run_on_both_nodes_and_share_artifacts_through_
         assert b.paths("GET", weights), f"the {stage} worker on node_b loaded its checkpoint from S3"
         assert b.paths("PUT", f"/{BUCKET}/run/.work/{stage}/{key}/train_state/"), f"{stage} state from node_b on S3"
         assert fs.exists(f"{BUCKET}/run/{stage}/{key}/model.safetensors")
+    # the dpo stage actor on node_b fetched its inputs whole (workers take the checkpoint's top-level files only)
+    (sft_manifest,) = fs.glob(f"{BUCKET}/run/sft/*/manifest.json")
+    assert b.paths("GET", f"/{BUCKET}/run/sft/{sft_manifest.split('/')[-2]}/tokenizer/"), (
+        "SFT's artifact read on node_b"
+    )
+    assert b.paths("GET", dataset), "and the dataset"
+    (dpo_manifest,) = fs.glob(f"{BUCKET}/run/dpo/*/manifest.json")
+    assert b.paths("PUT", f"/{BUCKET}/run/dpo/{dpo_manifest.split('/')[-2]}/manifest.json"), "DPO committed from node_b"
     assert not list(tmp_path.glob("runs/artifacts")), "nothing under the default local root"
 
 

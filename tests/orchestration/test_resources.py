@@ -62,3 +62,25 @@ def test_an_autoscaling_cluster_is_judged_by_its_ceiling_not_its_size_at_rest():
     cfg.cluster.max_gpus = 4
     with pytest.raises(UserError, match="but the Ray cluster has 4"):
         check_resources(cfg, planned, at_rest)
+
+
+def test_a_custom_resource_no_node_offers_is_refused_unless_the_cluster_autoscales():
+    from types import SimpleNamespace
+
+    from pipeline.contract import check_custom_resources
+    from pipeline.runner import check_resources
+
+    cfg = PipelineConfig()
+    cfg.serve.resources.custom = {"gpu_serve": 1.0}
+    planned = [SimpleNamespace(run=True, node=SimpleNamespace(config_path="serve"))]
+    check_resources(cfg, planned, {"CPU": 8.0, "gpu_serve": 2.0})
+    with pytest.raises(
+        UserError, match=r"serve asks for 1 of the custom resource 'gpu_serve' .* offer 0\. Start a node"
+    ):
+        check_resources(cfg, planned, {"CPU": 8.0})
+    cfg.cluster.max_cpus = 64  # an autoscaler may add the node type that has it
+    check_resources(cfg, planned, {"CPU": 8.0})
+    for bad, message in (({"CPU": 1.0}, "ask for it with num_cpus"), ({"gpu_serve": 0.0}, "must be > 0")):
+        cfg.serve.resources.custom = bad
+        with pytest.raises(UserError, match=message):
+            check_custom_resources(cfg.serve.resources, None, "serve")
