@@ -15,8 +15,10 @@ which every worker of a multi-node run can reach). Locally the step directory is
 the step directory is written in place and counts once `meta.json` names it (one PUT: the
 commit); rank 0 deletes any step directory `meta.json` does not name, the previous state once the
 next one is committed and, at start, what a killed run left half-written.
-Locally `meta.json` also holds the sha256 of every file of the step directory (rank 0 reads the state
-once at commit), checked before a resume loads it: a damaged state is refused, not trained on.
+`meta.json` also records what the step directory held at commit, checked before a resume loads it, so a
+damaged state is refused, not trained on: locally the sha256 of every file (rank 0 reads the state once at
+commit); on an object store each object's size and the store's own content tag (S3's ETag, an MD5 of the
+bytes as uploaded), from one listing, without reading the state back.
 """
 
 from __future__ import annotations
@@ -204,6 +206,7 @@ class ShardedCheckpointer:
         if self.rank != 0:
             return
         if self.remote is not None:
+            meta = meta | {"objects": self.remote.fingerprints(name)}  # checked before a resume loads the state
             self.remote.write_meta(meta)  # the commit: one PUT naming the finished step directory
             self.remote.keep_only(name)
             return
@@ -232,10 +235,17 @@ def load_sharded(directory: Location, fingerprint: dict, model: torch.nn.Module,
     if remote is not None:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
+        recorded = meta.get("objects")
+        _verify_on_rank0(
+            meta["dir"], lambda: remote.changed_objects(meta["dir"], recorded) if recorded else [], directory, "objects"
+        )
         storage = {"storage_reader": FsspecReader(remote.url(meta["dir"]))}
     else:
         step_dir = contained(_local(directory), meta["dir"], f"{directory}/{META_FILE} dir")
-        _verify_on_rank0(step_dir, meta.get("sha256"), directory)
+        recorded = meta.get("sha256")
+        _verify_on_rank0(
+            meta["dir"], lambda: damaged_files(step_dir, recorded) if recorded else [], directory, "sha256"
+        )
         storage = {"checkpoint_id": str(step_dir)}
     model_state, optimizer_state = get_state_dict(model, optimizer)
     if layout is not None:
@@ -270,20 +280,22 @@ def damaged_files(step_dir: Path, recorded: dict[str, str]) -> list[str]:
     return sorted(name for name, digest in recorded.items() if found.get(name) != digest)
 
 
-def _verify_on_rank0(step_dir: Path, recorded: dict | None, directory: Location) -> None:
-    """Collective when distributed: rank 0 checks the digests (one read of the state), every rank gets its word,
-    so no rank loads a damaged state (a disk error, a copy cut short, a hand edit) as if it were whole. States
-    written before digests were recorded load unchecked."""
+def _verify_on_rank0(name: str, damaged_of, directory: Location, what: str) -> None:
+    """Collective when distributed: rank 0 checks the step directory `name` (`damaged_of()`: the files that changed
+    since the commit), every rank gets its word, so no rank loads a damaged state (a disk error, a copy cut short,
+    a hand edit, an object overwritten) as if it were whole. States committed before this was recorded load
+    unchecked."""
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()
-    damaged = [damaged_files(step_dir, recorded) if recorded else []]
+    first = not distributed or dist.get_rank() == 0
+    damaged = [damaged_of() if first else None]
     if distributed:
         dist.broadcast_object_list(damaged, src=0)
     if damaged[0]:
         raise UserError(
-            f"the train state in {directory} is damaged: {', '.join(damaged[0][:5])} of {step_dir.name} no longer "
-            f"match the sha256 recorded when it was committed (meta.json); delete {directory} to start this stage "
+            f"the train state in {directory} is damaged: {', '.join(damaged[0][:5])} of {name} no longer "
+            f"match the {what} recorded when it was committed (meta.json); delete {directory} to start this stage "
             "over, or restore the state from a copy"
         )
 
@@ -355,6 +367,14 @@ def _write_meta(directory: Path, meta: dict) -> None:
     os.replace(tmp_meta, directory / META_FILE)
 
 
+def _content_tag(fs, path: str, info: dict) -> str:
+    """The store's own tag of an object's content: S3's ETag (GCS: its MD5 or CRC32C), else fsspec's `ukey`."""
+    for key in ("ETag", "md5Hash", "crc32c"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    return fs.ukey(path)
+
+
 class _RemoteDir:
     """A sharded train state under an fsspec URL; credentials and endpoint come from the environment
     (AWS_* / FSSPEC_S3_* variables, ~/.aws), as for the artifact store."""
@@ -404,6 +424,21 @@ class _RemoteDir:
         except FileNotFoundError:
             pass
         self.fs.invalidate_cache(self.path)
+
+    def fingerprints(self, name: str) -> dict[str, str]:
+        """ "size:content tag" of every object of step directory `name`, by path relative to it (one listing)."""
+        base = self._key(name)
+        self.fs.invalidate_cache(base)
+        found = self.fs.find(base, detail=True)
+        return {
+            posixpath.relpath(path, base): f"{info['size']}:{_content_tag(self.fs, path, info)}"
+            for path, info in sorted(found.items())
+        }
+
+    def changed_objects(self, name: str, recorded: dict[str, str]) -> list[str]:
+        """Objects of a committed step directory that are missing or differ from what its commit recorded."""
+        found = self.fingerprints(name)
+        return sorted(path for path, tag in recorded.items() if found.get(path) != tag)
 
     def keep_only(self, name: str | None) -> None:
         """Delete every step directory but `name` (None: all of them)."""
