@@ -47,6 +47,8 @@ class FaultPolicy:
         self.counts: Counter[str] = Counter()
         self.pending: Counter[tuple[str, str]] = Counter()
         """5xx faults not yet followed by a successful retry, per (method, path)."""
+        self.faulted: list[tuple[str, str]] = []
+        """(method, path) of every 5xx fault injected, in order."""
 
     def revoke(self) -> None:
         with self.lock:
@@ -58,6 +60,7 @@ class FaultPolicy:
             self.fail_every, self.revoke_after_puts, self.revoked = fail_every, revoke_after_puts, False
             self.counts.clear()
             self.pending.clear()
+            self.faulted.clear()
 
     def decide(self, method: str, path: str) -> int | None:
         """The status of the error to answer with, or None to forward."""
@@ -73,6 +76,7 @@ class FaultPolicy:
                     self.counts["injected"] += 1
                     self.counts[f"injected_{status}"] += 1
                     self.pending[(method, path)] += 1
+                    self.faulted.append((method, path))
                     return status
             return None
 
