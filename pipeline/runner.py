@@ -121,10 +121,9 @@ def execute(cfg: PipelineConfig, conf_name: str, selection: Selection, dry_run: 
         autoscaling = bool(cfg.cluster.max_cpus or cfg.cluster.max_gpus)
         executor.check_shared_root(store.root, store.is_local, autoscaling)
         check_resources(cfg, planned, cluster)
-    store.check_writable()  # the first write of the run
-
     uri = tracking_uri(cfg.tracking.uri)
-    tracker = PipelineTracker(uri, cfg.tracking.experiment)
+    tracker = PipelineTracker(uri, cfg.tracking.experiment)  # a tracking server that refuses us: before any write
+    store.check_writable()  # the first write of the run
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     tracker.start(
         f"{conf_name}-{run_id}",

@@ -12,6 +12,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from .contract import UserError
 from .redact import redact_params, redact_text
 
 
@@ -88,13 +89,29 @@ class PipelineTracker:
 
     def __init__(self, uri: str, experiment: str) -> None:
         import mlflow
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        except MlflowException as err:
+            status, where = _http_status(err), redact_text(uri)
+            if status == 401:
+                raise UserError(
+                    f"the MLflow tracking server at {where} refused the request (HTTP 401: not authenticated). Set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (basic auth) or MLFLOW_TRACKING_TOKEN to "
+                    "credentials it accepts."
+                ) from None
+            if status == 403:
+                raise UserError(
+                    f"the MLflow tracking server at {where} refused the request (HTTP 403: permission denied). The "
+                    "user of MLFLOW_TRACKING_USERNAME needs permission to read and create experiments and runs there."
+                ) from None
+            raise
         self.parent_id: str | None = None
 
     def start(self, run_name: str, tags: dict[str, str], config_yaml: str) -> MlflowLogger:
@@ -133,6 +150,15 @@ class PipelineTracker:
 
     def run_url(self, run_id: str) -> str:
         return f"{redact_text(self.uri)} experiment {self.experiment_id} run {run_id}"
+
+
+def _http_status(err) -> int:
+    """The HTTP status behind an MLflow client error (a plain-text reply, such as the basic-auth app's 401, shows
+    up only in the message)."""
+    import re
+
+    found = re.search(r"error code (\d{3})", str(err))
+    return int(found.group(1)) if found else err.get_http_status_code()
 
 
 def _start_system_metrics(run_id: str, uri: str):

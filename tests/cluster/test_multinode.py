@@ -20,7 +20,10 @@ Ray's public state API needs the dashboard, which the nodes do not start.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -191,6 +194,63 @@ def test_stages_and_train_workers_run_on_both_nodes_and_share_artifacts_through_
     (dpo_manifest,) = fs.glob(f"{BUCKET}/run/dpo/*/manifest.json")
     assert b.paths("PUT", f"/{BUCKET}/run/dpo/{dpo_manifest.split('/')[-2]}/manifest.json"), "DPO committed from node_b"
     assert not list(tmp_path.glob("runs/artifacts")), "nothing under the default local root"
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_driver_killed_alone_on_the_cluster_leaves_no_artifact_and_the_rerun_completes(tmp_path, two_nodes):
+    """SIGKILL to the driver only (the CLI, with RAY_ADDRESS) while its data stage writes shards on the cluster:
+    the cluster ends the dead driver's job and its stage actor, nothing is committed, the same command completes."""
+    local = tmp_path / "local"
+    words = ["run", "conf=tiny", f"artifacts.root=s3://{BUCKET}/killed", f"artifacts.local_root={local}"]
+    words += [word for word in SMALL if not word.startswith("until=")] + ["until=data"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *words],
+        cwd=tmp_path,
+        env=two_nodes.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not any(local.rglob("shard-*.tar")):  # the stage actor is writing its shards
+            assert driver.poll() is None, f"the run ended before it wrote a shard: {driver.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "the data stage never wrote a shard"
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:
+        _, actors = _cluster_state(two_nodes)
+        alive = [a for a in actors if a["ActorClassName"] == "StageActor" and a["State"] != "DEAD"]
+        if not alive:
+            break
+        assert time.monotonic() < deadline, f"the dead driver's stage actor lives on: {alive}"
+        time.sleep(1)
+    fs = two_nodes.s3.fs
+    fs.invalidate_cache()
+    assert not fs.glob(f"{BUCKET}/killed/data/*/manifest.json"), "a killed run left an artifact"
+
+    rerun = pipeline(tmp_path, *words, env=two_nodes.env, timeout=RUN_SECONDS)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
+    assert stage_lines(rerun.stdout) == {"data": "done"}
+    fs.invalidate_cache()
+    (manifest,) = fs.glob(f"{BUCKET}/killed/data/*/manifest.json")
+    print(
+        f"\ndriver SIGKILLed alone on the cluster: its stage actor ended, no artifact; the rerun committed {manifest}"
+    )
+    # the first test of this module ran the same data stage undisturbed (same config, same key)
+    undisturbed = fs.glob(f"{BUCKET}/run/data/{manifest.split('/')[-2]}/manifest.json")
+    if undisturbed:
+        digest = json.loads(fs.cat_file(manifest))["content_digest"]
+        assert digest == json.loads(fs.cat_file(undisturbed[0]))["content_digest"], "the rerun's artifact differs"
+        print("and its content digest equals the undisturbed run's")
 
 
 @pytest.mark.cluster
