@@ -197,3 +197,28 @@ def test_a_quantized_checkpoint_that_does_not_fit_is_refused_with_names(tmp_path
 def test_save_quantized_refuses_a_model_without_quantized_modules(tmp_path):
     with pytest.raises(QuantFormatError, match="no quantized modules"):
         save_quantized(ErnieForCausalLM(get_preset("tiny_dense")), tmp_path, {})
+
+
+@pytest.mark.parametrize("weights", ["../outside.safetensors", "/tmp/outside.safetensors", "a/../x.safetensors", 7, ""])
+def test_a_qckpt_names_only_weight_files_inside_it(tmp_path, weights):
+    """quant_config.json's "weights" (and the shards its index lists) are plain names of files of the qckpt."""
+    from safetensors.torch import save_file
+
+    qckpt = tmp_path / "qckpt"
+    model = ErnieForCausalLM(get_preset("tiny_dense")).eval()
+    _quantize_everything(model)
+    save_quantized(model, qckpt, {"method": "test"})
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "outside.safetensors"))
+    qc = json.loads((qckpt / QUANT_CONFIG_FILE).read_text())
+    (qckpt / QUANT_CONFIG_FILE).write_text(json.dumps({**qc, "weights": weights}))
+    with pytest.raises(QuantFormatError, match="names weight file"):
+        load_quantized(qckpt)
+    # through an index: its shard names are checked the same way, and a symlink out is refused too
+    (qckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": weights}}))
+    (qckpt / QUANT_CONFIG_FILE).write_text(json.dumps({**qc, "weights": "model.safetensors.index.json"}))
+    with pytest.raises(QuantFormatError, match="names weight file"):
+        load_quantized(qckpt)
+    (qckpt / "linked.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    (qckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "linked.safetensors"}}))
+    with pytest.raises(QuantFormatError, match="resolves to"):
+        load_quantized(qckpt)
