@@ -205,7 +205,15 @@ def _no_space(err: BaseException | None, seen: set[int]) -> OSError | None:
     seen.add(id(err))
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return err
-    for inner in (err.__cause__, err.__context__, getattr(err, "cause", None)):
+    # causes, a Ray task's error, the errors of Ray Train's workers (WorkerGroupError.worker_failures), the user
+    # error each of those wraps (UserExceptionWithTraceback._base_exc) and torch.distributed.checkpoint's per-rank
+    # failures (CheckpointException.failures: (error, traceback) pairs)
+    inner_errors = [err.__cause__, err.__context__, getattr(err, "cause", None), getattr(err, "_base_exc", None)]
+    for name in ("worker_failures", "failures"):
+        failures = getattr(err, name, None)
+        if isinstance(failures, dict):
+            inner_errors += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    for inner in inner_errors:
         found = _no_space(inner, seen)
         if found is not None:
             return found

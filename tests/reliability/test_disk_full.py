@@ -95,3 +95,59 @@ def test_a_disk_full_at_the_manifest_leaves_no_manifest_and_frees_the_artifact(t
         "found": False,
         "left": ["data"],
     }
+
+
+PRETRAIN = [
+    *[word for word in SMALL_DATA if not word.startswith("until=")],
+    "pretrain.steps=4",
+    "pretrain.eval_every=4",
+    "pretrain.checkpoint_every=2",
+    "pretrain.eval_rows=8",
+    "pretrain.max_failures=0",  # a restarted worker group would only meet the same full disk
+    "eval.max_items=4",
+    "eval.max_rows=8",
+    "until=pretrain",
+]
+STATE_TOO_SMALL = "1m"
+"""`artifacts.local_root` (the working space: the train state, Ray Train's copy of the checkpoint) too small for
+the pretraining stage's first train state (several MiB); the dataset, made before on the real disk, is cached."""
+
+
+def test_a_full_disk_during_a_train_state_write_stops_clearly_and_the_rerun_has_the_undisturbed_weights(
+    tmp_path, cli_session, record_property
+):
+    if not cli_session.can_mount:
+        pytest.skip(f"cannot mount a tmpfs in a user + mount namespace here ({cli_session.why_not})")
+    calm = cli_session.run(
+        "run", *PRETRAIN, f"artifacts.root={tmp_path / 'calm'}", f"artifacts.local_root={tmp_path / 'l'}"
+    )
+    assert calm["rc"] == 0, calm["stdout"] + calm["stderr"]
+    _, undisturbed = artifact_files(cli_session.files(tmp_path / "calm"), "pretrain")
+
+    data = cli_session.run(
+        "run", *SMALL_DATA, f"artifacts.root={tmp_path / 'root'}", f"artifacts.local_root={tmp_path / 'l'}"
+    )
+    assert data["rc"] == 0, data["stdout"] + data["stderr"]  # the dataset, cached for the runs below
+    local = tmp_path / "tiny-local"
+    local.mkdir()
+    words = ["run", *PRETRAIN, f"artifacts.root={tmp_path / 'root'}", f"artifacts.local_root={local}"]
+    assert cli_session.sh(f"mount -t tmpfs -o size={STATE_TOO_SMALL} tmpfs {local}")["rc"] == 0
+    full = cli_session.run(*words)
+    assert full["rc"] == 1, full["stdout"] + full["stderr"]
+    error = next((line for line in full["stderr"].splitlines() if line.startswith("stage ")), full["stderr"][-3000:])
+    assert error.startswith("stage pretrain failed: DiskFull: [Errno 28] no space left on device"), full["stderr"][
+        -4000:
+    ]
+    assert f"free of 1.0 MiB at {local}/work/pretrain/" in error, error  # where the train state goes
+    assert not [name for name in cli_session.files(tmp_path / "root") if name.startswith("pretrain/")]
+    state = [name for name in cli_session.files(local) if "/train_state/" in name]
+    assert not [name for name in state if name.endswith("meta.json")], f"a state was committed: {state}"
+
+    assert cli_session.sh(f"mount -o remount,size={ENOUGH} {local}")["rc"] == 0  # space freed
+    rerun = cli_session.run(*words)
+    assert rerun["rc"] == 0, rerun["stdout"] + rerun["stderr"]
+    _, files = artifact_files(cli_session.files(tmp_path / "root"), "pretrain")
+    for name in ("model.safetensors", "config.json"):
+        assert files[name] == undisturbed[name], name
+    record_property("disk_full_state_error", error)
+    print(f"\n{error}\nthe rerun with space: the weights of an undisturbed run")
