@@ -163,7 +163,7 @@ def test_kv_budget_holds_under_load_and_queued_requests_complete(make_engine):
         engine.complete([5] * 70, max_tokens=11)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     st.lists(st.tuples(st.integers(1, 40), st.integers(1, 30)), min_size=1, max_size=10),
     st.integers(4, 16),
