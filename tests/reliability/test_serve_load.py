@@ -188,3 +188,23 @@ def test_a_replica_killed_under_load_costs_only_its_requests_and_is_replaced(ser
         for i in range(10)
     ]
     assert [r.status_code for r in answers] == [200] * 10
+
+
+def test_a_slow_reader_holds_no_kv_blocks_once_its_tokens_are_made(served):
+    """A client that reads a stream slowly: its request leaves the batch and frees its KV blocks as soon as its
+    last token is made, not when the client has read it; the client still gets every chunk."""
+    _cfg, url = served
+    body = {"model": MODEL, "prompt": "a slow reader", "max_tokens": 48, "stream": True, "temperature": 0.0}
+    with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=CLIENT_TIMEOUT_S) as reply:
+        assert reply.status_code == 200
+        lines = reply.iter_lines()
+        first = next(line for line in lines if line)
+        gauges = _idle(url)  # while the client has read one chunk of the stream
+        rest = []
+        for line in lines:
+            if line:
+                rest.append(line)
+                time.sleep(0.05)  # and reads the rest slowly
+    assert gauges["ernie_serve_kv_cache_used_tokens"] == 0 and gauges["ernie_serve_running"] == 0
+    assert first.startswith(b"data: {") and rest[-1] == b"data: [DONE]"
+    print(f"\nslow reader: no KV block held once its {len(rest)} later chunks were made, before it read them")
