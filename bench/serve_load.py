@@ -96,6 +96,14 @@ class Served:
     tokens: list[int] = field(default_factory=list)
 
 
+def write_tokenizer(root: Path) -> Path:
+    """A small BPE tokenizer under `root` (the engines need one; the benchmarks feed token ids)."""
+    path = root / "tokenizer" / "tokenizer.json"
+    path.parent.mkdir(parents=True)
+    train_tokenizer([f"{a}+{b}={a + b}" for a in range(40) for b in range(40)], 512).save(str(path))
+    return path
+
+
 def make_requests(n: int, seed: int, vocab: int, prompt_range: tuple[int, int], max_range: tuple[int, int]):
     rng = random.Random(seed)
     return [
@@ -292,9 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     records = []
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         root = Path(tmp)
-        tokenizer_path = root / "tokenizer" / "tokenizer.json"
-        tokenizer_path.parent.mkdir(parents=True)
-        train_tokenizer([f"{a}+{b}={a + b}" for a in range(40) for b in range(40)], 512).save(str(tokenizer_path))
+        tokenizer_path = write_tokenizer(root)
         for name in args.case:
             ckpt = root / "ckpt" / name
             torch.manual_seed(args.seed)

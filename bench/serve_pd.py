@@ -44,11 +44,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve_load import cases, make_requests, run_clients, summarise  # noqa: E402  (bench/, this directory)
+from serve_load import cases, make_requests, run_clients, summarise, write_tokenizer  # noqa: E402  (bench/)
 
 from ernie import ErnieForCausalLM  # noqa: E402
 from ernie.checkpoint import save_pretrained  # noqa: E402
-from stages.data.tokenizer import train_tokenizer  # noqa: E402
 from stages.serve.engine import Engine  # noqa: E402
 from stages.serve.scheduler import SamplingParams  # noqa: E402
 
@@ -103,9 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     records = []
     with tempfile.TemporaryDirectory(prefix="serve_pd_") as tmp:
         root = Path(tmp)
-        tokenizer_path = root / "tokenizer" / "tokenizer.json"
-        tokenizer_path.parent.mkdir(parents=True)
-        train_tokenizer([f"{a}+{b}={a + b}" for a in range(40) for b in range(40)], 512).save(str(tokenizer_path))
+        tokenizer_path = write_tokenizer(root)
         ckpt = root / "ckpt"
         torch.manual_seed(args.seed)
         save_pretrained(ErnieForCausalLM(cfg), ckpt)
