@@ -161,7 +161,8 @@ class LocalLoop(WorkerLoop):
         torch.manual_seed(job.seed)
         self.train_examples, self.val_examples = job.train, job.val
         self.layout = Layout("ddp", 1, 1, self.device)  # one process: nothing to reduce
-        self.model = load_pretrained(job.ckpt_dir, device=self.device)
+        self.ckpt_dir = job.ckpt_dir  # a local directory here (the frozen reference loads it again)
+        self.model = load_pretrained(self.ckpt_dir, device=self.device)
         self.model.train()
         if hasattr(self.objective, "prepare_model"):
             self.objective.prepare_model(self)

@@ -58,7 +58,7 @@ def test_a_resume_verifies_the_digests_and_refuses_a_damaged_state(one_rank, tmp
         train_state.load_sharded(state, {"lr": 1e-2}, again, again_optimizer)
 
 
-def test_a_resume_from_s3_refuses_a_state_whose_objects_changed_since_the_commit(one_rank, monkeypatch):
+def test_a_resume_from_s3_refuses_a_state_whose_objects_changed_since_the_commit(one_rank, monkeypatch, request):
     """On an object store the commit records each object's size and ETag (one listing); a resume lists again."""
     import s3fs
     from s3_server import moto_s3
@@ -72,6 +72,7 @@ def test_a_resume_from_s3_refuses_a_state_whose_objects_changed_since_the_commit
         }.items():
             monkeypatch.setenv(name, value)
         s3fs.S3FileSystem.clear_instance_cache()
+        request.addfinalizer(s3fs.S3FileSystem.clear_instance_cache)  # no cached client of this server outlives it
         url = "s3://state-checks/run/train_state"
         model, optimizer = _model_and_optimizer(0)
         extra = {"step": 3, "cursor": 12, "fingerprint": {"lr": 1e-2}}
