@@ -80,11 +80,14 @@ class BlockPool:
     def release(self, blocks: list[int]) -> None:
         self._free.extend(blocks)
 
+    def slot_list(self, blocks: list[int], start: int, stop: int) -> list[int]:
+        """Flat slot indices (block * block_size + offset) of token positions [start, stop) of a request. Plain
+        Python: per-request tensor ops would cost more than a small model's decode step."""
+        bs = self.block_size
+        return [blocks[p // bs] * bs + p % bs for p in range(start, stop)]
+
     def slots(self, blocks: list[int], start: int, stop: int) -> torch.Tensor:
-        """Flat slot indices (block * block_size + offset) of token positions [start, stop) of a request."""
-        pos = torch.arange(start, stop)
-        table = torch.tensor(blocks, dtype=torch.long)
-        return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.keys[0].device)
+        return torch.tensor(self.slot_list(blocks, start, stop), dtype=torch.long, device=self.keys[0].device)
 
     # ------------------------------------------------------------------ moving a request's cache in and out
     def write(self, blocks: list[int], start: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
@@ -161,7 +164,7 @@ class PagedBatch:
                 raise ValueError(f"{len(s.blocks)} blocks of {bs} slots cannot hold {s.past} + {s.new} tokens")
             starts.append(offset)
             offset += s.new
-            slots += [s.blocks[p // bs] * bs + p % bs for p in range(s.past, s.past + s.new)]
+            slots += pool.slot_list(s.blocks, s.past, s.past + s.new)
             if s.next_position is not None:
                 positions += range(s.next_position, s.next_position + s.new)
         self.tokens = offset
@@ -186,11 +189,16 @@ class PagedBatch:
                 bias = torch.zeros(seen.shape, dtype=pool.keys[0].dtype, device=device)
                 self._bias = bias.masked_fill_(~seen, float("-inf"))[:, None, None, :]
         self._longer = [i for i, s in enumerate(segments) if s.new > 1]
-        self._read_slots = {
-            i: pool.slots(segments[i].blocks, 0, segments[i].past + segments[i].new)
-            for i in self._longer
-            if segments[i].past
-        }
+        # a chunk after earlier ones reads its whole request back: its slots and causal mask, made once for all layers
+        self._reads = {}
+        for i in self._longer:
+            s = segments[i]
+            if s.past:
+                seen = (
+                    torch.arange(s.past + s.new, device=device)[None, :]
+                    <= torch.arange(s.past, s.past + s.new, device=device)[:, None]
+                )
+                self._reads[i] = (pool.slots(s.blocks, 0, s.past + s.new), seen)
 
     # the attributes the model reads of any cache
     next_position = None
@@ -228,11 +236,9 @@ class PagedBatch:
                     q_seg, k[:, :, a : a + seg.new], v[:, :, a : a + seg.new], is_causal=True, enable_gqa=gqa
                 )
             else:
-                slots = self._read_slots[i]
+                slots, seen = self._reads[i]
                 keys = k_pool.index_select(0, slots).transpose(0, 1)[None]
                 values = v_pool.index_select(0, slots).transpose(0, 1)[None]
-                q_slot = torch.arange(seg.past, seg.past + seg.new, device=q.device)
-                seen = torch.arange(seg.past + seg.new, device=q.device)[None, :] <= q_slot[:, None]
                 att = F.scaled_dot_product_attention(q_seg, keys, values, attn_mask=seen, enable_gqa=gqa)
             out[a : a + seg.new] = att[0].transpose(0, 1).reshape(seg.new, H * D)
         return out[None]

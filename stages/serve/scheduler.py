@@ -483,31 +483,28 @@ class Scheduler:
     def _forward(self) -> None:
         """One model call: a token for every decoding request and the next chunk of waiting prompts (at most
         `prefill_chunk_tokens` of them), laid end to end; then each request whose prompt or step is done samples."""
-        segments, ids = [], []
-        for seq in self._running:
-            segments.append(Segment(self._grow(seq, seq.done + 1), seq.done, 1, seq.next_position))
-            ids.append(seq.tokens_so_far[-1])
-        chunks, budget = [], self.prefill_chunk_tokens
+        decoding = list(self._running)
+        advanced = [(seq, 1) for seq in decoding]  # (request, its new tokens in this forward)
+        ids = [seq.tokens_so_far[-1] for seq in decoding]
+        budget = self.prefill_chunk_tokens
         for seq in self._prefilling:
             if budget <= 0:
                 break
             n = min(len(seq.prompt_ids) - seq.done, budget)
             budget -= n
-            segments.append(Segment(self._grow(seq, seq.done + n), seq.done, n, seq.next_position))
+            advanced.append((seq, n))
             ids.extend(seq.prompt_ids[seq.done : seq.done + n])
-            chunks.append((seq, n))
+        segments = [Segment(self._grow(seq, seq.done + n), seq.done, n, seq.next_position) for seq, n in advanced]
         batch = PagedBatch(self.pool, segments)
         logits = self.model(torch.tensor([ids], device=self.device), cache=batch).logits[0]
         logits = without_vision_tokens(logits, self.config)
 
-        decoding = list(self._running)
-        prompted = [seq for seq, n in chunks if seq.done + n == len(seq.prompt_ids)]
-        rows = list(range(len(decoding))) + [len(decoding) + i for i, (seq, n) in enumerate(chunks) if seq in prompted]
-        tokens = sample_rows(logits[rows] if len(rows) < len(segments) else logits, [*decoding, *prompted])
-        for seq, position in zip(self._running, batch.next_positions, strict=False):
-            seq.done, seq.next_position = seq.done + 1, position
-        for (seq, n), position in zip(chunks, batch.next_positions[len(decoding) :], strict=True):
+        for (seq, n), position in zip(advanced, batch.next_positions, strict=True):
             seq.done, seq.next_position = seq.done + n, position
+        # decoding requests sample, and the prompts whose last chunk this was (decoding ones come first)
+        rows = [i for i, (seq, _) in enumerate(advanced) if seq.done >= len(seq.prompt_ids)]
+        tokens = sample_rows(logits[rows] if len(rows) < len(advanced) else logits, [advanced[i][0] for i in rows])
+        prompted = [advanced[i][0] for i in rows[len(decoding) :]]
         if decoding:
             self.stats.decode_steps += 1
             self.stats.max_batch = max(self.stats.max_batch, len(decoding))
