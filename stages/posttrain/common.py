@@ -10,6 +10,7 @@ from ernie.checkpoint import CheckpointError, load_config
 from pipeline.contract import StageContext, UserError
 from pipeline.formats import TOKENIZER_FILE
 from stages.training import launch
+from stages.training.storage import is_remote
 
 from .loop import HISTORY_FILE, Job, train_worker
 
@@ -31,8 +32,8 @@ def input_dirs(ctx: StageContext) -> tuple[Path, Path, Path]:
 def worker_checkpoint(ctx: StageContext, ckpt_dir: Path) -> str:
     """Where Ray Train workers and rollout actors load the input checkpoint from: its artifact URL under a remote
     root (they may run on another node than this stage, whose local copy is `ckpt_dir`), else `ckpt_dir`."""
-    artifact = ctx.input("ckpt")
-    return artifact.uri if "://" in artifact.uri and not artifact.uri.startswith("file://") else str(ckpt_dir)
+    uri = ctx.input("ckpt").uri
+    return uri if is_remote(uri) else str(ckpt_dir)
 
 
 def load_tokenizer(tokenizer_dir: Path):

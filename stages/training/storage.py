@@ -3,6 +3,7 @@ may sit on any node."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -32,12 +33,18 @@ def ray_storage(url: str) -> tuple[pyarrow.fs.FileSystem, str]:
     return pyarrow.fs.PyFileSystem(handler), handler.fs._strip_protocol(url)
 
 
+def is_remote(location: str | os.PathLike) -> bool:
+    """An fsspec URL of a remote store (s3://...), not a local path (file:// counts as local)."""
+    text = os.fspath(location)
+    return "://" in text and not text.startswith("file://")
+
+
 def local_checkpoint(uri: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
     """(directory, its holder) of a checkpoint for this process to load: `uri` itself when it is a local path;
     for a URL (an artifact under a remote root, which a worker on another node cannot reach through the stage's
     local copy), its top-level files (config, weights, their index; not the train state or tokenizer below it)
     downloaded to a temporary directory that goes when the holder does."""
-    if "://" not in uri or uri.startswith("file://"):
+    if not is_remote(uri):
         return uri.removeprefix("file://"), None
     fs, path = fsspec.core.url_to_fs(uri)
     fs.invalidate_cache(path)

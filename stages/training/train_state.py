@@ -37,6 +37,8 @@ import torch
 
 from pipeline.contract import PathEscape, UserError, contained
 
+from .storage import is_remote
+
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 EXTRA_FILE = "extra.pt"
@@ -95,12 +97,6 @@ def _check_fingerprint(directory: Location, saved: dict, fingerprint: dict) -> N
 
 def _normalise(value) -> str:
     return json.dumps(value, sort_keys=True, default=str)
-
-
-def is_remote(location: Location) -> bool:
-    """An fsspec URL of a remote store (s3://...), not a local path (file:// counts as local)."""
-    text = os.fspath(location)
-    return "://" in text and not text.startswith("file://")
 
 
 def _local(location: Location) -> Path:
