@@ -14,16 +14,25 @@ projections, MLPs and the LM head run once over all of them (a decode step's one
 prompt's chunk alike: chunked prefill), and only attention looks at which request a token belongs to.
 The one-token segments (decode) attend in one batched call over their blocks, gathered into a reused
 workspace; each longer segment (a prompt or a prompt's chunk) attends causally on its own.
+
+Prefix caching lives in the pool too: a full block whose keys and values a request computed can be registered
+under its token ids (chained to the blocks before it), and a later request whose tokens start the same way
+shares those blocks instead of computing them again (`match`, `share`). Blocks are reference counted; a
+registered block nobody holds any more keeps its contents until an allocation needs the room (least recently
+released first), so the cache costs no memory of its own.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+ROOT_SERIAL = 0
+"""The chain every sequence's first block hangs on."""
 
 
 class BlockPool:
@@ -51,6 +60,18 @@ class BlockPool:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._free: deque[int] = deque(range(num_blocks))
+        """Blocks nobody holds and whose contents nobody can ask for."""
+        self._refs = [0] * num_blocks
+        """Requests holding each block (a shared prefix block: several)."""
+        self._cached: OrderedDict[int, None] = OrderedDict()
+        """Registered blocks nobody holds: reusable until evicted, least recently released first."""
+        self._key_of: dict[int, tuple[int, tuple[int, ...]]] = {}
+        self._block_of: dict[tuple[int, tuple[int, ...]], int] = {}
+        """A registered block's key: (the serial of the block before it, or ROOT_SERIAL; its token ids)."""
+        self._serial_of: dict[int, int] = {}
+        """A registered block's serial: never reused, so a key cannot point past an evicted block."""
+        self._next_serial = ROOT_SERIAL + 1
+        self.evictions = 0
         self._workspace: list[torch.Tensor] = []
         """Two buffers of blocks (keys, values) the decode gather writes into, reused by every layer and step."""
 
@@ -66,19 +87,94 @@ class BlockPool:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take: the empty ones and the cached ones nobody holds."""
+        return len(self._free) + len(self._cached)
 
     @property
     def used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        """Blocks requests hold."""
+        return self.num_blocks - self.free_blocks
+
+    @property
+    def cached_blocks(self) -> int:
+        """Registered blocks nobody holds: prefix cache kept in otherwise free room."""
+        return len(self._cached)
 
     def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise RuntimeError(f"the KV block pool has {len(self._free)} free blocks, {count} were asked for")
-        return [self._free.popleft() for _ in range(count)]
+        """`count` blocks for one request: empty ones first, then cached ones, least recently released first."""
+        if count > self.free_blocks:
+            raise RuntimeError(f"the KV block pool has {self.free_blocks} free blocks, {count} were asked for")
+        out = []
+        for _ in range(count):
+            if self._free:
+                block = self._free.popleft()
+            else:
+                block, _ = self._cached.popitem(last=False)
+                self._forget(block)
+                self.evictions += 1
+            self._refs[block] = 1
+            out.append(block)
+        return out
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+        """A request lets go of its blocks. Its last blocks go first, so they are evicted before its first
+        ones (which more prompts share)."""
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if self._refs[block] < 0:
+                raise RuntimeError(f"KV block {block} was released more often than it was held")
+            if self._refs[block] == 0:
+                if block in self._key_of:
+                    self._cached[block] = None
+                else:
+                    self._free.append(block)
+
+    def holders(self, block: int) -> int:
+        return self._refs[block]
+
+    # ------------------------------------------------------------------ prefix caching
+    def match(self, token_ids: list[int], max_blocks: int) -> list[int]:
+        """The registered blocks holding the first tokens of `token_ids`, whole blocks in a chain, at most
+        `max_blocks` (not taken: see `share`)."""
+        bs, found, parent = self.block_size, [], ROOT_SERIAL
+        for i in range(min(max_blocks, len(token_ids) // bs)):
+            block = self._block_of.get((parent, tuple(token_ids[i * bs : (i + 1) * bs])))
+            if block is None:
+                break
+            found.append(block)
+            parent = self._serial_of[block]
+        return found
+
+    def share(self, blocks: list[int]) -> None:
+        """Hold matched blocks for one more request (a cached one is no longer evictable)."""
+        for block in blocks:
+            if self._refs[block] == 0:
+                del self._cached[block]
+            self._refs[block] += 1
+
+    def register(self, block: int, parent: int, token_ids: list[int]) -> int:
+        """Note that `block`, full, holds the keys and values of `token_ids` following the block of serial
+        `parent` (ROOT_SERIAL: the sequence's start). Returns the serial the next block chains on; when these
+        contents are registered already (another request computed them), that block's serial."""
+        if len(token_ids) != self.block_size:
+            raise ValueError(f"only full blocks are registered ({len(token_ids)} ids for {self.block_size} slots)")
+        key = (parent, tuple(token_ids))
+        known = self._block_of.get(key)
+        if known is not None:
+            return self._serial_of[known]
+        if block in self._key_of:
+            raise ValueError(f"KV block {block} is registered already")
+        serial, self._next_serial = self._next_serial, self._next_serial + 1
+        self._key_of[block], self._block_of[key], self._serial_of[block] = key, block, serial
+        return serial
+
+    def serial(self, block: int) -> int:
+        """A registered block's serial (what the block after it chains on)."""
+        return self._serial_of[block]
+
+    def _forget(self, block: int) -> None:
+        del self._block_of[self._key_of.pop(block)]
+        del self._serial_of[block]
 
     def slot_list(self, blocks: list[int], start: int, stop: int) -> list[int]:
         """Flat slot indices (block * block_size + offset) of token positions [start, stop) of a request. Plain

@@ -1,5 +1,6 @@
 """The paged KV cache (`ernie.paged_cache`): any mix of prompt chunks and decode steps laid end to end in one
-forward gives each request the logits of the model run on that request alone, wherever its blocks are."""
+forward gives each request the logits of the model run on that request alone, wherever its blocks are; shared
+prefix blocks are counted once, and a cached block is only found under the tokens it holds."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ernie import ErnieForCausalLM, get_preset
-from ernie.paged_cache import BlockPool, PagedBatch, Segment
+from ernie.paged_cache import ROOT_SERIAL, BlockPool, PagedBatch, Segment
 
 TOLERANCE = 1e-5  # fp32: the same sums in another order (a token's row among others in one matmul)
 
@@ -107,3 +108,90 @@ def test_bad_requests_of_the_pool_and_the_batch_are_refused_by_name(model):
         model(torch.tensor([[5, 6]]), cache=PagedBatch(pool, [Segment(blocks, 0, 3, 0)]))
     with pytest.raises(ValueError, match="block_size >= 1"):
         BlockPool.for_model(model, num_blocks=4, block_size=0)
+
+
+# ---------------------------------------------------------------------- prefix caching in the pool
+def small_pool(num_blocks: int, block_size: int) -> BlockPool:
+    """A pool whose one layer stores (token id, position) per slot: what a block holds is plain to check."""
+    return BlockPool(1, 1, 2, num_blocks, block_size, torch.float32)
+
+
+def fill(pool: BlockPool, blocks: list[int], ids: list[int]) -> None:
+    rows = torch.tensor([[float(t), float(p)] for p, t in enumerate(ids)])[None]  # [Hkv, n, D]
+    pool.write(blocks, 0, [rows], [rows])
+
+
+def register_all(pool: BlockPool, blocks: list[int], ids: list[int]) -> None:
+    serial, bs = ROOT_SERIAL, pool.block_size
+    for i in range(len(ids) // bs):
+        serial = pool.register(blocks[i], serial, ids[i * bs : (i + 1) * bs])
+
+
+def test_shared_blocks_count_once_and_cached_ones_go_least_recently_released_first():
+    pool = small_pool(num_blocks=6, block_size=4)
+    ids = list(range(100, 112))
+    first = pool.allocate(3)
+    fill(pool, first, ids)
+    register_all(pool, first, ids)
+    pool.release(first)
+    assert (pool.cached_blocks, pool.free_blocks, pool.used_blocks) == (3, 6, 0)
+    assert pool.match(ids + [7], max_blocks=3) == first
+    assert pool.match(ids, max_blocks=2) == first[:2]
+    assert pool.match([100, 101, 102, 999] + ids[4:], max_blocks=3) == []  # a chain: the first block differs
+
+    pool.share(first[:2])
+    pool.share(first[:2])  # two requests on one prefix
+    assert [pool.holders(b) for b in first] == [2, 2, 0] and pool.used_blocks == 2
+    pool.release(first[:2])
+    pool.release(first[:2])
+    # released last block first: it is the least recent and goes first when empty blocks run out
+    taken = pool.allocate(4)
+    assert first[2] in taken and pool.evictions == 1
+    assert pool.match(ids, max_blocks=3) == first[:2]
+    with pytest.raises(ValueError, match="only full blocks"):
+        pool.register(taken[0], ROOT_SERIAL, [1, 2])
+    with pytest.raises(RuntimeError, match="released more often than it was held"):
+        pool.release([taken[0], taken[0]])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["run", "end"]), st.lists(st.integers(0, 2), min_size=1, max_size=14)),
+        min_size=1,
+        max_size=30,
+    ),
+    num_blocks=st.integers(2, 10),
+    block_size=st.integers(1, 4),
+)
+def test_any_run_of_requests_keeps_the_pool_whole_and_its_matches_true(ops, num_blocks, block_size):
+    """Requests over a three-token alphabet (so prefixes repeat) start (take their cached prefix, allocate the
+    rest, write and register their tokens) and end in any order. A match only ever names blocks that hold the
+    matched tokens at their positions; every block is free, cached or held, never two of them; all come back."""
+    pool = small_pool(num_blocks, block_size)
+    live: list[list[int]] = []
+    for op, ids in ops:
+        if op == "end":
+            if live:
+                pool.release(live.pop(0))
+            continue
+        hit = pool.match(ids, max_blocks=len(ids) // block_size)
+        for i, block in enumerate(hit):
+            stored = pool.keys[0][block, :, 0].tolist()
+            assert stored == [
+                [float(t), float(i * block_size + j)] for j, t in enumerate(ids[i * block_size :][:block_size])
+            ]
+        need = pool.blocks_for(len(ids)) - len(hit)
+        if need + sum(pool.holders(b) == 0 for b in hit) > pool.free_blocks:
+            continue  # it would wait for room
+        pool.share(hit)
+        blocks = hit + pool.allocate(need)
+        fill(pool, blocks, ids)  # rewrites the shared blocks with the same contents
+        register_all(pool, blocks, ids)
+        live.append(blocks)
+        held = sum(pool.holders(b) > 0 for b in range(num_blocks))
+        assert held == pool.used_blocks and pool.free_blocks + pool.used_blocks == num_blocks
+        assert not set(pool._free) & set(pool._cached)
+    for blocks in live:
+        pool.release(blocks)
+    assert pool.free_blocks == num_blocks and all(pool.holders(b) == 0 for b in range(num_blocks))

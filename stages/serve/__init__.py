@@ -75,10 +75,10 @@ class Config:
     max_batch: int = 64
     """Most requests a replica decodes together (continuous batching); more wait in the queue. Each
     replica also takes this many HTTP requests at once (Ray Serve's max_ongoing_requests)."""
-    prefix_cache_tokens: int = 0
-    """Prompt-prefix KV kept for reuse, in token slots on top of kv_cache_tokens (0: off): a text prompt sharing a
-    stored prefix (a system prompt, earlier chat turns; matched every 16 tokens) prefills only the rest. Stored
-    prompts are evicted least recently used first (stages/serve/prefix_cache.py)."""
+    prefix_caching: bool = True
+    """Text requests share the KV blocks of a prefix computed before (a system prompt, earlier chat turns; matched
+    in whole kv_block_tokens blocks) and compute only the rest. Cached blocks live in the pool's free room and are
+    evicted, least recently released first, when requests need it: no memory of their own."""
     max_queued_requests: int = 256
     """Requests each HTTP proxy holds waiting for a free replica slot (beyond max_batch per replica); more get an
     HTTP 503 at once (Ray Serve's back pressure), so a flood cannot grow the server's memory without bound.
@@ -155,7 +155,6 @@ def validate(cfg: Config) -> None:
         (cfg.kv_block_tokens >= 1, "kv_block_tokens", cfg.kv_block_tokens, "must be at least 1"),
         (cfg.prefill_chunk_tokens >= 1, "prefill_chunk_tokens", cfg.prefill_chunk_tokens, "must be at least 1"),
         (cfg.max_n >= 1, "max_n", cfg.max_n, "must be at least 1"),
-        (cfg.prefix_cache_tokens >= 0, "prefix_cache_tokens", cfg.prefix_cache_tokens, "must be >= 0 (0: off)"),
         (
             cfg.max_queued_requests == -1 or cfg.max_queued_requests >= 1,
             "max_queued_requests",
@@ -280,7 +279,7 @@ def start(model_dir: Path, tokenizer_path: Path, cfg: Config, model_name: str) -
     scheduling: dict = {
         "kv_cache_tokens": cfg.kv_cache_tokens,
         "max_batch": cfg.max_batch,
-        "prefix_cache_tokens": cfg.prefix_cache_tokens,
+        "prefix_caching": cfg.prefix_caching,
         "kv_block_tokens": cfg.kv_block_tokens,
         "prefill_chunk_tokens": cfg.prefill_chunk_tokens,
     }

@@ -204,14 +204,14 @@ class Engine(EngineFront):
         image_settings: dict | None = None,
         kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
         max_batch: int = DEFAULT_MAX_BATCH,
-        prefix_cache_tokens: int = 0,
+        prefix_caching: bool = True,
         kv_block_tokens: int = DEFAULT_BLOCK_TOKENS,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
     ) -> None:
         self.model = model.eval()
         self._init_front(tokenizer, model.config, model_dir, image_settings, kv_cache_tokens)
         self.scheduler = Scheduler(
-            self.model, kv_cache_tokens, max_batch, prefix_cache_tokens, kv_block_tokens, prefill_chunk_tokens
+            self.model, kv_cache_tokens, max_batch, prefix_caching, kv_block_tokens, prefill_chunk_tokens
         )
         """Owns the model from its own thread once the first request comes."""
 

@@ -62,14 +62,19 @@ class ServeMetrics:
             "running": ("Requests decoding now", lambda: scheduler.batch_size),
             "kv_cache_used_tokens": ("Token slots of the KV blocks requests hold now", lambda: scheduler.cached_tokens),
             "kv_cache_budget_tokens": ("Token slots of the KV block pool", lambda: scheduler.kv_cache_tokens),
+            "prefix_cache_tokens": (
+                "Token slots of cached prefix blocks nobody holds (reused by matching prompts, evicted when needed)",
+                lambda: scheduler.prefix_cached_tokens,
+            ),
+            "prefix_cache_reused_tokens": (
+                "Prompt tokens whose keys and values came from cached blocks instead of a prefill, so far",
+                lambda: scheduler.prefix_hit_tokens,
+            ),
+            "preemptions": (
+                "Requests that gave their KV blocks back so older ones could grow (computed again when readmitted)",
+                lambda: scheduler.preemptions,
+            ),
         }
-        prefixes = getattr(scheduler, "prefixes", None)
-        if prefixes is not None:
-            gauges["prefix_cache_tokens"] = ("Prompt-prefix KV slots stored for reuse", lambda: prefixes.tokens)
-            gauges["prefix_cache_reused_tokens"] = (
-                "Prompt tokens whose prefill a stored prefix saved, so far",
-                lambda: prefixes.stats.tokens_reused,
-            )
         for name, (doc, read) in gauges.items():
             Gauge(f"{PREFIX}{name}", doc, ["role"], registry=r).labels(role).set_function(read)
         if pd_stats is not None:

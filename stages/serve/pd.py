@@ -97,6 +97,9 @@ class PDWorker:
             "taken_over": s.stats.taken_over,
             "decode_steps": s.stats.decode_steps,
             "max_batch_seen": s.stats.max_batch,
+            "prefix_cached_tokens": s.prefix_cached_tokens,
+            "prefix_hit_tokens": s.prefix_hit_tokens,
+            "preemptions": s.preemptions,
         }
 
     def transport_log(self) -> list[dict]:
@@ -174,6 +177,18 @@ class _SchedulerView:
     def queued(self) -> int:
         return self._sum("queued")
 
+    @property
+    def prefix_cached_tokens(self) -> int:
+        return self._sum("prefix_cached_tokens")
+
+    @property
+    def prefix_hit_tokens(self) -> int:
+        return self._sum("prefix_hit_tokens")
+
+    @property
+    def preemptions(self) -> int:
+        return self._sum("preemptions")
+
 
 class PDEngine(EngineFront):
     """Colocated `Engine`'s interface over `workers` Ray actors, `prefill_workers` of them prefilling at
@@ -191,7 +206,7 @@ class PDEngine(EngineFront):
         policy: RoleSwitchPolicy | None = None,
         kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
         max_batch: int = DEFAULT_MAX_BATCH,
-        prefix_cache_tokens: int = 0,
+        prefix_caching: bool = True,
         kv_block_tokens: int = DEFAULT_BLOCK_TOKENS,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
     ) -> None:
@@ -206,7 +221,7 @@ class PDEngine(EngineFront):
             "kv_block_tokens": kv_block_tokens,
             "prefill_chunk_tokens": prefill_chunk_tokens,
         }
-        scheduling["prefix_cache_tokens"] = prefix_cache_tokens  # each worker its own (prefill workers use it)
+        scheduling["prefix_caching"] = prefix_caching  # each worker its own pool and cache
         device = "cuda" if worker_gpus > 0 else "cpu"
         threads = max(1, math.floor(worker_cpus))
         options = {"num_cpus": worker_cpus, "num_gpus": worker_gpus}

@@ -8,13 +8,15 @@
 The requests' keys and values live in a paged cache (`ernie.paged_cache`): a pool of fixed blocks of
 `block_tokens` slots, `kv_cache_tokens` in all. Each iteration of the scheduler's thread:
   1. frees the blocks of finished and cancelled requests;
-  2. admits queued requests in arrival order while the batch has a row (`max_batch`) and the pool has
-     the blocks the request may hold at its longest (prompt + max_tokens - 1), so a running request
-     never runs out of room: the others wait in the queue;
+  2. admits queued requests in arrival order while the batch has a row (`max_batch`) and the free blocks hold
+     what the request computes before its first token (with prefix caching, a cached prefix's blocks are
+     shared, not computed); the others wait in the queue;
   3. runs ONE forward: a token for every decoding request and the next chunk of the admitted prompts
-     (`prefill_chunk_tokens` in all; a longer prompt goes on in the next forwards), laid end to end;
-     every request whose step or prompt is done samples with its own parameters and generator, and
-     the finished ones (eos, max_tokens) leave. Nobody's cache moves when a request joins or leaves.
+     (`prefill_chunk_tokens` in all; a longer prompt goes on in the next forwards), laid end to end. Requests
+     take blocks as they grow; when none is free, the latest arrivals are preempted: their blocks go back and
+     they are queued again, to compute their tokens again when readmitted. Every request whose step or prompt
+     is done samples with its own parameters and generator, and the finished ones (eos, max_tokens) leave.
+     Nobody's cache moves when a request joins or leaves.
 
 A request's tokens go out on its own queue; `Engine.stream` turns them into text deltas. Requests
 are independent: a request's logits depend only on its own tokens (attention reads its own blocks,
@@ -45,9 +47,7 @@ import torch
 
 from ernie.cache import KVCache
 from ernie.generation import sample_next, without_vision_tokens
-from ernie.paged_cache import BlockPool, PagedBatch, Segment
-
-from .prefix_cache import PrefixCache
+from ernie.paged_cache import ROOT_SERIAL, BlockPool, PagedBatch, Segment
 
 
 @dataclass(frozen=True)
@@ -108,34 +108,42 @@ class Prefilled:
     position (for VL prompts the position after the images' 3D positions)."""
     generator_state: torch.Tensor | None = None
     """The request's seeded generator after drawing the first token."""
+    vision: dict | None = None
+    """A VL prompt's image inputs: should the decoding engine have to preempt the request, it computes the
+    cache again from them and the tokens."""
 
     @property
     def finished(self) -> bool:
         """The first token already ends the request: nothing is left to decode."""
         return self.first_token == self.eos or self.params.max_tokens <= 1
 
+    def _tensors(self) -> list:
+        found = [t for v in self.cache.values() for t in (v if isinstance(v, list) else [v])]
+        return [*found, *(self.vision or {}).values()]
+
     @property
     def nbytes(self) -> int:
         sizes = []
-        for v in self.cache.values():
-            for t in v if isinstance(v, list) else [v]:
-                if isinstance(t, _Packed):
-                    sizes.append(t.data.nbytes)
-                elif t is not None:
-                    sizes.append(t.numel() * t.element_size())
+        for t in self._tensors():
+            if isinstance(t, _Packed):
+                sizes.append(t.data.nbytes)
+            elif t is not None:
+                sizes.append(t.numel() * t.element_size())
         return sum(sizes)
 
     def arrays(self) -> list[np.ndarray]:
         """The byte arrays of a received handoff (empty before pickling): read-only when they are views
         of Ray's object store, i.e. when it came zero-copy."""
-        found = [p for v in self.cache.values() for p in (v if isinstance(v, list) else [v])]
-        return [p.data for p in [*found, self.generator_state] if isinstance(p, _Packed)]
+        return [p.data for p in [*self._tensors(), self.generator_state] if isinstance(p, _Packed)]
 
     def restore_cache(self, device) -> KVCache:
         state = _map_cache(self.cache, lambda t: _unpack(t, device))
         cache = KVCache(len(state["keys"]))
         cache.keys, cache.values, cache.next_position = state["keys"], state["values"], state["next_position"]
         return cache
+
+    def restore_vision(self, device) -> dict | None:
+        return None if self.vision is None else {k: _unpack(v, device) for k, v in self.vision.items()}
 
     def restore_generator(self, device) -> torch.Generator | None:
         if self.generator_state is None:
@@ -149,6 +157,8 @@ class Prefilled:
         state["cache"] = _map_cache(self.cache, lambda t: t if isinstance(t, _Packed) else _pack(t))
         gen = self.generator_state
         state["generator_state"] = gen if isinstance(gen, _Packed) else _pack(gen)
+        if self.vision is not None:
+            state["vision"] = {k: v if isinstance(v, _Packed) else _pack(v) for k, v in self.vision.items()}
         return state
 
 
@@ -171,14 +181,18 @@ class Sequence:
         """Set for a prefill-only request: gets its `Prefilled` instead of joining the batch."""
         self.listener: Callable[[int | BaseException], None] | None = None
         """Also told each token (or the error) as it goes out: for readers that cannot block on a queue."""
+        self.arrival = 0
+        """Its place in the order requests came in: the later, the sooner it is preempted."""
         self.blocks: list[int] = []
-        """Its KV blocks in the scheduler's pool."""
-        self.reserved = 0
-        """Blocks promised to it at admission (its longest)."""
+        """Its KV blocks in the scheduler's pool (its first ones maybe shared: prefix caching)."""
         self.done = 0
         """Tokens whose keys/values are in its blocks."""
         self.next_position: int | None = None
         """RoPE position of the next token it feeds the model."""
+        self.registered = 0
+        """Its first blocks registered for prefix caching (or shared from the cache)."""
+        self.chain = ROOT_SERIAL
+        """The serial its next registered block chains on."""
         self._out: queue.Queue = queue.Queue()
 
     @property
@@ -187,14 +201,16 @@ class Sequence:
         return self.cancelled or bool(done) or len(self.tokens_so_far) >= self.params.max_tokens
 
     @property
-    def cached(self) -> int:
-        """Real tokens this request holds in the KV cache: the prompt and every token fed back."""
-        return len(self.prompt_ids) + max(len(self.tokens_so_far) - 1, 0)
+    def feed_length(self) -> int:
+        """Tokens a prefill runs before it samples: the prompt, and after a preemption the tokens made so far."""
+        return len(self.prompt_ids) + len(self.tokens_so_far)
 
-    @property
-    def steps_left(self) -> int:
-        """Decode steps this request may still take part in."""
-        return self.params.max_tokens - max(len(self.tokens_so_far), 1)
+    def ids(self, start: int, stop: int) -> list[int]:
+        """Its token ids at positions [start, stop): the prompt's, then the generated ones."""
+        n = len(self.prompt_ids)
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        return (self.prompt_ids + self.tokens_so_far)[start:stop]
 
     def cancel(self) -> None:
         """Stop generating (a no-op once finished); the scheduler frees the rows at its next step."""
@@ -252,6 +268,10 @@ class SchedulerStats:
     """Prefills handed to another engine (`submit_prefill`)."""
     taken_over: int = 0
     """Requests admitted with a cache prefilled elsewhere (`submit_prefilled`)."""
+    preemptions: int = 0
+    """Requests that gave their blocks back to let older ones grow (their cache is computed again)."""
+    prefix_hit_tokens: int = 0
+    """Prompt tokens whose keys and values came from cached blocks instead of a prefill."""
 
 
 def sample_rows(logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -278,13 +298,13 @@ class Scheduler:
         model,
         kv_cache_tokens: int,
         max_batch: int,
-        prefix_cache_tokens: int = 0,
+        prefix_caching: bool = True,
         block_tokens: int = DEFAULT_BLOCK_TOKENS,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
     ) -> None:
         """`kv_cache_tokens`: the KV budget in token slots (rounded up to whole blocks of `block_tokens`);
         `prefill_chunk_tokens`: prompt tokens one forward takes beside the decode rows (longer prompts go in
-        chunks over several steps); `prefix_cache_tokens`: prompt-prefix KV kept for reuse (`PrefixCache`); 0: off."""
+        chunks over several steps); `prefix_caching`: text requests share the blocks of a prefix computed before."""
         if kv_cache_tokens < 1 or max_batch < 1 or block_tokens < 1 or prefill_chunk_tokens < 1:
             raise ValueError(
                 f"kv_cache_tokens={kv_cache_tokens}, max_batch={max_batch}, block_tokens={block_tokens} and "
@@ -293,17 +313,19 @@ class Scheduler:
         self.model, self.config = model, model.config
         self.kv_cache_tokens, self.max_batch = kv_cache_tokens, max_batch
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefix_caching = prefix_caching
         self.pool = BlockPool.for_model(model, math.ceil(kv_cache_tokens / block_tokens), block_tokens)
-        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        self.watermark = max(1, self.pool.num_blocks // 100)
+        """Free blocks kept back from admission while requests run, for them to grow into."""
         self.device = next(model.parameters()).device
         self.stats = SchedulerStats()
+        self._arrivals = 0
         self._waiting: deque[Sequence] = deque()
+        """Not admitted yet (or preempted), in arrival order."""
         self._prefilling: list[Sequence] = []
-        """Admitted, their prompt (partly) still to run, in arrival order."""
+        """Admitted, their prompt (partly) still to run."""
         self._running: list[Sequence] = []
         """Decoding: one token each per forward."""
-        self._reserved = 0
-        """Blocks promised to the admitted requests: what each may hold at its longest."""
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -323,6 +345,19 @@ class Scheduler:
         """Token slots of the blocks requests hold now."""
         return self.pool.used_blocks * self.pool.block_size
 
+    @property
+    def prefix_cached_tokens(self) -> int:
+        """Token slots of cached blocks nobody holds: prefixes kept in the pool's free room."""
+        return self.pool.cached_blocks * self.pool.block_size
+
+    @property
+    def prefix_hit_tokens(self) -> int:
+        return self.stats.prefix_hit_tokens
+
+    @property
+    def preemptions(self) -> int:
+        return self.stats.preemptions
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, vision: dict | None = None) -> Sequence:
         """Queue a request (checked by the engine: it fits the context and the budget alone)."""
         return self._queue(Sequence(prompt_ids, params, vision, self.config.eos_token_id, self.device))
@@ -332,7 +367,7 @@ class Scheduler:
     ) -> Future[Prefilled]:
         """Queue a request to be prefilled only: its prompt runs and its first token is drawn as for
         `submit`, then it is handed back (for another engine's `submit_prefilled`) instead of decoding
-        here. It takes no batch row; it waits for KV room for its prompt."""
+        here. It takes no batch row."""
         seq = Sequence(prompt_ids, params, vision, self.config.eos_token_id, self.device)
         seq.handoff = Future()
         self._queue(seq)
@@ -341,22 +376,19 @@ class Scheduler:
     def submit_prefilled(
         self, prefilled: Prefilled, listener: Callable[[int | BaseException], None] | None = None
     ) -> Sequence:
-        """Queue a request prefilled elsewhere: admitted as `submit` admits (batch rows, KV budget, in
+        """Queue a request prefilled elsewhere: admitted as `submit` admits (batch rows, KV room, in
         order), its cache restored, its first token (emitted first, as `submit`'s) the prefill's, and its
         generator where the prefill left it. `listener`: see `Sequence.listener`."""
-        seq = Sequence(prefilled.prompt_ids, prefilled.params, None, self.config.eos_token_id, self.device)
+        vision = prefilled.restore_vision(self.device)
+        seq = Sequence(prefilled.prompt_ids, prefilled.params, vision, self.config.eos_token_id, self.device)
         seq.prefilled, seq.listener = prefilled, listener
         if prefilled.generator_state is not None:
             seq.generator = prefilled.restore_generator(self.device)
         return self._queue(seq)
 
-    def _need(self, seq: Sequence) -> int:
-        """Blocks a request holds at its longest: its prompt and every token fed back (prefill-only: its prompt)."""
-        tokens = len(seq.prompt_ids) + (0 if seq.handoff is not None else seq.params.max_tokens - 1)
-        return self.pool.blocks_for(tokens)
-
     def _queue(self, seq: Sequence) -> Sequence:
-        if self._need(seq) > self.pool.num_blocks:
+        longest = len(seq.prompt_ids) + (0 if seq.handoff is not None else seq.params.max_tokens - 1)
+        if self.pool.blocks_for(longest) > self.pool.num_blocks:
             raise ValueError(
                 f"a request of {len(seq.prompt_ids)} + {seq.params.max_tokens} tokens never fits the KV budget"
             )
@@ -366,6 +398,8 @@ class Scheduler:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="serve-scheduler", daemon=True)
                 self._thread.start()
+            self._arrivals += 1
+            seq.arrival = self._arrivals
             self._waiting.append(seq)
             self._wake.notify()
         return seq
@@ -404,18 +438,16 @@ class Scheduler:
             self._running, self._prefilling = [], []
 
     def _admit(self) -> None:
-        """Take queued requests in order while they fit. Text prompts wait in `_prefilling` for the next forward;
-        a request prefilled elsewhere decodes on its restored cache, an image prompt is prefilled alone now."""
+        """Take queued requests in order while they fit. Text prompts wait in `_prefilling` for the next forward
+        (with the blocks of a cached prefix already theirs); a request prefilled elsewhere decodes on its restored
+        cache, an image prompt is prefilled alone now."""
         while (seq := self._next_admitted()) is not None:
-            seq.reserved = self._need(seq)
-            self._reserved += seq.reserved
             try:
                 if seq.prefilled is not None:
                     self._restore(seq)
                 elif seq.vision:
                     self._prefill_alone(seq)
                 else:
-                    self._reuse_prefix(seq)
                     self._prefilling.append(seq)
             except Exception as err:  # noqa: BLE001 - a bad request (e.g. its vision inputs) fails alone
                 self._fail([seq], err)
@@ -423,7 +455,9 @@ class Scheduler:
 
     def _next_admitted(self) -> Sequence | None:
         """The first queued request, taken off the queue if the batch has a row for it (unless it is
-        prefill-only) and its blocks fit beside the admitted requests'; None: nothing more can be admitted now."""
+        prefill-only) and the free blocks hold what it must compute before it samples (beside what the admitted
+        prompts still need, and the watermark); None: nothing more can be admitted now. Its blocks grow as it
+        decodes; should the pool run short, the latest requests give theirs back (`_preempt`)."""
         with self._wake:
             while self._waiting and self._waiting[0].cancelled:
                 self._waiting.popleft()
@@ -433,12 +467,38 @@ class Scheduler:
             rows = len(self._running) + sum(1 for s in self._prefilling if s.handoff is None)
             if seq.handoff is None and rows >= self.max_batch:
                 return None
-            if self._reserved + self._need(seq) > self.pool.num_blocks:
+            cached = self._cached_prefix(seq)
+            tokens = seq.feed_length if seq.prefilled is None else seq.prefilled.cache["keys"][0].shape[2]
+            pending = sum(self.pool.blocks_for(s.feed_length) - len(s.blocks) for s in self._prefilling)
+            # a cached block nobody holds counts as free until this request holds it
+            need = self.pool.blocks_for(tokens) - len(cached) + sum(self.pool.holders(b) == 0 for b in cached)
+            busy = self._running or self._prefilling
+            if need + pending + (self.watermark if busy else 0) > self.pool.free_blocks:
                 return None  # it waits (in order) until running requests finish
-            return self._waiting.popleft()
+            self._waiting.popleft()
+        seq.done, seq.next_position = 0, 0
+        if cached:
+            self.pool.share(cached)
+            seq.blocks, seq.registered = list(cached), len(cached)
+            seq.chain = self.pool.serial(cached[-1])
+            seq.done = seq.next_position = len(cached) * self.pool.block_size
+            self.stats.prefix_hit_tokens += seq.done
+        return seq
+
+    def _cacheable(self, seq: Sequence) -> bool:
+        """Image prompts' keys depend on the pixels, not only on the ids: never shared."""
+        return self.prefix_caching and not seq.vision
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding the first tokens a text request computes, leaving it one to compute (its next
+        token's logits need one)."""
+        if not self._cacheable(seq) or seq.prefilled is not None:
+            return []
+        feed = seq.feed_length
+        return self.pool.match(seq.ids(0, feed), (feed - 1) // self.pool.block_size)
 
     def _grow(self, seq: Sequence, tokens: int) -> list[int]:
-        """The request's blocks, enough for `tokens` (within its reservation)."""
+        """The request's blocks, enough for `tokens` (the caller made sure the pool has them)."""
         missing = self.pool.blocks_for(tokens) - len(seq.blocks)
         if missing > 0:
             seq.blocks += self.pool.allocate(missing)
@@ -447,18 +507,32 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.pool.release(seq.blocks)
-        seq.blocks = []
-        self._reserved -= seq.reserved
-        seq.reserved = 0
+        seq.blocks, seq.registered, seq.chain = [], 0, ROOT_SERIAL
 
-    def _reuse_prefix(self, seq: Sequence) -> None:
-        """With prefix caching: the longest stored prefix of the prompt goes into its blocks, the rest runs."""
-        seq.next_position = 0
-        if self.prefixes is None or (hit := self.prefixes.lookup(seq.prompt_ids)) is None:
-            return
-        cache, n = hit
-        self.pool.write(self._grow(seq, n), 0, [k[0] for k in cache.keys], [v[0] for v in cache.values])
-        seq.done = seq.next_position = n
+    def _register(self, seq: Sequence) -> None:
+        """Register the request's blocks its computed tokens fill, for later requests to share."""
+        bs = self.pool.block_size
+        while seq.registered < seq.done // bs:
+            i = seq.registered
+            seq.chain = self.pool.register(seq.blocks[i], seq.chain, seq.ids(i * bs, (i + 1) * bs))
+            seq.registered += 1
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give a request's blocks back and queue it again ahead of later arrivals: readmitted, it computes its
+        prompt and the tokens it made so far again (from cached blocks where they are still there) and goes on
+        with its next token; nothing it sent is sent again, its generator is where it was."""
+        self.stats.preemptions += 1
+        self._release(seq)
+        seq.done, seq.next_position = 0, None
+        if seq in self._running:
+            self._running.remove(seq)
+        else:
+            self._prefilling.remove(seq)
+        with self._wake:
+            at = 0
+            while at < len(self._waiting) and self._waiting[at].arrival < seq.arrival:
+                at += 1
+            self._waiting.insert(at, seq)
 
     def _restore(self, seq: Sequence) -> None:
         """A request prefilled elsewhere: its cache into its blocks, its first token out."""
@@ -467,42 +541,76 @@ class Scheduler:
         keys, values = [k[0] for k in cache.keys], [v[0] for v in cache.values]
         self.pool.write(self._grow(seq, keys[0].shape[1]), 0, keys, values)
         seq.done, seq.next_position = keys[0].shape[1], int(cache.next_position[0])
+        if self._cacheable(seq):
+            self._register(seq)
         self.stats.taken_over += 1
         self._started(seq, prefilled.first_token)
 
     def _prefill_alone(self, seq: Sequence) -> None:
-        """An image prompt: one forward of its own (its embeddings and 3D positions need its pixels)."""
-        n = len(seq.prompt_ids)
+        """An image prompt (after a preemption: with the tokens made so far): one forward of its own (its
+        embeddings and 3D positions need its pixels)."""
+        n = seq.feed_length
         batch = PagedBatch(self.pool, [Segment(self._grow(seq, n), 0, n)])
         vision = {k: v.to(self.device) for k, v in seq.vision.items()}
-        logits = self.model(torch.tensor([seq.prompt_ids], device=self.device), cache=batch, **vision).logits[0]
+        logits = self.model(torch.tensor([seq.ids(0, n)], device=self.device), cache=batch, **vision).logits[0]
         seq.done, seq.next_position = n, batch.next_positions[0]
         self.stats.prefills += 1
-        self._started(seq, sample_rows(without_vision_tokens(logits, self.config), [seq])[0])
+        self._prompt_done(seq, sample_rows(without_vision_tokens(logits, self.config), [seq])[0])
+
+    def _plan(self) -> list[tuple[Sequence, int]]:
+        """Who advances in this forward and by how many tokens, with their blocks allocated: every decoding request
+        by one, the waiting prompts by their next chunks (`prefill_chunk_tokens` in all). Requests are served in
+        arrival order; when the pool runs short, the latest ones are preempted, and the latest prompt takes the
+        chunk its room holds."""
+        bs, budget, plan = self.pool.block_size, self.prefill_chunk_tokens, []
+        order = sorted([*self._running, *self._prefilling], key=lambda s: s.arrival)
+        decoding = set(map(id, self._running))
+        i = 0
+        while i < len(order):
+            seq = order[i]
+            n = 1 if id(seq) in decoding else min(seq.feed_length - seq.done, budget)
+            if n <= 0:
+                i += 1
+                continue
+            while self.pool.blocks_for(seq.done + n) - len(seq.blocks) > self.pool.free_blocks and order[-1] is not seq:
+                self._preempt(order.pop())
+            if self.pool.blocks_for(seq.done + n) - len(seq.blocks) > self.pool.free_blocks:
+                if id(seq) in decoding:  # the latest request itself: it waits for room
+                    self._preempt(order.pop())
+                    break
+                n = (len(seq.blocks) + self.pool.free_blocks) * bs - seq.done
+                if n <= 0:
+                    break
+            self._grow(seq, seq.done + n)
+            if id(seq) not in decoding:
+                budget -= n
+            plan.append((seq, n))
+            i += 1
+        return plan
 
     def _forward(self) -> None:
-        """One model call: a token for every decoding request and the next chunk of waiting prompts (at most
-        `prefill_chunk_tokens` of them), laid end to end; then each request whose prompt or step is done samples."""
-        decoding = list(self._running)
-        advanced = [(seq, 1) for seq in decoding]  # (request, its new tokens in this forward)
+        """One model call: a token for every decoding request and the next chunk of waiting prompts, laid end to
+        end (decoding ones first); then each request whose prompt or step is done samples."""
+        plan = self._plan()
+        if not plan:
+            return
+        running = set(map(id, self._running))
+        decoding = [seq for seq, _ in plan if id(seq) in running]
+        advanced = [(seq, 1) for seq in decoding] + [(seq, n) for seq, n in plan if id(seq) not in running]
         ids = [seq.tokens_so_far[-1] for seq in decoding]
-        budget = self.prefill_chunk_tokens
-        for seq in self._prefilling:
-            if budget <= 0:
-                break
-            n = min(len(seq.prompt_ids) - seq.done, budget)
-            budget -= n
-            advanced.append((seq, n))
-            ids.extend(seq.prompt_ids[seq.done : seq.done + n])
-        segments = [Segment(self._grow(seq, seq.done + n), seq.done, n, seq.next_position) for seq, n in advanced]
+        for seq, n in advanced[len(decoding) :]:
+            ids.extend(seq.ids(seq.done, seq.done + n))
+        segments = [Segment(seq.blocks, seq.done, n, seq.next_position) for seq, n in advanced]
         batch = PagedBatch(self.pool, segments)
         logits = self.model(torch.tensor([ids], device=self.device), cache=batch).logits[0]
         logits = without_vision_tokens(logits, self.config)
 
         for (seq, n), position in zip(advanced, batch.next_positions, strict=True):
             seq.done, seq.next_position = seq.done + n, position
+            if self._cacheable(seq):
+                self._register(seq)
         # decoding requests sample, and the prompts whose last chunk this was (decoding ones come first)
-        rows = [i for i, (seq, _) in enumerate(advanced) if seq.done >= len(seq.prompt_ids)]
+        rows = [i for i, (seq, _) in enumerate(advanced) if i < len(decoding) or seq.done >= seq.feed_length]
         tokens = sample_rows(logits[rows] if len(rows) < len(advanced) else logits, [advanced[i][0] for i in rows])
         prompted = [advanced[i][0] for i in rows[len(decoding) :]]
         if decoding:
@@ -515,17 +623,29 @@ class Scheduler:
         self._prefilling = [seq for seq in self._prefilling if seq not in prompted]
         for seq, token in zip(prompted, tokens[len(decoding) :], strict=True):
             self.stats.prefills += 1
-            if self.prefixes is not None:
-                self._store_prefix(seq)
-            self._started(seq, token)
+            self._prompt_done(seq, token)
         self._remove_finished()
+
+    def _prompt_done(self, seq: Sequence, token: int) -> None:
+        """A request's prompt is computed and `token` drawn from its last logits. After a preemption that is the
+        request's next token, as its decode step would have drawn it."""
+        if not seq.tokens_so_far:
+            self._started(seq, token)
+            return
+        if not seq.cancelled:
+            seq._emit(token, self.stats.decode_steps)
+        if seq.finished:
+            self._release(seq)
+        else:
+            self._running.append(seq)
 
     def _started(self, seq: Sequence, first: int) -> None:
         """A request's prompt is in its blocks and its first token drawn: hand it over, or emit it and decode."""
         if seq.handoff is not None:
             self.stats.handed_off += 1
             state = None if seq.generator is None else seq.generator.get_state()
-            handoff = Prefilled(seq.prompt_ids, seq.params, first, seq.eos, self._export(seq), state)
+            vision = {k: v.cpu() for k, v in seq.vision.items()} or None
+            handoff = Prefilled(seq.prompt_ids, seq.params, first, seq.eos, self._export(seq), state, vision)
             self._release(seq)
             seq.handoff.set_result(handoff)
             return
@@ -543,13 +663,6 @@ class Scheduler:
             "values": [v[None].cpu() for v in values],
             "next_position": torch.tensor([seq.next_position]),
         }
-
-    def _store_prefix(self, seq: Sequence) -> None:
-        keys, values = self.pool.read(seq.blocks, len(seq.prompt_ids))
-        cache = KVCache(self.config.num_layers)
-        cache.keys, cache.values = [k[None] for k in keys], [v[None] for v in values]
-        cache.next_position = torch.tensor([seq.next_position], device=self.device)
-        self.prefixes.store(seq.prompt_ids, cache)
 
     def _remove_finished(self) -> None:
         for group in ("_running", "_prefilling"):

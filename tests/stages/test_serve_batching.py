@@ -165,30 +165,73 @@ def test_kv_budget_holds_under_load_and_queued_requests_complete(make_engine):
 
 @settings(max_examples=20, deadline=None)
 @given(
-    st.lists(st.tuples(st.integers(1, 40), st.integers(1, 30)), min_size=1, max_size=10),
+    st.lists(st.tuples(st.integers(0, 30), st.integers(1, 20), st.integers(1, 30)), min_size=1, max_size=10),
     st.integers(4, 16),
     st.integers(1, 24),
+    st.integers(0, 2),
+    st.booleans(),
 )
-def test_the_block_pool_never_overflows_and_frees_every_block(requests, block_tokens, chunk):
-    """Any mix of prompt lengths and max_tokens under a budget of a few requests' worth of blocks: admission
-    reserves each request's longest, so allocation never fails, every request ends with its own greedy
-    tokens (long prompts run in chunks) and all blocks come back."""
+def test_the_block_pool_never_overflows_and_frees_every_block(requests, block_tokens, chunk, spare, caching):
+    """Any mix of prompts (some sharing prefixes), max_tokens, block and chunk sizes under a budget of one to three
+    requests' longest: blocks are taken as requests grow, the latest requests are preempted when the pool runs
+    short and computed again, yet every request ends with its own greedy tokens (long prompts run in chunks), the
+    pool never holds more than its blocks, and every block comes back."""
     model = varied_model(eos=False)
-    budget = max(p + m for p, m in requests) * 2
+    longest = max(shared + own + m for shared, own, m in requests)
+    budget = longest * (1 + spare)
     scheduler = Scheduler(
-        model, kv_cache_tokens=budget, max_batch=4, block_tokens=block_tokens, prefill_chunk_tokens=chunk
+        model,
+        kv_cache_tokens=budget,
+        max_batch=4,
+        prefix_caching=caching,
+        block_tokens=block_tokens,
+        prefill_chunk_tokens=chunk,
     )
     rng = random.Random(len(requests))
+    base = [rng.randrange(3, 250) for _ in range(30)]
     seqs = [
-        scheduler.submit([rng.randrange(3, 250) for _ in range(p)], SamplingParams(m, temperature=0.0))
-        for p, m in requests
+        scheduler.submit(
+            base[:shared] + [rng.randrange(3, 250) for _ in range(own)], SamplingParams(m, temperature=0.0)
+        )
+        for shared, own, m in requests
     ]
     outs = [list(seq.tokens()) for seq in seqs]
     scheduler.close()
     for seq, out in zip(seqs, outs, strict=True):
         assert out == greedy_reference(model, seq.prompt_ids, seq.params.max_tokens)
     assert scheduler.stats.max_cached_tokens <= scheduler.pool.num_blocks * block_tokens
-    assert scheduler.pool.free_blocks == scheduler.pool.num_blocks and scheduler._reserved == 0
+    assert scheduler.pool.free_blocks == scheduler.pool.num_blocks
+    assert all(scheduler.pool.holders(b) == 0 for b in range(scheduler.pool.num_blocks))
+
+
+def test_a_short_pool_preempts_the_latest_request_which_resumes_where_it_was(make_engine):
+    """Three long requests in a pool that holds one at its longest: all are admitted (their prompts fit), the
+    pool runs short as they grow, the latest ones give their blocks back and are computed again later. Greedy
+    ones get their own greedy decode, and a seeded sampled one draws the very tokens it draws alone: its
+    generator is not touched by the preemption, and nothing it sent is sent again."""
+    model = varied_model(eos=False)
+    prompt_a, prompt_b, prompt_c = prompts(3, seed=11)
+    sampled = SamplingParams(max_tokens=60, temperature=1.0, top_p=0.9, seed=7)
+    alone = make_engine(model)
+    expected_c = list(alone.scheduler.submit(prompt_c, sampled).tokens())
+    engine = make_engine(model, kv_cache_tokens=96, kv_block_tokens=8, prefix_caching=False)
+    requests = [
+        (prompt_a, SamplingParams(max_tokens=60, temperature=0.0)),
+        (prompt_b, SamplingParams(max_tokens=60, temperature=0.0)),
+        (prompt_c, sampled),
+    ]
+    assert all(len(p) + 60 <= 96 for p, _ in requests)
+    got = run_concurrently(engine, requests)
+    assert got[0] == greedy_reference(model, prompt_a, 60)
+    assert got[1] == greedy_reference(model, prompt_b, 60)
+    assert got[2] == expected_c
+    stats = engine.scheduler.stats
+    assert stats.preemptions >= 1 and stats.max_batch >= 2
+    assert stats.max_cached_tokens <= 96
+    from stages.serve.metrics import ServeMetrics
+
+    scraped = ServeMetrics(engine.scheduler).expose()[0].decode()
+    assert f'ernie_serve_preemptions{{role="colocated"}} {float(stats.preemptions)}' in scraped
 
 
 def test_closing_a_stream_cancels_its_sequence_and_frees_its_rows(make_engine):
@@ -276,6 +319,32 @@ def test_an_image_request_batches_with_text_requests(make_engine):
     assert engine.scheduler.stats.max_batch > 1
 
 
+def test_a_preempted_image_request_is_computed_again_with_its_pixels(make_engine):
+    """An image request arriving after a text one, in a pool too short for both at their longest: as they grow
+    it is preempted (the latest), then readmitted and prefilled alone again over its prompt and the tokens it made,
+    with its pixels and 3D positions; both get the model's own greedy decode."""
+    import base64
+
+    from stages.data.scenes import generate_scenes
+    from stages.serve.images import RequestImages, image_bytes
+
+    model = varied_model("tiny_vl", eos=False)
+    engine = make_engine(model, kv_cache_tokens=96, kv_block_tokens=8, prefix_caching=False)
+    engine.images = RequestImages(model.config, {"min_pixels": 56 * 56, "max_pixels": 112 * 112})
+    png = generate_scenes(1, random.Random(0))[0].png
+    url = f"data:image/png;base64,{base64.b64encode(png).decode()}"
+    ids, vision = engine.images.apply([11, 12, model.config.image_token_id, 13], [(image_bytes(url, "x"), "x")])
+    image_max = 96 - len(ids) - 8
+    expected = generate(model, torch.tensor([ids]), image_max, **vision)[0].tolist()
+    text = prompts(1, seed=5)[0]
+    text_max = 96 - len(text)
+    first = engine.scheduler.submit(text, SamplingParams(max_tokens=text_max, temperature=0.0))
+    second = engine.scheduler.submit(ids, SamplingParams(max_tokens=image_max, temperature=0.0), vision)
+    assert list(first.tokens()) == greedy_reference(model, text, text_max)
+    assert list(second.tokens()) == expected
+    assert engine.scheduler.stats.preemptions >= 1
+
+
 def test_serve_config_rejects_a_budget_without_room_for_a_request():
     import stages.serve as serve_stage
     from pipeline.contract import UserError
@@ -288,49 +357,56 @@ def test_serve_config_rejects_a_budget_without_room_for_a_request():
 
 # ---------------------------------------------------------------------- prefix caching
 def test_prompts_sharing_a_prefix_prefill_only_the_rest_and_give_the_same_tokens(make_engine):
-    """Chat-like requests: one long shared prefix (a system prompt), different questions. With prefix caching
-    the later prompts reuse the stored prefix's KV (block-aligned, 16 tokens) and prefill only their own tail;
-    their greedy tokens are the model's own greedy decode, as without the cache."""
+    """Chat-like requests: one long shared prefix (a system prompt), different questions. The first request's full
+    blocks stay in the pool once it ends; the later prompts share the blocks of the prefix (whole 16-token blocks)
+    and prefill only their own tail; their greedy tokens are the model's own greedy decode, as without the cache."""
     model = varied_model(eos=False)
     rng = random.Random(0)
     system = [rng.randrange(3, 250) for _ in range(45)]
     prompts = [system + [rng.randrange(3, 250) for _ in range(rng.randrange(1, 9))] for _ in range(5)]
-    engine = make_engine(model, prefix_cache_tokens=256)
+    engine = make_engine(model)
     for prompt in prompts:
         got = list(engine.scheduler.submit(prompt, SamplingParams(8, temperature=0.0)).tokens())
         assert got == greedy_reference(model, prompt, 8)
-    stats = engine.scheduler.prefixes.stats
-    assert stats.hits == 4 and stats.tokens_reused == 4 * 32  # the 45-token prefix, at its 32-token boundary
-    assert engine.scheduler.prefixes.tokens <= 256
+    scheduler = engine.scheduler
+    assert scheduler.stats.prefix_hit_tokens == 4 * 32  # the 45-token prefix, its first two blocks
+    assert scheduler.pool.cached_blocks > 0
     from stages.serve.metrics import ServeMetrics
 
-    scraped = ServeMetrics(engine.scheduler).expose()[0].decode()
+    scraped = ServeMetrics(scheduler).expose()[0].decode()
     assert 'ernie_serve_prefix_cache_reused_tokens{role="colocated"} 128.0' in scraped
 
+    off = make_engine(model, prefix_caching=False)
+    for prompt in prompts:
+        assert list(off.scheduler.submit(prompt, SamplingParams(8, temperature=0.0)).tokens()) == (
+            greedy_reference(model, prompt, 8)
+        )
+    assert off.scheduler.stats.prefix_hit_tokens == 0 and off.scheduler.pool.cached_blocks == 0
 
-def test_the_prefix_cache_keeps_its_budget_and_forgets_least_recently_used_first():
-    from stages.serve.prefix_cache import PrefixCache
 
-    model = varied_model()
-    cache = PrefixCache(budget_tokens=64, block=16)
-
-    def cached(prompt):
-        from ernie.cache import KVCache
-
-        kv = KVCache(model.config.num_layers)
-        with torch.inference_mode():
-            model(torch.tensor([prompt]), cache=kv, logits_to_keep=1)
-        cache.store(prompt, kv)
-
-    a, b, c = ([i] * 40 for i in (5, 6, 7))  # 32 tokens stored each
-    cached(a)
-    cached(b)
-    assert cache.tokens == 64 and cache.lookup(a + [1]) is not None  # a is now the most recent
-    cached(c)  # evicts b, the least recently used
-    assert cache.tokens == 64 and cache.stats.evicted == 1
-    assert cache.lookup(b + [1]) is None and cache.lookup(a + [1])[1] == 32 and cache.lookup(c + [1])[1] == 32
-    assert cache.lookup(a[:16] + [9] * 30)[1] == 16  # a shorter shared boundary
-    assert cache.lookup(a[:15] + [9]) is None and cache.lookup(a[:32])[1] == 16  # leaves one token to compute
+def test_concurrent_requests_share_one_copy_of_a_cached_prefix(make_engine):
+    """Requests running together over the same cached prefix hold the same blocks (counted once), not copies."""
+    model = varied_model(eos=False)
+    rng = random.Random(1)
+    system = [rng.randrange(3, 250) for _ in range(64)]
+    engine = make_engine(model)
+    first = engine.scheduler.submit(system + [7], SamplingParams(4, temperature=0.0))
+    assert list(first.tokens()) == greedy_reference(model, system + [7], 4)
+    tails = [[rng.randrange(3, 250) for _ in range(3)] for _ in range(4)]
+    seqs = [engine.scheduler.submit(system + tail, SamplingParams(40, temperature=0.0)) for tail in tails]
+    streams = [seq.tokens() for seq in seqs]
+    heads = [next(stream) for stream in streams]  # all four admitted and decoding
+    pool = engine.scheduler.pool
+    shared = seqs[0].blocks[:4]
+    assert all(seq.blocks[:4] == shared for seq in seqs) and all(pool.holders(b) == 4 for b in shared)
+    # four private tails of 67..107 tokens would hold 4 * 7 blocks; shared, the prefix's 4 count once
+    assert pool.used_blocks <= 4 + 4 * 3
+    for head, stream, tail in zip(heads, streams, tails, strict=True):
+        assert [head, *stream] == greedy_reference(model, system + tail, 40)
+    deadline = time.monotonic() + 10
+    while pool.used_blocks and time.monotonic() < deadline:  # the scheduler frees them after the last token
+        time.sleep(0.01)
+    assert pool.used_blocks == 0
 
 
 def test_requests_that_arrive_together_are_prefilled_in_one_forward_with_their_own_tokens():

@@ -21,7 +21,7 @@ from pipeline.formats import IMAGE_SETTINGS
 from stages.data.tokenizer import train_tokenizer
 from stages.serve.engine import Engine
 from stages.serve.roles import DECODE, PREFILL, RoleSwitchPolicy, WorkerLoad, decide
-from stages.serve.scheduler import SamplingParams
+from stages.serve.scheduler import SamplingParams, Scheduler
 
 PRESET = "tiny_vl"  # a VL model serves text requests too: one model (and one set of workers) for every test
 EOS = get_preset(PRESET).eos_token_id
@@ -126,6 +126,25 @@ def test_submit_prefilled_continues_exactly_as_submit(colocated, local_ray):
     tokens = list(scheduler.submit_prefilled(handoff).tokens())
     assert colocated.decode(tokens) == colocated.complete(prompt, 12, temperature=1.0, seed=5).text
     assert scheduler.stats.handed_off == scheduler.stats.taken_over == len(requests) + 1
+
+
+def test_handed_over_requests_preempted_on_a_short_decode_pool_give_the_whole_requests_tokens(colocated):
+    """A decode engine whose pool holds about one request at its longest takes over a text, an image and a seeded
+    request at once: as they grow, the later ones are preempted and computed again from their tokens (the image one
+    with the pixels its handoff carries), and each gives the tokens of the request served whole."""
+    ids, vision = image_request(colocated)
+    long_greedy = SamplingParams(max_tokens=60, temperature=0.0)
+    requests = [(prompts(1, seed=3)[0], long_greedy, None), (ids, long_greedy, vision)]
+    requests.append((prompts(1, seed=4)[0], SamplingParams(max_tokens=50, temperature=1.0, seed=9), None))
+    whole = [alone(colocated, *r) for r in requests]
+    handoffs = [colocated.scheduler.submit_prefill(*r).result(timeout=30) for r in requests]
+    decoder = Scheduler(colocated.model, kv_cache_tokens=96, max_batch=8, block_tokens=8, prefix_caching=False)
+    try:
+        seqs = [decoder.submit_prefilled(h) for h in handoffs]
+        assert [list(seq.tokens()) for seq in seqs] == whole
+    finally:
+        decoder.close()
+    assert decoder.stats.preemptions >= 1 and decoder.stats.taken_over == len(requests)
 
 
 def test_role_policy_wants_pressure_on_one_side_and_room_on_the_other():
