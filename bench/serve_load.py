@@ -22,6 +22,8 @@ sent (for HF: its batch started); TPOT = (last - first token) / (tokens - 1); p5
     python bench/serve_load.py --smoke          # tiny dense, 1 and 4 streams, a few short requests (tests)
     python bench/serve_load.py                  # tiny-dense, tiny-moe, ernie-0.3b-4l; fp32, bf16; 1 / 8 / 32 streams
     python bench/serve_load.py --case ernie-0.3b-4l --streams 32 --threads 2
+    python bench/serve_load.py --workload shared-prefix   # a 256-token system prompt before every prompt;
+                                                          # ours with and without prefix caching, and HF
 
 Prefill/decode disaggregation against colocated serving: bench/serve_pd.py.
 
@@ -104,10 +106,14 @@ def write_tokenizer(root: Path) -> Path:
     return path
 
 
-def make_requests(n: int, seed: int, vocab: int, prompt_range: tuple[int, int], max_range: tuple[int, int]):
+def make_requests(
+    n: int, seed: int, vocab: int, prompt_range: tuple[int, int], max_range: tuple[int, int], system: int = 0
+):
+    """`system` > 0: every prompt starts with the same `system` tokens (a system prompt), then its own."""
     rng = random.Random(seed)
+    shared = [rng.randrange(11, vocab) for _ in range(system)]
     return [
-        Request([rng.randrange(11, vocab) for _ in range(rng.randint(*prompt_range))], rng.randint(*max_range))
+        Request(shared + [rng.randrange(11, vocab) for _ in range(rng.randint(*prompt_range))], rng.randint(*max_range))
         for _ in range(n)
     ]
 
@@ -216,25 +222,37 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
     from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype)
-    engine = Engine.load(
-        ckpt, tokenizer_path, torch_dtype, kv_cache_tokens=args.kv_cache_tokens, max_batch=max(args.streams)
-    )
+    scheduling = {"kv_cache_tokens": args.kv_cache_tokens, "max_batch": max(args.streams)}
+    engine = Engine.load(ckpt, tokenizer_path, torch_dtype, **scheduling)
+    # with shared prompt prefixes, our engine without its prefix cache too: what the cache brings on its own
+    uncached = None
+    if args.system:
+        uncached = Engine.load(ckpt, tokenizer_path, torch_dtype, prefix_caching=False, **scheduling)
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype, attn_implementation="sdpa").eval()
     warm = make_requests(2, args.seed + 1, cfg.vocab_size, (4, 8), (4, 4))
     with torch.inference_mode():
         run_ours(engine, warm, 2)
+        if uncached is not None:
+            run_ours(uncached, warm, 2)
         run_hf(hf, warm, 2, cfg.pad_token_id, cfg.eos_token_id)
     records = []
     for streams in args.streams:
         n = max(args.min_requests, args.requests_per_stream * streams)
-        requests = make_requests(n, args.seed + streams, cfg.vocab_size, args.prompt_range, args.max_tokens_range)
+        requests = make_requests(
+            n, args.seed + streams, cfg.vocab_size, args.prompt_range, args.max_tokens_range, args.system
+        )
+        base = {"case": name, "model": cfg.name, "dtype": dtype, "streams": streams, "workload": args.workload}
+        level = []
+        if uncached is not None:
+            uncached.scheduler.stats = SchedulerStats()
+            plain, plain_wall = run_ours(uncached, requests, streams)
+            level.append({**base, "impl": "ours-no-prefix-cache", **summarise(plain, plain_wall)})
         engine.scheduler.stats = SchedulerStats()
         ours, ours_wall = run_ours(engine, requests, streams)
         stats = engine.scheduler.stats
         with torch.inference_mode():
             theirs, theirs_wall = run_hf(hf, requests, streams, cfg.pad_token_id, cfg.eos_token_id)
         same = sum(a.tokens == b.tokens for a, b in zip(ours, theirs, strict=True)) / len(requests)
-        base = {"case": name, "model": cfg.name, "dtype": dtype, "streams": streams}
         mean_batch = stats.row_steps / max(stats.decode_steps, 1)
         ours_record = {
             **base,
@@ -248,16 +266,20 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
                 "mean_batch": round(mean_batch, 2),
                 "max_cached_tokens": stats.max_cached_tokens,
                 "kv_cache_tokens": args.kv_cache_tokens,
+                "prefix_hit_tokens": stats.prefix_hit_tokens,
+                "preemptions": stats.preemptions,
             },
         }
         hf_record = {**base, "impl": "hf-generate", **summarise(theirs, theirs_wall), "batching": f"waves of {streams}"}
         ours_record["speedup_vs_hf"] = round(ours_record["tokens_per_s"] / hf_record["tokens_per_s"], 2)
-        level = [ours_record, hf_record]
+        level += [ours_record, hf_record]
         for record in level:
             print(json.dumps(record), flush=True)
             records.append(record)
     engine.close()
-    del engine, hf
+    if uncached is not None:
+        uncached.close()
+    del engine, uncached, hf
     gc.collect()
     return records
 
@@ -274,9 +296,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests-per-stream", type=int, default=4)
     parser.add_argument("--min-requests", type=int, default=8, help="requests per level at least (1 stream: 8)")
     parser.add_argument("--kv-cache-tokens", type=int, default=65536, help="our engine's KV budget (serve config)")
+    parser.add_argument(
+        "--workload",
+        choices=["random", "shared-prefix"],
+        default="random",
+        help="random: prompts of 8-48 random ids; shared-prefix: a --system-tokens system prompt before each",
+    )
+    parser.add_argument("--system-tokens", type=int, default=256, help="the shared-prefix workload's system prompt")
     parser.add_argument("--out", default="bench/results/serve_load.json")
     args = parser.parse_args(argv)
     args.prompt_range, args.max_tokens_range = (8, 48), (16, 64)
+    args.system = args.system_tokens if args.workload == "shared-prefix" else 0
     if args.smoke:
         args.case = args.case or ["tiny-dense"]
         args.streams = args.streams or [1, 4]
@@ -321,6 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
             "seed": args.seed,
             "streams": args.streams,
             "requests": f"max({args.min_requests}, {args.requests_per_stream} x streams) per level",
+            "workload": args.workload,
+            "system_prompt_tokens": args.system,
             "prompt_tokens": list(args.prompt_range),
             "max_tokens": list(args.max_tokens_range),
             "sampling": "greedy, stops at eos",
@@ -330,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
             "ours": "Engine.load + continuous batching on the paged KV cache, C closed-loop client threads, tokens "
             "timed on receipt",
             "hf": "AutoModelForCausalLM (sdpa) generate on left-padded waves of C requests, streamer-timed steps",
+            "ours-no-prefix-cache": "shared-prefix workload only: the same engine with serve.prefix_caching off",
         },
         "records": records,
     }
@@ -338,12 +371,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _print_table(records: list[dict]) -> None:
-    head = f"{'case':14s} {'dtype':9s} {'streams':>7s} {'impl':12s} {'tok/s':>9s}"
+    head = f"{'case':14s} {'dtype':9s} {'streams':>7s} {'impl':20s} {'tok/s':>9s}"
     print(f"\n{head} {'TTFT p50/p99 ms':>18s} {'TPOT p50/p99 ms':>18s}")
     for r in records:
         ttft, tpot = r["ttft_ms"], r["tpot_ms"]
         print(
-            f"{r['case']:14s} {r['dtype']:9s} {r['streams']:7d} {r['impl']:12s} {r['tokens_per_s']:9.1f} "
+            f"{r['case']:14s} {r['dtype']:9s} {r['streams']:7d} {r['impl']:20s} {r['tokens_per_s']:9.1f} "
             f"{ttft['p50']:8.1f}/{ttft['p99']:8.1f} {tpot['p50'] or 0:8.2f}/{tpot['p99'] or 0:8.2f}"
         )
 

@@ -80,6 +80,21 @@ def test_serve_load_smoke_measures_our_engine_and_hf_generate_on_the_same_reques
     assert records["ours", 4]["scheduler"]["max_batch"] > 1  # concurrent streams were batched
 
 
+def test_serve_load_shared_prefix_workload_reuses_the_system_prompt(tmp_path):
+    """Every prompt starts with the same system prompt: our engine shares its cached blocks (and is measured
+    without them too), and all three give the same greedy tokens."""
+    out = tmp_path / "serve_load.json"
+    cmd = [sys.executable, "bench/serve_load.py", "--smoke", "--streams", "4", "--workload", "shared-prefix"]
+    subprocess.run([*cmd, "--system-tokens", "40", "--out", str(out)], cwd=ROOT, check=True, timeout=300)
+    report = json.loads(out.read_text())
+    records = {r["impl"]: r for r in report["records"]}
+    assert set(records) == {"ours", "ours-no-prefix-cache", "hf-generate"}
+    assert report["config"]["system_prompt_tokens"] == 40
+    assert len({r["tokens"] for r in records.values()}) == 1 and records["ours"]["same_tokens_as_hf"] == 1.0
+    # the first request computes the system prompt; the later ones share its two whole 16-token blocks
+    assert records["ours"]["scheduler"]["prefix_hit_tokens"] >= (records["ours"]["requests"] - 4) * 32
+
+
 def test_quant_quality_smoke_runs_the_stage_per_method_on_one_checkpoint(tmp_path):
     out = tmp_path / "quant_quality.json"
     subprocess.run(
