@@ -255,6 +255,7 @@ def start(model_dir: Path, tokenizer_path: Path, cfg: Config, model_name: str) -
     from ray import serve
 
     from .app import OpenAIServer
+    from .metrics_hub import start_hub
 
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS when set, else a local Ray
@@ -298,7 +299,10 @@ def start(model_dir: Path, tokenizer_path: Path, cfg: Config, model_name: str) -
         "max_request_bytes": cfg.max_request_bytes,
         "max_tokens_limit": cfg.max_tokens_limit,
     }
-    app = deployment.bind(str(model_dir), str(tokenizer_path), model_name, cfg.max_tokens, scheduling, limits)
+    start_hub(cfg.app_name)  # the replicas' /metrics summed (stages/serve/metrics_hub.py)
+    app = deployment.bind(
+        str(model_dir), str(tokenizer_path), model_name, cfg.max_tokens, scheduling, limits, cfg.app_name
+    )
     serve.run(app, name=cfg.app_name, route_prefix="/")
     url = f"http://{cfg.host}:{cfg.port}"
     _wait_ready(f"{url}/v1/models", cfg.ready_timeout_s, api_key(cfg))
@@ -310,12 +314,15 @@ def stop(cfg: Config, timeout_s: float = 30.0) -> None:
     import ray
     from ray import serve
 
+    from .metrics_hub import stop_hub
+
     if not ray.is_initialized():
         return
     status = serve.status()
     if not status.proxies and not status.applications:
         return  # Serve never started (or is already down)
     serve.delete(cfg.app_name)
+    stop_hub(cfg.app_name)
     if not serve.status().applications:
         serve.shutdown()
         deadline = time.monotonic() + timeout_s

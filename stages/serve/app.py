@@ -281,9 +281,11 @@ class OpenAIServer:
         default_max_tokens: int,
         scheduling: dict | None = None,
         limits: dict | None = None,
+        metrics_hub: str = "",
     ) -> None:
         """`scheduling`: the engine's kv_cache_tokens and max_batch; `limits`: api_key, max_n,
-        max_request_bytes, max_tokens_limit (serve.Config)."""
+        max_request_bytes, max_tokens_limit (serve.Config); `metrics_hub`: the app whose metrics hub sums the
+        replicas' /metrics (`stages.serve.metrics_hub`; empty: each replica shows its own)."""
         scheduling = dict(scheduling or {})
         pd = scheduling.pop("pd", None)
         if pd is None:
@@ -302,6 +304,8 @@ class OpenAIServer:
             self.metrics = ServeMetrics(self.engine.scheduler)
         else:
             self.metrics = ServeMetrics(self.engine.scheduler, "router", self.engine.stats)
+        if metrics_hub:
+            self.metrics.share(metrics_hub)
 
     def _check_model(self, requested: str | None) -> None:
         if requested not in (None, "", self.model_name):

@@ -2,8 +2,8 @@
 
 Each replica keeps its own `CollectorRegistry`: the process-wide default one would also export
 whatever else the Ray worker registers, and a second deployment in the same process would clash on
-the names. Ray Serve routes a scrape to one replica, so with several replicas each scrape shows the
-replica that answered it.
+the names. Ray Serve routes a scrape to one replica; a deployed app's replicas share their registries
+through a hub actor (`stages.serve.metrics_hub`), so whichever answers shows the sum over all of them.
 """
 
 from __future__ import annotations
@@ -122,6 +122,14 @@ class ServeMetrics:
     def prompt_done(self, prompt_tokens: int) -> None:
         self._prompt.inc(prompt_tokens)
 
+    def share(self, app_name: str) -> None:
+        """Report to the app's metrics hub (started by the serve stage), and answer scrapes with the replicas' sum."""
+        from .metrics_hub import ReplicaReporter
+
+        self._reporter = ReplicaReporter(self.registry, self.role, app_name)
+
     def expose(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The Prometheus text exposition (summed over the app's replicas once `share`d) and its content type."""
+        reporter = getattr(self, "_reporter", None)
+        body = generate_latest(self.registry) if reporter is None else reporter.expose()
+        return body, CONTENT_TYPE_LATEST

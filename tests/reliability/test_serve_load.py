@@ -113,13 +113,13 @@ def _gauges(url: str) -> dict[str, float]:
 
 
 def _idle(url: str, timeout_s: float = 30.0) -> dict[str, float]:
-    """Scrape until every replica that answers holds no running request and no KV slot (a scrape reaches one)."""
-    deadline, quiet = time.monotonic() + timeout_s, 0
+    """Scrape until the two replicas together hold no running request, no queued one and no KV slot (every scrape
+    sums both: stages/serve/metrics_hub.py)."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         g = _gauges(url)
         busy = g["ernie_serve_running"] or g["ernie_serve_kv_cache_used_tokens"] or g["ernie_serve_queue_depth"]
-        quiet = 0 if busy else quiet + 1
-        if quiet >= 8:  # eight idle answers in a row: both replicas, with near certainty
+        if not busy and g["ernie_serve_replicas"] == 2:
             return g
         time.sleep(0.2)
     raise AssertionError(f"the replicas still hold requests {timeout_s} s after the load: {g}")
@@ -155,7 +155,7 @@ def test_64_clients_get_answers_or_back_pressure_and_dropped_streams_free_their_
 def test_a_replica_killed_under_load_costs_only_its_requests_and_is_replaced(served):
     from ray import serve
 
-    _cfg, url = served
+    cfg, url = served
     before = _replica_pids()
     victim = next(iter(before.values()))
     with Load(url, 16, 30.0, drop_every=10**9) as load:
@@ -188,6 +188,9 @@ def test_a_replica_killed_under_load_costs_only_its_requests_and_is_replaced(ser
         for i in range(10)
     ]
     assert [r.status_code for r in answers] == [200] * 10
+    # the killed replica's last figures leave the summed /metrics; its replacement's join them
+    gauges = _idle(url)
+    assert gauges["ernie_serve_kv_cache_budget_tokens"] == 2 * cfg.kv_cache_tokens
 
 
 def test_a_slow_reader_holds_no_kv_blocks_once_its_tokens_are_made(served):

@@ -1,7 +1,8 @@
-"""The serving API's n > 1, /metrics, bearer-token auth and request limits, over real HTTP.
+"""The serving API's n > 1, /metrics, bearer-token auth, request limits and a short KV pool, over real HTTP.
 
 One app serves the whole module (a deployment takes most of the module's time on a small machine):
-a random tiny_moe checkpoint, an API key and small limits."""
+a random tiny_moe checkpoint, an API key, small limits and a KV pool of 96 token slots, which a few long
+choices outgrow (preemption)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,15 @@ from stages.serve.engine import Engine
 
 KEY = "sk-test-6f1d0c2b9a8e7d"
 MODEL = "ernie-limits-test"
-LIMITS = dict(api_key=KEY, max_n=4, max_request_bytes=4096, max_tokens_limit=32, max_tokens=6)
+LIMITS = dict(
+    api_key=KEY,
+    max_n=4,
+    max_request_bytes=4096,
+    max_tokens_limit=32,
+    max_tokens=6,
+    kv_cache_tokens=96,
+    kv_block_tokens=8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +118,19 @@ def test_greedy_choices_are_identical_and_the_single_greedy_answer(client):
     assert [c.message.content for c in pair.choices] == [single.choices[0].message.content] * 2
     assert pair.usage.prompt_tokens == single.usage.prompt_tokens
     assert pair.usage.completion_tokens == 2 * single.usage.completion_tokens
+
+
+def test_long_choices_outgrowing_the_kv_pool_are_preempted_and_still_the_single_answer(served, client):
+    """Four greedy choices of 32 tokens need about 160 slots of a 96-slot pool: they all start, and as they grow
+    the later ones give their blocks back and are computed again. Each is still the single greedy answer."""
+    kw = dict(model=MODEL, prompt="how many red squares are there", max_tokens=32, temperature=0)
+    one = client.completions.create(**kw)
+    assert one.usage.completion_tokens == 32  # no early end: the choices do outgrow the pool
+    before = _value(_scrape(served[1]), "ernie_serve_preemptions")
+    four = client.completions.create(n=4, **kw)
+    assert _texts(four) == [one.choices[0].text] * 4
+    assert four.usage.completion_tokens == 4 * 32
+    assert _value(_scrape(served[1]), "ernie_serve_preemptions") > before
 
 
 def test_a_list_of_prompts_gives_n_choices_each_indexed_prompt_major(client):
@@ -278,6 +300,6 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(served, client):
     assert 1 <= grew("ernie_serve_time_per_output_token_seconds_count") <= 2  # choices of more than one token
     assert grew("ernie_serve_generated_tokens_total") == response.usage.completion_tokens > 0
     assert grew("ernie_serve_prompt_tokens_total") == response.usage.prompt_tokens > 0
-    assert _value(after, "ernie_serve_kv_cache_budget_tokens") == serve_stage.Config().kv_cache_tokens
-    for gauge in ("queue_depth", "running", "kv_cache_used_tokens"):
+    assert _value(after, "ernie_serve_kv_cache_budget_tokens") == LIMITS["kv_cache_tokens"]
+    for gauge in ("queue_depth", "running", "kv_cache_used_tokens", "preemptions", "prefix_cache_reused_tokens"):
         assert f"ernie_serve_{gauge}" in after and _value(after, f"ernie_serve_{gauge}") >= 0
