@@ -262,10 +262,15 @@ def _gather(deltas: Iterator[tuple[int, Delta]], count: int) -> list:
     return finals
 
 
-def _usage(finals: list, n: int) -> tuple[int, int]:
-    """(prompt tokens, completion tokens) of choices in index order: each prompt counted once, as
-    OpenAI counts it, and every choice's completion."""
-    return sum(done.prompt_tokens for done in finals[::n]), sum(done.completion_tokens for done in finals)
+def _usage(finals: list, n: int) -> tuple[int, int, int]:
+    """(prompt tokens, completion tokens, cached prompt tokens) of choices in index order: each prompt counted
+    once, as OpenAI counts it (its cached tokens as its first choice found them), and every choice's completion."""
+    prompts = finals[::n]
+    return (
+        sum(done.prompt_tokens for done in prompts),
+        sum(done.completion_tokens for done in finals),
+        sum(done.cached_tokens for done in prompts),
+    )
 
 
 @serve.deployment

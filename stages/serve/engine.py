@@ -64,6 +64,9 @@ class Completion:
     completion_tokens: int
     """Generated tokens, the end-of-sentence token included when one was generated."""
     finish_reason: str  # "stop" (eos or a stop string) | "length"
+    cached_tokens: int = 0
+    """Prompt tokens whose keys and values came from the prefix cache (OpenAI's
+    `usage.prompt_tokens_details.cached_tokens`)."""
 
 
 def load_front(model_dir: str | Path, tokenizer_path: str | Path):
@@ -91,7 +94,9 @@ class EngineFront:
         self.images = RequestImages(config, image_settings)
         """Request images -> widened prompt ids and vision inputs (resize bounds `image_settings`)."""
 
-    def _tokens(self, prompt_ids: list[int], params: SamplingParams, vision: dict | None) -> Iterator[int]:
+    def _tokens(
+        self, prompt_ids: list[int], params: SamplingParams, vision: dict | None, info: dict | None = None
+    ) -> Iterator[int]:
         """The request's tokens as they come; nothing may start before the first is asked for, and closing
         the iterator must free whatever the request holds."""
         raise NotImplementedError
@@ -170,27 +175,32 @@ class EngineFront:
         return self._tokens(prompt_ids, params, vision)
 
     def _deltas(self, prompt_ids: list[int], params: SamplingParams, stop: list[str], vision) -> Iterator[Delta]:
-        tokens = self._tokens(prompt_ids, params, vision)
+        info: dict = {}  # the token source notes the request's cached prompt tokens here
+        tokens = self._tokens(prompt_ids, params, vision, info)
         eos, sent, new = self.config.eos_token_id, 0, []
+
+        def done(text: str, finish_reason: str) -> Completion:
+            return Completion(text, len(prompt_ids), len(new), finish_reason, info.get("cached_tokens", 0))
+
         try:
             for token in tokens:
                 new.append(token)
                 if token == eos:
                     text = self.decode(new[:-1])
-                    yield Delta(text[sent:], Completion(text, len(prompt_ids), len(new), "stop"))
+                    yield Delta(text[sent:], done(text, "stop"))
                     return
                 text = self.decode(new)
                 cut = min((text.find(s) for s in stop if s in text), default=-1)
                 if cut >= 0:
                     tokens.close()  # before the last delta: the rows are freed even if nobody reads on
-                    yield Delta(text[sent:cut], Completion(text[:cut], len(prompt_ids), len(new), "stop"))
+                    yield Delta(text[sent:cut], done(text[:cut], "stop"))
                     return
                 ready = len(text) - _held_back(text, stop)
                 if ready > sent:
                     yield Delta(text[sent:ready], None)
                     sent = ready
             text = self.decode(new)
-            yield Delta(text[sent:], Completion(text, len(prompt_ids), len(new), "length"))
+            yield Delta(text[sent:], done(text, "length"))
         finally:
             tokens.close()  # a no-op once finished; a closed stream (client gone) leaves the batch
 
@@ -233,10 +243,15 @@ class Engine(EngineFront):
         """Stop the scheduler's thread; requests still queued or running get an error."""
         self.scheduler.close()
 
-    def _tokens(self, prompt_ids: list[int], params: SamplingParams, vision: dict | None) -> Iterator[int]:
+    def _tokens(
+        self, prompt_ids: list[int], params: SamplingParams, vision: dict | None, info: dict | None = None
+    ) -> Iterator[int]:
         seq = self.scheduler.submit(prompt_ids, params, vision)
         try:
-            yield from seq.tokens()
+            for token in seq.tokens():
+                if info is not None:
+                    info["cached_tokens"] = seq.cached_tokens or 0  # known once it is admitted
+                yield token
         finally:
             seq.cancel()  # a no-op once finished
 

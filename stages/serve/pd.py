@@ -61,6 +61,8 @@ class PrefillHead:
     handoff: list | None
     """[ObjectRef of the `Prefilled`], put by the prefill worker; a list, so Ray does not resolve it."""
     nbytes: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens the prefill worker took from its prefix cache."""
 
 
 @ray.remote
@@ -108,8 +110,10 @@ class PDWorker:
     async def prefill(self, prompt_ids: list[int], params: SamplingParams, vision: dict | None) -> PrefillHead:
         prefilled = await asyncio.wrap_future(self.engine.scheduler.submit_prefill(prompt_ids, params, vision))
         if prefilled.finished:
-            return PrefillHead(prefilled.first_token, True, None)
-        return PrefillHead(prefilled.first_token, False, [ray.put(prefilled)], prefilled.nbytes)
+            return PrefillHead(prefilled.first_token, True, None, cached_tokens=prefilled.cached_tokens)
+        return PrefillHead(
+            prefilled.first_token, False, [ray.put(prefilled)], prefilled.nbytes, prefilled.cached_tokens
+        )
 
     @ray.method(num_returns="streaming")
     async def decode(self, handoff: list) -> AsyncIterator[list[int]]:
@@ -271,7 +275,9 @@ class PDEngine(EngineFront):
                 ray.kill(actor)
 
     # ------------------------------------------------------------------ serving
-    def _tokens(self, prompt_ids: list[int], params: SamplingParams, vision: dict | None) -> Iterator[int]:
+    def _tokens(
+        self, prompt_ids: list[int], params: SamplingParams, vision: dict | None, info: dict | None = None
+    ) -> Iterator[int]:
         started = time.monotonic()
         worker = self._acquire(PREFILL)
         try:
@@ -280,6 +286,8 @@ class PDEngine(EngineFront):
             self._release(worker, PREFILL)
         first_at = time.monotonic()
         self._observe(self._ttft, first_at, first_at - started)
+        if info is not None:
+            info["cached_tokens"] = head.cached_tokens
         if head.finished:
             yield head.first_token
             return

@@ -107,22 +107,26 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """`cached_tokens`: prompt tokens served from the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
-def completion_response(model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+def completion_response(
+    model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+) -> dict:
     return {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 
@@ -133,7 +137,9 @@ def chat_choice(index: int, content: str, reasoning: str | None, finish_reason: 
     return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
 
 
-def chat_response(model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+def chat_response(
+    model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+) -> dict:
     """`choices`: `chat_choice`s in index order."""
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -141,7 +147,7 @@ def chat_response(model: str, choices: list[dict], prompt_tokens: int, completio
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 
@@ -176,7 +182,9 @@ def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | No
     }
 
 
-def usage_chunk(request_id: str, model: str, kind: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_chunk(
+    request_id: str, model: str, kind: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+) -> dict:
     """The closing chunk of a stream asked for `stream_options.include_usage`: no choices, the usage."""
     return {
         "id": request_id,
@@ -184,7 +192,7 @@ def usage_chunk(request_id: str, model: str, kind: str, prompt_tokens: int, comp
         "created": int(time.time()),
         "model": model,
         "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 

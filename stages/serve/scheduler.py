@@ -111,6 +111,8 @@ class Prefilled:
     vision: dict | None = None
     """A VL prompt's image inputs: should the decoding engine have to preempt the request, it computes the
     cache again from them and the tokens."""
+    cached_tokens: int = 0
+    """Prompt tokens the prefilling engine took from its prefix cache."""
 
     @property
     def finished(self) -> bool:
@@ -193,6 +195,8 @@ class Sequence:
         """Its first blocks registered for prefix caching (or shared from the cache)."""
         self.chain = ROOT_SERIAL
         """The serial its next registered block chains on."""
+        self.cached_tokens: int | None = None
+        """Prompt tokens its first admission took from cached blocks (None until admitted)."""
         self._out: queue.Queue = queue.Queue()
 
     @property
@@ -483,6 +487,8 @@ class Scheduler:
             seq.chain = self.pool.serial(cached[-1])
             seq.done = seq.next_position = len(cached) * self.pool.block_size
             self.stats.prefix_hit_tokens += seq.done
+        if seq.cached_tokens is None:  # a readmission after a preemption is the server's business, not usage
+            seq.cached_tokens = seq.done
         return seq
 
     def _cacheable(self, seq: Sequence) -> bool:
@@ -646,6 +652,7 @@ class Scheduler:
             state = None if seq.generator is None else seq.generator.get_state()
             vision = {k: v.cpu() for k, v in seq.vision.items()} or None
             handoff = Prefilled(seq.prompt_ids, seq.params, first, seq.eos, self._export(seq), state, vision)
+            handoff.cached_tokens = seq.cached_tokens or 0
             self._release(seq)
             seq.handoff.set_result(handoff)
             return

@@ -133,6 +133,18 @@ def test_long_choices_outgrowing_the_kv_pool_are_preempted_and_still_the_single_
     assert _value(_scrape(served[1]), "ernie_serve_preemptions") > before
 
 
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_served(client):
+    kw = dict(model=MODEL, prompt="how many red squares are there? " * 3, max_tokens=2, temperature=0)
+    first = client.completions.create(**kw)
+    again = client.completions.create(**kw)
+    whole_blocks = (first.usage.prompt_tokens - 1) // LIMITS["kv_block_tokens"] * LIMITS["kv_block_tokens"]
+    assert again.usage.prompt_tokens_details.cached_tokens == whole_blocks > 0  # all but the last token's block
+    assert again.choices[0].text == first.choices[0].text
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": kw["prompt"]}], max_tokens=2, temperature=0)
+    client.chat.completions.create(**chat)
+    assert client.chat.completions.create(**chat).usage.prompt_tokens_details.cached_tokens > 0
+
+
 def test_a_list_of_prompts_gives_n_choices_each_indexed_prompt_major(client):
     prompts = ["1+2=", "how many red squares"]
     kw = dict(model=MODEL, max_tokens=4, temperature=1.0, seed=3)

@@ -375,8 +375,11 @@ def test_prompts_sharing_a_prefix_prefill_only_the_rest_and_give_the_same_tokens
 
     scraped = ServeMetrics(scheduler).expose()[0].decode()
     assert 'ernie_serve_prefix_cache_reused_tokens{role="colocated"} 128.0' in scraped
+    # what the API reports as usage.prompt_tokens_details.cached_tokens
+    assert engine.complete(system + [7, 7], 3, temperature=0.0).cached_tokens == 32
 
     off = make_engine(model, prefix_caching=False)
+    assert off.complete(system + [7, 7], 3, temperature=0.0).cached_tokens == 0
     for prompt in prompts:
         assert list(off.scheduler.submit(prompt, SamplingParams(8, temperature=0.0)).tokens()) == (
             greedy_reference(model, prompt, 8)

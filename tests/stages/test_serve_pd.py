@@ -244,6 +244,15 @@ def test_pd_image_request_gives_colocated_tokens(pd, colocated):
     assert concurrently(pd, requests) == [alone(colocated, *r) for r in requests]
 
 
+def test_a_prefix_the_prefill_worker_cached_is_counted_in_the_usage(pd, colocated):
+    """The prefill worker's prefix cache serves a repeated prompt; the router reports it as the request's cached
+    prompt tokens, and the text is colocated serving's."""
+    prompt = prompts(1, seed=8, lengths=(40, 41))[0]
+    first = pd.complete(prompt, 6, temperature=0.0)
+    again = pd.complete(prompt, 6, temperature=0.0)
+    assert again.cached_tokens == 32 and again.text == first.text == colocated.complete(prompt, 6, temperature=0.0).text
+
+
 def test_handoff_goes_through_the_object_store(pd):
     import ray
 
