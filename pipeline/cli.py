@@ -15,6 +15,7 @@ import sys
 import traceback
 
 from .contract import UserError
+from .driver import shown_status
 from .redact import redact_text
 from .store import StorageError
 
@@ -183,14 +184,16 @@ def cmd_ls(args) -> int:
     print(f"{'run id':24s} {'conf':14s} {'status':9s} {'started':20s} stages")
     for r in runs:
         stages = " ".join(f"{name}:{s.get('status', '?')}" for name, s in _stages(r).items())
-        print(f"{r['run_id']:24s} {r['conf']:14s} {r['status']:9s} {r['started_at']:20s} {stages}")
+        print(f"{r['run_id']:24s} {r['conf']:14s} {shown_status(r):9s} {r['started_at']:20s} {stages}")
     return 0
 
 
 def cmd_show(args) -> int:
     store = _store_from_words(args.words)
     r = store.run(args.run_id)
-    print(f"run {r['run_id']}  conf={r['conf']}  dry_run={r.get('dry_run', '-')}  status={r['status']}")
+    print(f"run {r['run_id']}  conf={r['conf']}  dry_run={r.get('dry_run', '-')}  status={shown_status(r)}")
+    if r.get("ended_by"):
+        print(f"ended: {r['ended_by']}")
     print(f"started {r['started_at']}  finished {r.get('finished_at', '-')}")
     print(redact_text(f"MLflow: {r.get('mlflow_uri', '-')}  parent run {r.get('mlflow_run_id', '-')}"))
     for name, s in _stages(r).items():

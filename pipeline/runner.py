@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import driver
 from .config import PipelineConfig, to_yaml
 from .contract import Artifact, StageContext, UserError, check_custom_resources, check_fits, requested
 from .graph import EVAL_MODULE, STAGE_MODULES, Selection, StageNode, build_graph, stage_module
@@ -125,6 +126,8 @@ def execute(cfg: PipelineConfig, conf_name: str, selection: Selection, dry_run: 
     tracker = PipelineTracker(uri, cfg.tracking.experiment)  # a tracking server that refuses us: before any write
     store.check_writable()  # the first write of the run
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    for killed in driver.end_killed_runs(store, tracker, uri, run_id):
+        print(f"run {killed} was left running by a driver that is gone: marked {driver.KILLED}", file=sys.stderr)
     tracker.start(
         f"{conf_name}-{run_id}",
         {"conf": conf_name, "git_commit": git_commit(), "dry_run": str(dry_run).lower(), "pipeline_run": run_id},
@@ -138,6 +141,7 @@ def execute(cfg: PipelineConfig, conf_name: str, selection: Selection, dry_run: 
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "mlflow_uri": redact_text(uri),  # the record is printed by `show`
         "mlflow_run_id": tracker.parent_id,
+        "driver": driver.identity(),
         "status": "running",
         "stages": {},
     }

@@ -137,6 +137,23 @@ class PipelineTracker:
             self._system_metrics = None
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
+    def end_killed(self, parent_run_id: str) -> None:
+        """End a killed driver's pipeline run as KILLED: the parent run and its stage runs still RUNNING. A run this
+        tracking store does not hold is left alone."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            parent = self.client.get_run(parent_run_id)
+        except MlflowException:
+            return
+        children = self.client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        )
+        for run in [*children, parent]:
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, "KILLED")
+
     def register_model(self, name: str, source: str, run_id: str) -> str:
         """Register `source` (an artifact URI) as a new version of model `name`."""
         from mlflow.exceptions import MlflowException

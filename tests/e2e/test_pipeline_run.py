@@ -197,10 +197,24 @@ def test_killed_stage_leaves_no_manifest_and_the_rerun_completes(workspace):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert len(manifests(workspace, "sft")) == 1  # the killed attempt did not become an artifact
+    listed = pipeline(workspace["path"], "ls")
+    killed_id, status = listed.stdout.splitlines()[-1].split()[0:3:2]  # the newest run: its driver is gone
+    assert status == "killed", listed.stdout
     result = pipeline(workspace["path"], *words)
     assert result.returncode == 0, result.stderr
     assert stage_lines(result.stdout)["sft"] == "done"
     assert len(manifests(workspace, "sft")) == 2
+    # the rerun wrote it down: the record says killed, and MLflow has the killed run and its open stage run KILLED
+    assert f"run {killed_id} was left running by a driver that is gone" in result.stderr
+    record = json.loads((workspace["path"] / "runs" / "artifacts" / "runs" / f"{killed_id}.json").read_text())
+    assert record["status"] == "killed" and "driver process ended" in record["ended_by"]
+    client = mlflow_client(workspace)
+    assert client.get_run(record["mlflow_run_id"]).info.status == "KILLED"
+    stage_runs = client.search_runs(
+        [client.get_run(record["mlflow_run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{record['mlflow_run_id']}'",
+    )
+    assert "KILLED" in {r.info.status for r in stage_runs} and "RUNNING" not in {r.info.status for r in stage_runs}
 
 
 def test_served_endpoint_answers_the_openai_client(workspace):
