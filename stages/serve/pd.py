@@ -49,6 +49,9 @@ from .scheduler import DEFAULT_BLOCK_TOKENS, DEFAULT_PREFILL_CHUNK_TOKENS, Sampl
 
 REPORT_TTL_S = 0.5
 """Worker-reported loads (`stats`, metrics gauges) are at most this old."""
+AFFINITY_SLACK = 2
+"""Prefills in flight a prompt's own prefill worker may have beyond the least-loaded one's before the prompt goes
+to the least-loaded (its cached prefix is worth less than the wait)."""
 
 
 @dataclass
@@ -240,7 +243,7 @@ class PDEngine(EngineFront):
                 ray.kill(actor)
             raise
         self._init_front(tokenizer, info[0]["config"], str(model_dir), settings, kv_cache_tokens)
-        self.max_batch = max_batch
+        self.max_batch, self.block_tokens = max_batch, kv_block_tokens
         self.policy = policy or RoleSwitchPolicy()
         """Read at every look of the controller: may be replaced while serving."""
         self.role_switches: list[RoleSwitch] = []
@@ -279,7 +282,7 @@ class PDEngine(EngineFront):
         self, prompt_ids: list[int], params: SamplingParams, vision: dict | None, info: dict | None = None
     ) -> Iterator[int]:
         started = time.monotonic()
-        worker = self._acquire(PREFILL)
+        worker = self._acquire(PREFILL, prompt_ids)
         try:
             head: PrefillHead = ray.get(self._actors[worker.index].prefill.remote(prompt_ids, params, vision))
         finally:
@@ -313,12 +316,18 @@ class PDEngine(EngineFront):
                 now = time.monotonic()
                 self._observe(self._tpot, now, (now - first_at) / (count - 1))
 
-    def _acquire(self, role: str) -> WorkerLoad:
-        """The least-loaded worker of `role` (ties taken in turn), its count raised."""
+    def _acquire(self, role: str, prompt_ids: list[int] | None = None) -> WorkerLoad:
+        """The least-loaded worker of `role` (ties taken in turn), its count raised. A prompt of a whole KV block or
+        more goes by its first block to the same prefill worker each time (each worker has its own prefix cache),
+        unless that worker has `AFFINITY_SLACK` more prefills in flight than the least-loaded one."""
         with self._lock:
             n = len(self._workers)
             candidates = [w for w in self._workers if w.role == role]
             worker = min(candidates, key=lambda w: (w.load, (w.index - self._turn) % n))
+            if prompt_ids is not None and len(prompt_ids) >= self.block_tokens:
+                preferred = candidates[hash(tuple(prompt_ids[: self.block_tokens])) % len(candidates)]
+                if preferred.load <= worker.load + AFFINITY_SLACK:
+                    worker = preferred
             self._turn = (worker.index + 1) % n
             if role == PREFILL:
                 worker.prefills += 1

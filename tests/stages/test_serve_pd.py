@@ -253,6 +253,37 @@ def test_a_prefix_the_prefill_worker_cached_is_counted_in_the_usage(pd, colocate
     assert again.cached_tokens == 32 and again.text == first.text == colocated.complete(prompt, 6, temperature=0.0).text
 
 
+def test_a_repeated_prompt_goes_to_the_prefill_worker_holding_its_prefix(ckpt, colocated, local_ray):
+    """With two prefill workers, each with its own prefix cache, a prompt goes by its first block to the same one:
+    its repeats find their prefix cached (least-loaded routing alone would alternate between idle workers)."""
+    from stages.serve.pd import AFFINITY_SLACK, PDEngine
+    from stages.serve.roles import PREFILL
+
+    engine = PDEngine(
+        ckpt,
+        ckpt / "tokenizer" / "tokenizer.json",
+        workers=3,
+        prefill_workers=2,
+        worker_cpus=0.5,
+        policy=RoleSwitchPolicy(enabled=False),
+    )
+    try:
+        prompt = prompts(1, seed=9, lengths=(40, 41))[0]
+        # the routing alone, with prefills held in flight: the prompt's worker until it has AFFINITY_SLACK more
+        held = [engine._acquire(PREFILL, prompt) for _ in range(AFFINITY_SLACK + 2)]
+        own, other = held[0], next(w for w in engine._workers if w.role == PREFILL and w is not held[0])
+        assert held[: AFFINITY_SLACK + 1] == [own] * (AFFINITY_SLACK + 1) and held[-1] is other
+        short = engine._acquire(PREFILL, prompt[:5])  # less than a block: no preference, the least loaded
+        assert short is other
+        for worker in [*held, short]:
+            engine._release(worker, PREFILL)
+        done = [engine.complete(prompt, 4, temperature=0.0) for _ in range(3)]
+        assert [d.cached_tokens for d in done] == [0, 32, 32]
+        assert {d.text for d in done} == {colocated.complete(prompt, 4, temperature=0.0).text}
+    finally:
+        engine.close()
+
+
 def test_handoff_goes_through_the_object_store(pd):
     import ray
 
