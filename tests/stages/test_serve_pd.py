@@ -264,7 +264,7 @@ def test_a_repeated_prompt_goes_to_the_prefill_worker_holding_its_prefix(ckpt, c
         ckpt / "tokenizer" / "tokenizer.json",
         workers=3,
         prefill_workers=2,
-        worker_cpus=0.5,
+        worker_cpus=0.25,  # beside the module's PD engine (3 CPUs) on the module's 4-CPU Ray
         policy=RoleSwitchPolicy(enabled=False),
     )
     try:
