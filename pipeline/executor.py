@@ -254,15 +254,15 @@ def _rebuild_failure(stage, error_type, message, tb, user_error):
     return failure
 
 
-def run_stage(job: StageJob, resources: Any, on_progress, distributed: bool = False) -> dict:
-    """Run the job in a fresh actor, calling `on_progress(snapshot)` while it works.
+def run_stage(job: StageJob, resources: Any, on_progress) -> dict:
+    """Run the job in a fresh actor holding `resources`, calling `on_progress(snapshot)` while it works.
 
-    For a distributed stage `resources.num_gpus` is per Ray Train worker; its actor only
-    launches and watches the workers, so it holds no GPU.
+    A training stage's actor holds what its config's `actor_resources()` says (it may only launch
+    and watch its Ray Train workers, which reserve their own).
     """
     options: dict[str, Any] = {
         "num_cpus": resources.num_cpus,
-        "num_gpus": 0 if distributed else resources.num_gpus,
+        "num_gpus": resources.num_gpus,
         "max_concurrency": 2,
     }
     if resources.memory_gb:

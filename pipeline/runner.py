@@ -232,7 +232,8 @@ def _run_or_reuse(cfg, p: PlannedStage, artifacts, store, tracker, ui, outcome: 
     start = time.time()
     bar = ui.start(name)
     try:
-        result = executor.run_stage(job, section.resources, bar.update, distributed=hasattr(section, "num_workers"))
+        actor = section.actor_resources() if hasattr(section, "actor_resources") else section.resources
+        result = executor.run_stage(job, actor, bar.update)
     except executor.StageFailure:
         tracker.finish(logger.run_id, False)
         bar.close(failed=True)

@@ -55,7 +55,7 @@ class TrainConfig(TrainingConfig):
             raise UserError(f"{key}.recompute={self.recompute!r} must be one of {POLICIES}")
         if self.micro_batch_size < 0:
             raise UserError(f"{key}.micro_batch_size={self.micro_batch_size} must not be negative (0 = all at once)")
-        examples = self.batch_size // self.num_workers
+        examples = self.batch_size // self.ranks
         if examples % (self.micro_batch_size or examples):
             raise UserError(
                 f"{key}.micro_batch_size={self.micro_batch_size} must divide the {examples} examples each worker "
@@ -68,7 +68,7 @@ class TrainConfig(TrainingConfig):
 
     def forward_rows(self) -> int:
         """Rows (sequences of up to max_length tokens) in one training forward of a worker."""
-        return self.micro_batch_size or max(self.batch_size // max(self.num_workers, 1), 1)
+        return self.micro_batch_size or max(self.batch_size // self.ranks, 1)
 
     def keeps_reference(self) -> bool:
         """Whether the workers keep the frozen input model beside the policy (a KL or DPO reference)."""

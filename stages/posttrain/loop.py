@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from ernie.checkpoint import load_config, load_pretrained, model_from_state_dict, save_pretrained
 from ernie.lora import LoRADelta
-from stages.training import train_state
+from stages.training import launch, train_state
 from stages.training.accumulate import accumulate
 from stages.training.optim import build_optimizer, lr_at, set_lr
 from stages.training.parallel import Layout, reshard, shard_fsdp
@@ -282,11 +281,14 @@ class WorkerLoop:
             ray.train.report(summary)
             return
         weights = merged_lora(self.model, weights)  # adapters, if any, become part of the exported weights
-        with tempfile.TemporaryDirectory() as tmp:
-            save_pretrained(model_from_state_dict(self.model.config, weights, "the trained model"), tmp)
-            train_state.copy_state(self.job.state_dir, Path(tmp) / "train_state")
-            (Path(tmp) / "train_state" / HISTORY_FILE).write_text(json.dumps(self.history) + "\n")
-            ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        trained = model_from_state_dict(self.model.config, weights, "the trained model")
+
+        def fill(directory: Path) -> None:
+            save_pretrained(trained, directory)
+            train_state.copy_state(self.job.state_dir, directory / "train_state")
+            (directory / "train_state" / HISTORY_FILE).write_text(json.dumps(self.history) + "\n")
+
+        launch.report_checkpoint(summary, fill)
 
     def summary(self, final: dict[str, float]) -> dict[str, float]:
         """Final and initial validation metrics, and the last train metrics averaged over 10 steps."""

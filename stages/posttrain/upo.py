@@ -69,7 +69,7 @@ class Config(RLVRConfig):
             raise UserError(f"{key}.loss_type={self.loss_type!r} must be one of {LOSS_TYPES}")
         if not 0 <= self.label_smoothing < 0.5:
             raise UserError(f"{key}.label_smoothing={self.label_smoothing!r} must lie in [0, 0.5)")
-        if self.pairs != "online" and (self.pairs_per_step <= 0 or self.pairs_per_step % self.num_workers):
+        if self.pairs != "online" and (self.pairs_per_step <= 0 or self.pairs_per_step % self.ranks):
             raise UserError(
                 f"{key}.pairs_per_step={self.pairs_per_step} must be positive and divisible by "
                 f"num_workers={self.num_workers}"
@@ -84,9 +84,9 @@ class Config(RLVRConfig):
         rollouts = super().forward_rows()
         if self.pairs == "online":
             return rollouts
-        per_worker = self.batch_size // max(self.num_workers, 1)
+        per_worker = self.batch_size // self.ranks
         parts = per_worker // (self.micro_batch_size or per_worker)
-        return rollouts + 2 * -(-(self.pairs_per_step // max(self.num_workers, 1)) // parts)
+        return rollouts + 2 * -(-(self.pairs_per_step // self.ranks) // parts)
 
 
 class UPOObjective(RLVRObjective):

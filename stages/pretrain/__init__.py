@@ -102,7 +102,7 @@ def _data_streams(cfg: Config, state_dir: str) -> int:
     """The run's data streams: as configured, else those its train state was written with, else the workers."""
     meta = train_state.read_meta(state_dir)
     recorded = meta["fingerprint"]["pretrain"].get("data_streams") if meta else None
-    streams = cfg.data_streams or recorded or cfg.num_workers
+    streams = cfg.data_streams or recorded or cfg.ranks
     cfg.check_streams(streams)
     return streams
 
@@ -120,13 +120,13 @@ def _check_dataset(ctx: StageContext, dataset_dir: Path, streams: int) -> int:
     train = _read_split(dataset_dir, "train", ctx.model)
     _read_split(dataset_dir, "val", ctx.model)
     _check_vocab(dataset_dir, ctx.model.vocab_size)
-    micro_batch = cfg.batch_size // cfg.num_workers
+    micro_batch = cfg.batch_size // cfg.ranks
     unit_rows, note = unit_rows_for(dataset_dir, train, cfg.batch_size // streams)
     if note:
         logging.getLogger(__name__).warning(note)
         ctx.log.text(note, "data_note.txt")
     reader = TrainReader(
-        str(dataset_dir / "train"), 0, cfg.num_workers, ctx.seed, cfg.shuffle_buffer, micro_batch, streams=streams
+        str(dataset_dir / "train"), 0, cfg.ranks, ctx.seed, cfg.shuffle_buffer, micro_batch, streams=streams
     )
     try:
         steps_per_epoch = reader.steps_in_epoch(0)

@@ -93,7 +93,7 @@ class Config(TrainingConfig):
     def validate(self) -> None:
         """Raise `UserError` naming the first bad field (`pretrain.<field>=<value>`)."""
         self.check("pretrain", positive=("router_stats_every", "expert_parallel", "recompute_every"))
-        if self.num_workers % self.expert_parallel:
+        if self.ranks % self.expert_parallel:
             raise UserError(
                 f"pretrain.expert_parallel={self.expert_parallel} must divide pretrain.num_workers={self.num_workers}"
             )
@@ -115,7 +115,7 @@ class Config(TrainingConfig):
             value = getattr(self, name)
             if value < 0:
                 raise UserError(f"pretrain.{name}={value} must not be negative (0 = {zero_means})")
-        rows = self.batch_size // self.num_workers
+        rows = self.batch_size // self.ranks
         if rows % (self.micro_batch_size or rows):
             raise UserError(
                 f"pretrain.micro_batch_size={self.micro_batch_size} must divide the {rows} rows each worker takes a "
@@ -124,7 +124,7 @@ class Config(TrainingConfig):
 
     def check_streams(self, streams: int) -> None:
         """`streams` data streams must split evenly over the workers, and the batch over the streams."""
-        if streams % self.num_workers:
+        if streams % self.ranks:
             raise UserError(
                 f"pretrain.num_workers={self.num_workers} must divide the run's {streams} data streams "
                 "(pretrain.data_streams, or the worker count the run started with): every worker reads "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from ernie.flops import peak_flops, training_flops_per_token
 from ernie.losses import shifted_targets
 from ernie.moe import update_router_biases
 from pipeline.contract import UserError
-from stages.training import train_state
+from stages.training import launch, train_state
 from stages.training.accumulate import LOSS_NAMES, LMShare, accumulate, lm_shares, split_rows, weighted_lm_loss
 from stages.training.fp8 import apply_fp8
 from stages.training.optim import build_optimizer, lr_at, set_lr
@@ -320,11 +319,14 @@ class WorkerLoop:
         if self.rank != 0:
             ray.train.report(summary)
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            save_pretrained(model_from_state_dict(self.job.model, weights, "the trained model"), tmp)
-            train_state.copy_state(self.job.state_dir, Path(tmp) / "train_state")
-            (Path(tmp) / "train_state" / HISTORY_FILE).write_text(json.dumps(self.history) + "\n")
-            ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        trained = model_from_state_dict(self.job.model, weights, "the trained model")
+
+        def fill(directory: Path) -> None:
+            save_pretrained(trained, directory)
+            train_state.copy_state(self.job.state_dir, directory / "train_state")
+            (directory / "train_state" / HISTORY_FILE).write_text(json.dumps(self.history) + "\n")
+
+        launch.report_checkpoint(summary, fill)
 
     def summary(self, val_loss: float) -> dict[str, float]:
         h = self.history

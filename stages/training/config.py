@@ -25,7 +25,9 @@ class TrainingConfig:
     """The stage actor's CPUs (keep 0: it only waits on the workers) and GPUs *per worker*
     (`num_gpus > 0` trains on GPUs with NCCL, else CPU with gloo)."""
     num_workers: int = 2
-    """Ray Train workers (data-parallel ranks)."""
+    """Ray Train workers (data-parallel ranks). 0: Ray Train's local mode, one rank in the stage's own
+    process (it then holds `cpus_per_worker` CPUs and `resources.num_gpus` GPUs): no worker actors
+    to start, which saves seconds per run on a small machine, and no restarts after a crash."""
     cpus_per_worker: float = 1.0
     """CPUs each Ray Train worker reserves (also its torch thread count)."""
     steps: int = 100
@@ -70,15 +72,29 @@ class TrainingConfig:
     }
     """Fields that do not change the trained weights (a train state resumes across them)."""
 
+    @property
+    def ranks(self) -> int:
+        """Data-parallel ranks: the workers, or the stage's own process under num_workers=0."""
+        return max(self.num_workers, 1)
+
     def requested(self) -> Request:
         """The stage actor plus the Ray Train workers (`resources.num_gpus` is per worker)."""
         r = self.resources
         return Request(
-            cpus=r.num_cpus + self.num_workers * self.cpus_per_worker,
-            gpus=self.num_workers * r.num_gpus,
-            terms=f"resources.num_cpus={r.num_cpus:g} + num_workers={self.num_workers} x "
-            f"(cpus_per_worker={self.cpus_per_worker:g}, resources.num_gpus={r.num_gpus:g})",
+            cpus=r.num_cpus + self.ranks * self.cpus_per_worker,
+            gpus=self.ranks * r.num_gpus,
+            terms=f"resources.num_cpus={r.num_cpus:g} + "
+            + (f"num_workers={self.num_workers}" if self.num_workers else "1 rank in the stage's process (num_workers=0)")
+            + f" x (cpus_per_worker={self.cpus_per_worker:g}, resources.num_gpus={r.num_gpus:g})",
         )
+
+    def actor_resources(self) -> Resources:
+        """What the stage's own actor reserves: `resources.num_cpus` when it only watches the workers;
+        one worker's CPUs and GPUs on top under num_workers=0, where it trains itself."""
+        r = self.resources
+        if self.num_workers:
+            return dataclasses.replace(r, num_gpus=0)
+        return dataclasses.replace(r, num_cpus=r.num_cpus + self.cpus_per_worker)
 
     def check(self, key: str, positive: tuple[str, ...] = ()) -> None:
         """Raise `UserError` naming the first bad shared field (`<key>.<field>=<value>`)."""
@@ -87,10 +103,11 @@ class TrainingConfig:
             if not ok:
                 raise UserError(f"{key}.{name}={getattr(self, name)!r} {why}")
 
-        for name in ("steps", "batch_size", "num_workers", "eval_every", "checkpoint_every", *positive):
+        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", *positive):
             require(getattr(self, name) > 0, name, "must be positive")
+        require(self.num_workers >= 0, "num_workers", "must not be negative (0 = train in the stage's own process)")
         require(
-            self.batch_size % self.num_workers == 0,
+            self.batch_size % self.ranks == 0,
             "batch_size",
             f"must be divisible by {key}.num_workers={self.num_workers} (split evenly over workers)",
         )

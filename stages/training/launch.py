@@ -3,6 +3,10 @@
 The stage process (often a Ray actor holding no CPU) starts a `TorchTrainer`; rank 0 puts
 (step, metrics) messages on a Ray queue that this process drains while `fit()` runs, so
 metrics are logged and the progress bar moves from the stage's own logger and `Progress`.
+
+`num_workers=0` is Ray Train's local mode: the function runs in the stage's own process as
+the one rank of a single-process group, with no worker actors to start (seconds per run on
+a small machine) and no restarts after a crash.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable
@@ -18,6 +23,7 @@ from pathlib import Path
 from pipeline.contract import LOCAL_RAY_CPUS, Request, check_fits
 
 OnMessage = Callable[[int, dict], None]
+_in_process = threading.local()  # .active: this thread runs a training function in local mode
 
 
 def ensure_ray() -> None:
@@ -54,7 +60,8 @@ def fit(
     storage: Path | str,
     on_message: OnMessage,
 ):
-    """Train with `num_workers` DDP workers; returns Ray Train's `Result` (its checkpoint is rank 0's last).
+    """Train with `num_workers` DDP workers (0: in this process, see the module's docstring); returns
+    Ray Train's `Result` (its checkpoint is rank 0's last).
 
     `storage` is Ray Train's storage: a local directory (one node) or an fsspec URL (e.g. under the
     remote artifact root's `.work/`) that the workers on every node write the checkpoint to."""
@@ -62,10 +69,15 @@ def fit(
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers} must not be negative (0 = train in this process)")
     sink = Queue(actor_options={"num_cpus": 0})
     resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker > 0 else {})
     name = f"run-{uuid.uuid4().hex[:8]}"
     storage_fs, storage_path = _storage(storage)
+    if num_workers == 0:
+        train_fn = _single_rank(train_fn, max(int(cpus_per_worker), 1))
+        resources = None  # local mode reserves nothing: the caller holds this process's share
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={**loop_config, "sink": sink},
@@ -93,6 +105,48 @@ def fit(
         return outcome["result"]
     finally:
         ray.kill(sink.actor)
+
+
+def _single_rank(train_fn: Callable[[dict], None], threads: int) -> Callable[[dict], None]:
+    """`train_fn` as the only rank of a process group of one (its collectives, DDP and FSDP work
+    unchanged), on `threads` torch threads; the process's own group and thread count come back after."""
+
+    def run(config: dict) -> None:
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            raise RuntimeError("num_workers=0 trains in this process, which already has a torch.distributed group")
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1)
+        _in_process.active = True
+        try:
+            train_fn(config)
+        finally:
+            _in_process.active = False
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            torch.set_num_threads(previous_threads)
+
+    return run
+
+
+def report_checkpoint(summary: dict, fill: Callable[[Path], None]) -> None:
+    """Rank 0's last report: `fill(directory)` writes the checkpoint Ray Train hands back in `Result`.
+
+    Workers report a temporary directory that Ray Train copies to its storage; local mode keeps the
+    directory itself, so there it stays until `copy_checkpoint` has copied it to the artifact."""
+    import ray.train
+
+    if getattr(_in_process, "active", False):
+        path = Path(tempfile.mkdtemp(prefix="ernie-checkpoint-"))
+        fill(path)
+        ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        fill(Path(tmp))
+        ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _capture(call: Callable[[], object], outcome: dict) -> None:
@@ -130,6 +184,8 @@ def copy_checkpoint(result, output_dir: Path, storage: Path | str) -> None:
         raise RuntimeError("the training run ended without a final checkpoint")
     output_dir.mkdir(parents=True, exist_ok=True)
     result.checkpoint.to_directory(str(output_dir))
+    if result.path is None:  # local mode: the checkpoint is the directory `report_checkpoint` made
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     if "://" not in str(storage):
         shutil.rmtree(storage, ignore_errors=True)
         return

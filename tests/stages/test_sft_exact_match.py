@@ -1,4 +1,4 @@
-"""Acceptance: SFT raises held-out exact match over the pretrained model (tiny preset, real Ray Train runs).
+"""Acceptance: SFT raises held-out exact match over the pretrained model (tiny preset, one rank each).
 
 From one pretrained checkpoint, with fixed seeds (`sft_facts_data`): pretraining text states the
 155 single-digit additions and subtractions many times, so the tiny model memorises them; SFT
@@ -42,8 +42,10 @@ PRETRAIN = dict(
     checkpoint_every=600,
     router_stats_every=600,
     eval_rows=8,
+    num_workers=0,
+    cpus_per_worker=2,
 )
-SFT = dict(steps=300, batch_size=16, lr=1e-3, eval_every=300, checkpoint_every=300)
+SFT = dict(steps=300, batch_size=16, lr=1e-3, eval_every=300, checkpoint_every=300, num_workers=0, cpus_per_worker=2)
 EVAL = eval_stage.Config(max_rows=8, max_items=0, num_examples=8)
 
 
