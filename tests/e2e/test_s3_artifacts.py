@@ -15,6 +15,8 @@ SMALL = [
     "data.max_documents=300",
     "data.arithmetic_documents=200",
     "pretrain.steps=10",
+    # the stage trains in its own process (Ray Train's local mode): workers on S3 are tests/cluster's
+    "pretrain.num_workers=0",
     "eval.max_items=4",
     "eval.max_rows=8",
 ]
@@ -74,7 +76,7 @@ def test_stages_write_and_read_artifacts_on_s3(tmp_path, s3_env):
 
 
 def _pretrain_state_is_in_the_bucket_and_resumes(tmp_path: Path, words: list[str], env: dict, fs) -> None:
-    """The workers wrote the train state under the root's .work/ prefix, not to local disk; with the
+    """The stage wrote the train state under the root's .work/ prefix, not to local disk; with the
     artifact deleted (the state kept), a rerun resumes from it at the saved step."""
     import json
 

@@ -1,4 +1,5 @@
-"""pretrain, sft and dpo stages: real Ray Train runs (2 gloo workers) on a small synthetic dataset.
+"""pretrain, sft and dpo stages: real Ray Train runs (2 gloo workers, or local mode where distribution is
+not the subject) on a small synthetic dataset.
 
 The slow tests share one local Ray and one pretraining run (the reference for exact resume
 and the input of SFT, whose output feeds DPO).
@@ -53,6 +54,8 @@ PRETRAIN = dict(
 PRETRAIN_WORKERS = pretrain.Config(**PRETRAIN).num_workers
 VL_PRETRAIN = {**PRETRAIN, "steps": 20, "lr": 5e-3, "warmup_steps": 3, "eval_every": 10, "router_stats_every": 10}
 VL_VOCAB = 400
+LOCAL = dict(num_workers=0)
+"""Ray Train's local mode (one rank in this process) for the runs whose subject is not distribution."""
 STEP_LOG_KEYS = {
     *("loss", "lm", "aux", "z", "orthogonal", "lr", "tokens_per_s", "grad_norm", "router/max_over_mean"),
     *("tflops_per_device", "memory_gb"),
@@ -126,7 +129,7 @@ def pretrained(ray_local, dataset, model_config, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft_run(pretrained, dataset, tmp_path_factory):
-    config = sft.Config(steps=40, batch_size=16, lr=2e-3, eval_every=20, checkpoint_every=20)
+    config = sft.Config(steps=40, batch_size=16, lr=2e-3, eval_every=20, checkpoint_every=20, **LOCAL)
     ctx = make_ctx(
         "sft", config, None, {"ckpt": pretrained[0].output_dir, "dataset": dataset}, tmp_path_factory.mktemp("sft")
     )
@@ -135,7 +138,7 @@ def sft_run(pretrained, dataset, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dpo_run(sft_run, dataset, tmp_path_factory):
-    config = dpo.Config(steps=40, batch_size=16, lr=1e-3, beta=0.5, eval_every=20, checkpoint_every=20)
+    config = dpo.Config(steps=40, batch_size=16, lr=1e-3, beta=0.5, eval_every=20, checkpoint_every=20, **LOCAL)
     ctx = make_ctx(
         "dpo", config, None, {"ckpt": sft_run[0].output_dir, "dataset": dataset}, tmp_path_factory.mktemp("dpo")
     )
@@ -552,7 +555,7 @@ def test_sft_trains_a_vl_model_on_chats_with_images_inline(vl_pretrained, vl_dat
         len(with_images) > len(chats) // 2
         and (vl_dataset / with_images[0]["messages"][0]["content"][0]["image"]).is_file()
     )
-    config = sft.Config(steps=20, batch_size=8, lr=2e-3, eval_every=20, checkpoint_every=20, max_length=128)
+    config = sft.Config(steps=20, batch_size=8, lr=2e-3, eval_every=20, checkpoint_every=20, max_length=128, **LOCAL)
     ctx = make_ctx("sft", config, None, {"ckpt": vl_pretrained[0].output_dir, "dataset": vl_dataset}, tmp_path)
     m = sft.run(ctx).metrics
     print(f"\nVL SFT: val assistant-token loss {m['val_loss_initial']:.3f} -> {m['val_loss']:.3f}")
@@ -582,6 +585,7 @@ def test_rlvr_rolls_out_scene_questions_with_their_images_on_a_vl_model(vl_pretr
         rewards=["exact_match"],
         kl_coef=0.0,
         temperature=1.5,
+        **LOCAL,
     )
     ctx = make_ctx("rlvr", config, None, {"ckpt": vl_pretrained[0].output_dir, "dataset": vl_dataset}, tmp_path)
     m = rlvr.run(ctx).metrics
@@ -643,7 +647,15 @@ def test_sft_with_lora_trains_adapters_only_and_exports_them_merged(pretrained, 
     """LoRA on attention and experts, chats packed several to a row: the val loss falls, and the exported
     checkpoint differs from the input only in the adapted weights, under the base model's names."""
     config = sft.Config(
-        steps=40, batch_size=16, lr=5e-3, eval_every=20, checkpoint_every=20, lora_rank=8, lora_alpha=16, pack=True
+        steps=40,
+        batch_size=16,
+        lr=5e-3,
+        eval_every=20,
+        checkpoint_every=20,
+        lora_rank=8,
+        lora_alpha=16,
+        pack=True,
+        **LOCAL,
     )
     ctx = make_ctx("sft", config, None, {"ckpt": pretrained[0].output_dir, "dataset": dataset}, tmp_path)
     m = sft.run(ctx).metrics
@@ -744,7 +756,7 @@ def test_rlvr_raises_the_held_out_reward_and_a_scrambled_reward_does_not(sft_run
 def test_upo_prefers_as_well_as_dpo_and_raises_the_reward(sft_run, dpo_run, dataset, tmp_path):
     """UPO (GRPO + DPO on offline and online pairs, same steps as the DPO fixture) reaches at least DPO's
     val preference accuracy and raises the verifiable reward too."""
-    config = upo.Config(**RL, beta=0.5, rewards=ARITHMETIC_REWARDS)
+    config = upo.Config(**RL, **LOCAL, beta=0.5, rewards=ARITHMETIC_REWARDS)
     ctx = make_ctx("upo", config, None, {"ckpt": sft_run[0].output_dir, "dataset": dataset}, tmp_path)
     result = upo.run(ctx)
     m, d = result.metrics, dpo_run[1].metrics
