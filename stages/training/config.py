@@ -80,7 +80,9 @@ class TrainingConfig:
     def requested(self) -> Request:
         """The stage actor plus the Ray Train workers (`resources.num_gpus` is per worker)."""
         r = self.resources
-        ranks = f"num_workers={self.num_workers}" if self.num_workers else "1 rank in the stage's process (num_workers=0)"
+        ranks = (
+            f"num_workers={self.num_workers}" if self.num_workers else "1 rank in the stage's process (num_workers=0)"
+        )
         return Request(
             cpus=r.num_cpus + self.ranks * self.cpus_per_worker,
             gpus=self.ranks * r.num_gpus,
