@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def _train(config: dict) -> None:
     config["sink"].put((1, {"loss": 0.5}))
 
     def fill(directory: Path) -> None:
-        (directory / "seen.txt").write_text(repr(seen))
+        (directory / "seen.json").write_text(json.dumps(seen))
 
     launch.report_checkpoint({"steps": 1.0}, fill)
 
@@ -68,7 +69,7 @@ def test_the_function_runs_here_as_the_only_rank_and_its_checkpoint_reaches_the_
     assert result.metrics == {"steps": 1.0}
     made = Path(result.checkpoint.path)
     launch.copy_checkpoint(result, tmp_path / "out", tmp_path / "ray")
-    seen = eval((tmp_path / "out" / "seen.txt").read_text())
+    seen = json.loads((tmp_path / "out" / "seen.json").read_text())
     assert seen == {"pid": os.getpid(), "rank": 0, "world": 1, "total": 3.0, "threads": 1}
     assert not made.exists(), "the checkpoint directory local mode reported is left behind"
     assert not dist.is_initialized(), "the single-rank process group outlived the run"
