@@ -197,7 +197,7 @@ class Sequence:
         """The serial its next registered block chains on."""
         self.cached_tokens: int | None = None
         """Prompt tokens its first admission took from cached blocks (None until admitted)."""
-        self._out: queue.Queue = queue.Queue()
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
 
     @property
     def finished(self) -> bool:
