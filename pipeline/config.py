@@ -10,6 +10,8 @@ checked by `validate`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,7 +136,40 @@ def compose(name: str, overrides: list[str]):
             return hydra_compose(config_name=name, overrides=overrides)
     # Hydra raises a plain ValueError for some bad overrides (`model=0`: a group choice that is not a name)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
+        missing = re.match(r"Could not override '([^']+)'", str(err))
+        key = missing.group(1) if missing else ""
+        why = missing and unknown_key_reason(key)
+        if why:
+            raise UserError(f"bad configuration for conf={name}: unknown configuration key {key} {why}") from None
         raise UserError(f"bad configuration for conf={name}: {_one_paragraph(err)}") from None
+
+
+RETIRED_KEYS = {
+    "serve.prefix_cache_tokens": "prefix caching keeps prompts' blocks in the KV pool's free room now: "
+    "serve.prefix_caching turns it on or off, and serve.kv_cache_tokens is its room",
+}
+"""Keys earlier versions had, and what took their place: said when a config still sets one."""
+
+
+def unknown_key_reason(key: str) -> str | None:
+    """Why `key` (dotted) is not a configuration key, with the nearest keys of its section (or what replaced it,
+    for a retired key); None when the schema has it, or it lies under a free-form value (a dict, a list)."""
+    value, path = PipelineConfig(), ""
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(value):
+            return None
+        names = [f.name for f in dataclasses.fields(value)]
+        if part not in names:
+            section = path.rstrip(".") or "the top level"
+            message = f"({section} has no key {part!r})"
+            if key in RETIRED_KEYS:
+                return f"{message}; {RETIRED_KEYS[key]}"
+            near = difflib.get_close_matches(part, names, n=3, cutoff=0.6)
+            if near:
+                return f"{message}; did you mean {' or '.join(path + n for n in near)}?"
+            return f"{message}; {section} has {', '.join(sorted(names))}"
+        value, path = getattr(value, part), f"{path}{part}."
+    return None
 
 
 def _one_paragraph(err: Exception) -> str:
@@ -165,9 +200,10 @@ def check_known_keys(value, path: str = "") -> None:
         declared = {f.name for f in dataclasses.fields(value)}
         stray = sorted(set(getattr(value, "__dict__", {})) - declared)
         if stray:
+            key = f"{path}{stray[0]}"
+            why = unknown_key_reason(key) or f"({type(value).__name__} has no field {stray[0]!r})"
             raise UserError(
-                f"unknown configuration key {path}{stray[0]}: {type(value).__name__} has no field {stray[0]!r} "
-                "(a +key=value override adds keys no schema declares)"
+                f"unknown configuration key {key} {why}. An override starting with + adds a key no schema declares"
             )
         for name in declared:
             check_known_keys(getattr(value, name), f"{path}{name}.")

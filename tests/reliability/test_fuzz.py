@@ -339,7 +339,12 @@ def test_config_overrides_load_or_raise_a_user_error(overrides):
     ("overrides", "message"),
     [
         (["+pretrain.stepz=3"], "unknown configuration key pretrain.stepz"),
-        (["+a.b=1"], "unknown configuration key a:"),
+        (["+a.b=1"], "unknown configuration key a (the top level has no key 'a')"),
+        (
+            ["pretrain.stepz=3"],
+            "unknown configuration key pretrain.stepz (pretrain has no key 'stepz'); did you mean pretrain.steps?",
+        ),
+        (["serve.prefix_cache_tokens=64"], "serve.prefix_caching turns it on or off"),
         (["posttrain.recipe=[sft,dpo,sft]"], "names ['sft'] twice"),
         (["model=0"], "bad configuration for conf=tiny"),
     ],
