@@ -341,7 +341,8 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        """Requests without their first token yet: waiting for admission or with their prompt still running."""
+        """Requests waiting for admission (new ones, and preempted ones to be computed again) or with their prompt
+        still running: the queue depth /metrics and the role controller read."""
         return len(self._waiting) + len(self._prefilling)
 
     @property
