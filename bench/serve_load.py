@@ -24,6 +24,11 @@ sent (for HF: its batch started); TPOT = (last - first token) / (tokens - 1); p5
     python bench/serve_load.py --case ernie-0.3b-4l --streams 32 --threads 2
     python bench/serve_load.py --workload shared-prefix   # a 256-token system prompt before every prompt;
                                                           # ours with and without prefix caching, and HF
+    python bench/serve_load.py --device cuda    # on a GPU: ernie-0.3b (all 18 layers), bf16, both sides on it
+
+On a GPU (`--device cuda`, the default where one is visible) both sides run there; tokens reach the host
+each decode step on both sides (ours: the sampled ids; HF: the streamer), so the times need no extra
+synchronisation.
 
 Prefill/decode disaggregation against colocated serving: bench/serve_pd.py.
 
@@ -80,7 +85,13 @@ def cases() -> dict[str, ErnieConfig]:
         # the published 0.3B shape (hidden 1024, 16 / 2 heads, head_dim 128, FFN 3072, vocab 103,424, tied
         # embeddings) cut from 18 to 4 layers so that both sides fit a CPU run
         "ernie-0.3b-4l": get_preset("ernie_0_3b").replace(name="ernie-4.5-0.3b-shaped-4-layers", num_layers=4),
+        # the whole published 0.3B shape (18 layers): the GPU case, as in shared/reference's HF figures
+        "ernie-0.3b": get_preset("ernie_0_3b"),
     }
+
+
+CPU_CASES = ["tiny-dense", "tiny-moe", "ernie-0.3b-4l"]
+GPU_CASES = ["ernie-0.3b"]
 
 
 @dataclass
@@ -170,14 +181,15 @@ class StepTimes:
 
 
 def run_hf(model, requests: list[Request], streams: int, pad: int, eos: int) -> tuple[list[Served], float]:
+    device = model.device
     served: list[Served] = []
     start = time.perf_counter()
     for first in range(0, len(requests), streams):
         batch = requests[first : first + streams]
         sent = time.perf_counter()
         width = max(len(r.prompt) for r in batch)
-        ids = torch.tensor([[pad] * (width - len(r.prompt)) + r.prompt for r in batch])
-        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in batch])
+        ids = torch.tensor([[pad] * (width - len(r.prompt)) + r.prompt for r in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in batch], device=device)
         streamer = StepTimes()
         out = model.generate(
             input_ids=ids,
@@ -223,12 +235,13 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
 
     torch_dtype = getattr(torch, dtype)
     scheduling = {"kv_cache_tokens": args.kv_cache_tokens, "max_batch": max(args.streams)}
-    engine = Engine.load(ckpt, tokenizer_path, torch_dtype, **scheduling)
+    engine = Engine.load(ckpt, tokenizer_path, torch_dtype, args.device, **scheduling)
     # with shared prompt prefixes, our engine without its prefix cache too: what the cache brings on its own
     uncached = None
     if args.system:
-        uncached = Engine.load(ckpt, tokenizer_path, torch_dtype, prefix_caching=False, **scheduling)
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype, attn_implementation="sdpa").eval()
+        uncached = Engine.load(ckpt, tokenizer_path, torch_dtype, args.device, prefix_caching=False, **scheduling)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype, attn_implementation="sdpa")
+    hf = hf.to(args.device).eval()
     warm = make_requests(2, args.seed + 1, cfg.vocab_size, (4, 8), (4, 4))
     with torch.inference_mode():
         run_ours(engine, warm, 2)
@@ -292,6 +305,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny-dense, 1 and 4 streams, short requests (tests)")
     parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16"], help="repeatable; default both")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], help="where both sides run (default: cuda if one is visible)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--requests-per-stream", type=int, default=4)
     parser.add_argument("--min-requests", type=int, default=8, help="requests per level at least (1 stream: 8)")
@@ -311,8 +327,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.case = args.case or ["tiny-dense"]
         args.streams = args.streams or [1, 4]
         args.min_requests, args.prompt_range, args.max_tokens_range = 4, (4, 12), (4, 10)
-    args.case = args.case or list(cases())
-    args.dtype = args.dtype or (["float32"] if args.smoke else ["float32", "bfloat16"])
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    gpu = args.device == "cuda"
+    args.case = args.case or (GPU_CASES if gpu else CPU_CASES)
+    args.dtype = args.dtype or (["float32"] if args.smoke else ["bfloat16"] if gpu else ["float32", "bfloat16"])
     args.streams = sorted(set(args.streams or [1, 8, 32]))
     return args
 
@@ -340,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     _print_table(records)
     report = {
         "bench": "serve_load",
-        "device": platform.processor() or platform.machine() or "cpu",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "dtypes": args.dtype,
         "threads": args.threads,
         "torch": torch.__version__,
@@ -348,6 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "smoke": args.smoke,
         "config": {
+            "device": args.device,
             "seed": args.seed,
             "streams": args.streams,
             "requests": f"max({args.min_requests}, {args.requests_per_stream} x streams) per level",
