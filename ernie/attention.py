@@ -22,7 +22,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ErnieConfig
-from .paged_cache import PagedBatch
+from .paged_cache import BlockAttention
 from .rope import apply_rope
 
 AttnImpl = Literal["sdpa", "flex"]
@@ -127,14 +127,14 @@ class Attention(nn.Module):
         x_BSH: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         mask: AttentionMask,
-        cache: KVCache | PagedBatch | None = None,
+        cache: KVCache | BlockAttention | None = None,
     ) -> torch.Tensor:
         B, S, _ = x_BSH.shape
         q = self.q_proj(x_BSH).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BSH).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BSH).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-        if isinstance(cache, PagedBatch):
+        if isinstance(cache, BlockAttention):
             return self.o_proj(cache.attend(self.layer_idx, q, k, v))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)

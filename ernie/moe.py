@@ -22,7 +22,7 @@ from .recompute import recomputing
 if TYPE_CHECKING:
     from .expert_parallel import ExpertShard
 
-ExpertsImpl = Literal["auto", "grouped", "loop"]
+ExpertsImpl = Literal["auto", "grouped", "loop", "gather"]
 
 
 @dataclass
@@ -87,22 +87,29 @@ def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor
 def grouped_mm_supported(x: torch.Tensor) -> bool:
     """Where torch._grouped_mm runs: bf16 on CPU and Hopper+ GPUs; fp32 on CPU in eager mode
     only (its compile-time shape function insists on bf16)."""
+    return grouped_mm_runs(x.dtype, x.device, compiled=torch.compiler.is_compiling())
+
+
+def grouped_mm_runs(dtype: torch.dtype, device: torch.device, compiled: bool) -> bool:
+    """`grouped_mm_supported` for tensors of `dtype` on `device`, in a compiled graph or eagerly."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if x.device.type == "cpu":
-        return x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not torch.compiler.is_compiling())
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    if device.type == "cpu":
+        return dtype == torch.bfloat16 or (dtype == torch.float32 and not compiled)
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
     return False
 
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored stacked: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
 
-    Two paths with equal outputs: `loop` (the readable reference: one masked matmul per
-    expert) and `grouped` (sort slots by expert, then two grouped GEMMs through
+    Three paths with equal outputs: `loop` (the readable reference: one masked matmul per
+    expert), `grouped` (sort slots by expert, then two grouped GEMMs through
     `torch._grouped_mm`, or one matmul per contiguous expert segment where that op is
-    not supported).
+    not supported) and `gather` (each slot's expert weights gathered, two batched
+    matrix-vector products: no shape depends on the routing, so a compiled decode step keeps
+    one graph; it reads a weight copy per slot, so it is for a few tokens only).
 
     With expert parallelism (`ernie.expert_parallel.shard_experts`) the parameters hold only
     this rank's experts, `ep` says which, and forward exchanges slots with the other ranks.
@@ -128,6 +135,8 @@ class GroupedExperts(nn.Module):
             return ep_forward(self, x_TH, topk_ids_TK, topk_weights_TK, impl)
         if impl == "loop":
             return self._forward_loop(x_TH, topk_ids_TK, topk_weights_TK)
+        if impl == "gather":
+            return self._forward_gather(x_TH, topk_ids_TK, topk_weights_TK)
         return self._forward_grouped(x_TH, topk_ids_TK, topk_weights_TK)
 
     def _swiglu(self, h_N2I: torch.Tensor) -> torch.Tensor:
@@ -144,6 +153,15 @@ class GroupedExperts(nn.Module):
             y = F.linear(h, self.down_proj[e]) * topk_weights_TK[token_idx, k_pos, None]
             out_TH.index_add_(0, token_idx, y.to(out_TH.dtype))
         return out_TH
+
+    def _forward_gather(self, x_TH, topk_ids_TK, topk_weights_TK) -> torch.Tensor:
+        T, K = topk_ids_TK.shape
+        expert_of_slot_N = topk_ids_TK.flatten()
+        x_N1H = x_TH.repeat_interleave(K, dim=0)[:, None, :]
+        h_N2I = torch.bmm(x_N1H, self.gate_up_proj[expert_of_slot_N].transpose(1, 2))[:, 0]
+        y_NH = torch.bmm(self._swiglu(h_N2I)[:, None, :], self.down_proj[expert_of_slot_N].transpose(1, 2))[:, 0]
+        y_TKH = y_NH.view(T, K, -1) * topk_weights_TK[..., None]
+        return y_TKH.sum(dim=1).to(x_TH.dtype)
 
     def _forward_grouped(self, x_TH, topk_ids_TK, topk_weights_TK) -> torch.Tensor:
         T, K = topk_ids_TK.shape

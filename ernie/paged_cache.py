@@ -56,7 +56,9 @@ class BlockPool:
                 f"a block pool needs num_blocks >= 1 (got {num_blocks}) and block_size >= 1 (got {block_size})"
             )
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.scratch_block = num_blocks
+        """One block past the others that no request ever holds: padded rows of a decode step write and read it."""
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._free: deque[int] = deque(range(num_blocks))
@@ -220,6 +222,16 @@ class BlockPool:
         return out[0], out[1]
 
 
+class BlockAttention:
+    """A forward's attention over a `BlockPool`, what the model's attention layers call instead of attending
+    themselves: `PagedBatch` (any mix of prompts and decode steps) and `ernie.compiled_decode`'s decode step."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this layer's new keys/values, then attention of every new token over its own request's cache:
+        q [1, H, T, D], k / v [1, Hkv, T, D] -> [1, T, H * D]."""
+        raise NotImplementedError
+
+
 @dataclass
 class Segment:
     """One request's part of a forward: its new tokens, after the `past` ones already in its blocks."""
@@ -233,7 +245,7 @@ class Segment:
     (a VL prompt's 3D ones; plain text counts tokens). Several segments all need it."""
 
 
-class PagedBatch:
+class PagedBatch(BlockAttention):
     """One forward over a `BlockPool`: what the model takes as `cache` (see the module docstring).
 
     Built once per forward and shared by the layers (slot indices, the decode group's block table and mask);

@@ -248,6 +248,7 @@ class _DenseExperts:
     _swiglu = GroupedExperts._swiglu
     _forward_loop = GroupedExperts._forward_loop
     _forward_grouped = GroupedExperts._forward_grouped
+    _forward_gather = GroupedExperts._forward_gather
     ep = None  # quantized experts are whole on every rank
 
     def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, num_experts: int, intermediate: int):

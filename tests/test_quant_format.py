@@ -117,7 +117,7 @@ def test_quantized_linear_runs_in_the_activation_dtype():
     torch.testing.assert_close(y, F.linear(x, dequantize(codes, scales, zeros, 8).bfloat16()))
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped"])
+@pytest.mark.parametrize("impl", ["loop", "grouped", "gather"])
 def test_quantized_experts_equal_float_experts_holding_the_dequantized_weights(impl):
     E, H, inter = 4, 16, 8
     gu = _random_quantized((E, 2 * inter, H), group_size=8, seed=1)

@@ -72,6 +72,11 @@ class Config:
     prefill_chunk_tokens: int = 512
     """Prompt tokens one forward takes beside the decoding requests' tokens (chunked prefill): a longer prompt
     runs over several steps, so one long prompt stalls the running requests for at most this many tokens' work."""
+    compile_decode: bool = False
+    """Compile the decode step (`ernie.compiled_decode`: one torch.compile graph over every layer; CUDA graphs
+    on a GPU) when the replica starts, and run steps without a prompt in them through it. It takes tens of
+    seconds to compile. Measured on CPU it speeds up small models' steps and slows the 0.3B shape's at 32
+    rows (docs/benchmarks.md); it is not measured on a GPU yet."""
     max_batch: int = 64
     """Most requests a replica decodes together (continuous batching); more wait in the queue. Each
     replica also takes this many HTTP requests at once (Ray Serve's max_ongoing_requests)."""
@@ -283,6 +288,7 @@ def start(model_dir: Path, tokenizer_path: Path, cfg: Config, model_name: str) -
         "prefix_caching": cfg.prefix_caching,
         "kv_block_tokens": cfg.kv_block_tokens,
         "prefill_chunk_tokens": cfg.prefill_chunk_tokens,
+        "compile_decode": cfg.compile_decode,
     }
     if cfg.mode == "pd":
         w = cfg.pd

@@ -217,11 +217,18 @@ class Engine(EngineFront):
         prefix_caching: bool = True,
         kv_block_tokens: int = DEFAULT_BLOCK_TOKENS,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+        compile_decode: bool = False,
     ) -> None:
         self.model = model.eval()
         self._init_front(tokenizer, model.config, model_dir, image_settings, kv_cache_tokens)
         self.scheduler = Scheduler(
-            self.model, kv_cache_tokens, max_batch, prefix_caching, kv_block_tokens, prefill_chunk_tokens
+            self.model,
+            kv_cache_tokens,
+            max_batch,
+            prefix_caching,
+            kv_block_tokens,
+            prefill_chunk_tokens,
+            compile_decode,
         )
         """Owns the model from its own thread once the first request comes."""
 

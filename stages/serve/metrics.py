@@ -58,7 +58,7 @@ class ServeMetrics:
             f"{PREFIX}prompt_tokens", "Prompt tokens, once per prompt as `usage` counts them", ["role"], registry=r
         ).labels(role)
         gauges = {
-            "queue_depth": ("Requests waiting for admission (new or preempted) or prefilling", lambda: scheduler.queued),
+            "queue_depth": ("Requests waiting for admission or prefilling", lambda: scheduler.queued),
             "running": ("Requests decoding now", lambda: scheduler.batch_size),
             "kv_cache_used_tokens": ("Token slots of the KV blocks requests hold now", lambda: scheduler.cached_tokens),
             "kv_cache_budget_tokens": ("Token slots of the KV block pool", lambda: scheduler.kv_cache_tokens),

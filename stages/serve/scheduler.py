@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ernie.cache import KVCache
+from ernie.compiled_decode import CompiledDecode
 from ernie.generation import sample_next, without_vision_tokens
 from ernie.paged_cache import ROOT_SERIAL, BlockPool, PagedBatch, Segment
 
@@ -276,6 +277,8 @@ class SchedulerStats:
     """Requests that gave their blocks back to let older ones grow (their cache is computed again)."""
     prefix_hit_tokens: int = 0
     """Prompt tokens whose keys and values came from cached blocks instead of a prefill."""
+    compiled_steps: int = 0
+    """Decode steps run by the compiled decode step (`compile_decode`)."""
 
 
 def sample_rows(logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -305,10 +308,13 @@ class Scheduler:
         prefix_caching: bool = True,
         block_tokens: int = DEFAULT_BLOCK_TOKENS,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+        compile_decode: bool = False,
     ) -> None:
         """`kv_cache_tokens`: the KV budget in token slots (rounded up to whole blocks of `block_tokens`);
         `prefill_chunk_tokens`: prompt tokens one forward takes beside the decode rows (longer prompts go in
-        chunks over several steps); `prefix_caching`: text requests share the blocks of a prefix computed before."""
+        chunks over several steps); `prefix_caching`: text requests share the blocks of a prefix computed before;
+        `compile_decode`: steps with no prompt in them run `ernie.compiled_decode` (compiled here, before any
+        request: CUDA graphs on a GPU)."""
         if kv_cache_tokens < 1 or max_batch < 1 or block_tokens < 1 or prefill_chunk_tokens < 1:
             raise ValueError(
                 f"kv_cache_tokens={kv_cache_tokens}, max_batch={max_batch}, block_tokens={block_tokens} and "
@@ -322,6 +328,11 @@ class Scheduler:
         self.watermark = max(1, self.pool.num_blocks // 100)
         """Free blocks kept back from admission while requests run, for them to grow into."""
         self.device = next(model.parameters()).device
+        self.compiled: CompiledDecode | None = None
+        if compile_decode:
+            self.compiled = CompiledDecode(model, self.pool, "reduce-overhead" if self.device.type == "cuda" else None)
+            with torch.inference_mode():
+                self.compiled.warm_up()
         self.stats = SchedulerStats()
         self._arrivals = 0
         self._waiting: deque[Sequence] = deque()
@@ -605,14 +616,21 @@ class Scheduler:
         decoding = [seq for seq, _ in plan if id(seq) in running]
         advanced = [(seq, 1) for seq in decoding] + [(seq, n) for seq, n in plan if id(seq) not in running]
         ids = [seq.tokens_so_far[-1] for seq in decoding]
-        for seq, n in advanced[len(decoding) :]:
-            ids.extend(seq.ids(seq.done, seq.done + n))
-        segments = [Segment(seq.blocks, seq.done, n, seq.next_position) for seq, n in advanced]
-        batch = PagedBatch(self.pool, segments)
-        logits = self.model(torch.tensor([ids], device=self.device), cache=batch).logits[0]
+        if self.compiled is not None and len(decoding) == len(advanced):  # a plain decode step
+            positions = [seq.next_position for seq in decoding]
+            logits = self.compiled(ids, positions, [seq.blocks for seq in decoding], [seq.done + 1 for seq in decoding])
+            next_positions = [p + 1 for p in positions]
+            self.stats.compiled_steps += 1
+        else:
+            for seq, n in advanced[len(decoding) :]:
+                ids.extend(seq.ids(seq.done, seq.done + n))
+            segments = [Segment(seq.blocks, seq.done, n, seq.next_position) for seq, n in advanced]
+            batch = PagedBatch(self.pool, segments)
+            logits = self.model(torch.tensor([ids], device=self.device), cache=batch).logits[0]
+            next_positions = batch.next_positions
         logits = without_vision_tokens(logits, self.config)
 
-        for (seq, n), position in zip(advanced, batch.next_positions, strict=True):
+        for (seq, n), position in zip(advanced, next_positions, strict=True):
             seq.done, seq.next_position = seq.done + n, position
             if self._cacheable(seq):
                 self._register(seq)

@@ -14,14 +14,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from served_app import varied_model
+from serving_requests import EOS, greedy_reference, greedy_requests, prompts, run_concurrently
 
-from ernie import get_preset
 from ernie.generation import generate
 from stages.data.tokenizer import train_tokenizer
 from stages.serve.engine import Engine, RequestError
 from stages.serve.scheduler import SamplingParams, Scheduler, Sequence, sample_rows
-
-EOS = get_preset("tiny_moe").eos_token_id
 
 
 @pytest.fixture(scope="module")
@@ -40,40 +38,6 @@ def make_engine(tokenizer):
     yield make
     for engine in engines:
         engine.close()
-
-
-def greedy_reference(model, prompt: list[int], max_tokens: int) -> list[int]:
-    """The model's own greedy decode, up to and including its eos."""
-    new = generate(model, torch.tensor([prompt]), max_tokens)[0].tolist()
-    return new[: new.index(EOS) + 1] if EOS in new else new
-
-
-def prompts(n: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(11, 500) for _ in range(rng.randrange(2, 20))] for _ in range(n)]
-
-
-def greedy_requests(max_tokens: list[int], seed: int) -> list[tuple[list[int], SamplingParams]]:
-    """Greedy requests of various prompt lengths, one per entry of `max_tokens`."""
-    rows = prompts(len(max_tokens), seed)
-    return [(p, SamplingParams(max_tokens=m, temperature=0.0)) for p, m in zip(rows, max_tokens, strict=True)]
-
-
-def run_concurrently(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
-    """Submit every request from its own thread at once; the tokens each got."""
-    results: list = [None] * len(requests)
-    start = threading.Barrier(len(requests))
-
-    def client(i: int) -> None:
-        start.wait()
-        results[i] = list(engine.scheduler.submit(*requests[i]).tokens())
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    return results
 
 
 def test_concurrent_greedy_requests_get_exactly_their_own_greedy_decode(make_engine):

@@ -1,0 +1,94 @@
+"""The compiled decode step (`serve.compile_decode`, `ernie.compiled_decode`): one torch.compile graph over every
+layer, fed by tensors only. Its logits equal the paged forward's to rounding whatever the rows and their blocks,
+padded rows touch only the scratch block, and an engine that decodes through it serves exactly the model's own
+greedy decode. One engine for the module: compiling takes seconds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from served_app import varied_model
+from serving_requests import greedy_reference, greedy_requests, run_concurrently
+
+from ernie.paged_cache import PagedBatch, Segment
+from stages.data.tokenizer import train_tokenizer
+from stages.serve.engine import Engine
+from stages.serve.scheduler import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine():
+    tokenizer = train_tokenizer(["how many red squares are there", "two", "three", "1+2=3"] * 30, 300)
+    engine = Engine(varied_model("tiny_moe"), tokenizer, kv_cache_tokens=4096, max_batch=8, compile_decode=True)
+    yield engine
+    engine.close()
+
+
+def test_an_engine_decoding_through_the_compiled_step_serves_the_models_own_greedy_decode(engine):
+    requests = greedy_requests([12, 5, 30, 9, 1, 20, 40], seed=3)
+    expected = [greedy_reference(engine.model, p, params.max_tokens) for p, params in requests]
+    alone = [list(engine.scheduler.submit(*r).tokens()) for r in requests[:2]]
+    together = run_concurrently(engine, requests)
+    assert together == expected and alone == expected[:2]
+    stats = engine.scheduler.stats
+    assert stats.max_batch > 1
+    assert 0 < stats.compiled_steps < stats.decode_steps  # steps carrying a prompt chunk run the paged forward
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_step_logits_equal_the_paged_forward_and_padding_writes_only_the_scratch_block(engine, seed):
+    scheduler = engine.scheduler
+    pool, model, compiled = scheduler.pool, scheduler.model, scheduler.compiled
+    rng = random.Random(seed)
+    rows = rng.choice([1, 2, 3, 7])
+    lengths = [rng.randint(1, 70) for _ in range(rows)]
+    blocks = [pool.allocate(pool.blocks_for(n + 1)) for n in lengths]
+    for bl in blocks:
+        rng.shuffle(bl)  # wherever a request's blocks lie in the pool
+    try:
+        with torch.inference_mode():
+            for bl, n in zip(blocks, lengths, strict=True):  # each request's cache, from a prefill of its own
+                model(torch.randint(11, 300, (1, n)), cache=PagedBatch(pool, [Segment(bl, 0, n, 0)]))
+            tokens = [rng.randrange(11, 300) for _ in range(rows)]
+            before = [(k.clone(), v.clone()) for k, v in zip(pool.keys, pool.values, strict=True)]
+            segments = [Segment(bl, n, 1, n) for bl, n in zip(blocks, lengths, strict=True)]
+            expected = model(torch.tensor([tokens]), cache=PagedBatch(pool, segments)).logits[0]
+            paged_pool = [(k.clone(), v.clone()) for k, v in zip(pool.keys, pool.values, strict=True)]
+            for (k, v), (k0, v0) in zip(zip(pool.keys, pool.values, strict=True), before, strict=True):
+                k.copy_(k0)
+                v.copy_(v0)
+            got = compiled(tokens, lengths, blocks, [n + 1 for n in lengths])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        scratch = pool.scratch_block
+        for (k, v), (pk, pv) in zip(zip(pool.keys, pool.values, strict=True), paged_pool, strict=True):
+            # every request's slots hold what the paged forward wrote; only the scratch block may differ
+            torch.testing.assert_close(k[:scratch], pk[:scratch], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v[:scratch], pv[:scratch], rtol=1e-5, atol=1e-5)
+    finally:
+        for bl in blocks:
+            pool.release(bl)
+
+
+def test_the_scratch_block_is_never_handed_to_a_request(engine):
+    pool = engine.scheduler.pool
+    taken = pool.allocate(pool.free_blocks)
+    try:
+        assert pool.scratch_block not in taken and pool.scratch_block == pool.num_blocks
+        assert pool.keys[0].shape[0] == pool.num_blocks + 1
+    finally:
+        pool.release(taken)
+
+
+def test_sampled_requests_decode_through_the_compiled_step_as_they_do_through_the_paged_forward(engine):
+    """Seeded sampling draws from the compiled step's logits exactly as from the paged forward's."""
+    params = SamplingParams(max_tokens=15, temperature=0.9, top_p=0.95, seed=11)
+    prompt = [40, 41, 42, 43]
+    plain = Engine(engine.model, engine.tokenizer, kv_cache_tokens=4096, max_batch=8)
+    try:
+        assert list(engine.scheduler.submit(prompt, params).tokens()) == list(
+            plain.scheduler.submit(prompt, params).tokens()
+        )
+    finally:
+        plain.close()
