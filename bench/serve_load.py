@@ -25,6 +25,7 @@ sent (for HF: its batch started); TPOT = (last - first token) / (tokens - 1); p5
     python bench/serve_load.py --workload shared-prefix   # a 256-token system prompt before every prompt;
                                                           # ours with and without prefix caching, and HF
     python bench/serve_load.py --device cuda    # on a GPU: ernie-0.3b (all 18 layers), bf16, both sides on it
+    python bench/serve_load.py --compile        # ours also with its decode step compiled (serve.compile_decode)
 
 On a GPU (`--device cuda`, the default where one is visible) both sides run there; tokens reach the host
 each decode step on both sides (ours: the sampled ids; HF: the streamer), so the times need no extra
@@ -240,6 +241,12 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
     uncached = None
     if args.system:
         uncached = Engine.load(ckpt, tokenizer_path, torch_dtype, args.device, prefix_caching=False, **scheduling)
+    # --compile: our engine with its decode step compiled too (serve.compile_decode), compiling timed apart
+    compiled, compile_s = None, None
+    if args.compile:
+        started = time.perf_counter()
+        compiled = Engine.load(ckpt, tokenizer_path, torch_dtype, args.device, compile_decode=True, **scheduling)
+        compile_s = round(time.perf_counter() - started, 1)
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype, attn_implementation="sdpa")
     hf = hf.to(args.device).eval()
     warm = make_requests(2, args.seed + 1, cfg.vocab_size, (4, 8), (4, 4))
@@ -247,6 +254,8 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
         run_ours(engine, warm, 2)
         if uncached is not None:
             run_ours(uncached, warm, 2)
+        if compiled is not None:
+            run_ours(compiled, warm, 2)
         run_hf(hf, warm, 2, cfg.pad_token_id, cfg.eos_token_id)
     records = []
     for streams in args.streams:
@@ -260,6 +269,22 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
             uncached.scheduler.stats = SchedulerStats()
             plain, plain_wall = run_ours(uncached, requests, streams)
             level.append({**base, "impl": "ours-no-prefix-cache", **summarise(plain, plain_wall)})
+        if compiled is not None:
+            compiled.scheduler.stats = SchedulerStats()
+            fast, fast_wall = run_ours(compiled, requests, streams)
+            steps = compiled.scheduler.stats
+            level.append(
+                {
+                    **base,
+                    "impl": "ours-compiled",
+                    **summarise(fast, fast_wall),
+                    "same_tokens_as_hf": None,  # filled in below, once HF has run
+                    "compiled_steps": steps.compiled_steps,
+                    "decode_steps": steps.decode_steps,
+                    "load_and_compile_s": compile_s,
+                    "served": fast,
+                }
+            )
         engine.scheduler.stats = SchedulerStats()
         ours, ours_wall = run_ours(engine, requests, streams)
         stats = engine.scheduler.stats
@@ -284,15 +309,22 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
             },
         }
         hf_record = {**base, "impl": "hf-generate", **summarise(theirs, theirs_wall), "batching": f"waves of {streams}"}
-        ours_record["speedup_vs_hf"] = round(ours_record["tokens_per_s"] / hf_record["tokens_per_s"], 2)
         level += [ours_record, hf_record]
+        for record in level:
+            if record["impl"] == "hf-generate":
+                continue
+            record["speedup_vs_hf"] = round(record["tokens_per_s"] / hf_record["tokens_per_s"], 2)
+            if "served" in record:
+                served = record.pop("served")
+                same = sum(a.tokens == b.tokens for a, b in zip(served, theirs, strict=True)) / len(requests)
+                record["same_tokens_as_hf"] = round(same, 3)
         for record in level:
             print(json.dumps(record), flush=True)
             records.append(record)
-    engine.close()
-    if uncached is not None:
-        uncached.close()
-    del engine, uncached, hf
+    for ours_engine in (engine, uncached, compiled):
+        if ours_engine is not None:
+            ours_engine.close()
+    del engine, uncached, compiled, hf
     gc.collect()
     return records
 
@@ -307,6 +339,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], help="where both sides run (default: cuda if one is visible)"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also ours with the decode step compiled (serve.compile_decode)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--requests-per-stream", type=int, default=4)
@@ -384,6 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
             "timed on receipt",
             "hf": "AutoModelForCausalLM (sdpa) generate on left-padded waves of C requests, streamer-timed steps",
             "ours-no-prefix-cache": "shared-prefix workload only: the same engine with serve.prefix_caching off",
+            "ours-compiled": "--compile only: the same engine with serve.compile_decode (load_and_compile_s: "
+            "Engine.load with the compile, before the warm-up requests)",
         },
         "records": records,
     }

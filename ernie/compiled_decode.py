@@ -19,6 +19,9 @@ decode group of `PagedBatch` (the g query heads of a KV head as g query rows ove
 
 from __future__ import annotations
 
+import itertools
+import types
+
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +52,9 @@ class _DecodeAttention(BlockAttention):
         return out.reshape(1, B, H * D)
 
 
+_instances = itertools.count()
+
+
 def _bucket(n: int) -> int:
     """The power of two at least n: the sizes CUDA graphs are recorded for."""
     return 1 << max(n - 1, 0).bit_length()
@@ -62,11 +68,19 @@ class CompiledDecode:
     def __init__(self, model, pool: BlockPool, mode: str | None = None) -> None:
         self.model, self.pool = model, pool
         self.pad = mode == "reduce-overhead"
+        if self.pad:  # CUDA graphs replay writes into the pool only if its tensors are known to stay where they are
+            for t in (*pool.keys, *pool.values):
+                torch._dynamo.mark_static_address(t)
         weight = model.model.embed_tokens.weight
         self.experts_impl = "grouped" if grouped_mm_runs(weight.dtype, weight.device, compiled=True) else "gather"
         """MoE layers: grouped GEMMs where they compile, else each slot's experts gathered (no routing-dependent
         shapes, so no graph break)."""
-        self._compiled = torch.compile(self._step, dynamic=True, mode=mode)
+        # torch.compile keeps its graphs per code object, a few dozen at most: each step gets a code object of its
+        # own, so engines in one process (other models, dtypes) do not crowd each other back to eager
+        code = CompiledDecode._step.__code__
+        self.step_code = code.replace(co_name=f"{code.co_name}_{next(_instances)}")
+        step = types.FunctionType(self.step_code, CompiledDecode._step.__globals__, self.step_code.co_name)
+        self._compiled = torch.compile(types.MethodType(step, self), dynamic=True, mode=mode)
 
     def __call__(
         self, tokens: list[int], positions: list[int], blocks: list[list[int]], lengths: list[int]

@@ -12,6 +12,7 @@ import torch
 from served_app import varied_model
 from serving_requests import greedy_reference, greedy_requests, run_concurrently
 
+from ernie.compiled_decode import CompiledDecode
 from ernie.paged_cache import PagedBatch, Segment
 from stages.data.tokenizer import train_tokenizer
 from stages.serve.engine import Engine
@@ -66,6 +67,30 @@ def test_compiled_step_logits_equal_the_paged_forward_and_padding_writes_only_th
             # every request's slots hold what the paged forward wrote; only the scratch block may differ
             torch.testing.assert_close(k[:scratch], pk[:scratch], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(v[:scratch], pv[:scratch], rtol=1e-5, atol=1e-5)
+    finally:
+        for bl in blocks:
+            pool.release(bl)
+
+
+def test_the_cuda_graph_mode_pads_rows_and_blocks_to_powers_of_two_and_gives_the_same_logits(engine):
+    """mode="reduce-overhead" (what a GPU replica uses): rows and block tables padded to powers of two, padded rows
+    on the scratch block. On a CPU no graph is captured, but the padded step runs as it would on a GPU."""
+    scheduler = engine.scheduler
+    pool, model = scheduler.pool, scheduler.model
+    padded = CompiledDecode(model, pool, mode="reduce-overhead")
+    lengths = [3, 40, 17]  # 3 rows -> 4; 3 blocks at most -> 4
+    blocks = [pool.allocate(pool.blocks_for(n + 1)) for n in lengths]
+    try:
+        with torch.inference_mode():
+            for bl, n in zip(blocks, lengths, strict=True):
+                model(torch.randint(11, 300, (1, n)), cache=PagedBatch(pool, [Segment(bl, 0, n, 0)]))
+            tokens = [50, 60, 70]
+            expected = scheduler.compiled(tokens, lengths, blocks, [n + 1 for n in lengths])
+            got = padded(tokens, lengths, blocks, [n + 1 for n in lengths])
+        assert got.shape == expected.shape == (3, model.config.vocab_size)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        # each step compiles its own graphs (torch.compile caches per code object, a few dozen at most)
+        assert padded.step_code is not scheduler.compiled.step_code
     finally:
         for bl in blocks:
             pool.release(bl)
