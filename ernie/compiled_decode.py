@@ -103,9 +103,10 @@ class CompiledDecode:
     def warm_up(self) -> None:
         """Compile now, for one row and for several (a size of 1 is a graph of its own), on padded rows only:
         nothing but the scratch block is read or written."""
-        scratch = self.pool.scratch_block
-        for rows in (1, 2):
-            self([0] * rows, [0] * rows, [[scratch]] * rows, [1] * rows)
+        scratch, bs = self.pool.scratch_block, self.pool.block_size
+        # sizes unlike any other (rows 3, width 5): a compiler would tie equal sizes together into one symbol
+        for rows in (1, 3):
+            self([0] * rows, [0] * rows, [[scratch] * 5] * rows, [4 * bs + 1] * rows)
 
     def _step(self, ids_B, positions_B, slots_B, table_BW, lengths_B) -> torch.Tensor:
         model, pool = self.model, self.pool

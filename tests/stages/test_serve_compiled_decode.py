@@ -34,8 +34,24 @@ def test_an_engine_decoding_through_the_compiled_step_serves_the_models_own_gree
     together = run_concurrently(engine, requests)
     assert together == expected and alone == expected[:2]
     stats = engine.scheduler.stats
-    assert stats.max_batch > 1
-    assert 0 < stats.compiled_steps < stats.decode_steps  # steps carrying a prompt chunk run the paged forward
+    assert stats.max_batch > 1 and stats.compiled_steps > 0
+
+
+def test_a_prompt_arriving_mid_decode_rides_a_paged_step_and_the_compiled_steps_go_on(engine):
+    """A step that carries a prompt chunk runs the paged forward; the plain steps around it the compiled one."""
+    requests = greedy_requests([40] * 8, seed=5)
+    expected = [greedy_reference(engine.model, p, params.max_tokens) for p, params in requests]
+    first = max(range(len(requests)), key=lambda i: len(expected[i]))
+    second = min(range(len(requests)), key=lambda i: len(expected[i]) if i != first else 99)
+    assert len(expected[first]) > 10
+    stats = engine.scheduler.stats
+    steps, compiled = stats.decode_steps, stats.compiled_steps
+    tokens = engine.scheduler.submit(*requests[first]).tokens()
+    head = [next(tokens) for _ in range(5)]  # decoding now
+    assert list(engine.scheduler.submit(*requests[second]).tokens()) == expected[second]
+    assert head + list(tokens) == expected[first]
+    paged = (stats.decode_steps - steps) - (stats.compiled_steps - compiled)
+    assert paged >= 1 and stats.compiled_steps - compiled >= len(expected[first]) - 1 - paged
 
 
 @pytest.mark.parametrize("seed", range(4))
