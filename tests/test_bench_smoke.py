@@ -65,18 +65,26 @@ def test_posttrain_throughput_smoke_measures_ours_and_trl_on_the_same_tokens(tmp
 
 
 def test_serve_load_smoke_measures_our_engine_and_hf_generate_on_the_same_requests(tmp_path):
+    """Ours (paged forward, and with the compiled decode step) and HF generate on the same requests."""
     out = tmp_path / "serve_load.json"
     subprocess.run(
-        [sys.executable, "bench/serve_load.py", "--smoke", "--out", str(out)], cwd=ROOT, check=True, timeout=300
+        [sys.executable, "bench/serve_load.py", "--smoke", "--compile", "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
     )
     report = json.loads(out.read_text())
     records = {(r["impl"], r["streams"]): r for r in report["records"]}
-    assert set(records) == {(impl, streams) for impl in ("ours", "hf-generate") for streams in (1, 4)}
+    impls = ("ours", "ours-compiled", "hf-generate")
+    assert set(records) == {(impl, streams) for impl in impls for streams in (1, 4)}
     for streams in (1, 4):
-        ours, hf = records["ours", streams], records["hf-generate", streams]
-        assert ours["requests"] == hf["requests"] and ours["tokens"] == hf["tokens"] > 0
-        assert ours["same_tokens_as_hf"] == 1.0  # greedy on the same checkpoint: the same tokens
+        ours, fast, hf = (records[impl, streams] for impl in impls)
+        assert ours["requests"] == fast["requests"] == hf["requests"]
+        assert ours["tokens"] == fast["tokens"] == hf["tokens"] > 0
+        # greedy on the same checkpoint: the same tokens
+        assert ours["same_tokens_as_hf"] == fast["same_tokens_as_hf"] == 1.0
         assert all(r["tokens_per_s"] > 0 and r["ttft_ms"]["p50"] > 0 and r["tpot_ms"]["p99"] > 0 for r in (ours, hf))
+        assert 0 < fast["compiled_steps"] <= fast["decode_steps"]
     assert records["ours", 4]["scheduler"]["max_batch"] > 1  # concurrent streams were batched
 
 
