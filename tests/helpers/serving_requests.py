@@ -33,14 +33,16 @@ def greedy_requests(max_tokens: list[int], seed: int) -> list[tuple[list[int], S
     return [(p, SamplingParams(max_tokens=m, temperature=0.0)) for p, m in zip(rows, max_tokens, strict=True)]
 
 
-def run_concurrently(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
-    """Submit every request from its own thread at once; the tokens each got."""
+def run_concurrently(engine: Engine, requests: list[tuple], read=None) -> list[list[int]]:
+    """Submit every request from its own thread at once; the tokens each got. `read(request)`: its tokens (by
+    default from the engine's scheduler)."""
     results: list = [None] * len(requests)
     start = threading.Barrier(len(requests))
+    read = read or (lambda request: engine.scheduler.submit(*request).tokens())
 
     def client(i: int) -> None:
         start.wait()
-        results[i] = list(engine.scheduler.submit(*requests[i]).tokens())
+        results[i] = list(read(requests[i]))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
     for t in threads:

@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 from served_app import varied_model
+from serving_requests import run_concurrently
 
 from ernie import get_preset
 from ernie.checkpoint import save_pretrained
@@ -78,20 +79,8 @@ def alone(engine, prompt: list[int], params: SamplingParams, vision: dict | None
 
 
 def concurrently(engine, requests: list[tuple]) -> list[list[int]]:
-    """Every request from its own thread at once; the tokens each got."""
-    results: list = [None] * len(requests)
-    start = threading.Barrier(len(requests))
-
-    def client(i: int) -> None:
-        start.wait()
-        results[i] = alone(engine, *requests[i])
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    return results
+    """Every request from its own thread at once, through the engine's own API; the tokens each got."""
+    return run_concurrently(engine, requests, lambda request: alone(engine, *request))
 
 
 def wait_for(condition, timeout: float = 20.0, what: str = "") -> None:
