@@ -61,9 +61,9 @@ def _bucket(n: int) -> int:
 
 
 class CompiledDecode:
-    """`model`'s decode step over `pool`, compiled on first use (and again for a size of 1, which compilers
-    specialise). `mode`: torch.compile's; "reduce-overhead" (CUDA graphs) pads rows and blocks to powers of
-    two. A VL model's decode tokens are text: they go to the text experts, as in `MoE` without a vision mask."""
+    """`model`'s decode step over `pool`, compiled by `warm_up` (else on first use). `mode`: torch.compile's;
+    "reduce-overhead" (CUDA graphs) pads rows and blocks to powers of two. A VL model's decode tokens are text:
+    they go to the text experts, as in `MoE` without a vision mask."""
 
     def __init__(self, model, pool: BlockPool, mode: str | None = None) -> None:
         self.model, self.pool = model, pool
