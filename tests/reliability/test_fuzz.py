@@ -518,6 +518,17 @@ def test_blob_headers_that_lie_are_wire_errors(meta, data):
                 pass
 
 
+def test_an_empty_array_with_sides_longer_than_the_data_is_a_wire_error():
+    """Found by the fuzzing above: shape [0, 1518494220, 1518506280] has no elements, yet numpy refuses to make it."""
+    import struct
+
+    from stages.data.wire import MAGIC, WireError, loads
+
+    header = json.dumps({"meta": None, "arrays": [["<i4", [0, 1518494220, 1518506280]]]}).encode()
+    with pytest.raises(WireError, match="shape"):
+        loads(MAGIC + struct.pack("<I", len(header)) + header)
+
+
 _DOC = {"doc_id": 1, "tokens": 0, "positions": None, "modality": None, "images": [], "atomic": [], "source": "s"}
 
 
