@@ -74,9 +74,9 @@ class Config:
     runs over several steps, so one long prompt stalls the running requests for at most this many tokens' work."""
     compile_decode: bool = False
     """Compile the decode step (`ernie.compiled_decode`: one torch.compile graph over every layer; CUDA graphs
-    on a GPU) when the replica starts, and run steps without a prompt in them through it. It takes tens of
-    seconds to compile. Measured on CPU it speeds up small models' steps and slows the 0.3B shape's at 32
-    rows (docs/benchmarks.md); it is not measured on a GPU yet."""
+    on a GPU) when the replica starts, and run steps without a prompt in them through it. Compiling took 5-20 s
+    on a 2-core CPU; there it speeds up small models' steps and not the 0.3B shape's (slower at 32 rows in
+    bf16; docs/benchmarks.md). Not measured on a GPU yet."""
     max_batch: int = 64
     """Most requests a replica decodes together (continuous batching); more wait in the queue. Each
     replica also takes this many HTTP requests at once (Ray Serve's max_ongoing_requests)."""
