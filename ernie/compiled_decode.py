@@ -98,6 +98,8 @@ class CompiledDecode:
         pad = rows - B
         inputs = (tokens + [0] * pad, positions + [0] * pad, slots + [scratch * bs] * pad, table, lengths + [1] * pad)
         device = pool.keys[0].device
+        if self.pad:  # a new step: the last replay's outputs are done with, its buffers may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         return self._compiled(*(torch.tensor(x, dtype=torch.long, device=device) for x in inputs))[:B]
 
     def warm_up(self) -> None:
