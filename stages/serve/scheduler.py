@@ -331,8 +331,6 @@ class Scheduler:
         self.compiled: CompiledDecode | None = None
         if compile_decode:
             self.compiled = CompiledDecode(model, self.pool, "reduce-overhead" if self.device.type == "cuda" else None)
-            with torch.inference_mode():
-                self.compiled.warm_up()
         self.stats = SchedulerStats()
         self._arrivals = 0
         self._waiting: deque[Sequence] = deque()
@@ -344,6 +342,10 @@ class Scheduler:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        if self.compiled is not None:  # compiled before any request, in the thread that runs the steps
+            self._compiling: Future = Future()
+            self._start()
+            self._compiling.result()  # what compiling raised, raised here
 
     @property
     def batch_size(self) -> int:
@@ -412,8 +414,7 @@ class Scheduler:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="serve-scheduler", daemon=True)
-                self._thread.start()
+                self._start()
             self._arrivals += 1
             seq.arrival = self._arrivals
             self._waiting.append(seq)
@@ -428,8 +429,21 @@ class Scheduler:
             self._thread.join()
 
     # ------------------------------------------------------------------ the loop
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="serve-scheduler", daemon=True)
+        self._thread.start()
+
     def _loop(self) -> None:
         with torch.inference_mode():
+            if self.compiled is not None:  # CUDA graphs are recorded and replayed per thread: this one's
+                try:
+                    self.compiled.warm_up()
+                except BaseException as err:  # noqa: BLE001 - the constructor raises it
+                    failure = RuntimeError(f"compiling the decode step (serve.compile_decode) failed: {err!r}")
+                    failure.__cause__ = err
+                    self._compiling.set_exception(failure)
+                    return
+                self._compiling.set_result(None)
             while True:
                 with self._wake:
                     while not (self._closed or self._waiting or self._running or self._prefilling):

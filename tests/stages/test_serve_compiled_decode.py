@@ -133,3 +133,12 @@ def test_sampled_requests_decode_through_the_compiled_step_as_they_do_through_th
         )
     finally:
         plain.close()
+
+
+def test_a_decode_step_that_cannot_compile_fails_the_engine_before_it_takes_a_request(engine, monkeypatch):
+    def broken(self):
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(CompiledDecode, "warm_up", broken)
+    with pytest.raises(RuntimeError, match=r"serve.compile_decode.*no C\+\+ compiler"):
+        Engine(engine.model, engine.tokenizer, kv_cache_tokens=1024, max_batch=2, compile_decode=True)
