@@ -16,7 +16,8 @@ The requests' keys and values live in a paged cache (`ernie.paged_cache`): a poo
      take blocks as they grow; when none is free, the latest arrivals are preempted: their blocks go back and
      they are queued again, to compute their tokens again when readmitted. Every request whose step or prompt
      is done samples with its own parameters and generator, and the finished ones (eos, max_tokens) leave.
-     Nobody's cache moves when a request joins or leaves.
+     Nobody's cache moves when a request joins or leaves. With `compile_decode`, a forward with no prompt in it
+     runs as `ernie.compiled_decode`'s one compiled graph instead (compiled when the scheduler starts).
 
 A request's tokens go out on its own queue; `Engine.stream` turns them into text deltas. Requests
 are independent: a request's logits depend only on its own tokens (attention reads its own blocks,
