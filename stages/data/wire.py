@@ -63,9 +63,10 @@ def loads(blob: bytes) -> tuple[Any, list[np.ndarray]]:
         size = dtype.itemsize * math.prod(shape)
         if offset + size > len(data):
             raise WireError(f"blob is truncated: {len(data)} bytes of array data, its header needs more")
-        if any(n > len(data) for n in shape):  # an empty array cannot have a side longer than the data either
-            raise WireError(f"bad array in blob header: dtype {dtype}, shape {shape} for {len(data)} bytes of data")
-        arrays.append(np.frombuffer(data, dtype, count=size // dtype.itemsize, offset=offset).reshape(shape))
+        try:
+            arrays.append(np.frombuffer(data, dtype, count=size // dtype.itemsize, offset=offset).reshape(shape))
+        except ValueError as err:  # e.g. an empty array whose other sides numpy cannot address
+            raise WireError(f"bad array in blob header: dtype {dtype}, shape {shape} ({err})") from None
         offset += size
     return meta, arrays
 
