@@ -39,10 +39,9 @@ class _DecodeAttention(BlockAttention):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         _, H, B, D = q.shape
         Hkv = k.shape[1]
+        self.pool.store(layer, self.slots_B, k, v)
         keys, values = self.pool.keys[layer], self.pool.values[layer]
         bs = keys.shape[1]
-        keys.view(-1, Hkv, D).index_copy_(0, self.slots_B, k[0].transpose(0, 1))
-        values.view(-1, Hkv, D).index_copy_(0, self.slots_B, v[0].transpose(0, 1))
         flat = self.table_BW.reshape(-1)
         W = self.table_BW.shape[1]
         k_BNLD = keys.index_select(0, flat).view(B, W * bs, Hkv, D).transpose(1, 2)
@@ -93,8 +92,8 @@ class CompiledDecode:
         width = max(2, *(pool.blocks_for(n) for n in lengths))  # a width of 1 would be a graph of its own
         rows, width = (_bucket(B), _bucket(width)) if self.pad else (B, width)
         scratch = pool.scratch_block
-        table = [b[:width] + [b[0]] * (width - len(b[:width])) for b in blocks] + [[scratch] * width] * (rows - B)
-        slots = [b[(n - 1) // bs] * bs + (n - 1) % bs for b, n in zip(blocks, lengths, strict=True)]
+        table = pool.table(blocks, width) + [[scratch] * width] * (rows - B)
+        slots = [pool.slot_list(b, n - 1, n)[0] for b, n in zip(blocks, lengths, strict=True)]
         pad = rows - B
         inputs = (tokens + [0] * pad, positions + [0] * pad, slots + [scratch * bs] * pad, table, lengths + [1] * pad)
         device = pool.keys[0].device

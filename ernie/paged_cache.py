@@ -184,6 +184,16 @@ class BlockPool:
         bs = self.block_size
         return [blocks[p // bs] * bs + p % bs for p in range(start, stop)]
 
+    def table(self, blocks: list[list[int]], width: int) -> list[list[int]]:
+        """Each request's first `width` blocks, a short row repeating its first block (read under a mask past the
+        request's length, never seen): the block table of a batched decode step."""
+        return [b[:width] + [b[0]] * (width - len(b[:width])) for b in blocks]
+
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A layer's new keys/values [1, Hkv, T, D] into the flat slots [T] of its pool."""
+        self._flat(self.keys[layer]).index_copy_(0, slots, k[0].transpose(0, 1))
+        self._flat(self.values[layer]).index_copy_(0, slots, v[0].transpose(0, 1))
+
     def slots(self, blocks: list[int], start: int, stop: int) -> torch.Tensor:
         return torch.tensor(self.slot_list(blocks, start, stop), dtype=torch.long, device=self.keys[0].device)
 
@@ -289,8 +299,7 @@ class PagedBatch(BlockAttention):
             lengths = [segments[i].past + 1 for i in self._decode]
             width = pool.blocks_for(max(lengths))
             # short rows repeat their first block: read under the mask, never seen
-            table = [segments[i].blocks[:width] for i in self._decode]
-            self._table = torch.tensor([t + [t[0]] * (width - len(t)) for t in table], device=device)
+            self._table = torch.tensor(pool.table([segments[i].blocks for i in self._decode], width), device=device)
             self._bias = None
             if min(lengths) < width * bs:
                 seen = torch.arange(width * bs, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
@@ -320,9 +329,8 @@ class PagedBatch(BlockAttention):
         _, H, T, D = q.shape
         Hkv = k.shape[1]
         pool = self.pool
+        pool.store(layer, self.write_slots, k, v)
         k_pool, v_pool = pool._flat(pool.keys[layer]), pool._flat(pool.values[layer])
-        k_pool.index_copy_(0, self.write_slots, k[0].transpose(0, 1))
-        v_pool.index_copy_(0, self.write_slots, v[0].transpose(0, 1))
         out = q.new_empty(T, H * D) if self._longer else None
         if self._decode:
             B = len(self._decode)

@@ -137,8 +137,8 @@ def compose(name: str, overrides: list[str]):
     # Hydra raises a plain ValueError for some bad overrides (`model=0`: a group choice that is not a name)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         missing = re.match(r"Could not override '([^']+)'", str(err))
-        key = missing.group(1) if missing else ""
-        why = missing and unknown_key_reason(key)
+        key = missing[1] if missing else None
+        why = unknown_key_reason(key) if key else None
         if why:
             raise UserError(f"bad configuration for conf={name}: unknown configuration key {key} {why}") from None
         raise UserError(f"bad configuration for conf={name}: {_one_paragraph(err)}") from None

@@ -230,7 +230,7 @@ class Engine(EngineFront):
             prefill_chunk_tokens,
             compile_decode,
         )
-        """Owns the model from its own thread once the first request comes."""
+        """Owns the model from its own thread: once the first request comes, or from the start with compile_decode."""
 
     @classmethod
     def load(
