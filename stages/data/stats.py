@@ -64,14 +64,16 @@ class StatsAccumulator:
 
     # ------------------------------------------------------------------ persist (resume)
     def to_state(self) -> dict:
+        """The counts as they are now, sharing nothing with the accumulator: a window's saved progress is
+        taken when it is packed and written once its shards are on disk, after later windows added theirs."""
         return {
             "sources": {k: dict(v) for k, v in self.sources.items()},
             "splits": {k: dict(v) for k, v in self.splits.items()},
-            "length_histogram": self.length_histogram,
-            "row_vision": dict(self.row_vision),
-            "row_text": dict(self.row_text),
-            "shards": dict(self.shards),
-            "lengths": self.lengths,
+            "length_histogram": list(self.length_histogram),
+            "row_vision": {k: list(v) for k, v in self.row_vision.items()},
+            "row_text": {k: list(v) for k, v in self.row_text.items()},
+            "shards": {k: list(v) for k, v in self.shards.items()},
+            "lengths": list(self.lengths),
             "max_length": self.max_length,
         }
 

@@ -359,7 +359,7 @@ def test_packing_keeps_every_token_once_in_order(seq_len, lengths):
 # ---------------------------------------------------------------------- resume
 def test_a_stage_stopped_mid_run_resumes_without_duplicating_or_dropping_rows(tmp_path, monkeypatch):
     """Stopped while its third window's shards were half written, then rerun with the same work dir:
-    the shards equal an uninterrupted run's, byte for byte."""
+    the shards and the statistics equal an uninterrupted run's, byte for byte."""
     import ray
 
     from stages.data import dataflow
@@ -396,6 +396,9 @@ def test_a_stage_stopped_mid_run_resumes_without_duplicating_or_dropping_rows(tm
     monkeypatch.setattr(dataflow, "write_shards", counting_write)
     data.run(StageContext("data", config, model, {}, tmp_path / "second", work_dir=work))
     assert _shard_members(tmp_path / "second") == _shard_members(reference)
+    # the statistics too: a window's saved progress holds them as they were when it was packed, not as
+    # they stood when its shards were on disk (by then later windows had added theirs)
+    assert (tmp_path / "second" / "stats.json").read_text() == (reference / "stats.json").read_text()
     total_rows = sum(json.loads((reference / s / "index.json").read_text())["rows"] for s in SPLITS)
     assert 0 < second_run["rows"] < total_rows  # it continued; the saved windows were not written again
     assert not (work / "data").exists()  # progress is dropped once the artifact is complete
