@@ -26,6 +26,7 @@ sent (for HF: its batch started); TPOT = (last - first token) / (tokens - 1); p5
                                                           # ours with and without prefix caching, and HF
     python bench/serve_load.py --device cuda    # on a GPU: ernie-0.3b (all 18 layers), bf16, both sides on it
     python bench/serve_load.py --compile        # ours also with its decode step compiled (serve.compile_decode)
+    python bench/serve_load.py --unpacked       # ours also without its weights packed for oneDNN (serve.pack_weights)
 
 On a GPU (`--device cuda`, the default where one is visible) both sides run there; tokens reach the host
 each decode step on both sides (ours: the sampled ids; HF: the streamer), so the times need no extra
@@ -242,10 +243,16 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
     torch_dtype = getattr(torch, dtype)
     scheduling = {"kv_cache_tokens": args.kv_cache_tokens, "max_batch": max(args.streams)}
     engine = Engine.load(ckpt, tokenizer_path, torch_dtype, args.device, **scheduling)
-    # with shared prompt prefixes, our engine without its prefix cache too: what the cache brings on its own
-    uncached = None
-    if args.system:
-        uncached = Engine.load(ckpt, tokenizer_path, torch_dtype, args.device, prefix_caching=False, **scheduling)
+    # sides of our engine with one feature off, each measured on its own: what that feature brings
+    plain = {}
+    if args.system:  # with shared prompt prefixes, without the prefix cache
+        plain["ours-no-prefix-cache"] = {"prefix_caching": False}
+    if args.unpacked:  # without the linear weights packed for oneDNN (serve.pack_weights)
+        plain["ours-unpacked"] = {"pack_weights": False}
+    plain = {
+        impl: Engine.load(ckpt, tokenizer_path, torch_dtype, args.device, **off, **scheduling)
+        for impl, off in plain.items()
+    }
     # --compile: our engine with its decode step compiled too (serve.compile_decode), compiling timed apart
     compiled, compile_s = None, None
     if args.compile:
@@ -257,8 +264,8 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
     warm = make_requests(2, args.seed + 1, cfg.vocab_size, (4, 8), (4, 4))
     with torch.inference_mode():
         run_ours(engine, warm, 2)
-        if uncached is not None:
-            run_ours(uncached, warm, 2)
+        for other in plain.values():
+            run_ours(other, warm, 2)
         if compiled is not None:
             run_ours(compiled, warm, 2)
         run_hf(hf, warm, 2, cfg.pad_token_id, cfg.eos_token_id)
@@ -270,10 +277,10 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
         )
         base = {"case": name, "model": cfg.name, "dtype": dtype, "streams": streams, "workload": args.workload}
         level = []
-        if uncached is not None:
-            uncached.scheduler.stats = SchedulerStats()
-            plain, plain_wall = run_ours(uncached, requests, streams)
-            level.append({**base, "impl": "ours-no-prefix-cache", **summarise(plain, plain_wall)})
+        for impl, other in plain.items():
+            other.scheduler.stats = SchedulerStats()
+            served, wall = run_ours(other, requests, streams)
+            level.append({**base, "impl": impl, **summarise(served, wall)})
         fast = None
         if compiled is not None:
             compiled.scheduler.stats = SchedulerStats()
@@ -300,6 +307,7 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
             "impl": "ours",
             **summarise(ours, ours_wall),
             "same_tokens_as_hf": round(same, 3),
+            "packed_layers": engine.packed_layers,
             "scheduler": {
                 "decode_steps": stats.decode_steps,
                 "prefills": stats.prefills,
@@ -321,10 +329,10 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
         for record in level:
             print(json.dumps(record), flush=True)
             records.append(record)
-    for ours_engine in (engine, uncached, compiled):
+    for ours_engine in (engine, compiled, *plain.values()):
         if ours_engine is not None:
             ours_engine.close()
-    del engine, uncached, compiled, hf
+    del engine, compiled, plain, hf
     gc.collect()
     return records
 
@@ -354,6 +362,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="random: prompts of 8-48 random ids; shared-prefix: a --system-tokens system prompt before each",
     )
     parser.add_argument("--system-tokens", type=int, default=256, help="the shared-prefix workload's system prompt")
+    parser.add_argument(
+        "--unpacked", action="store_true", help="ours also without its weights packed for oneDNN (serve.pack_weights)"
+    )
     parser.add_argument("--out", default="bench/results/serve_load.json")
     args = parser.parse_args(argv)
     args.prompt_range, args.max_tokens_range = (8, 48), (16, 64)
@@ -415,8 +426,9 @@ def main(argv: list[str] | None = None) -> dict:
             "kv_cache_tokens": args.kv_cache_tokens,
             "kv_block_tokens": DEFAULT_BLOCK_TOKENS,
             "prefill_chunk_tokens": DEFAULT_PREFILL_CHUNK_TOKENS,
-            "ours": "Engine.load + continuous batching on the paged KV cache, C closed-loop client threads, tokens "
-            "timed on receipt",
+            "ours": "Engine.load (linear weights packed for oneDNN on a CPU: serve.pack_weights) + continuous "
+            "batching on the paged KV cache, C closed-loop client threads, tokens timed on receipt",
+            "ours-unpacked": "--unpacked only: the same engine with serve.pack_weights off",
             "hf": "AutoModelForCausalLM (sdpa) generate on left-padded waves of C requests, streamer-timed steps",
             "ours-no-prefix-cache": "shared-prefix workload only: the same engine with serve.prefix_caching off",
             "ours-compiled": "--compile only: the same engine with serve.compile_decode (load_and_compile_s: "

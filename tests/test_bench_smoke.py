@@ -65,26 +65,27 @@ def test_posttrain_throughput_smoke_measures_ours_and_trl_on_the_same_tokens(tmp
 
 
 def test_serve_load_smoke_measures_our_engine_and_hf_generate_on_the_same_requests(tmp_path):
-    """Ours (paged forward, and with the compiled decode step) and HF generate on the same requests."""
+    """Ours (packed weights, unpacked, and with the compiled decode step) and HF generate on the same requests."""
     out = tmp_path / "serve_load.json"
     subprocess.run(
-        [sys.executable, "bench/serve_load.py", "--smoke", "--compile", "--out", str(out)],
+        [sys.executable, "bench/serve_load.py", "--smoke", "--compile", "--unpacked", "--out", str(out)],
         cwd=ROOT,
         check=True,
         timeout=300,
     )
     report = json.loads(out.read_text())
     records = {(r["impl"], r["streams"]): r for r in report["records"]}
-    impls = ("ours", "ours-compiled", "hf-generate")
+    impls = ("ours", "ours-compiled", "ours-unpacked", "hf-generate")
     assert set(records) == {(impl, streams) for impl in impls for streams in (1, 4)}
     for streams in (1, 4):
-        ours, fast, hf = (records[impl, streams] for impl in impls)
-        assert ours["requests"] == fast["requests"] == hf["requests"]
-        assert ours["tokens"] == fast["tokens"] == hf["tokens"] > 0
+        ours, fast, unpacked, hf = (records[impl, streams] for impl in impls)
+        assert ours["requests"] == fast["requests"] == unpacked["requests"] == hf["requests"]
+        assert ours["tokens"] == fast["tokens"] == unpacked["tokens"] == hf["tokens"] > 0
         # greedy on the same checkpoint: the same tokens
         assert ours["same_tokens_as_hf"] == fast["same_tokens_as_hf"] == 1.0
         assert all(r["tokens_per_s"] > 0 and r["ttft_ms"]["p50"] > 0 and r["tpot_ms"]["p99"] > 0 for r in (ours, hf))
         assert 0 < fast["compiled_steps"] <= fast["decode_steps"]
+        assert ours["packed_layers"] == 2 * 7 + 1  # tiny-dense: 2 layers of 7 projections, and the LM head
     assert records["ours", 4]["scheduler"]["max_batch"] > 1  # concurrent streams were batched
 
 
@@ -117,3 +118,22 @@ def test_quant_quality_smoke_runs_the_stage_per_method_on_one_checkpoint(tmp_pat
     assert len({r["ppl_before"] for r in records.values()}) == 1, "one checkpoint, measured once per method alike"
     assert records["rtn-4"]["bits_per_weight"] > records["gptq-2 (g16)"]["bits_per_weight"]
     assert all(r["ppl_after"] > 0 and r["task_accuracy_after"] is not None for r in records.values())
+
+
+def test_linear_packing_smoke_times_f_linear_and_the_packed_layer_on_the_same_inputs(tmp_path):
+    out = tmp_path / "linear_packing.json"
+    subprocess.run(
+        [sys.executable, "bench/linear_packing.py", "--smoke", "--out", str(out)], cwd=ROOT, check=True, timeout=300
+    )
+    report = json.loads(out.read_text())
+    records = report["records"]
+    dtypes = {"float32", "bfloat16"} - set(report["not_packable"])
+    shapes = {"q", "k", "v", "o", "gate", "up", "down", "lm_head", "layer"}
+    assert {(r["shape"], r["dtype"], r["rows"]) for r in records} == {
+        (shape, dtype, rows) for shape in shapes for dtype in dtypes for rows in (1, 4)
+    }
+    for r in records:
+        assert r["f_linear_ms"] > 0 and r["packed_ms"] > 0
+        assert r["speedup"] == round(r["f_linear_ms"] / r["packed_ms"], 2)
+        if r["shape"] != "layer":  # the same product: bf16 bit for bit, fp32 to rounding
+            assert r["max_abs_diff"] <= (0.0 if r["dtype"] == "bfloat16" else 1e-4)

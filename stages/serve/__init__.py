@@ -77,6 +77,11 @@ class Config:
     on a GPU) when the replica starts, and run steps without a prompt in them through it. Compiling took 5-20 s
     on a 2-core CPU; there it speeds up small models' steps and not the 0.3B shape's (slower at 32 rows in
     bf16; docs/benchmarks.md). Not measured on a GPU yet."""
+    pack_weights: bool = True
+    """On a CPU, reorder the linear layers' weights for oneDNN once when the replica loads the model
+    (`ernie.packed_linear`; fp32 and bf16, not quantized layers): the same arithmetic in 1.3-2.9x less time
+    per matmul on a 2-core AMD EPYC (docs/benchmarks.md). A tied LM head then holds its weight a second time
+    (the embedding keeps the first). Not with compile_decode, whose compiled graph uses the weights as stored."""
     max_batch: int = 64
     """Most requests a replica decodes together (continuous batching); more wait in the queue. Each
     replica also takes this many HTTP requests at once (Ray Serve's max_ongoing_requests)."""
@@ -289,6 +294,7 @@ def start(model_dir: Path, tokenizer_path: Path, cfg: Config, model_name: str) -
         "kv_block_tokens": cfg.kv_block_tokens,
         "prefill_chunk_tokens": cfg.prefill_chunk_tokens,
         "compile_decode": cfg.compile_decode,
+        "pack_weights": cfg.pack_weights,
     }
     if cfg.mode == "pd":
         w = cfg.pd

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ernie.chat_template import SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN
+from ernie.packed_linear import pack_decoder
 from ernie.quant import is_quantized_dir, load_model
 
 from .scheduler import (
@@ -220,6 +221,8 @@ class Engine(EngineFront):
         compile_decode: bool = False,
     ) -> None:
         self.model = model.eval()
+        self.packed_layers = 0
+        """Linear layers whose weights `load` packed for oneDNN."""
         self._init_front(tokenizer, model.config, model_dir, image_settings, kv_cache_tokens)
         self.scheduler = Scheduler(
             self.model,
@@ -239,12 +242,19 @@ class Engine(EngineFront):
         tokenizer_path: str | Path,
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
+        pack_weights: bool = True,
         **scheduling,
     ) -> Engine:
         """The model of `model_dir` (in `dtype`, else as stored, on `device`) and the tokenizer, image
-        bounds as `load_front` finds them. `scheduling`: `Engine`'s keyword arguments after image_settings."""
+        bounds as `load_front` finds them. `scheduling`: `Engine`'s keyword arguments after image_settings.
+        `pack_weights`: on a CPU, its linear layers' weights are reordered for oneDNN (`ernie.packed_linear`),
+        unless the decode step is compiled (torch.compile cannot lower them)."""
         tokenizer, settings = load_front(model_dir, tokenizer_path)
-        return cls(load_model(model_dir, dtype, device), tokenizer, str(model_dir), settings, **scheduling)
+        model = load_model(model_dir, dtype, device)
+        packed = pack_decoder(model) if pack_weights and not scheduling.get("compile_decode") else 0
+        engine = cls(model, tokenizer, str(model_dir), settings, **scheduling)
+        engine.packed_layers = packed
+        return engine
 
     def close(self) -> None:
         """Stop the scheduler's thread; requests still queued or running get an error."""

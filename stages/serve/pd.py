@@ -217,6 +217,7 @@ class PDEngine(EngineFront):
         kv_block_tokens: int = DEFAULT_BLOCK_TOKENS,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
         compile_decode: bool = False,
+        pack_weights: bool = True,
     ) -> None:
         if not 1 <= prefill_workers < workers:
             raise ValueError(f"prefill_workers={prefill_workers} of workers={workers}: each role needs a worker")
@@ -229,6 +230,7 @@ class PDEngine(EngineFront):
             "kv_block_tokens": kv_block_tokens,
             "prefill_chunk_tokens": prefill_chunk_tokens,
             "compile_decode": compile_decode,
+            "pack_weights": pack_weights,
         }
         scheduling["prefix_caching"] = prefix_caching  # each worker its own pool and cache
         device = "cuda" if worker_gpus > 0 else "cpu"
