@@ -6,7 +6,8 @@ gate, up, down, and the LM head), in fp32 and bf16, at 1, 8 and 32 rows (decode 
 requests) and 512 (a prefill chunk; not for the LM head, which a step runs on one token per request),
 the median time of `F.linear(x, weight)` (what nn.Linear and HF transformers run) and of
 `PackedLinear(x)` on the same weight and input, and the largest difference between their outputs.
-"layer" sums one decoder layer's seven projections.
+"layer" sums one decoder layer's seven projections. Square weights of 64 to 1024 a side, at the decode
+row counts, show where the packed layer's dearer call starts to pay (`ernie.packed_linear.MIN_ELEMENTS`).
 
     python bench/linear_packing.py                 # 1 torch thread (as bench/serve_load.py)
     python bench/linear_packing.py --threads 2
@@ -53,6 +54,10 @@ def shapes(smoke: bool) -> dict[str, tuple[int, int]]:
         "down": (cfg.intermediate_size, hidden),
         "lm_head": (hidden, cfg.vocab_size),
     }
+
+
+SQUARES = (64, 256, 512, 1024)
+"""Side of the square weights measured too: where the packed layer's dearer call starts to pay."""
 
 
 def median_ms(fn, x: torch.Tensor, repeats: int) -> float:
@@ -112,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
                 for name, dims in shapes(args.smoke).items()
                 if name != "lm_head" or n <= MAX_DECODE_ROWS
             ]
+            if n <= MAX_DECODE_ROWS:
+                level += [measure(f"square-{side}", (side, side), dtype, n, repeats * 5) for side in SQUARES]
             layer = [r for r in level if r["shape"] in LAYER]
             plain, packed = sum(r["f_linear_ms"] for r in layer), sum(r["packed_ms"] for r in layer)
             level.append(
@@ -138,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {
             "model": "tiny_dense" if args.smoke else "ernie_0_3b",
             "repeats": repeats,
+            "square_repeats": repeats * 5,
             "timing": "median wall time of one call after two untimed calls, torch.inference_mode",
             "baseline": "F.linear(x, weight) (nn.Linear; HF transformers' layers)",
         },

@@ -8,11 +8,11 @@ code path on AMD CPUs). `PackedLinear` keeps the weight in oneDNN's layout and c
 the same op torch.compile's freezing pass uses. Same arithmetic: bf16 gives the same bits, fp32 agrees to
 rounding. bench/linear_packing.py measures it against `F.linear` per layer shape.
 
-What it leaves alone: layers that are not exactly `nn.Linear` (quantized layers, LoRA), parameters other
-layers share stay dense where those layers use them (a tied LM head is packed, its embedding table is not:
-that one weight is then held twice), other devices and dtypes, and CPUs whose oneDNN cannot run bf16.
-A packed layer has no autograd and no state_dict entry, and `torch.compile` cannot lower it: the serving
-engine packs only models it serves eagerly.
+What it leaves alone: weights under `MIN_ELEMENTS`, layers that are not exactly `nn.Linear` (quantized
+layers, LoRA), other devices and dtypes, and CPUs whose oneDNN cannot run bf16. A weight other modules
+share stays where they use it: a tied LM head is packed from the embedding table, which stays, so that
+weight is held twice. A packed layer has no autograd and no state_dict entry, and `torch.compile` cannot
+lower it: the serving engine packs only models it serves eagerly.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ import torch
 from torch import nn
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+MIN_ELEMENTS = 1 << 20
+"""Smaller weights stay as they are. A call of oneDNN's linear costs more than one of `F.linear` (about 13 against
+5 us on a 2-core AMD EPYC), more than packing saves below a 1024 x 1024 fp32 weight at one row: a tiny model's
+layers only lose (bench/linear_packing.py, its square shapes)."""
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -50,22 +54,24 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def pack_linears(model: nn.Module, skip: tuple[nn.Module | None, ...] = ()) -> int:
-    """Replace every `nn.Linear` of `model` whose weight `can_pack` by a `PackedLinear`, except inside the
-    modules of `skip`; how many were replaced."""
+def pack_linears(model: nn.Module, skip: tuple[nn.Module | None, ...] = (), min_elements: int = MIN_ELEMENTS) -> int:
+    """Replace every `nn.Linear` of `model` whose weight `can_pack` and has at least `min_elements` elements
+    by a `PackedLinear`, except inside the modules of `skip`; how many were replaced."""
     skipped = {id(m) for part in skip if part is not None for m in part.modules()}
     count = 0
     for parent in list(model.modules()):
         if id(parent) in skipped:
             continue
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and id(child) not in skipped and can_pack(child.weight):
+            if type(child) is not nn.Linear or id(child) in skipped or child.weight.numel() < min_elements:
+                continue
+            if can_pack(child.weight):
                 setattr(parent, name, PackedLinear(child))
                 count += 1
     return count
 
 
-def pack_decoder(model) -> int:
+def pack_decoder(model, min_elements: int = MIN_ELEMENTS) -> int:
     """Pack the layers every generated token runs through (`ErnieForCausalLM`'s decoder layers and LM head).
     The vision encoder and adapter run once per image and read their weights' dtype: they stay as stored."""
-    return pack_linears(model, skip=(model.vision_encoder, model.adapter))
+    return pack_linears(model, skip=(model.vision_encoder, model.adapter), min_elements=min_elements)

@@ -1,5 +1,5 @@
-"""ernie.packed_linear: linear layers over weights packed for oneDNN give nn.Linear's outputs, and the
-serving engine packs what it serves eagerly and nothing else."""
+"""ernie.packed_linear: linear layers over weights packed for oneDNN give nn.Linear's outputs, only large plain
+linears of the decoder are packed, and an engine over a packed model serves the model's own greedy decode."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import copy
 
 import pytest
 import torch
+from serving_requests import greedy_reference, greedy_requests, run_concurrently
 from torch import nn
 
 from ernie import ErnieForCausalLM, get_preset
-from ernie.packed_linear import PackedLinear, can_pack, pack_decoder, pack_linears
+from ernie.packed_linear import MIN_ELEMENTS, PackedLinear, can_pack, pack_decoder, pack_linears
+from stages.data.tokenizer import train_tokenizer
+from stages.serve.engine import Engine
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.empty(0)), reason="this torch build has no oneDNN")
 
@@ -41,7 +44,7 @@ def test_a_packed_decoder_gives_the_models_logits_and_keeps_its_tied_embedding(p
     reference = copy.deepcopy(model)
     vision = [m for part in (model.vision_encoder, model.adapter) if part is not None for m in part.modules()]
     linears = [m for m in model.modules() if type(m) is nn.Linear]
-    assert pack_decoder(model) == len(linears) - sum(type(m) is nn.Linear for m in vision) > 0
+    assert pack_decoder(model, min_elements=0) == len(linears) - sum(type(m) is nn.Linear for m in vision) > 0
     # every linear a token's decode step runs is packed, and only those
     assert sum(type(m) is nn.Linear for m in model.modules()) == sum(type(m) is nn.Linear for m in vision)
     assert type(model.lm_head) is PackedLinear
@@ -64,13 +67,39 @@ def test_only_plain_cpu_linears_of_a_packable_dtype_outside_skip_are_packed():
             "skipped": nn.Sequential(nn.Linear(8, 8)),
         }
     )
-    assert pack_linears(layers, skip=(layers["skipped"], None)) == 2
+    assert pack_linears(layers, skip=(layers["skipped"], None), min_elements=0) == 2
     assert type(layers["plain"]) is PackedLinear and type(layers["nested"][0]) is PackedLinear
     assert type(layers["fp16"]) is nn.Linear  # fp16: not a dtype oneDNN's CPU linear is used for here
     assert type(layers["subclass"]) is not PackedLinear
     assert type(layers["skipped"][0]) is nn.Linear
     assert not can_pack(torch.empty(0, dtype=torch.float16))
     assert not can_pack(torch.empty(0, dtype=torch.int8))
+
+
+def test_weights_under_the_minimum_stay_as_they_are():
+    side = int(MIN_ELEMENTS**0.5)
+    layers = nn.Sequential(nn.Linear(side, side - 1), nn.Linear(side, side))
+    assert pack_linears(layers) == 1
+    assert [type(m) for m in layers] == [nn.Linear, PackedLinear]
+    tiny = ErnieForCausalLM(get_preset("tiny_dense"))
+    assert pack_decoder(tiny) == 0  # a tiny model's layers would only lose
+
+
+@pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
+def test_an_engine_over_a_packed_model_serves_the_unpacked_models_greedy_decode(preset):
+    torch.manual_seed(0)
+    model = ErnieForCausalLM(get_preset(preset)).eval()
+    packed = copy.deepcopy(model)
+    assert pack_decoder(packed, min_elements=0) > 0
+    tokenizer = train_tokenizer(["how many red squares are there", "two", "three", "1+2=3"] * 30, 300)
+    engine = Engine(packed, tokenizer, kv_cache_tokens=4096, max_batch=8)
+    try:
+        requests = greedy_requests([12, 5, 30, 9, 1, 20], seed=5)
+        expected = [greedy_reference(model, p, params.max_tokens) for p, params in requests]
+        assert run_concurrently(engine, requests) == expected
+        assert engine.scheduler.stats.max_batch > 1
+    finally:
+        engine.close()
 
 
 def test_a_packed_layer_holds_no_parameter_and_no_state():
