@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
-MIN_ELEMENTS = 1 << 20
+MIN_ELEMENTS = {torch.float32: 1 << 20, torch.bfloat16: 1 << 16}
 """Smaller weights stay as they are. A call of oneDNN's linear costs more than one of `F.linear` (about 13 against
-5 us on a 2-core AMD EPYC), more than packing saves below a 1024 x 1024 fp32 weight at one row: a tiny model's
-layers only lose (bench/linear_packing.py, its square shapes)."""
+3-5 us on a 2-core AMD EPYC); at one row packing pays from 256 x 256 weights in bf16 and from about 1024 x 1024 in
+fp32, and a tiny model's layers only lose (bench/linear_packing.py, its square weights)."""
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -54,24 +54,27 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def pack_linears(model: nn.Module, skip: tuple[nn.Module | None, ...] = (), min_elements: int = MIN_ELEMENTS) -> int:
-    """Replace every `nn.Linear` of `model` whose weight `can_pack` and has at least `min_elements` elements
-    by a `PackedLinear`, except inside the modules of `skip`; how many were replaced."""
+def pack_linears(
+    model: nn.Module, skip: tuple[nn.Module | None, ...] = (), min_elements: dict[torch.dtype, int] | None = None
+) -> int:
+    """Replace every `nn.Linear` of `model` whose weight `can_pack` and has at least `min_elements[dtype]`
+    elements (default `MIN_ELEMENTS`) by a `PackedLinear`, except inside the modules of `skip`; how many were."""
+    least = MIN_ELEMENTS if min_elements is None else min_elements
     skipped = {id(m) for part in skip if part is not None for m in part.modules()}
     count = 0
     for parent in list(model.modules()):
         if id(parent) in skipped:
             continue
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or id(child) in skipped or child.weight.numel() < min_elements:
+            if type(child) is not nn.Linear or id(child) in skipped or not can_pack(child.weight):
                 continue
-            if can_pack(child.weight):
+            if child.weight.numel() >= least[child.weight.dtype]:
                 setattr(parent, name, PackedLinear(child))
                 count += 1
     return count
 
 
-def pack_decoder(model, min_elements: int = MIN_ELEMENTS) -> int:
+def pack_decoder(model, min_elements: dict[torch.dtype, int] | None = None) -> int:
     """Pack the layers every generated token runs through (`ErnieForCausalLM`'s decoder layers and LM head).
     The vision encoder and adapter run once per image and read their weights' dtype: they stay as stored."""
     return pack_linears(model, skip=(model.vision_encoder, model.adapter), min_elements=min_elements)

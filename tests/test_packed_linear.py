@@ -18,6 +18,7 @@ from stages.serve.engine import Engine
 pytestmark = pytest.mark.skipif(not can_pack(torch.empty(0)), reason="this torch build has no oneDNN")
 
 DTYPES = [d for d in (torch.float32, torch.bfloat16) if can_pack(torch.empty(0, dtype=d))]
+ANY_SIZE = dict.fromkeys(DTYPES, 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -44,7 +45,7 @@ def test_a_packed_decoder_gives_the_models_logits_and_keeps_its_tied_embedding(p
     reference = copy.deepcopy(model)
     vision = [m for part in (model.vision_encoder, model.adapter) if part is not None for m in part.modules()]
     linears = [m for m in model.modules() if type(m) is nn.Linear]
-    assert pack_decoder(model, min_elements=0) == len(linears) - sum(type(m) is nn.Linear for m in vision) > 0
+    assert pack_decoder(model, min_elements=ANY_SIZE) == len(linears) - sum(type(m) is nn.Linear for m in vision) > 0
     # every linear a token's decode step runs is packed, and only those
     assert sum(type(m) is nn.Linear for m in model.modules()) == sum(type(m) is nn.Linear for m in vision)
     assert type(model.lm_head) is PackedLinear
@@ -67,7 +68,7 @@ def test_only_plain_cpu_linears_of_a_packable_dtype_outside_skip_are_packed():
             "skipped": nn.Sequential(nn.Linear(8, 8)),
         }
     )
-    assert pack_linears(layers, skip=(layers["skipped"], None), min_elements=0) == 2
+    assert pack_linears(layers, skip=(layers["skipped"], None), min_elements=ANY_SIZE) == 2
     assert type(layers["plain"]) is PackedLinear and type(layers["nested"][0]) is PackedLinear
     assert type(layers["fp16"]) is nn.Linear  # fp16: not a dtype oneDNN's CPU linear is used for here
     assert type(layers["subclass"]) is not PackedLinear
@@ -76,12 +77,13 @@ def test_only_plain_cpu_linears_of_a_packable_dtype_outside_skip_are_packed():
     assert not can_pack(torch.empty(0, dtype=torch.int8))
 
 
-def test_weights_under_the_minimum_stay_as_they_are():
-    side = int(MIN_ELEMENTS**0.5)
-    layers = nn.Sequential(nn.Linear(side, side - 1), nn.Linear(side, side))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weights_under_the_minimum_stay_as_they_are(dtype):
+    side = int(MIN_ELEMENTS[dtype] ** 0.5)
+    layers = nn.Sequential(nn.Linear(side, side - 1), nn.Linear(side, side)).to(dtype)
     assert pack_linears(layers) == 1
     assert [type(m) for m in layers] == [nn.Linear, PackedLinear]
-    tiny = ErnieForCausalLM(get_preset("tiny_dense"))
+    tiny = ErnieForCausalLM(get_preset("tiny_dense")).to(dtype)
     assert pack_decoder(tiny) == 0  # a tiny model's layers would only lose
 
 
@@ -90,7 +92,7 @@ def test_an_engine_over_a_packed_model_serves_the_unpacked_models_greedy_decode(
     torch.manual_seed(0)
     model = ErnieForCausalLM(get_preset(preset)).eval()
     packed = copy.deepcopy(model)
-    assert pack_decoder(packed, min_elements=0) > 0
+    assert pack_decoder(packed, min_elements=ANY_SIZE) > 0
     tokenizer = train_tokenizer(["how many red squares are there", "two", "three", "1+2=3"] * 30, 300)
     engine = Engine(packed, tokenizer, kv_cache_tokens=4096, max_batch=8)
     try:
