@@ -78,10 +78,11 @@ class Config:
     on a 2-core CPU; there it speeds up small models' steps and not the 0.3B shape's (slower at 32 rows in
     bf16; docs/benchmarks.md). Not measured on a GPU yet."""
     pack_weights: bool = True
-    """On a CPU, reorder the linear layers' weights for oneDNN once when the replica loads the model
-    (`ernie.packed_linear`; fp32 and bf16, not quantized layers): the same arithmetic in 1.3-2.9x less time
-    per matmul on a 2-core AMD EPYC (docs/benchmarks.md). A tied LM head then holds its weight a second time
-    (the embedding keeps the first). Not with compile_decode, whose compiled graph uses the weights as stored."""
+    """On a CPU, reorder the decoder's linear weights for oneDNN once when the replica loads the model
+    (`ernie.packed_linear`: fp32 and bf16 weights large enough to gain, not quantized layers or the vision
+    encoder). The same products; per matmul 1.3-3.4x faster at 8-32 rows on a 2-core AMD EPYC
+    (docs/benchmarks.md). A tied LM head then holds its weight a second time (the embedding keeps the first).
+    Not with compile_decode, whose compiled graph uses the weights as stored."""
     max_batch: int = 64
     """Most requests a replica decodes together (continuous batching); more wait in the queue. Each
     replica also takes this many HTTP requests at once (Ray Serve's max_ongoing_requests)."""
