@@ -32,6 +32,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import write_report  # noqa: E402  (bench/, the script's own directory)
+
 from ernie import get_preset  # noqa: E402
 from ernie.packed_linear import PackedLinear, can_pack  # noqa: E402
 
@@ -151,9 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "records": records,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.out, report)
     return report
 
 

@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import write_report  # noqa: E402  (bench/, the script's own directory)
+
 from ernie import ErnieForCausalLM, get_preset  # noqa: E402
 from ernie.config import ErnieConfig  # noqa: E402
 from ernie.flops import training_flops_per_token  # noqa: E402
@@ -172,9 +174,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "date": time.strftime("%Y-%m-%d"),
         "records": records,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.out, report)
     return records
 
 

@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import write_report  # noqa: E402  (bench/, the script's own directory)
 from serve_load import cases, make_requests, run_clients, summarise, write_tokenizer  # noqa: E402  (bench/)
 
 from ernie import ErnieForCausalLM  # noqa: E402
@@ -166,9 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "records": records,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.out, report)
     return report
 
 
