@@ -2,7 +2,8 @@
 
 Layout under `artifacts.root`:
     {stage}/{cache_key}/...            a finished artifact, `manifest.json` written last
-    {stage}/.staging-{key}-{token}/    a stage's output while it runs (local roots)
+    {stage}/.staging-{key}-{token}/    a stage's output while it runs (local roots; the token names
+                                       the writing process, so one killed is cleared later)
     .work/{stage}/{cache_key}/...      resume state every worker reaches (remote roots: the
                                        pretraining train state); never read as an artifact
     runs/{run_id}.json                 one record per pipeline run (for `ls` / `show`)
@@ -15,7 +16,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,6 +35,26 @@ RUN_FIELDS = ("run_id", "conf", "status", "started_at")
 """What `ls` and `show` need of every run record."""
 STATE_PREFIX = ".work"
 """Under a remote root: resume state (a dot name, so no stage and no artifact key can clash with it)."""
+
+
+STAGING_PREFIX = ".staging-"
+"""Of a stage's staging directory under a local root (beside its artifacts, which a dot name cannot be)."""
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+_OWNER = re.compile(r"-p(\d+)@([A-Za-z0-9._-]+)$")
+
+
+def _abandoned(name: str) -> bool:
+    """Whether `name` is a staging directory whose writer, a process of this host, is gone."""
+    owner = _OWNER.search(name)
+    if owner is None or owner.group(2) != _HOST:
+        return False  # not a staging directory, an older one (no owner in its name), or another host's
+    try:
+        os.kill(int(owner.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False  # alive, under another user (or no pid this system has)
+    return False
 
 
 class StorageError(RuntimeError):
@@ -192,12 +215,21 @@ class ArtifactStore:
 
     # -------------------------------------------------------------- writing
     def staging_dir(self, stage: str, key: str) -> Path:
-        """A fresh local directory for a stage's output."""
-        token = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        """A fresh local directory for a stage's output, named after the process that writes it.
+
+        A stage that fails deletes its own (`executor._discard`); one killed outright cannot. So the
+        staging directories of this stage left by processes of this host that are gone are deleted here
+        first, with their eval scratch: a killed attempt is not kept on disk by every rerun."""
+        token = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}-p{os.getpid()}@{_HOST}"
         if self.is_local:
-            path = Path(self._path(stage, f".staging-{key[:16]}-{token}"))
+            path = Path(self._path(stage, f"{STAGING_PREFIX}{key[:16]}-{token}"))
         else:
             path = self.local_root / "staging" / stage / f"{key[:16]}-{token}"
+        if path.parent.is_dir():
+            for left in path.parent.iterdir():
+                if _abandoned(left.name):
+                    shutil.rmtree(left, ignore_errors=True)
+                    shutil.rmtree(left.parent / f".eval-{left.name}", ignore_errors=True)
         path.mkdir(parents=True, exist_ok=False)
         return path
 

@@ -101,10 +101,14 @@ def test_a_killed_stage_actor_fails_the_stage_clearly_and_the_rerun_matches(undi
     assert run.returncode == 1
     assert "stage data failed" in stderr and "resume with" in stderr.lower()
     assert _manifests(tmp_path) == []
+    killed = list((tmp_path / "runs/artifacts/data").glob(".staging-*"))
+    assert killed, "the killed actor could not delete its staging directory"
     result = pipeline(tmp_path, "run", *DATA, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (manifest,) = _manifests(tmp_path)
     assert manifest["content_digest"] == undisturbed["content_digest"]
+    # the rerun deleted the dead actor's half-written output
+    assert not list((tmp_path / "runs/artifacts/data").glob(".staging-*")), killed
 
 
 def test_a_driver_killed_alone_leaves_no_artifact_and_the_rerun_matches(undisturbed, tmp_path):
