@@ -706,13 +706,16 @@ class Scheduler:
         }
 
     def _remove_finished(self) -> None:
+        # `finished` is read once per request: a client may cancel between two reads, and a request dropped
+        # from its group without being released would hold its blocks for good
         for group in ("_running", "_prefilling"):
             seqs = getattr(self, group)
-            if any(s.finished for s in seqs):
+            done = {id(seq) for seq in seqs if seq.finished}
+            if done:
                 for seq in seqs:
-                    if seq.finished:
+                    if id(seq) in done:
                         self._release(seq)
-                setattr(self, group, [s for s in seqs if not s.finished])
+                setattr(self, group, [s for s in seqs if id(s) not in done])
 
     @staticmethod
     def _fail(seqs: list[Sequence], err: Exception) -> None:

@@ -221,6 +221,31 @@ def test_closing_a_stream_cancels_its_sequence_and_frees_its_rows(make_engine):
     assert engine.scheduler.cached_tokens == 0
 
 
+def test_a_request_cancelled_while_the_finished_ones_are_removed_keeps_its_blocks_accounted():
+    """A client cancels from its own thread, at any moment: also between the scheduler's check of which
+    requests finished and its removal of them. A request is removed with its blocks released, or kept."""
+
+    class CancelledMidway(Sequence):
+        reads = 0
+
+        @property
+        def finished(self) -> bool:
+            self.reads += 1
+            return self.reads > 2  # running at the first two looks, cancelled at every later one
+
+    scheduler = Scheduler(varied_model(), kv_cache_tokens=256, max_batch=4)
+    seq = CancelledMidway([11, 12, 13], SamplingParams(max_tokens=8), None, EOS)
+    other = Sequence([14, 15], SamplingParams(max_tokens=8), None, EOS)  # one that finished: removal is due
+    other.cancel()
+    seq.blocks, other.blocks = scheduler.pool.allocate(2), scheduler.pool.allocate(1)
+    scheduler._running += [seq, other]
+    for _ in range(3):
+        scheduler._remove_finished()
+        held = sum(len(s.blocks) for s in scheduler._running)
+        assert scheduler.pool.used_blocks == held, "a request left the batch holding its blocks"
+    assert scheduler._running == [] and scheduler.pool.used_blocks == 0
+
+
 def test_a_stop_string_frees_the_rows_of_its_request(make_engine):
     engine = make_engine()
     prompt = prompts(1, seed=5)[0]
