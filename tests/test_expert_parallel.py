@@ -10,7 +10,6 @@ batch whose image sits on rank 0 only (rank 1's vision pool has no tokens).
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 from functools import cache
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_workers import free_port, spawn
 
 from ernie import ErnieForCausalLM, get_preset
 from ernie.expert_parallel import (
@@ -148,19 +147,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """What each EP rank saw, one spawn for the whole module."""
     out_dir = tmp_path_factory.mktemp("ep")
     with pytest.MonkeyPatch.context() as mp_patch:
         mp_patch.syspath_prepend(str(ROOT))  # the spawned ranks import this module as tests.test_expert_parallel
-        mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+        spawn(_worker, free_port(), str(out_dir), nprocs=WORLD)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -6,25 +6,18 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_workers import free_port, spawn
 
 from ernie import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD, STEPS = 2, 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kept_bytes(model: torch.nn.Module, train_model: torch.nn.Module, ids: torch.Tensor) -> int:
@@ -108,7 +101,7 @@ def _train(rank: int, port: int, name: str, mode: str, out: str, fp8: bool = Fal
 def test_fsdp_gathers_layers_in_bf16_and_follows_the_autocast_run(tmp_path, name):
     runs = {}
     for mode in ("fsdp", "ddp"):
-        mp.spawn(_train, args=(_free_port(), name, mode, str(tmp_path)), nprocs=WORLD, join=True)
+        spawn(_train, free_port(), name, mode, str(tmp_path), nprocs=WORLD)
         runs[mode] = torch.load(tmp_path / f"{name}-{mode}.pt", weights_only=True)
     fsdp, ddp = runs["fsdp"], runs["ddp"]
     assert fsdp["compute"] == ["torch.bfloat16"] and ddp["compute"] == ["torch.float32"]
@@ -124,7 +117,7 @@ def test_fp8_linears_train_under_fsdp_close_to_bf16(tmp_path):
     too): the run trains and its losses stay within FP8's rounding of the bf16 run's."""
     runs = {}
     for fp8 in (False, True):
-        mp.spawn(_train, args=(_free_port(), "tiny_dense", "fsdp", str(tmp_path), fp8), nprocs=WORLD, join=True)
+        spawn(_train, free_port(), "tiny_dense", "fsdp", str(tmp_path), fp8, nprocs=WORLD)
         runs[fp8] = torch.load(tmp_path / f"tiny_dense-fsdp{'-fp8' if fp8 else ''}.pt", weights_only=True)
     layers = get_preset("tiny_dense").num_layers
     assert runs[True]["fp8_linears"] == 7 * layers, "q, k, v, o and the MLP's gate, up, down of every layer"

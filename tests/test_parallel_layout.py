@@ -9,7 +9,6 @@ import dataclasses
 import gc
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_workers import free_port, spawn
 
 from ernie import get_preset
 from pipeline.contract import UserError
@@ -28,12 +27,6 @@ from stages.pretrain.loop import LOSS_NAMES
 ROOT = Path(__file__).resolve().parents[1]
 WORLD, STEPS, SAVE_AFTER = 2, 4, 2
 LAYOUTS = [("fsdp", 1), ("fsdp", 2), ("ddp", 2), ("ddp", 1)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(
@@ -113,8 +106,8 @@ def _state_bytes(model: torch.nn.Module, optimizer) -> int:
 def run_layout(
     tmp_path: Path, mode: str, ep: int, checkpoint: str = "none", model: str = "tiny_moe", compiled: bool = False
 ) -> dict:
-    args = (_free_port(), mode, ep, str(tmp_path), checkpoint, model, compiled)
-    mp.spawn(_train, args=args, nprocs=WORLD, join=True)
+    args = (free_port(), mode, ep, str(tmp_path), checkpoint, model, compiled)
+    spawn(_train, *args, nprocs=WORLD)
     return torch.load(tmp_path / f"{model}-{mode}-{ep}-{checkpoint}-{compiled}.pt", weights_only=True)
 
 
@@ -299,7 +292,7 @@ def accumulated(tmp_path_factory):
     def run(case: str, world: int, mode: str, ep: int) -> dict:
         key = (case, world, mode, ep)
         if key not in done:
-            mp.spawn(_accumulate, args=(world, _free_port(), case, mode, ep, str(root)), nprocs=world, join=True)
+            spawn(_accumulate, world, free_port(), case, mode, ep, str(root), nprocs=world)
             done[key] = torch.load(root / f"accumulate-{case}-{mode}-{ep}-{world}.pt", weights_only=True)
         return done[key]
 

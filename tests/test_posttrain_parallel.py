@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_workers import free_port, spawn
 
 from ernie import ErnieForCausalLM, get_preset
 from ernie.checkpoint import load_pretrained, save_pretrained
@@ -45,12 +44,6 @@ CASES = [  # (method, parallel, micro_batch_size, lora, router losses); batch: 4
 ]
 """Router losses are means over a forward's tokens, padding included, so per micro-batch they are
 not exact (docs/posttraining.md): micro-batches are compared with them off (weights 0)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _chat(rng: np.random.Generator, vocab: int) -> Tokenised:
@@ -147,7 +140,7 @@ def records(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("posttrain-parallel")
     torch.manual_seed(0)
     save_pretrained(ErnieForCausalLM(get_preset("tiny_moe")), root / "ckpt")
-    mp.spawn(_spawned, args=(_free_port(), str(root)), nprocs=WORLD, join=True)
+    spawn(_spawned, free_port(), str(root), nprocs=WORLD)
     return torch.load(root / "records.pt", weights_only=True) | {"root": root}
 
 

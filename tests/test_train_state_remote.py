@@ -9,14 +9,13 @@ import dataclasses
 import gc
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_workers import free_port, spawn
 from s3_server import moto_s3
 
 from ernie import get_preset
@@ -25,12 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_AFTER, ROWS = 4, 2, 4
 BUCKET = "states"
 FINGERPRINT = {"run": 1}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model_config():
@@ -121,7 +114,7 @@ def _full_state(model, optimizer, layout, rank: int) -> dict:
 
 def run(tmp_path: Path, name: str, mode: str, ep: int, checkpoint: str = "none", state="", world: int = 2) -> dict:
     spec = {"name": name, "mode": mode, "ep": ep, "checkpoint": checkpoint, "state": str(state)}
-    mp.spawn(_run, args=(world, _free_port(), spec, str(tmp_path)), nprocs=world, join=True)
+    spawn(_run, world, free_port(), spec, str(tmp_path), nprocs=world)
     return torch.load(tmp_path / f"{name}.pt", weights_only=True)
 
 
