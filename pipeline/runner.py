@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import driver
+from . import driver, keylock
 from .config import PipelineConfig, to_yaml
 from .contract import Artifact, StageContext, UserError, check_custom_resources, check_fits, requested
 from .graph import EVAL_MODULE, STAGE_MODULES, Selection, StageNode, build_graph, stage_module
@@ -26,6 +26,8 @@ class PlannedStage:
     run: bool = False
     selected: bool = False
     """Shown to the user (run, or reported as cached); unselected stages only lend their artifacts."""
+    explicit: bool = False
+    """Named in `stages=[..]` or `force=[..]`: recomputed even when its artifact exists."""
 
 
 @dataclass
@@ -68,8 +70,8 @@ def plan_stages(cfg: PipelineConfig, store: ArtifactStore, selection: Selection)
     for p in planned:
         p.selected = p.node.name in wanted or p.node.name in selection.force
         # `stages=[..]` and `force=[..]` recompute; otherwise only what is not cached runs
-        explicit = p.node.name in selection.force or (selection.stages is not None and p.selected)
-        p.run = p.selected and (explicit or p.cached is None)
+        p.explicit = p.node.name in selection.force or (selection.stages is not None and p.selected)
+        p.run = p.selected and (p.explicit or p.cached is None)
     for p in reversed(planned):  # missing upstream artifacts are produced first
         if p.run:
             for upstream in p.node.inputs.values():
@@ -174,23 +176,39 @@ def execute(cfg: PipelineConfig, conf_name: str, selection: Selection, dry_run: 
 
 
 def _run_or_reuse(cfg, p: PlannedStage, artifacts, store, tracker, ui, outcome: RunOutcome, record) -> Artifact:
+    """The stage's artifact: the cached one, or run the stage under its key's lock (`keylock`); a run
+    that waited for another run of the same key takes what that one made (unless told to recompute)."""
+    if not p.run and p.cached is not None:
+        return _reuse(cfg, p, p.cached, tracker, ui, outcome, record)
+    holder = {"pipeline_run": outcome.run_id, **driver.identity()}
+    with keylock.held(store.lock_path(p.node.name, p.key), holder, lambda other: ui.waiting(p.node.name, other)):
+        made = None if p.explicit else store.find(p.node.name, p.key)
+        if made is not None:  # the run this one waited for produced it
+            return _reuse(cfg, p, made, tracker, ui, outcome, record)
+        return _run(cfg, p, artifacts, store, tracker, ui, outcome, record)
+
+
+def _reuse(cfg, p: PlannedStage, cached: Artifact, tracker, ui, outcome: RunOutcome, record) -> Artifact:
+    name = p.node.name
+    logger = tracker.stage(
+        name,
+        cfg.section(p.node.config_path),
+        {"cache": "hit", "cache_key": p.key, "produced_by_run": cached.manifest.get("pipeline_run", "")},
+        p.node.config_path,
+    )
+    logger.metrics({k: v for k, v in cached.manifest.get("metrics", {}).items() if isinstance(v, (int, float))})
+    tracker.finish(logger.run_id, True)
+    ui.cached(name, cached)
+    _record(outcome, record, name, cached, "cached", logger.run_id)
+    return cached
+
+
+def _run(cfg, p: PlannedStage, artifacts, store, tracker, ui, outcome: RunOutcome, record) -> Artifact:
     from . import executor
 
     name = p.node.name
     section = cfg.section(p.node.config_path)
     module = stage_module(name)
-    if not p.run and p.cached is not None:
-        logger = tracker.stage(
-            name,
-            section,
-            {"cache": "hit", "cache_key": p.key, "produced_by_run": p.cached.manifest.get("pipeline_run", "")},
-            p.node.config_path,
-        )
-        logger.metrics({k: v for k, v in p.cached.manifest.get("metrics", {}).items() if isinstance(v, (int, float))})
-        tracker.finish(logger.run_id, True)
-        ui.cached(name, p.cached)
-        _record(outcome, record, name, p.cached, "cached", logger.run_id)
-        return p.cached
     inputs = {}
     for input_name, upstream in p.node.inputs.items():
         if upstream not in artifacts:

@@ -7,7 +7,8 @@ Layout under `artifacts.root`:
     .work/{stage}/{cache_key}/...      resume state every worker reaches (remote roots: the
                                        pretraining train state); never read as an artifact
     runs/{run_id}.json                 one record per pipeline run (for `ls` / `show`)
-Local working copies of remote artifacts and the other resume state live under `local_root`.
+Local working copies of remote artifacts, the other resume state and the cache keys' locks
+(`locks/{stage}/{cache_key}.lock`, `pipeline.keylock`) live under `local_root`.
 """
 
 from __future__ import annotations
@@ -145,6 +146,10 @@ class ArtifactStore:
     def work_dir(self, stage: str, key: str) -> Path:
         """Resume state of one (stage, cache key), kept across interrupted attempts."""
         return self.local_root / "work" / stage / key
+
+    def lock_path(self, stage: str, key: str) -> Path:
+        """The lock a run holds while it runs this (stage, cache key) (`pipeline.keylock`)."""
+        return self.local_root / "locks" / stage / f"{key}.lock"
 
     def state_uri(self, stage: str, key: str) -> str | None:
         """Resume state of one (stage, cache key) that workers on any node must reach: under a remote

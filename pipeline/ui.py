@@ -44,6 +44,15 @@ class ConsoleUI:
         by = artifact.manifest.get("pipeline_run", "?")
         print(f"{name:9s} cached   (produced by run {by})  {redact_text(artifact.uri)}")
 
+    def waiting(self, name: str, holder: dict) -> None:
+        who = f"run {holder.get('pipeline_run', '?')} (pid {holder.get('pid', '?')})" if holder else "another run"
+        print(
+            f"{name:9s} waiting: {who} is running this stage with the same cache key; "
+            "this run takes its artifact when it finishes (Ctrl-C stops waiting)",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def finished(self, name: str, artifact, metrics: dict, summary: str, seconds: float) -> None:
         head = "  ".join(f"{k}={metrics[k]:.4g}" for k in HEADLINE if isinstance(metrics.get(k), (int, float)))
         print(f"{name:9s} done in {seconds:5.1f}s  {summary}  {head}".rstrip())

@@ -8,17 +8,12 @@ stack into the test's captured stderr, where a bare spawn reports only "terminat
 from __future__ import annotations
 
 import faulthandler
-import socket
 from collections.abc import Callable
 
 import torch.multiprocessing as mp
+from cli import free_port
 
-
-def free_port() -> int:
-    """A loopback port free now, for a process group's rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "spawn"]  # free_port: a rendezvous port for the workers' process group
 
 
 def spawn(worker: Callable[..., None], *args, nprocs: int) -> None:
