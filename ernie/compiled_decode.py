@@ -8,9 +8,10 @@ the requests are; only the sizes change (rows B, blocks per row W). `PagedBatch`
 per forward and branches on the mix of prompts and decode rows, which a compiler cannot follow; here the
 per-step inputs are five tensors (ids, RoPE positions, write slots, block table, lengths) and the step is one
 traced graph over the model's own layers (embedding, every decoder layer, the final norm and the LM head),
-compiled with dynamic sizes, so the graph does not change with B or W. On a CPU inductor fuses the
-element-wise work between the matmuls; on a GPU `mode="reduce-overhead"` replays it as CUDA graphs (rows and
-blocks are then padded to powers of two, so a few graphs cover every step).
+compiled with dynamic sizes, so the graph does not change with B or W. On a CPU inductor freezes the weights
+into the graph (the linears' packed for oneDNN) and fuses the element-wise work between the matmuls; on a GPU
+`mode="reduce-overhead"` replays it as CUDA graphs (rows and blocks are then padded to powers of two, so a few
+graphs cover every step).
 
 Padded rows read and write the pool's scratch block, which no request ever holds. The attention is the
 decode group of `PagedBatch` (the g query heads of a KV head as g query rows over the gathered blocks, a
@@ -19,6 +20,7 @@ decode group of `PagedBatch` (the g query heads of a KV head as g query rows ove
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import types
 
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .moe import grouped_mm_runs
+from .packed_linear import MIN_ELEMENTS, can_pack
 from .paged_cache import BlockAttention, BlockPool
 from .rope import rope_cos_sin
 
@@ -59,6 +62,21 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _worth_freezing(model) -> bool:
+    """Whether a decoder linear is as large as `pack_weights` packs: freezing packs every linear for oneDNN, whose
+    calls cost more than `F.linear`'s on small weights (the tiny models' compiled step was 1.3-2.5x slower frozen
+    in bench/serve_load.py)."""
+    linears = [m.weight for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    return any(can_pack(w) and w.numel() >= MIN_ELEMENTS[w.dtype] for w in linears)
+
+
+def _freezing():
+    """Inductor's freezing switched on (its config imported here: a second of import for a CPU-only need)."""
+    from torch._inductor import config
+
+    return config.patch(freezing=True)
+
+
 class CompiledDecode:
     """`model`'s decode step over `pool`, compiled by `warm_up` (else on first use). `mode`: torch.compile's;
     "reduce-overhead" (CUDA graphs) pads rows and blocks to powers of two. A VL model's decode tokens are text:
@@ -80,6 +98,11 @@ class CompiledDecode:
         self.step_code = code.replace(co_name=f"{code.co_name}_{next(_instances)}")
         step = types.FunctionType(self.step_code, CompiledDecode._step.__globals__, self.step_code.co_name)
         self._compiled = torch.compile(types.MethodType(step, self), dynamic=True, mode=mode)
+        self.freeze = mode is None and _worth_freezing(model)
+        """On a CPU, inductor's freezing: the weights become constants of the graph, the linears' packed once for
+        oneDNN (as `serve.pack_weights` does for the eager forward) and the rest folded. A copy of the weights
+        beside the model's own, which the paged forward still runs on. `torch.compile(options=...)` does not reach
+        the switch in this torch, so it is patched around each call (a call may compile)."""
 
     def __call__(
         self, tokens: list[int], positions: list[int], blocks: list[list[int]], lengths: list[int]
@@ -99,7 +122,9 @@ class CompiledDecode:
         device = pool.keys[0].device
         if self.pad:  # a new step: the last replay's outputs are done with, its buffers may be reused
             torch.compiler.cudagraph_mark_step_begin()
-        return self._compiled(*(torch.tensor(x, dtype=torch.long, device=device) for x in inputs))[:B]
+        tensors = [torch.tensor(x, dtype=torch.long, device=device) for x in inputs]
+        with _freezing() if self.freeze else contextlib.nullcontext():
+            return self._compiled(*tensors)[:B]
 
     def warm_up(self) -> None:
         """Compile now, for one row and for several (a size of 1 is a graph of its own), on padded rows only:

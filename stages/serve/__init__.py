@@ -74,15 +74,16 @@ class Config:
     runs over several steps, so one long prompt stalls the running requests for at most this many tokens' work."""
     compile_decode: bool = False
     """Compile the decode step (`ernie.compiled_decode`: one torch.compile graph over every layer; CUDA graphs
-    on a GPU) when the replica starts, and run steps without a prompt in them through it. Compiling took 5-20 s
-    on a 2-core CPU; there it speeds up small models' steps and not the 0.3B shape's (slower at 32 rows in
-    bf16; docs/benchmarks.md). Not measured on a GPU yet."""
+    on a GPU) when the replica starts, and run steps without a prompt in them through it. On a CPU a model with
+    linears as large as pack_weights packs is compiled with inductor's freezing (a second copy of the weights,
+    packed in the graph). Compiling took 4-28 s on a 2-core CPU; there it speeds up small models' steps, and on
+    the 0.3B shape it stays behind the packed eager engine (docs/benchmarks.md). Not measured on a GPU yet."""
     pack_weights: bool = True
     """On a CPU, reorder the decoder's linear weights for oneDNN once when the replica loads the model
     (`ernie.packed_linear`: fp32 and bf16 weights large enough to gain, not quantized layers or the vision
     encoder). The same products; per matmul 1.3-3.4x faster at 8-32 rows on a 2-core AMD EPYC
     (docs/benchmarks.md). A tied LM head then holds its weight a second time (the embedding keeps the first).
-    Not with compile_decode, whose compiled graph uses the weights as stored."""
+    Not with compile_decode: its graph packs its own copy (freezing), the eager forward then runs unpacked."""
     max_batch: int = 64
     """Most requests a replica decodes together (continuous batching); more wait in the queue. Each
     replica also takes this many HTTP requests at once (Ray Serve's max_ongoing_requests)."""

@@ -12,6 +12,7 @@ import torch
 from served_app import varied_model
 from serving_requests import greedy_reference, greedy_requests, run_concurrently
 
+from ernie import ErnieForCausalLM, get_preset
 from ernie.compiled_decode import CompiledDecode
 from ernie.paged_cache import PagedBatch, Segment
 from stages.data.tokenizer import train_tokenizer
@@ -142,3 +143,33 @@ def test_a_decode_step_that_cannot_compile_fails_the_engine_before_it_takes_a_re
     monkeypatch.setattr(CompiledDecode, "warm_up", broken)
     with pytest.raises(RuntimeError, match=r"serve.compile_decode.*no C\+\+ compiler"):
         Engine(engine.model, engine.tokenizer, kv_cache_tokens=1024, max_batch=2, compile_decode=True)
+
+
+def test_a_model_wide_enough_to_pack_decodes_through_a_frozen_step_as_through_the_paged_forward():
+    """Weights as large as `serve.pack_weights` packs (bf16, 256 x 256): on a CPU the step is compiled with inductor's
+    freezing (the weights folded into the graph, the linears packed for oneDNN). Its logits follow the paged
+    forward's over a whole greedy decode, whose every step but the prompt's ran compiled; the tiny models, whose
+    weights are smaller, are compiled without it (freezing made their step slower)."""
+    torch.manual_seed(0)
+    model = ErnieForCausalLM(get_preset("tiny_dense").replace(hidden_size=256, head_dim=64, intermediate_size=512))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.1)
+    model = model.to(torch.bfloat16).eval()
+    tokenizer = train_tokenizer(["one two three four", "five six"] * 30, 300)
+    engine = Engine(model, tokenizer, kv_cache_tokens=1024, max_batch=4, compile_decode=True)
+    try:
+        compiled = engine.scheduler.compiled
+        assert compiled.freeze and not CompiledDecode(varied_model("tiny_dense"), engine.scheduler.pool).freeze
+        prompt, params = [40, 41, 42, 43, 44], SamplingParams(max_tokens=12, temperature=0.0)
+        got = list(engine.scheduler.submit(prompt, params).tokens())
+        assert engine.scheduler.stats.compiled_steps == len(got) - 1
+        # the paged forward's logits at every step of that decode: the served token is (one of) their best
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt + got[:-1]])).logits[0, len(prompt) - 1 :].float()
+        best = logits.max(-1).values
+        chosen = logits.gather(1, torch.tensor(got)[:, None])[:, 0]
+        assert (best - chosen <= 0.05 * best.abs().clamp(min=1.0)).all(), (best - chosen).tolist()
+    finally:
+        engine.close()
