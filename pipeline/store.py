@@ -54,7 +54,7 @@ def _abandoned(name: str) -> bool:
     except ProcessLookupError:
         return True
     except (PermissionError, OverflowError):
-        return False  # alive, under another user (or no pid this system has)
+        pass  # alive, under another user (or no pid this system has)
     return False
 
 

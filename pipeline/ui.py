@@ -48,7 +48,7 @@ class ConsoleUI:
         who = f"run {holder.get('pipeline_run', '?')} (pid {holder.get('pid', '?')})" if holder else "another run"
         print(
             f"{name:9s} waiting: {who} is running this stage with the same cache key; "
-            "this run takes its artifact when it finishes (Ctrl-C stops waiting)",
+            "this run goes on when it finishes (Ctrl-C stops waiting)",
             file=sys.stderr,
             flush=True,
         )
