@@ -6,10 +6,12 @@ as the server loads it, `Engine.load`) and by HF transformers' own ERNIE 4.5 cla
 torch threads. Both get the same request set: greedy, prompts of 8-48 random token ids, max_tokens
 16-64 (seeded), stopping at the end-of-sentence token. At each concurrency C (1, 8, 32 streams):
 
-  ours  C client threads in a closed loop (each sends its next request when its last one ends)
-        against one engine: requests join the running batch between decode steps. A request's
-        tokens are timed as its client receives them from the scheduler (the token stream
-        `Engine.stream` turns into text; detokenizing is left out on both sides).
+  ours  C clients in a closed loop (each sends its next request when its last one ends) against one
+        engine: requests join the running batch between decode steps. The clients are coroutines on
+        one event loop, reading the engine as the API server does (`Engine.atokens`: the scheduler's
+        tokens for every request reach the loop in one wake-up per step). A request's tokens are
+        timed as its client receives them (the token stream `Engine.astream` turns into text;
+        detokenizing is left out on both sides).
   HF    what a user without a server does with C concurrent requests: the next C requests left-padded
         into one batch and one `model.generate` call (do_sample=False), then the next C. Tokens are
         timed by a streamer (`put` once per decode step); a row's tokens end at its own max_tokens or
@@ -47,13 +49,13 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import asyncio  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections import deque  # noqa: E402
@@ -134,37 +136,34 @@ def make_requests(
 # ---------------------------------------------------------------------- ours
 def run_ours(engine: Engine, requests: list[Request], streams: int) -> tuple[list[Served], float]:
     def tokens(req: Request):
-        engine.check(req.prompt, req.max_tokens)
-        return engine.scheduler.submit(req.prompt, SamplingParams(req.max_tokens, temperature=0.0)).tokens()
+        return engine.atokens(req.prompt, SamplingParams(req.max_tokens, temperature=0.0))
 
     return run_clients(tokens, requests, streams)
 
 
 def run_clients(tokens_of, requests: list[Request], streams: int) -> tuple[list[Served], float]:
-    """`streams` closed-loop client threads; `tokens_of(request)`: its token stream, timed on receipt."""
+    """`streams` closed-loop clients, coroutines on one event loop as the API server reads the engine (one
+    thread for every request: `EngineFront.atokens`); `tokens_of(request)`: its async token stream, timed on
+    receipt."""
     pending = deque(enumerate(requests))
-    lock = threading.Lock()
     served: list = [None] * len(requests)
 
-    def client() -> None:
-        while True:
-            with lock:
-                if not pending:
-                    return
-                i, req = pending.popleft()
+    async def client() -> None:
+        while pending:
+            i, req = pending.popleft()
             result = Served(time.perf_counter())
-            for token in tokens_of(req):
+            async for token in tokens_of(req):
                 result.times.append(time.perf_counter())
                 result.tokens.append(token)
             served[i] = result
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return served, time.perf_counter() - start
+    async def clients() -> float:
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(streams)))
+        return time.perf_counter() - start
+
+    wall = asyncio.run(clients())
+    return served, wall
 
 
 # ---------------------------------------------------------------------- HF transformers
@@ -427,7 +426,8 @@ def main(argv: list[str] | None = None) -> dict:
             "kv_block_tokens": DEFAULT_BLOCK_TOKENS,
             "prefill_chunk_tokens": DEFAULT_PREFILL_CHUNK_TOKENS,
             "ours": "Engine.load (linear weights packed for oneDNN on a CPU: serve.pack_weights) + continuous "
-            "batching on the paged KV cache, C closed-loop client threads, tokens timed on receipt",
+            "batching on the paged KV cache, C closed-loop clients on one event loop (Engine.atokens, as the API "
+            "server reads it), tokens timed on receipt",
             "ours-unpacked": "--unpacked only: the same engine with serve.pack_weights off",
             "hf": "AutoModelForCausalLM (sdpa) generate on left-padded waves of C requests, streamer-timed steps",
             "ours-no-prefix-cache": "shared-prefix workload only: the same engine with serve.prefix_caching off",

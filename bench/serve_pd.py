@@ -1,7 +1,8 @@
 """Prefill/decode disaggregation against colocated serving on the same CPUs, under three request mixes.
 
 Both serve the same checkpoint, in the same dtype, to the same closed-loop clients (`serve_load.run_clients`: C
-client threads, each sending its next request when its last one ends, tokens timed as they arrive):
+clients on one event loop, as the API server reads an engine, each sending its next request when its last one
+ends, tokens timed as they arrive):
 
   colocated  one `Engine` in this process with W x T torch threads: continuous batching on the paged cache,
              prompts chunked into the running requests' decode steps
@@ -71,7 +72,7 @@ def mix_requests(kinds, n: int, seed: int, vocab: int):
 
 
 def tokens_of(engine):
-    return lambda req: engine.tokens(req.prompt, SamplingParams(req.max_tokens, temperature=0.0))
+    return lambda req: engine.atokens(req.prompt, SamplingParams(req.max_tokens, temperature=0.0))
 
 
 def main(argv: list[str] | None = None) -> dict:

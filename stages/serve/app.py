@@ -8,21 +8,23 @@
     GET  /health                200 once the replica has its model
 
 `n` choices per prompt (and every prompt of a list) are decoded concurrently, so the scheduler batches
-them. With an API key set, every route but /health wants `Authorization: Bearer <key>` (else 401).
-Bodies over the size limit get 413 before they are parsed; bad requests get HTTP 400 (unknown model:
-404); all errors carry an OpenAI-style error body.
+them. Requests are read on the replica's event loop (`EngineFront.astream`): one thread for all of them,
+woken once per decode step for every request's tokens (`stages.serve.delivery`).
+
+With an API key set, every route but /health wants `Authorization: Bearer <key>` (else 401). Bodies over
+the size limit get 413 before they are parsed; bad requests get HTTP 400 (unknown model: 404); all errors
+carry an OpenAI-style error body.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the request models as real
 # classes in the signatures of Ray Serve's class-based routes, not as strings.
 
+import asyncio
 import contextlib
 import hmac
 import json
-import queue
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -176,12 +178,13 @@ class Gate:
 app.add_middleware(Gate)
 
 
-def _sse(events: Iterator[dict]) -> StreamingResponse:
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
     """Server-sent events as OpenAI streams them: `data: <json>` per chunk, then `data: [DONE]`."""
 
-    def body() -> Iterator[str]:
-        for event in events:
-            yield f"data: {json.dumps(event)}\n\n"
+    async def body() -> AsyncIterator[str]:
+        async with contextlib.aclosing(events):  # a client gone mid-stream stops every choice now
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")
@@ -190,40 +193,26 @@ def _sse(events: Iterator[dict]) -> StreamingResponse:
 _FINISHED = object()
 
 
-def _together(streams: list[Iterator[Delta]], workers: int) -> Iterator[tuple[int, Delta]]:
-    """(index, delta) of every stream as they come. Each stream is read in a thread of its own (at most
-    `workers` at once: the batch holds no more), so the scheduler queues them together and decodes
-    them in one batch instead of one after another. Closing this iterator stops the streams still
-    running: each frees its rows after its next token."""
-    out: queue.Queue = queue.Queue()
-    todo: queue.Queue = queue.Queue()
-    for item in enumerate(streams):
-        todo.put(item)
-    stop = threading.Event()
+async def _together(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """(index, delta) of every stream as they come. Every stream is read at once, on this event loop, so the
+    scheduler queues them together and decodes them in one batch instead of one after another. Closing this
+    iterator stops the streams still running: each frees its rows."""
+    out: asyncio.Queue = asyncio.Queue()
 
-    def work() -> None:
-        while not stop.is_set():
-            try:
-                i, stream = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                with contextlib.closing(stream):  # closing an unfinished stream frees its rows
-                    for delta in stream:
-                        out.put((i, delta))
-                        if stop.is_set():
-                            return
-                out.put((i, _FINISHED))
-            except BaseException as err:  # noqa: BLE001 - the request's reader raises it
-                out.put((i, err))
-                return
+    async def read(i: int, stream: AsyncIterator[Delta]) -> None:
+        try:
+            async with contextlib.aclosing(stream):  # closing an unfinished stream frees its rows
+                async for delta in stream:
+                    out.put_nowait((i, delta))
+            out.put_nowait((i, _FINISHED))
+        except Exception as err:  # noqa: BLE001 - the request's reader raises it
+            out.put_nowait((i, err))
 
-    for k in range(min(workers, len(streams))):
-        threading.Thread(target=work, name=f"serve-choice-{k}", daemon=True).start()
+    readers = [asyncio.create_task(read(i, stream)) for i, stream in enumerate(streams)]
     try:
         left = len(streams)
         while left:
-            i, item = out.get()
+            i, item = await out.get()
             if item is _FINISHED:
                 left -= 1
             elif isinstance(item, BaseException):
@@ -231,16 +220,17 @@ def _together(streams: list[Iterator[Delta]], workers: int) -> Iterator[tuple[in
             else:
                 yield i, item
     finally:
-        stop.set()
+        for reader in readers:
+            reader.cancel()  # a no-op for those that ended
 
 
-def _measured(deltas: Iterator[tuple[int, Delta]], metrics: ServeMetrics, n: int, started: float):
+async def _measured(deltas: AsyncIterator[tuple[int, Delta]], metrics: ServeMetrics, n: int, started: float):
     """`deltas` passed through, timing each choice's first text and pace, counting its tokens, and each
     prompt's tokens once (choice i belongs to prompt i // n)."""
     first: dict[int, float] = {}
     prompts_done: set[int] = set()
-    with contextlib.closing(deltas):  # closing this closes the streams' reader now, not when collected
-        for i, delta in deltas:
+    async with contextlib.aclosing(deltas):  # closing this closes the streams' reader now, not when collected
+        async for i, delta in deltas:
             now = time.perf_counter()
             if i not in first:
                 first[i] = now
@@ -254,10 +244,10 @@ def _measured(deltas: Iterator[tuple[int, Delta]], metrics: ServeMetrics, n: int
             yield i, delta
 
 
-def _gather(deltas: Iterator[tuple[int, Delta]], count: int) -> list:
+async def _gather(deltas: AsyncIterator[tuple[int, Delta]], count: int) -> list:
     """The final `Completion` of each of `count` choices, in index order."""
     finals = [None] * count
-    for i, delta in deltas:
+    async for i, delta in deltas:
         finals[i] = delta.completion or finals[i]
     return finals
 
@@ -339,7 +329,7 @@ class OpenAIServer:
         return Response(content=body, media_type=content_type)
 
     @app.post("/v1/completions")
-    def completions(self, req: CompletionRequest):
+    async def completions(self, req: CompletionRequest):
         started = time.perf_counter()
         self._check_model(req.model)
         self._check_n(req.n)
@@ -348,7 +338,7 @@ class OpenAIServer:
         deltas = self._start(prompts, req, max_tokens, "max_tokens", started)
         if req.stream:
             return _sse(self._completion_chunks(deltas, req))
-        finals = _gather(deltas, len(prompts) * req.n)
+        finals = await _gather(deltas, len(prompts) * req.n)
         choices = [
             {"index": i, "text": done.text, "logprobs": None, "finish_reason": done.finish_reason}
             for i, done in enumerate(finals)
@@ -356,7 +346,7 @@ class OpenAIServer:
         return completion_response(self.model_name, choices, *_usage(finals, req.n))
 
     @app.post("/v1/chat/completions")
-    def chat_completions(self, req: ChatCompletionRequest):
+    async def chat_completions(self, req: ChatCompletionRequest):
         started = time.perf_counter()
         self._check_model(req.model)
         self._check_n(req.n)
@@ -364,8 +354,10 @@ class OpenAIServer:
         messages = [m.template_message(i, image_urls) for i, m in enumerate(req.messages)]
         try:
             text = render(messages, add_generation_prompt=True, enable_thinking=req.thinking())
-            images = [(image_bytes(url, where), where) for url, where in image_urls]
-            prompt_ids, vision = self.engine.images.apply(self.engine.encode(text), images)
+            if image_urls:  # decoding and resizing images in a thread: the event loop serves every stream
+                prompt_ids, vision = await asyncio.to_thread(self._with_images, text, image_urls)
+            else:
+                prompt_ids, vision = self.engine.encode(text), None
         except RequestError as err:
             raise APIError(400, str(err), param=err.param) from None
         except ValueError as err:
@@ -375,22 +367,26 @@ class OpenAIServer:
         deltas = self._start([prompt_ids], req, max_tokens, param, started, vision)
         if req.stream:
             return _sse(self._chat_chunks(deltas, req))
-        finals = _gather(deltas, req.n)
+        finals = await _gather(deltas, req.n)
         choices = []
         for i, done in enumerate(finals):
             reasoning, content = split_reasoning(done.text) if req.thinking() else (None, done.text.strip())
             choices.append(chat_choice(i, content, reasoning, done.finish_reason))
         return chat_response(self.model_name, choices, *_usage(finals, req.n))
 
+    def _with_images(self, text: str, image_urls: list[tuple[str, str]]) -> tuple[list[int], dict | None]:
+        images = [(image_bytes(url, where), where) for url, where in image_urls]
+        return self.engine.images.apply(self.engine.encode(text), images)
+
     # ------------------------------------------------------------------ choices
     def _start(
         self, prompts: list[list[int]], req, max_tokens: int, param: str, started: float, vision: dict | None = None
-    ) -> Iterator[tuple[int, Delta]]:
+    ) -> AsyncIterator[tuple[int, Delta]]:
         """Every choice's stream (index prompt_index * n + j, seed + j), refused here, before anything
         runs or streams, when one cannot be served; read together when the result is iterated."""
         try:
             streams = [
-                self.engine.stream(
+                self.engine.astream(
                     prompt_ids,
                     max_tokens,
                     req.temperature,
@@ -413,13 +409,12 @@ class OpenAIServer:
                 f"({self.max_tokens_limit}, serve.max_tokens_limit)",
                 param=param,
             )
-        workers = self.engine.scheduler.max_batch
-        return _measured(_together(streams, workers), self.metrics, req.n, started)
+        return _measured(_together(streams), self.metrics, req.n, started)
 
-    def _completion_chunks(self, deltas: Iterator[tuple[int, Delta]], req) -> Iterator[dict]:
+    async def _completion_chunks(self, deltas: AsyncIterator[tuple[int, Delta]], req) -> AsyncIterator[dict]:
         request_id, finals = new_id("cmpl"), []
-        with contextlib.closing(deltas):  # a client gone mid-stream stops every choice
-            for i, delta in deltas:
+        async with contextlib.aclosing(deltas):  # a client gone mid-stream stops every choice
+            async for i, delta in deltas:
                 done = delta.completion
                 if delta.text or done is not None:
                     yield completion_chunk(request_id, self.model_name, i, delta.text, done and done.finish_reason)
@@ -429,15 +424,15 @@ class OpenAIServer:
             ordered = [done for _, done in sorted(finals, key=lambda f: f[0])]
             yield usage_chunk(request_id, self.model_name, "text_completion", *_usage(ordered, req.n))
 
-    def _chat_chunks(self, deltas: Iterator[tuple[int, Delta]], req) -> Iterator[dict]:
+    async def _chat_chunks(self, deltas: AsyncIterator[tuple[int, Delta]], req) -> AsyncIterator[dict]:
         """Assistant deltas per choice; in thinking mode the text before </think> goes out as
         `reasoning_content`. Every choice first gets its role chunk, as OpenAI sends it."""
         request_id, finals = new_id("chatcmpl"), []
         for i in range(req.n):
             yield chat_chunk(request_id, self.model_name, {"role": "assistant", "content": ""}, None, i)
         reasoning = [req.thinking()] * req.n
-        with contextlib.closing(deltas):
-            for i, delta in deltas:
+        async with contextlib.aclosing(deltas):
+            async for i, delta in deltas:
                 parts = {}
                 text = delta.text
                 if reasoning[i]:

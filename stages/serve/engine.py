@@ -8,18 +8,20 @@ Requests from any number of threads are batched continuously by the engine's `Sc
 one KV-cached decode step per token for all its rows; the cached tokens stay within
 `kv_cache_tokens` (a request waits in the queue until it fits) and the batch within `max_batch`
 rows. `stream` turns a request's tokens into text deltas (stop strings end it early and free its
-rows, as does closing the stream).
+rows, as does closing the stream); `astream` is the same for readers on an event loop (the API
+server), all of whose requests' tokens reach the loop in one wake-up per step (`stages.serve.delivery`).
 
 `EngineFront` is what the API sees of an engine (tokenizer, checks, text deltas) over a source of
-tokens; `Engine` draws them from its own scheduler, `stages.serve.pd.PDEngine` from prefill and decode
-workers. `Engine.prefill` is the prefill half of a request on its own: the handoff another engine's
+tokens (`_tokens`, and `_atokens` for an event loop); `Engine` draws them from its own scheduler,
+`stages.serve.pd.PDEngine` from prefill and decode workers. `Engine.prefill` is the prefill half of a request on its own: the handoff another engine's
 scheduler decodes on (`Scheduler.submit_prefilled`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from ernie.chat_template import SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN
 from ernie.packed_linear import pack_decoder
 from ernie.quant import is_quantized_dir, load_model
 
+from .delivery import outbox
 from .scheduler import (
     DEFAULT_BLOCK_TOKENS,
     DEFAULT_PREFILL_CHUNK_TOKENS,
@@ -178,32 +181,108 @@ class EngineFront:
     def _deltas(self, prompt_ids: list[int], params: SamplingParams, stop: list[str], vision) -> Iterator[Delta]:
         info: dict = {}  # the token source notes the request's cached prompt tokens here
         tokens = self._tokens(prompt_ids, params, vision, info)
-        eos, sent, new = self.config.eos_token_id, 0, []
-
-        def done(text: str, finish_reason: str) -> Completion:
-            return Completion(text, len(prompt_ids), len(new), finish_reason, info.get("cached_tokens", 0))
-
+        text = _TextDeltas(self, len(prompt_ids), stop, info)
         try:
             for token in tokens:
-                new.append(token)
-                if token == eos:
-                    text = self.decode(new[:-1])
-                    yield Delta(text[sent:], done(text, "stop"))
-                    return
-                text = self.decode(new)
-                cut = min((text.find(s) for s in stop if s in text), default=-1)
-                if cut >= 0:
+                delta = text.push(token)
+                if text.stopped:
                     tokens.close()  # before the last delta: the rows are freed even if nobody reads on
-                    yield Delta(text[sent:cut], done(text[:cut], "stop"))
+                if delta is not None:
+                    yield delta
+                if text.finished:
                     return
-                ready = len(text) - _held_back(text, stop)
-                if ready > sent:
-                    yield Delta(text[sent:ready], None)
-                    sent = ready
-            text = self.decode(new)
-            yield Delta(text[sent:], done(text, "length"))
+            yield text.end()
         finally:
             tokens.close()  # a no-op once finished; a closed stream (client gone) leaves the batch
+
+    # ------------------------------------------------------------------ asyncio
+    async def _atokens(
+        self, prompt_ids: list[int], params: SamplingParams, vision: dict | None, info: dict | None = None
+    ) -> AsyncIterator[int]:
+        """`_tokens` for a reader on an event loop: the same contract, nothing blocks the loop."""
+        raise NotImplementedError
+        yield  # an async generator
+
+    def atokens(self, prompt_ids: list[int], params: SamplingParams, vision: dict | None = None) -> AsyncIterator[int]:
+        """`tokens` on an event loop: many requests read by one thread (`stages.serve.delivery`)."""
+        self.check(prompt_ids, params.max_tokens)
+        return self._atokens(prompt_ids, params, vision)
+
+    def astream(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        vision: dict[str, torch.Tensor] | None = None,
+        top_k: int = 0,
+    ) -> AsyncIterator[Delta]:
+        """`stream` on an event loop (the API server reads every request this way)."""
+        self.check(prompt_ids, max_tokens)
+        params = SamplingParams(max_tokens, temperature, top_p, top_k, seed)
+        return self._adeltas(prompt_ids, params, [s for s in (stop or []) if s], vision)
+
+    async def _adeltas(
+        self, prompt_ids: list[int], params: SamplingParams, stop: list[str], vision
+    ) -> AsyncIterator[Delta]:
+        info: dict = {}
+        tokens = self._atokens(prompt_ids, params, vision, info)
+        text = _TextDeltas(self, len(prompt_ids), stop, info)
+        try:
+            async for token in tokens:
+                delta = text.push(token)
+                if text.stopped:
+                    await tokens.aclose()
+                if delta is not None:
+                    yield delta
+                if text.finished:
+                    return
+            yield text.end()
+        finally:
+            await tokens.aclose()
+
+
+class _TextDeltas:
+    """A request's tokens -> text deltas. Text that could still turn out to begin a stop string, or an
+    unfinished UTF-8 character, is held back until it cannot, so the deltas always add up to the final text."""
+
+    def __init__(self, front: EngineFront, prompt_tokens: int, stop: list[str], info: dict) -> None:
+        self.front, self.prompt_tokens, self.stop, self.info = front, prompt_tokens, stop, info
+        self.new: list[int] = []
+        self.sent = 0
+        self.finished = False
+        """The last delta (with the `Completion`) went out."""
+        self.stopped = False
+        """A stop string ended it: the token source can be closed."""
+
+    def push(self, token: int) -> Delta | None:
+        """The delta `token` releases, if any; the last one carries the `Completion`."""
+        self.new.append(token)
+        if token == self.front.config.eos_token_id:
+            text = self.front.decode(self.new[:-1])
+            return self._last(text[self.sent :], text, "stop")
+        text = self.front.decode(self.new)
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self._last(text[self.sent : cut], text[:cut], "stop")
+        ready = len(text) - _held_back(text, self.stop)
+        if ready <= self.sent:
+            return None
+        delta, self.sent = Delta(text[self.sent : ready], None), ready
+        return delta
+
+    def end(self) -> Delta:
+        """The last delta of a request its source ended without eos or a stop string (max_tokens)."""
+        text = self.front.decode(self.new)
+        return self._last(text[self.sent :], text, "length")
+
+    def _last(self, delta: str, text: str, finish_reason: str) -> Delta:
+        self.finished = True
+        cached = self.info.get("cached_tokens", 0)
+        return Delta(delta, Completion(text, self.prompt_tokens, len(self.new), finish_reason, cached))
 
 
 class Engine(EngineFront):
@@ -269,6 +348,25 @@ class Engine(EngineFront):
                 if info is not None:
                     info["cached_tokens"] = seq.cached_tokens or 0  # known once it is admitted
                 yield token
+        finally:
+            seq.cancel()  # a no-op once finished
+
+    async def _atokens(
+        self, prompt_ids: list[int], params: SamplingParams, vision: dict | None, info: dict | None = None
+    ) -> AsyncIterator[int]:
+        out: asyncio.Queue = asyncio.Queue()
+        send = outbox(asyncio.get_running_loop()).sender(out)
+        seq = self.scheduler.submit(prompt_ids, params, vision, listener=send)
+        try:
+            for _ in range(params.max_tokens):
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if info is not None:
+                    info["cached_tokens"] = seq.cached_tokens or 0
+                yield item
+                if item == seq.eos:
+                    return
         finally:
             seq.cancel()  # a no-op once finished
 

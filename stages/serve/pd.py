@@ -43,6 +43,7 @@ from pathlib import Path
 import ray
 import torch
 
+from .delivery import LoopThread, outbox
 from .engine import DEFAULT_KV_CACHE_TOKENS, DEFAULT_MAX_BATCH, Engine, EngineFront, load_front
 from .roles import DECODE, PREFILL, ROLES, RoleSwitch, RoleSwitchPolicy, WorkerLoad, decide
 from .scheduler import DEFAULT_BLOCK_TOKENS, DEFAULT_PREFILL_CHUNK_TOKENS, SamplingParams
@@ -128,11 +129,8 @@ class PDWorker:
         arrays = prefilled.arrays()
         zero_copy = bool(arrays) and not any(a.flags.writeable for a in arrays)
         self.received.append({"object_ref": by_ref, "zero_copy": zero_copy, "nbytes": prefilled.nbytes})
-        loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
-        seq = self.engine.scheduler.submit_prefilled(
-            prefilled, lambda item: loop.call_soon_threadsafe(out.put_nowait, item)
-        )
+        seq = self.engine.scheduler.submit_prefilled(prefilled, outbox(asyncio.get_running_loop()).sender(out))
         del prefilled, arrays, ref  # the scheduler drops its copy once the cache is restored
         got, done = 0, False
         try:
@@ -263,6 +261,8 @@ class PDEngine(EngineFront):
         self._stop = threading.Event()
         self._controller = threading.Thread(target=self._control, name="pd-roles", daemon=True)
         self._controller.start()
+        self._io = LoopThread("pd-io")
+        """Where synchronous readers' requests (`stream`, `complete`) talk to the workers."""
 
     @classmethod
     def load(cls, model_dir: str | Path, tokenizer_path: str | Path, **settings) -> PDEngine:
@@ -275,6 +275,7 @@ class PDEngine(EngineFront):
             return
         self._stop.set()
         self._controller.join()
+        self._io.close()
         try:
             ray.get([a.close.remote() for a in self._actors], timeout=30)
         finally:
@@ -285,10 +286,15 @@ class PDEngine(EngineFront):
     def _tokens(
         self, prompt_ids: list[int], params: SamplingParams, vision: dict | None, info: dict | None = None
     ) -> Iterator[int]:
+        return self._io.iterate(self._atokens(prompt_ids, params, vision, info))
+
+    async def _atokens(
+        self, prompt_ids: list[int], params: SamplingParams, vision: dict | None, info: dict | None = None
+    ) -> AsyncIterator[int]:
         started = time.monotonic()
         worker = self._acquire(PREFILL, prompt_ids)
         try:
-            head: PrefillHead = ray.get(self._actors[worker.index].prefill.remote(prompt_ids, params, vision))
+            head: PrefillHead = await self._actors[worker.index].prefill.remote(prompt_ids, params, vision)
         finally:
             self._release(worker, PREFILL)
         first_at = time.monotonic()
@@ -304,8 +310,8 @@ class PDEngine(EngineFront):
             stream = self._actors[worker.index].decode.remote(head.handoff)  # decoding starts as the first token goes
             first, head = head.first_token, None  # the decode call holds the handoff's reference now
             yield first
-            for ref in stream:
-                for token in ray.get(ref):
+            async for ref in stream:
+                for token in await ref:
                     count += 1
                     yield token
             ended = True

@@ -19,7 +19,8 @@ The requests' keys and values live in a paged cache (`ernie.paged_cache`): a poo
      Nobody's cache moves when a request joins or leaves. With `compile_decode`, a forward with no prompt in it
      runs as `ernie.compiled_decode`'s one compiled graph instead (compiled when the scheduler starts).
 
-A request's tokens go out on its own queue; `Engine.stream` turns them into text deltas. Requests
+A request's tokens go out on its own queue, or to its listener (an event loop's reader: `stages.serve.delivery`);
+`Engine.stream` / `Engine.astream` turn them into text deltas. Requests
 are independent: a request's logits depend only on its own tokens (attention reads its own blocks,
 MoE routing is per token), and each request samples from its own generator, so a seeded request draws the same
 tokens batched or alone.
@@ -50,6 +51,8 @@ from ernie.cache import KVCache
 from ernie.compiled_decode import CompiledDecode
 from ernie.generation import sample_next, without_vision_tokens
 from ernie.paged_cache import ROOT_SERIAL, BlockPool, PagedBatch, Segment
+
+from . import delivery
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,8 @@ class Sequence:
         self.handoff: Future | None = None
         """Set for a prefill-only request: gets its `Prefilled` instead of joining the batch."""
         self.listener: Callable[[int | BaseException], None] | None = None
-        """Also told each token (or the error) as it goes out: for readers that cannot block on a queue."""
+        """Told each token (or the error) as it goes out, instead of the request's own queue: for readers that
+        cannot block on a queue (an event loop: `stages.serve.delivery`)."""
         self.arrival = 0
         """Its place in the order requests came in: the later, the sooner it is preempted."""
         self.blocks: list[int] = []
@@ -223,7 +227,8 @@ class Sequence:
         self.cancelled = True
 
     def tokens(self) -> Iterator[int]:
-        """The generated tokens as they come, up to eos or max_tokens; a scheduler error is raised here."""
+        """The generated tokens as they come, up to eos or max_tokens; a scheduler error is raised here. (A request
+        with a `listener` has them told to that instead.)"""
         for _ in range(self.params.max_tokens):
             item = self._out.get()
             if isinstance(item, BaseException):
@@ -238,12 +243,13 @@ class Sequence:
         self._put(token)
 
     def _put(self, item: int | BaseException) -> None:
-        self._out.put(item)
-        if self.listener is not None:
-            try:
-                self.listener(item)
-            except Exception:  # noqa: BLE001 - its reader is gone (e.g. a closed event loop): only it stops
-                self.cancelled = True
+        if self.listener is None:
+            self._out.put(item)
+            return
+        try:
+            self.listener(item)
+        except Exception:  # noqa: BLE001 - its reader is gone (e.g. a closed event loop): only it stops
+            self.cancelled = True
 
     def _fail(self, err: BaseException) -> None:
         self.cancelled = True
@@ -377,9 +383,18 @@ class Scheduler:
     def preemptions(self) -> int:
         return self.stats.preemptions
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, vision: dict | None = None) -> Sequence:
-        """Queue a request (checked by the engine: it fits the context and the budget alone)."""
-        return self._queue(Sequence(prompt_ids, params, vision, self.config.eos_token_id, self.device))
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        vision: dict | None = None,
+        listener: Callable[[int | BaseException], None] | None = None,
+    ) -> Sequence:
+        """Queue a request (checked by the engine: it fits the context and the budget alone). `listener`: see
+        `Sequence.listener`."""
+        seq = Sequence(prompt_ids, params, vision, self.config.eos_token_id, self.device)
+        seq.listener = listener
+        return self._queue(seq)
 
     def submit_prefill(
         self, prompt_ids: list[int], params: SamplingParams, vision: dict | None = None
@@ -452,10 +467,17 @@ class Scheduler:
                     if self._closed:
                         break
                 self.step()
-        self._fail([*self._running, *self._prefilling, *self._waiting], RuntimeError("the serving engine was closed"))
+        with delivery.batched():
+            closed = RuntimeError("the serving engine was closed")
+            self._fail([*self._running, *self._prefilling, *self._waiting], closed)
 
     def step(self) -> None:
-        """One iteration: free what finished, admit what fits, run one forward for every admitted request."""
+        """One iteration: free what finished, admit what fits, run one forward for every admitted request. Its
+        tokens reach readers on an event loop in one wake-up (`delivery.batched`)."""
+        with delivery.batched():
+            self._step()
+
+    def _step(self) -> None:
         try:
             self._remove_finished()
             self._admit()

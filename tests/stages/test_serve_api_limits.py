@@ -6,6 +6,7 @@ choices outgrow (preemption)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -77,14 +78,22 @@ def test_choices_of_one_request_are_decoded_in_one_batch_and_stop_together(ckpt)
     engine = Engine(model, Tokenizer.from_file(str(ckpt / "tokenizer" / "tokenizer.json")))
     try:
         prompt = engine.encode("1+2=")
-        streams = [engine.stream(prompt, 48, temperature=0.0) for _ in range(4)]
-        finals = {i: d.completion for i, d in _together(streams, workers=64) if d.completion}
+
+        async def read_all() -> dict:
+            streams = [engine.astream(prompt, 48, temperature=0.0) for _ in range(4)]
+            return {i: d.completion async for i, d in _together(streams) if d.completion}
+
+        finals = asyncio.run(read_all())
         assert sorted(finals) == [0, 1, 2, 3] and len({f.text for f in finals.values()}) == 1
         assert engine.scheduler.stats.max_batch == 4
         steps = engine.scheduler.stats.decode_steps
-        reader = _together([engine.stream(prompt, 2000, temperature=0.0) for _ in range(2)], workers=64)
-        next(reader)
-        reader.close()
+
+        async def read_one_and_stop() -> None:
+            reader = _together([engine.astream(prompt, 2000, temperature=0.0) for _ in range(2)])
+            await anext(reader)
+            await reader.aclose()
+
+        asyncio.run(read_one_and_stop())
         deadline = time.monotonic() + 10
         while engine.scheduler.batch_size and time.monotonic() < deadline:
             time.sleep(0.01)
