@@ -29,6 +29,7 @@ sent (for HF: its batch started); TPOT = (last - first token) / (tokens - 1); p5
     python bench/serve_load.py --device cuda    # on a GPU: ernie-0.3b (all 18 layers), bf16, both sides on it
     python bench/serve_load.py --compile        # ours also with its decode step compiled (serve.compile_decode)
     python bench/serve_load.py --unpacked       # ours also without its weights packed for oneDNN (serve.pack_weights)
+    python bench/serve_load.py --thread-readers # ours also read by a thread per stream instead of one event loop
 
 On a GPU (`--device cuda`, the default where one is visible) both sides run there; tokens reach the host
 each decode step on both sides (ours: the sampled ids; HF: the streamer), so the times need no extra
@@ -56,6 +57,7 @@ import platform  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections import deque  # noqa: E402
@@ -166,6 +168,35 @@ def run_clients(tokens_of, requests: list[Request], streams: int) -> tuple[list[
     return served, wall
 
 
+def run_thread_readers(engine: Engine, requests: list[Request], streams: int) -> tuple[list[Served], float]:
+    """`--thread-readers`: `streams` closed-loop client threads, each reading its request's tokens from a queue
+    of its own (`Engine.tokens`, one thread woken per token): how the API server read the engine before it read
+    on an event loop."""
+    pending = deque(enumerate(requests))
+    lock = threading.Lock()
+    served: list = [None] * len(requests)
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                i, req = pending.popleft()
+            result = Served(time.perf_counter())
+            for token in engine.tokens(req.prompt, SamplingParams(req.max_tokens, temperature=0.0)):
+                result.times.append(time.perf_counter())
+                result.tokens.append(token)
+            served[i] = result
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return served, time.perf_counter() - start
+
+
 # ---------------------------------------------------------------------- HF transformers
 class StepTimes:
     """A transformers streamer that notes when each decode step's tokens come out (`put` is called with
@@ -260,14 +291,16 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
         compile_s = round(time.perf_counter() - started, 1)
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype, attn_implementation="sdpa")
     hf = hf.to(args.device).eval()
-    warm = make_requests(2, args.seed + 1, cfg.vocab_size, (4, 8), (4, 4))
+    # every side once at the widest level, short requests: its first batches of that many rows are not timed
+    widest = max(args.streams)
+    warm = make_requests(max(2, widest), args.seed + 1, cfg.vocab_size, (4, 8), (4, 4))
     with torch.inference_mode():
-        run_ours(engine, warm, 2)
+        run_ours(engine, warm, widest)
         for other in plain.values():
-            run_ours(other, warm, 2)
+            run_ours(other, warm, widest)
         if compiled is not None:
-            run_ours(compiled, warm, 2)
-        run_hf(hf, warm, 2, cfg.pad_token_id, cfg.eos_token_id)
+            run_ours(compiled, warm, widest)
+        run_hf(hf, warm, widest, cfg.pad_token_id, cfg.eos_token_id)
     records = []
     for streams in args.streams:
         n = max(args.min_requests, args.requests_per_stream * streams)
@@ -280,6 +313,9 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
             other.scheduler.stats = SchedulerStats()
             served, wall = run_ours(other, requests, streams)
             level.append({**base, "impl": impl, **summarise(served, wall)})
+        if args.thread_readers:  # the default engine, read by a thread per stream
+            served, wall = run_thread_readers(engine, requests, streams)
+            level.append({**base, "impl": "ours-thread-readers", **summarise(served, wall)})
         fast = None
         if compiled is not None:
             compiled.scheduler.stats = SchedulerStats()
@@ -362,6 +398,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--system-tokens", type=int, default=256, help="the shared-prefix workload's system prompt")
     parser.add_argument(
+        "--thread-readers",
+        action="store_true",
+        help="ours also read by a client thread per stream (Engine.tokens) instead of one event loop",
+    )
+    parser.add_argument(
         "--unpacked", action="store_true", help="ours also without its weights packed for oneDNN (serve.pack_weights)"
     )
     parser.add_argument("--out", default="bench/results/serve_load.json")
@@ -429,6 +470,8 @@ def main(argv: list[str] | None = None) -> dict:
             "batching on the paged KV cache, C closed-loop clients on one event loop (Engine.atokens, as the API "
             "server reads it), tokens timed on receipt",
             "ours-unpacked": "--unpacked only: the same engine with serve.pack_weights off",
+            "ours-thread-readers": "--thread-readers only: the default engine read by C client threads, each "
+            "woken per token from a queue of its own (Engine.tokens)",
             "hf": "AutoModelForCausalLM (sdpa) generate on left-padded waves of C requests, streamer-timed steps",
             "ours-no-prefix-cache": "shared-prefix workload only: the same engine with serve.prefix_caching off",
             "ours-compiled": "--compile only: the same engine with serve.compile_decode (load_and_compile_s: "

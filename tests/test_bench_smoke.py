@@ -65,22 +65,24 @@ def test_posttrain_throughput_smoke_measures_ours_and_trl_on_the_same_tokens(tmp
 
 
 def test_serve_load_smoke_measures_our_engine_and_hf_generate_on_the_same_requests(tmp_path):
-    """Ours (packed weights, unpacked, and with the compiled decode step) and HF generate on the same requests."""
+    """Ours (packed weights, unpacked, with the compiled decode step, and read by a thread per stream) and HF
+    generate on the same requests."""
     out = tmp_path / "serve_load.json"
     subprocess.run(
-        [sys.executable, "bench/serve_load.py", "--smoke", "--compile", "--unpacked", "--out", str(out)],
+        [sys.executable, "bench/serve_load.py", "--smoke", "--compile", "--unpacked", "--thread-readers"]
+        + ["--out", str(out)],
         cwd=ROOT,
         check=True,
         timeout=300,
     )
     report = json.loads(out.read_text())
     records = {(r["impl"], r["streams"]): r for r in report["records"]}
-    impls = ("ours", "ours-compiled", "ours-unpacked", "hf-generate")
+    impls = ("ours", "ours-compiled", "ours-unpacked", "hf-generate", "ours-thread-readers")
     assert set(records) == {(impl, streams) for impl in impls for streams in (1, 4)}
     for streams in (1, 4):
-        ours, fast, unpacked, hf = (records[impl, streams] for impl in impls)
-        assert ours["requests"] == fast["requests"] == unpacked["requests"] == hf["requests"]
-        assert ours["tokens"] == fast["tokens"] == unpacked["tokens"] == hf["tokens"] > 0
+        ours, fast, unpacked, hf, threaded = (records[impl, streams] for impl in impls)
+        assert ours["requests"] == fast["requests"] == unpacked["requests"] == hf["requests"] == threaded["requests"]
+        assert ours["tokens"] == fast["tokens"] == unpacked["tokens"] == hf["tokens"] == threaded["tokens"] > 0
         # greedy on the same checkpoint: the same tokens
         assert ours["same_tokens_as_hf"] == fast["same_tokens_as_hf"] == 1.0
         assert all(r["tokens_per_s"] > 0 and r["ttft_ms"]["p50"] > 0 and r["tpot_ms"]["p99"] > 0 for r in (ours, hf))
