@@ -13,8 +13,8 @@ server), all of whose requests' tokens reach the loop in one wake-up per step (`
 
 `EngineFront` is what the API sees of an engine (tokenizer, checks, text deltas) over a source of
 tokens (`_tokens`, and `_atokens` for an event loop); `Engine` draws them from its own scheduler,
-`stages.serve.pd.PDEngine` from prefill and decode workers. `Engine.prefill` is the prefill half of a request on its own: the handoff another engine's
-scheduler decodes on (`Scheduler.submit_prefilled`).
+`stages.serve.pd.PDEngine` from prefill and decode workers. `Engine.prefill` is the prefill half of a
+request on its own: the handoff another engine's scheduler decodes on (`Scheduler.submit_prefilled`).
 """
 
 from __future__ import annotations

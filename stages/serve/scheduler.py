@@ -20,10 +20,9 @@ The requests' keys and values live in a paged cache (`ernie.paged_cache`): a poo
      runs as `ernie.compiled_decode`'s one compiled graph instead (compiled when the scheduler starts).
 
 A request's tokens go out on its own queue, or to its listener (an event loop's reader: `stages.serve.delivery`);
-`Engine.stream` / `Engine.astream` turn them into text deltas. Requests
-are independent: a request's logits depend only on its own tokens (attention reads its own blocks,
-MoE routing is per token), and each request samples from its own generator, so a seeded request draws the same
-tokens batched or alone.
+`Engine.stream` / `Engine.astream` turn them into text deltas. Requests are independent: a request's logits
+depend only on its own tokens (attention reads its own blocks, MoE routing is per token), and each request
+samples from its own generator, so a seeded request draws the same tokens batched or alone.
 
 Prefill/decode disaggregation (stages/serve/pd.py) splits a request across engines on one code path:
 `submit_prefill` runs a prompt up to the first token and hands back a `Prefilled` (the request's
