@@ -1,11 +1,13 @@
 """Tokens to readers on an event loop (`stages.serve.delivery`, `EngineFront.astream`), no Ray: many requests
-read by one thread get exactly their own tokens, a decode step wakes the loop once for all of them, the async
+read by one thread get exactly their own tokens, in order, a decode step wakes the loop once for all of them, the async
 stream's text deltas are the synchronous stream's, and a synchronous reader of an async source gets its items,
 its error and its cleanup."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 
 import pytest
@@ -108,3 +110,31 @@ def test_a_sync_reader_of_an_async_source_gets_its_items_its_error_and_its_clean
         assert cleaned == ["3", "2", "1000"]
     finally:
         io.close()
+
+
+def test_every_reader_gets_its_items_in_the_order_sent_whatever_the_batching():
+    """Two producer threads send interleaved runs of items (some inside `batched` blocks, some not) to eight
+    readers on one loop: each reader gets exactly its items, in the order its producer sent them."""
+
+    async def run() -> dict[int, list[int]]:
+        loop = asyncio.get_running_loop()
+        box = outbox(loop)
+        queues = {r: asyncio.Queue() for r in range(8)}
+        senders = {r: box.sender(q) for r, q in queues.items()}
+
+        def produce(readers: list[int]) -> None:
+            for step in range(300):
+                block = delivery.batched() if step % 3 else contextlib.nullcontext()
+                with block:
+                    for r in readers:
+                        senders[r](step)
+
+        threads = [threading.Thread(target=produce, args=(rs,)) for rs in ([0, 1, 2, 3], [4, 5, 6, 7])]
+        for t in threads:
+            t.start()
+        got = {r: [await q.get() for _ in range(300)] for r, q in queues.items()}
+        for t in threads:
+            t.join()
+        return got
+
+    assert asyncio.run(run()) == {r: list(range(300)) for r in range(8)}
