@@ -168,9 +168,13 @@ class EngineFront:
         turn out to begin a stop string, or an unfinished UTF-8 character, is held back until it
         cannot, so the deltas always add up to the final text. A request that cannot be served is
         refused here (`RequestError`); it is queued when the stream is first read."""
+        params, stop = self._request(prompt_ids, max_tokens, temperature, top_p, seed, stop, top_k)
+        return self._deltas(prompt_ids, params, stop, vision)
+
+    def _request(self, prompt_ids, max_tokens, temperature, top_p, seed, stop, top_k) -> tuple[SamplingParams, list]:
+        """A checked request's sampling parameters and its non-empty stop strings (`stream`'s and `astream`'s)."""
         self.check(prompt_ids, max_tokens)
-        params = SamplingParams(max_tokens, temperature, top_p, top_k, seed)
-        return self._deltas(prompt_ids, params, [s for s in (stop or []) if s], vision)
+        return SamplingParams(max_tokens, temperature, top_p, top_k, seed), [s for s in (stop or []) if s]
 
     def tokens(self, prompt_ids: list[int], params: SamplingParams, vision: dict | None = None) -> Iterator[int]:
         """The request's token ids as they come (eos included), for callers that detokenize themselves
@@ -220,9 +224,8 @@ class EngineFront:
         top_k: int = 0,
     ) -> AsyncIterator[Delta]:
         """`stream` on an event loop (the API server reads every request this way)."""
-        self.check(prompt_ids, max_tokens)
-        params = SamplingParams(max_tokens, temperature, top_p, top_k, seed)
-        return self._adeltas(prompt_ids, params, [s for s in (stop or []) if s], vision)
+        params, stop = self._request(prompt_ids, max_tokens, temperature, top_p, seed, stop, top_k)
+        return self._adeltas(prompt_ids, params, stop, vision)
 
     async def _adeltas(
         self, prompt_ids: list[int], params: SamplingParams, stop: list[str], vision
