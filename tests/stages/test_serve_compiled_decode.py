@@ -14,6 +14,7 @@ from serving_requests import greedy_reference, greedy_requests, run_concurrently
 
 from ernie import ErnieForCausalLM, get_preset
 from ernie.compiled_decode import CompiledDecode
+from ernie.packed_linear import can_pack
 from ernie.paged_cache import PagedBatch, Segment
 from stages.data.tokenizer import train_tokenizer
 from stages.serve.engine import Engine
@@ -146,10 +147,10 @@ def test_a_decode_step_that_cannot_compile_fails_the_engine_before_it_takes_a_re
 
 
 def test_a_model_wide_enough_to_pack_decodes_through_a_frozen_step_as_through_the_paged_forward():
-    """Weights as large as `serve.pack_weights` packs (bf16, 256 x 256): on a CPU the step is compiled with inductor's
-    freezing (the weights folded into the graph, the linears packed for oneDNN). Its logits follow the paged
-    forward's over a whole greedy decode, whose every step but the prompt's ran compiled; the tiny models, whose
-    weights are smaller, are compiled without it (freezing made their step slower)."""
+    """Weights as large as `serve.pack_weights` packs (bf16, 256 x 256): on a CPU whose oneDNN runs bf16 the step is
+    compiled with inductor's freezing (the weights folded into the graph, the linears packed for oneDNN). Its logits
+    follow the paged forward's over a whole greedy decode, whose every step but the prompt's ran compiled; the tiny
+    models, whose weights are smaller, are compiled without it (freezing made their step slower)."""
     torch.manual_seed(0)
     model = ErnieForCausalLM(get_preset("tiny_dense").replace(hidden_size=256, head_dim=64, intermediate_size=512))
     with torch.no_grad():
@@ -161,7 +162,9 @@ def test_a_model_wide_enough_to_pack_decodes_through_a_frozen_step_as_through_th
     engine = Engine(model, tokenizer, kv_cache_tokens=1024, max_batch=4, compile_decode=True)
     try:
         compiled = engine.scheduler.compiled
-        assert compiled.freeze and not CompiledDecode(varied_model("tiny_dense"), engine.scheduler.pool).freeze
+        # frozen where this CPU's oneDNN runs bf16 linears (AVX-512 BF16 / AMX), else compiled as the tiny models are
+        assert compiled.freeze == can_pack(model.lm_head.weight)
+        assert not CompiledDecode(varied_model("tiny_dense"), engine.scheduler.pool).freeze
         prompt, params = [40, 41, 42, 43, 44], SamplingParams(max_tokens=12, temperature=0.0)
         got = list(engine.scheduler.submit(prompt, params).tokens())
         assert engine.scheduler.stats.compiled_steps == len(got) - 1
