@@ -23,9 +23,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m pipeline run conf=tiny $(RUN_ARGS)
 
-# the suite without the fault-injection and multi-node tests (kept under 30 minutes on 2 cores)
+# the suite without the fault-injection and multi-node tests (kept under 30 minutes on 2 cores), on
+# TEST_WORKERS processes: a module's tests stay together (its fixtures are built once), and the second
+# process fills the seconds the first spends waiting on Ray, subprocesses and servers
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not faults and not cluster"
+	$(PY) -m pytest -q -m "not faults and not cluster" -n $(TEST_WORKERS) --dist loadfile
 
 # killed stages and workers, S3 errors, a full disk: each must end in the same artifacts or a clear error
 test-faults: $(STAMP)
