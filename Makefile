@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m pipeline run conf=tiny $(RUN_ARGS)
 
-# the suite without the fault-injection and multi-node tests (kept under 30 minutes on 2 cores), on
+# the suite without the fault-injection and multi-node tests (its bound: 30 minutes on 2 cores), on
 # TEST_WORKERS processes: a module's tests stay together (its fixtures are built once), and the second
 # process fills the seconds the first spends waiting on Ray, subprocesses and servers
 TEST_WORKERS ?= 2
