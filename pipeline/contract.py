@@ -135,6 +135,53 @@ class MemoryLogger:
         return [v for k, v, _ in self.metric_log if k == name][-1]
 
 
+class RelayLogger:
+    """A `StageLogger` that queues what a stage logs until the driver takes it (`drain`) and writes it to the
+    stage's MLflow run: a stage's process (on any node) needs no MLflow client, import or route to the tracking
+    server, and starts seconds sooner. Figures and texts travel as file bytes (small files, not checkpoints)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: list[tuple] = []
+
+    def __getstate__(self):
+        raise TypeError("a RelayLogger stays in the stage's process: rank 0 sends its metrics to it (launch.relay)")
+
+    def _put(self, event: tuple) -> None:
+        with self._lock:
+            self._events.append(event)
+
+    def metrics(self, values, step=None):
+        self._put(("metrics", {k: float(v) for k, v in values.items()}, step, int(time.time() * 1000)))
+
+    def params(self, values):
+        self._put(("params", dict(values)))
+
+    def artifact(self, path, subdir=None):
+        path = Path(path)
+        if path.is_dir():
+            files = [(f.relative_to(path).as_posix(), f.read_bytes()) for f in sorted(path.rglob("*")) if f.is_file()]
+        else:
+            files = [(path.name, path.read_bytes())]
+        self._put(("files", files, subdir))
+
+    def figure(self, figure, name):
+        import io
+
+        image = io.BytesIO()
+        figure.savefig(image, format=Path(name).suffix.lstrip(".") or "png")
+        self._put(("files", [(name, image.getvalue())], None))
+
+    def text(self, text, name):
+        self._put(("files", [(name, text.encode())], None))
+
+    def drain(self) -> list[tuple]:
+        """Everything logged since the last drain, oldest first."""
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+
 class Progress:
     """Thread-safe progress of one stage, polled by the driver to draw its bar."""
 
@@ -238,7 +285,8 @@ class StageContext:
     inputs: dict[str, Artifact]
     output_dir: Path
     log: StageLogger = field(default_factory=MemoryLogger)
-    """Picklable: a distributed stage passes it to its workers and logs from rank 0 only."""
+    """In the pipeline a `RelayLogger`: log from the stage's process (rank 0's metrics reach it through
+    `stages.training.launch.relay`), not from workers."""
     progress: Progress = field(default_factory=Progress)
     seed: int = 0
     dry_run: bool = False
@@ -248,7 +296,6 @@ class StageContext:
     state_uri: str | None = None
     """Where resume state that every worker (on any node) must reach goes: an fsspec URL under a
     remote artifact root, kept across attempts of this cache key; None: keep it under `work_dir`."""
-    tracking: dict = field(default_factory=dict)  # MLflow URI + run id, for distributed ranks
 
     def input(self, name: str) -> Artifact:
         if name not in self.inputs:

@@ -1,9 +1,10 @@
 """Run stages on Ray: one actor per stage, with the resources its config asks for.
 
 The driver connects to `RAY_ADDRESS` (or `cluster.address`) when set, else starts a local
-Ray. Each stage runs inside a `StageActor`; the driver polls its progress to draw a bar.
-The actor also runs the eval step after model stages and commits the artifact (manifest
-last), so files are written where the stage ran.
+Ray. Each stage runs inside a `StageActor`; the driver polls it for its progress (to draw a
+bar) and for what the stage logged (written to the stage's MLflow run by the driver, the one
+process that talks to the tracking store). The actor also runs the eval step after model
+stages and commits the artifact (manifest last), so files are written where the stage ran.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import ray
 
-from .contract import Progress, StageContext, UserError
+from .contract import Progress, RelayLogger, StageContext, UserError
 
 
 def connect(address: str, local_num_cpus: int) -> dict[str, float]:
@@ -106,9 +107,11 @@ class StageJob:
 class StageActor:
     def __init__(self) -> None:
         self.progress = Progress()
+        self.log = RelayLogger()
 
     def poll(self) -> dict:
-        return self.progress.snapshot()
+        """The stage's progress and what it logged since the last poll (the driver writes it to MLflow)."""
+        return {"progress": self.progress.snapshot(), "log": self.log.drain()}
 
     def run(self, job: StageJob) -> dict:
         import importlib
@@ -117,7 +120,7 @@ class StageActor:
 
         store = ArtifactStore(*job.store_args)
         ctx = job.context
-        ctx.progress = self.progress
+        ctx.progress, ctx.log = self.progress, self.log
         staged = None
         try:
             ctx.inputs = {name: store.fetch(a) for name, a in ctx.inputs.items()}
@@ -254,8 +257,9 @@ def _rebuild_failure(stage, error_type, message, tb, user_error):
     return failure
 
 
-def run_stage(job: StageJob, resources: Any, on_progress) -> dict:
-    """Run the job in a fresh actor holding `resources`, calling `on_progress(snapshot)` while it works.
+def run_stage(job: StageJob, resources: Any, on_progress, logger) -> dict:
+    """Run the job in a fresh actor holding `resources`, calling `on_progress(snapshot)` while it works and
+    replaying what the stage logs into `logger` (its MLflow run), up to its last line even when it fails.
 
     A training stage's actor holds what its config's `actor_resources()` says (it may only launch
     and watch its Ray Train workers, which reserve their own).
@@ -271,15 +275,23 @@ def run_stage(job: StageJob, resources: Any, on_progress) -> dict:
         options["resources"] = dict(resources.custom)
     actor = StageActor.options(**options).remote()
     ref = actor.run.remote(job)
+    pending = None  # a poll not yet answered: its events are taken when it is, never dropped
     try:
         while True:
-            done, _ = ray.wait([ref], timeout=0.5)
-            try:
-                on_progress(ray.get(actor.poll.remote(), timeout=5))
-            except Exception:  # noqa: BLE001 - a slow poll must not stop the run
-                pass
-            if done:
+            done = bool(ray.wait([ref], timeout=0.5)[0])
+            if pending is None:
+                pending = actor.poll.remote()
+            if done:  # what the stage logged last: the answer to a poll sent after it returned
+                _take(job.stage, ray.get(pending), on_progress, logger)
+                _take(job.stage, ray.get(actor.poll.remote()), on_progress, logger)
                 return ray.get(ref)
+            if ray.wait([pending], timeout=5)[0]:
+                polled, pending = pending, None
+                try:
+                    report = ray.get(polled)
+                except ray.exceptions.RayActorError:
+                    continue  # the run's own reference says why, on the next turn
+                _take(job.stage, report, on_progress, logger)
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if isinstance(getattr(err, "cause", None), StageFailure) else None
         if cause is None:
@@ -290,3 +302,17 @@ def run_stage(job: StageJob, resources: Any, on_progress) -> dict:
     finally:
         ray.kill(actor)
         time.sleep(0)
+
+
+def _take(stage: str, report: dict, on_progress, logger) -> None:
+    """Write what the stage logged, then draw its progress. The tracking store refusing a write stops the run
+    (as it did when stages wrote to it themselves): nothing logged is dropped without a word."""
+    try:
+        logger.replay(report["log"])
+    except Exception as err:  # noqa: BLE001 - any client error: the stage's run is marked failed
+        message = f"writing what the stage logged to the MLflow run {logger.run_id} failed: {err}"
+        raise StageFailure(stage, RuntimeError(message), traceback.format_exc()) from None
+    try:
+        on_progress(report["progress"])
+    except Exception:  # noqa: BLE001 - a progress bar must not stop the run
+        pass

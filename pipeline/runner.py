@@ -223,14 +223,12 @@ def _run(cfg, p: PlannedStage, artifacts, store, tracker, ui, outcome: RunOutcom
         model=cfg.model,
         inputs=inputs,
         output_dir=Path("."),
-        log=logger,
         seed=cfg.seed,
         dry_run=False,
         num_cpus=section.resources.num_cpus,
         num_gpus=section.resources.num_gpus,
         work_dir=store.work_dir(name, p.key),
         state_uri=store.state_uri(name, p.key),
-        tracking={"uri": tracker.uri, "run_id": logger.run_id},
     )
     job = executor.StageJob(
         stage=name,
@@ -251,7 +249,7 @@ def _run(cfg, p: PlannedStage, artifacts, store, tracker, ui, outcome: RunOutcom
     bar = ui.start(name)
     try:
         actor = section.actor_resources() if hasattr(section, "actor_resources") else section.resources
-        result = executor.run_stage(job, actor, bar.update)
+        result = executor.run_stage(job, actor, bar.update, logger)
     except executor.StageFailure:
         tracker.finish(logger.run_id, False)
         bar.close(failed=True)

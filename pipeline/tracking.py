@@ -1,8 +1,9 @@
 """MLflow tracking: one parent run per pipeline run, one nested run per stage.
 
 The default store is `sqlite:///<cwd>/mlflow.db`; `MLFLOW_TRACKING_URI` (or
-`tracking.uri`) points anywhere else. Stage processes and rank 0 of distributed stages log
-through `MlflowLogger`, which is picklable (it carries only the URI and the run id).
+`tracking.uri`) points anywhere else. Only the driver talks to it: a stage's process logs into a
+`RelayLogger`, which the driver drains while it watches the stage and replays into the stage's
+run (`MlflowLogger.replay`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from .contract import UserError
+from .contract import UserError, contained
 from .redact import redact_params, redact_text
 
 
@@ -82,6 +83,36 @@ class MlflowLogger:
 
     def tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
+
+    def replay(self, events: list[tuple]) -> None:
+        """Write what a stage's `RelayLogger` queued: metrics in batches (MLflow takes up to 1,000 a call), at the
+        time and step the stage logged them, then params and files in order."""
+        import tempfile
+
+        from mlflow.entities import Metric
+
+        batch = [
+            Metric(k, v, when, step or 0)
+            for kind, *event in events
+            if kind == "metrics"
+            for values, step, when in [event]
+            for k, v in values.items()
+            if v == v  # drop NaN
+        ]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+        for kind, *event in events:
+            if kind == "params":
+                self.params(event[0])
+            elif kind == "files":
+                files, subdir = event
+                with tempfile.TemporaryDirectory() as scratch:
+                    for name, data in files:
+                        path = contained(scratch, name, "a file the stage logged")
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        path.write_bytes(data)
+                        where = "/".join(p for p in (subdir, Path(name).parent.as_posix()) if p and p != ".")
+                        self.client.log_artifact(self.run_id, str(path), where or None)
 
 
 class PipelineTracker:

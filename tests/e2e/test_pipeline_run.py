@@ -113,6 +113,12 @@ def test_mlflow_has_one_parent_and_one_child_per_stage(workspace):
         assert child.info.status == "FINISHED"
     by_stage = {r.data.tags["stage"]: r for r in children}
     assert "pretrain.steps" in by_stage["pretrain"].data.params
+    # what the stages' processes logged, written by the driver: rank 0's step metrics, the stage's own
+    # params, its figures
+    pretrain_run = by_stage["pretrain"].info.run_id
+    assert len(client.get_metric_history(pretrain_run, "loss")) > 1
+    assert "loss_curve.png" in [a.path for a in client.list_artifacts(pretrain_run)]
+    assert "examples_train" in by_stage["sft"].data.params
     for stage in ("pretrain", "sft", "dpo", "quantize"):
         assert "eval/val_ppl" in by_stage[stage].data.metrics
     assert client.get_registered_model("tiny-model").name == "tiny-model"
