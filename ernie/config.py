@@ -11,6 +11,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+RECOMPUTE_POLICIES = ("none", "layers", "mlp")
+"""Activation recomputation in training (`ernie.recompute`): nothing, whole decoder layers, or the MLPs only."""
+LORA_TARGETS = ("attention", "mlp", "experts")
+"""Weights LoRA adapters can go on (`ernie.lora`): attention (q/k/v/o projections), mlp (dense SwiGLU layers and
+shared experts), experts (every routed expert's gate/up and down weights)."""
+
 Family = Literal["dense", "moe", "vl_moe"]
 
 

@@ -10,9 +10,12 @@ import importlib
 from collections.abc import Callable
 
 
-def lazy_getattr(package: str, namespace: dict, exports: dict[str, str]) -> Callable[[str], object]:
+def lazy_getattr(
+    package: str, namespace: dict, exports: dict[str, str], fallback: str | None = None
+) -> Callable[[str], object]:
     """`__getattr__` for `package`: `exports` maps a name to the submodule defining it; any other
-    name is tried as a submodule, so `import pkg; pkg.sub` works as if `__init__` had imported it."""
+    name is tried as a submodule, so `import pkg; pkg.sub` works as if `__init__` had imported it,
+    and then in the `fallback` submodule (a stage's own module, whose every name the package shows)."""
 
     def __getattr__(name: str):
         if name in exports:
@@ -24,6 +27,10 @@ def lazy_getattr(package: str, namespace: dict, exports: dict[str, str]) -> Call
         except ModuleNotFoundError as error:
             if error.name != f"{package}.{name}":
                 raise
-            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+        if fallback is not None and not name.startswith("__"):
+            module = importlib.import_module(f".{fallback}", package)
+            if hasattr(module, name):
+                return getattr(module, name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
 
     return __getattr__

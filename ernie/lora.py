@@ -20,12 +20,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .config import LORA_TARGETS as TARGETS
 from .layers import SwiGLU
 from .moe import GroupedExperts
-
-TARGETS = ("attention", "mlp", "experts")
-"""attention: q/k/v/o projections; mlp: dense SwiGLU layers (and shared experts); experts: every
-routed expert's gate/up and down weights."""
 
 
 class LoRADelta(nn.Module):

@@ -18,13 +18,14 @@ from torch import nn
 from .attention import Attention, AttentionMask, AttnImpl
 from .cache import KVCache
 from .chunked_loss import chunked_lm_loss
+from .config import RECOMPUTE_POLICIES as POLICIES
 from .config import ErnieConfig
 from .layers import RMSNorm, SwiGLU
 from .losses import lm_loss, router_losses
 from .moe import ExpertsImpl, MoE, RouterOutput
 from .paged_cache import PagedBatch
 from .positions import document_positions, vision_token_mask, vl_position_ids
-from .recompute import POLICIES, recompute
+from .recompute import recompute
 from .rope import frequency_axes, inv_frequencies, rope_cos_sin
 from .vision import VisionAdapter, VisionEncoder
 
@@ -104,7 +105,7 @@ class ErnieForCausalLM(nn.Module):
         self.attn_impl: AttnImpl = "sdpa"
         self.experts_impl: ExpertsImpl = "auto"
         self.recompute: str = "none"
-        """Activation recomputation policy in training (`ernie.recompute.POLICIES`)."""
+        """Activation recomputation policy in training (`ernie.config.RECOMPUTE_POLICIES`)."""
         self.recompute_every: int = 1
         """The policy applies to the layers whose index is a multiple of this (2: every other layer,
         about half the memory saved for half the extra compute)."""

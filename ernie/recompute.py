@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 from torch.utils.checkpoint import checkpoint
 
-POLICIES = ("none", "layers", "mlp")
 _state = threading.local()
 
 

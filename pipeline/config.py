@@ -24,11 +24,13 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _stage_configs():
+    """The stages' config classes from their own modules, which import no torch: reading and checking a config
+    (every CLI command) costs no model library."""
     from stages import data, pretrain, quantize, serve
     from stages.eval import Config as EvalConfig
-    from stages.posttrain import dpo, rlvr, sft, upo
+    from stages.posttrain.config import DPOConfig, RLVRConfig, SFTConfig, UPOConfig
 
-    posttrain = (sft.Config, dpo.Config, upo.Config, rlvr.Config)
+    posttrain = (SFTConfig, DPOConfig, UPOConfig, RLVRConfig)
     return data.Config, pretrain.Config, *posttrain, quantize.Config, serve.Config, EvalConfig
 
 

@@ -141,3 +141,13 @@ def test_linear_packing_smoke_times_f_linear_and_the_packed_layer_on_the_same_in
         assert r["speedup"] == round(r["f_linear_ms"] / r["packed_ms"], 2)
         if r["shape"] != "layer":  # the same product: bf16 bit for bit, fp32 to rounding
             assert r["max_abs_diff"] <= (0.0 if r["dtype"] == "bfloat16" else 1e-4)
+
+
+def test_train_start_smoke_times_our_launch_and_ray_train_as_is_in_local_mode(tmp_path):
+    out = tmp_path / "train_start.json"
+    command = [sys.executable, "bench/train_start.py", "--workers", "0", "--repeats", "1", "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True, timeout=300)
+    report = json.loads(out.read_text())
+    sides = {(r["side"], r["workers"]): r for r in report["records"]}
+    assert set(sides) == {("ours", 0), ("ray-train", 0)}
+    assert all(len(r["seconds"]) == 1 and r["median_s"] > 0 for r in sides.values())

@@ -72,3 +72,23 @@ def test_contract_imports_no_orchestration_library():
     for name in ("contract.py", "formats.py", "shards.py"):
         roots = _imported_roots(ROOT / "pipeline" / name)
         assert not roots & {"ray", "mlflow", "hydra", "omegaconf"}, f"pipeline/{name} imports {roots}"
+
+
+def test_reading_and_checking_a_config_imports_no_model_library():
+    """Every CLI command reads and checks the config first: the stages' config modules import no torch, so a bad
+    override is answered, and `run` starts its stages, without a model library in the driver."""
+    code = (
+        "import sys; from pipeline.config import load; "
+        "[load(name, []) for name in ('tiny', 'ernie_21b', 'ernie_vl_28b')]; "
+        "import pipeline.runner, pipeline.executor, pipeline.tracking; "
+        "print(','.join(m for m in ('torch', 'numpy', 'mlflow') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_a_stage_process_needs_no_mlflow():
+    """Stages log into the actor's `RelayLogger`; the driver alone writes to the tracking store."""
+    for path in sorted((ROOT / "stages").rglob("*.py")) + [ROOT / "pipeline" / "executor.py"]:
+        assert "mlflow" not in _imported_roots(path), f"{path.relative_to(ROOT)} imports mlflow"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ernie import ErnieForCausalLM, get_preset
-from ernie.recompute import POLICIES
+from ernie.config import RECOMPUTE_POLICIES as POLICIES
 from pipeline.memory import (
     LOSS_CHUNK_TOKENS,
     GiB,

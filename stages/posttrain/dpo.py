@@ -31,11 +31,10 @@ from stages.training.accumulate import split_rows
 
 from . import common
 from .chat import Tokenised, pad_batch, read_records, tokenise_chat
-from .config import TrainConfig
+from .config import DPOConfig as Config
 
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
 OUTPUT_KIND = "ckpt"
-LOSS_TYPES = ("sigmoid", "ipo")
 DPO_METRICS = (
     "dpo_loss",
     "reward_accuracy",
@@ -45,42 +44,6 @@ DPO_METRICS = (
     "preference_accuracy",
 )
 """The per-pair metrics `DPOObjective._terms` gives (logged as pair means)."""
-
-
-@dataclass
-class Config(TrainConfig):
-    """DPO: AdamW steps on preference pairs against the frozen input model."""
-
-    steps: int = 80
-    lr: float = 1e-3
-    beta: float = 0.1
-    """Strength of the KL anchor to the reference: rewards are beta * (log pi - log ref)."""
-    loss_type: str = "sigmoid"
-    """sigmoid (DPO, with optional label_smoothing) or ipo (squared loss toward a margin of 1 / (2 beta))."""
-    label_smoothing: float = 0.0
-    """sigmoid only: the probability that a pair's preference label is flipped (conservative DPO), in [0, 0.5)."""
-    sft_weight: float = 0.0
-    """Weight of an added NLL loss on the chosen answers (per answer token; RPO-style), which keeps
-    DPO from lowering the likelihood of the chosen answers along with the rejected ones."""
-
-    def validate(self, stage: str = "dpo") -> None:
-        super().validate(stage)
-        if self.beta <= 0:
-            raise UserError(f"posttrain.{stage}.beta={self.beta!r} must be positive")
-        if self.loss_type not in LOSS_TYPES:
-            raise UserError(f"posttrain.{stage}.loss_type={self.loss_type!r} must be one of {LOSS_TYPES}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise UserError(f"posttrain.{stage}.label_smoothing={self.label_smoothing!r} must lie in [0, 0.5)")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise UserError(
-                f"posttrain.{stage}.label_smoothing applies to loss_type=sigmoid only, not {self.loss_type!r}"
-            )
-        if self.sft_weight < 0:
-            raise UserError(f"posttrain.{stage}.sft_weight={self.sft_weight!r} must not be negative")
-
-    def forward_rows(self) -> int:
-        """A pair is two rows (chosen and rejected) in the same forward."""
-        return 2 * super().forward_rows()
 
 
 @dataclass

@@ -20,117 +20,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import numpy as np
 import torch
 
 from ernie.chat_template import image_refs, render
 from ernie.losses import weighted_router_loss
-from pipeline.contract import Request, StageContext, StageResult, UserError
+from pipeline.contract import StageContext, StageResult, UserError
 from stages.training.parallel import reshard
 
 from . import common, rewards
 from .chat import PAD_ID, ChatImages, Tokenised, read_records, vision_inputs, widen_images
-from .config import TrainConfig
+from .config import RLVRConfig as Config
 from .grpo import group_advantages, policy_loss, token_logprobs
 from .rollout import RolloutRequest, RolloutWorker, request_seed
 
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
 OUTPUT_KIND = "ckpt"
-
-
-@dataclass
-class Config(TrainConfig):
-    """RLVR: GRPO steps on verifiable prompts, sampled by Ray rollout actors."""
-
-    steps: int = 60
-    batch_size: int = 8
-    """Prompts per step (global); each is sampled group_size times."""
-    lr: float = 2e-4
-    warmup_steps: int = 5
-    group_size: int = 8
-    """Completions sampled per prompt; advantages are relative to the group."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts (validation answers are greedy)."""
-    top_p: float = 1.0
-    """Nucleus sampling of the rollouts: the smallest set of tokens holding this much probability."""
-    max_new_tokens: int = 16
-    """Tokens sampled per completion (and generated per validation answer)."""
-    clip_eps: float = 0.2
-    """PPO ratio clipping: the surrogate ignores ratio moves beyond 1 +- clip_eps."""
-    kl_coef: float = 0.02
-    """Weight of the k3 KL estimate to the input model in the loss (0: no reference model)."""
-    scale_advantages: bool = True
-    """Divide each group's centred rewards by the group's std (GRPO); false keeps them centred only."""
-    updates_per_rollout: int = 1
-    """Optimizer steps per rollout round: one round samples the prompts of this many steps with the
-    round's first weights, so later steps learn off-policy and the ratio clipping engages."""
-    rewards: list[str] = field(default_factory=lambda: ["exact_match"])
-    """Reward functions `(completion, record) -> float` by dotted path (bare names: stages.posttrain.rewards)."""
-    reward_weights: list[float] = field(default_factory=list)
-    """One weight per reward (empty: all 1)."""
-    enable_thinking: bool = False
-    """Render prompts with an open think block (thinking mode) instead of an empty one."""
-    eval_samples: int = 4
-    """Completions sampled per validation prompt at the rollout temperature (val_reward is their mean
-    reward; a greedy answer is scored too, as val_greedy_reward). 0: greedy only."""
-    rollout_workers: int = 1
-    """Ray actors sampling completions, each with its own copy of the policy."""
-    rollout_cpus: float = 1.0
-    """CPUs each rollout actor reserves (also its torch thread count)."""
-
-    OPERATIONAL: ClassVar[set[str]] = TrainConfig.OPERATIONAL | {"rollout_workers", "rollout_cpus", "eval_samples"}
-
-    def requested(self) -> Request:
-        """The learners plus the rollout actors (each holds `resources.num_gpus` too)."""
-        learners = super().requested()
-        return Request(
-            cpus=learners.cpus + self.rollout_workers * self.rollout_cpus,
-            gpus=learners.gpus + self.rollout_workers * self.resources.num_gpus,
-            terms=f"{learners.terms} + rollout_workers={self.rollout_workers} x "
-            f"(rollout_cpus={self.rollout_cpus:g}, resources.num_gpus={self.resources.num_gpus:g})",
-        )
-
-    def validate(self, stage: str = "rlvr") -> None:
-        super().validate(stage)
-        key = f"posttrain.{stage}"
-        if self.eval_samples < 0:
-            raise UserError(f"{key}.eval_samples={self.eval_samples} must not be negative (0 = greedy only)")
-        for name in ("group_size", "max_new_tokens", "updates_per_rollout", "rollout_workers"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{key}.{name}={getattr(self, name)!r} must be positive")
-        if self.group_size < 2:
-            raise UserError(f"{key}.group_size={self.group_size} must be at least 2 (advantages compare a group)")
-        if self.temperature <= 0:
-            raise UserError(f"{key}.temperature={self.temperature!r} must be positive (rollouts sample)")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"{key}.top_p={self.top_p!r} must lie in (0, 1]")
-        if self.clip_eps <= 0 or self.kl_coef < 0 or self.rollout_cpus <= 0:
-            raise UserError(f"{key}: clip_eps and rollout_cpus must be positive and kl_coef non-negative")
-        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
-            raise UserError(
-                f"{key}.reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} rewards"
-            )
-        if self.max_new_tokens >= self.max_length:
-            raise UserError(f"{key}.max_new_tokens={self.max_new_tokens} leaves no room for a prompt in max_length")
-        for name in ("steps", "checkpoint_every"):
-            if getattr(self, name) % self.updates_per_rollout:
-                raise UserError(
-                    f"{key}.{name}={getattr(self, name)} must be a multiple of updates_per_rollout="
-                    f"{self.updates_per_rollout} (train states are written at rollout-round boundaries)"
-                )
-
-    def weights(self) -> list[float]:
-        return list(self.reward_weights) or [1.0] * len(self.rewards)
-
-    def forward_rows(self) -> int:
-        """Each prompt of a micro-batch brings its group_size completions."""
-        return self.group_size * super().forward_rows()
-
-    def keeps_reference(self) -> bool:
-        """The KL term's reference."""
-        return self.kl_coef > 0
 
 
 @dataclass

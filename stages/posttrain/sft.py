@@ -14,12 +14,8 @@ merged into the weights of the output checkpoint. Output (ckpt): HF layout + tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
-
 import torch
 
-from ernie.lora import TARGETS as LORA_TARGETS
 from ernie.lora import add_lora
 from ernie.losses import shifted_targets
 from pipeline.contract import StageContext, StageResult, UserError
@@ -27,49 +23,10 @@ from stages.training.accumulate import LMShare, lm_shares, split_rows, weighted_
 
 from . import common
 from .chat import Tokenised, pack_batch, pad_batch, read_records, tokenise_chat
-from .config import TrainConfig
-
-LOSS_IMPLS = ("logits", "chunked")
+from .config import SFTConfig as Config
 
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
 OUTPUT_KIND = "ckpt"
-
-
-@dataclass
-class Config(TrainConfig):
-    """SFT: AdamW steps on chat examples, loss on assistant tokens only."""
-
-    steps: int = 100
-    lr: float = 1e-3
-    pack: bool = False
-    """Pack each step's chats several to a row of max_length (first fit, longest first) instead of
-    one padded row each: the same assistant-token loss on fewer padding tokens."""
-    lora_rank: int = 0
-    """0: tune every weight. > 0: train low-rank adapters of this rank on `lora_targets` only, the
-    base weights frozen; they are merged into the weights of the output checkpoint."""
-    lora_alpha: float = 16.0
-    """Adapter scale: the update is (lora_alpha / lora_rank) * B @ A."""
-    lora_targets: list[str] = field(default_factory=lambda: ["attention", "experts"])
-    """Which weights get adapters: attention (q/k/v/o), mlp (dense SwiGLU layers), experts (each routed expert)."""
-    loss_impl: str = "logits"
-    """logits (the full [tokens, vocab] logits, then cross-entropy) or chunked (projection + cross-entropy
-    a chunk of tokens at a time: the same loss and gradients without holding the logits)."""
-
-    OPERATIONAL: ClassVar[set[str]] = TrainConfig.OPERATIONAL | {"loss_impl"}
-
-    def validate(self, stage: str = "sft") -> None:
-        super().validate(stage)
-        if self.lora_rank < 0:
-            raise UserError(f"posttrain.{stage}.lora_rank={self.lora_rank} must not be negative (0 = no LoRA)")
-        if self.lora_rank and self.lora_alpha <= 0:
-            raise UserError(f"posttrain.{stage}.lora_alpha={self.lora_alpha} must be positive")
-        if self.loss_impl not in LOSS_IMPLS:
-            raise UserError(f"posttrain.{stage}.loss_impl={self.loss_impl!r} must be one of {LOSS_IMPLS}")
-        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
-        if self.lora_rank and (unknown or not self.lora_targets):
-            raise UserError(
-                f"posttrain.{stage}.lora_targets={list(self.lora_targets)}: each must be one of {LORA_TARGETS}"
-            )
 
 
 class SFTObjective:

@@ -21,72 +21,21 @@ forward. Validation: RLVR's val rewards and DPO's pair metrics on preferences/va
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from ernie.losses import weighted_router_loss
-from pipeline.contract import StageContext, StageResult, UserError
+from pipeline.contract import StageContext, StageResult
 
 from . import common, rewards
 from .chat import PAD_ID
-from .dpo import DPO_METRICS, LOSS_TYPES, DPOObjective, Pair, preference_loss, sequence_logprobs, tokenise_pairs
+from .config import UPOConfig as Config
+from .dpo import DPO_METRICS, DPOObjective, Pair, preference_loss, sequence_logprobs, tokenise_pairs
 from .grpo import token_logprobs
-from .rlvr import Config as RLVRConfig
 from .rlvr import RLVRObjective, load_prompts, start_actors, stop_actors
 
 INPUTS = {"ckpt": "ckpt", "dataset": "dataset"}
 OUTPUT_KIND = "ckpt"
-PAIR_SOURCES = ("offline", "online", "both")
-
-
-@dataclass
-class Config(RLVRConfig):
-    """UPO: RLVR's GRPO steps plus a DPO term on offline and/or online preference pairs."""
-
-    dpo_weight: float = 1.0
-    """Weight of the mean DPO pair loss next to the GRPO loss."""
-    pairs: str = "both"
-    """offline (preferences/train.jsonl), online (best vs worst sampled completion of a group) or both."""
-    pairs_per_step: int = 8
-    """Offline pairs per step (global; split over the workers)."""
-    beta: float = 0.1
-    """DPO's beta: rewards are beta * (log pi - log ref)."""
-    loss_type: str = "sigmoid"
-    """sigmoid (DPO, with optional label_smoothing) or ipo, for the preference pairs (as posttrain.dpo)."""
-    label_smoothing: float = 0.0
-    """sigmoid only: the probability that a pair's preference label is flipped, in [0, 0.5)."""
-
-    def validate(self, stage: str = "upo") -> None:
-        super().validate(stage)
-        key = f"posttrain.{stage}"
-        if self.pairs not in PAIR_SOURCES:
-            raise UserError(f"{key}.pairs={self.pairs!r} must be one of {PAIR_SOURCES}")
-        if self.dpo_weight < 0 or self.beta <= 0:
-            raise UserError(f"{key}: dpo_weight must not be negative and beta must be positive")
-        if self.loss_type not in LOSS_TYPES:
-            raise UserError(f"{key}.loss_type={self.loss_type!r} must be one of {LOSS_TYPES}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise UserError(f"{key}.label_smoothing={self.label_smoothing!r} must lie in [0, 0.5)")
-        if self.pairs != "online" and (self.pairs_per_step <= 0 or self.pairs_per_step % self.ranks):
-            raise UserError(
-                f"{key}.pairs_per_step={self.pairs_per_step} must be positive and divisible by "
-                f"num_workers={self.num_workers}"
-            )
-
-    def keeps_reference(self) -> bool:
-        """DPO's rewards (of online pairs too) are measured against the input model."""
-        return True
-
-    def forward_rows(self) -> int:
-        """A micro-batch's rollouts and its share of the step's offline pairs (two rows each)."""
-        rollouts = super().forward_rows()
-        if self.pairs == "online":
-            return rollouts
-        per_worker = self.batch_size // self.ranks
-        parts = per_worker // (self.micro_batch_size or per_worker)
-        return rollouts + 2 * -(-(self.pairs_per_step // self.ranks) // parts)
 
 
 class UPOObjective(RLVRObjective):

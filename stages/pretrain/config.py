@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ernie.recompute import POLICIES
+from ernie.config import RECOMPUTE_POLICIES as POLICIES
 from pipeline.contract import UserError
-from stages.training.config import TrainingConfig
-from stages.training.parallel import PARALLEL_MODES
+from stages.training.config import PARALLEL_MODES, TrainingConfig
 
 LOSS_IMPLS = ("logits", "chunked")
 

@@ -44,8 +44,7 @@ from ernie.hf_config import to_hf_config
 from ernie.quant import QuantizedGroupedExperts, QuantizedLinear, quantized_modules
 from pipeline.contract import UserError
 
-EXPORTS = ("gptq", "compressed-tensors")
-EXPORT_BITS = {"gptq": (2, 4, 8), "compressed-tensors": (4, 8)}
+from .config import EXPORT_BITS, EXPORTS, check_export  # noqa: F401 - check_export: its callers' name
 
 
 class QuantizedTensor:
@@ -54,25 +53,6 @@ class QuantizedTensor:
     def __init__(self, prefix: str, codes, scales, zeros, bits: int, group_size: int, bias=None) -> None:
         self.prefix, self.codes, self.scales, self.zeros = prefix, codes, scales, zeros
         self.bits, self.group_size, self.bias = bits, group_size, bias
-
-
-def check_export(formats: list[str], widths: list[int], method: str) -> None:
-    """Refuse an export the format cannot hold, before any work is done; `widths`: every code width written."""
-    for fmt in formats:
-        if fmt not in EXPORTS:
-            raise UserError(f"quantize.export: {fmt!r} is not a known format; available: {', '.join(EXPORTS)}")
-        for bits in widths:
-            if bits not in EXPORT_BITS[fmt]:
-                raise UserError(
-                    f"quantize.export={fmt} holds {'/'.join(map(str, EXPORT_BITS[fmt]))}-bit weights, not "
-                    f"{bits}-bit ones (quantize.bits / quantize.module_bits)"
-                    + ("; use quantize.export=[gptq] for 2 bits" if bits == 2 else "")
-                )
-        if method not in ("rtn", "gptq"):
-            raise UserError(
-                f"quantize.export={fmt} writes integer grids (codes, scales, zero points); quantize.method={method} "
-                "writes no such grid; set quantize.export=[]"
-            )
 
 
 def quantized_tensors(model: nn.Module) -> list[QuantizedTensor]:

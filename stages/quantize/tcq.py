@@ -39,7 +39,6 @@ runs along the input dim of each row so that GPTQ's column order is kept.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,46 +47,12 @@ from torch import nn
 from ernie.moe import GroupedExperts
 from ernie.quant_tcq import TCQGroupedExperts, TCQLinear, lead_in, trellis_values
 
+from .config import TCQSettings
 from .gptq import GPTQLog, _upper_cholesky_of_inverse
 from .rtn import LayerQuantStats, _combine, _rel_error
 
 if TYPE_CHECKING:
     from .calibration import Calibration
-
-MAX_STATES = 4096  # 2**(window_bits - bits): the Viterbi's memory and time grow with it
-
-
-@dataclass(frozen=True)
-class TCQSettings:
-    """How `tcq_quantize` codes one weight (the quantize stage's fields of the same names)."""
-
-    bits: int = 2
-    """Code bits per weight."""
-    window_bits: int = 10
-    """Bits of the window a weight reads (its own code and the previous ones): 2**(window_bits - bits) states."""
-    group_size: int = 32
-    """Inputs of one row sharing a scale."""
-    block_size: int = 32
-    """Columns per Viterbi block (a multiple of group_size); also the lazy-update block."""
-    scale_updates: int = 1
-    """Least-squares refits of each block's scales, each followed by a new Viterbi pass."""
-    damp: float = 0.01
-    """Share of the mean Hessian diagonal added to the diagonal."""
-
-    def problem(self) -> str | None:
-        """Why these settings cannot code anything, or None."""
-        if self.bits not in (2, 4):
-            return f"bits={self.bits}: the trellis codes 2 or 4 bits per weight"
-        if self.window_bits % self.bits or self.window_bits < 2 * self.bits:
-            return f"window_bits={self.window_bits} must be a multiple of bits={self.bits} and at least {2 * self.bits}"
-        if 2 ** (self.window_bits - self.bits) > MAX_STATES:
-            states = 2 ** (self.window_bits - self.bits)
-            return f"window_bits={self.window_bits} gives {states} trellis states (at most {MAX_STATES})"
-        if self.group_size <= 0 or self.block_size <= 0 or self.block_size % self.group_size:
-            return f"block_size={self.block_size} must be a positive multiple of group_size={self.group_size}"
-        if self.scale_updates < 0 or not 0 <= self.damp < 1:
-            return f"scale_updates={self.scale_updates} must be >= 0 and damp={self.damp} in [0, 1)"
-        return None
 
 
 def tcq_quantize(

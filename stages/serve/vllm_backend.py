@@ -62,7 +62,7 @@ disaggregation (docs.ray.io serve/llm prefill-decode guide). Preflight also chec
 that vLLM's `KVConnectorFactory` knows it."""
 
 EXPORT_DIRS = {"gptq": "export-gptq", "compressed-tensors": "export-compressed-tensors"}
-"""Where the quantize stage writes its vLLM exports inside a qckpt (stages/quantize/__init__.py)."""
+"""Where the quantize stage writes its vLLM exports inside a qckpt (stages/quantize/stage.py)."""
 QCKPT_MARKER = "quant_config.json"
 """A qckpt holds it (our packed format), a ckpt does not (the serve stage tells them apart by it)."""
 

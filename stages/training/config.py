@@ -8,7 +8,10 @@ from typing import ClassVar
 
 from pipeline.contract import Request, Resources, UserError
 
-from .optim import SCHEDULES
+SCHEDULES = ("cosine", "wsd")
+"""Learning-rate schedules after warmup (`stages.training.optim.lr_at`)."""
+PARALLEL_MODES = ("fsdp", "ddp")
+"""How workers share the dense weights (`stages.training.parallel`)."""
 
 
 def _stage_actor_resources() -> Resources:

@@ -6,13 +6,14 @@ metrics are logged and the progress bar moves from the stage's own logger and `P
 
 `num_workers=0` is Ray Train's local mode: the function runs in the stage's own process as
 the one rank of a single-process group, with no worker actors to start (seconds per run on
-a small machine) and no restarts after a crash.
+a small machine) and no restarts after a crash; its messages go through a queue in this process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -71,16 +72,21 @@ def fit(
 
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers} must not be negative (0 = train in this process)")
-    sink = Queue(actor_options={"num_cpus": 0})
+    # local mode hands the config over as it is: a queue in this process, not one more actor to start
+    sink = queue.Queue() if num_workers == 0 else Queue(actor_options={"num_cpus": 0})
     resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker > 0 else {})
     name = f"run-{uuid.uuid4().hex[:8]}"
     storage_fs, storage_path = _storage(storage)
     if num_workers == 0:
-        train_fn = _single_rank(train_fn, max(int(cpus_per_worker), 1))
+        entry, entry_config = _single_rank(train_fn, max(int(cpus_per_worker), 1)), {**loop_config, "sink": sink}
         resources = None  # local mode reserves nothing: the caller holds this process's share
+    else:
+        from ray import cloudpickle
+
+        entry, entry_config = _unpacked, {"packed": cloudpickle.dumps((train_fn, loop_config)), "sink": sink}
     trainer = TorchTrainer(
-        train_fn,
-        train_loop_config={**loop_config, "sink": sink},
+        entry,
+        train_loop_config=entry_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
         ),
@@ -104,7 +110,18 @@ def fit(
             raise outcome["error"]
         return outcome["result"]
     finally:
-        ray.kill(sink.actor)
+        if num_workers:
+            ray.kill(sink.actor)
+
+
+def _unpacked(config: dict) -> None:
+    """Every worker's entry: the training function and its config travel pickled, and are unpickled here. Ray
+    Train's controller hands them on without reading them, so it never imports torch and the stage (seconds of
+    every run's start on a small machine)."""
+    from ray import cloudpickle
+
+    train_fn, loop_config = cloudpickle.loads(config["packed"])
+    train_fn({**loop_config, "sink": config["sink"]})
 
 
 def _single_rank(train_fn: Callable[[dict], None], threads: int) -> Callable[[dict], None]:
@@ -157,14 +174,12 @@ def _capture(call: Callable[[], object], outcome: dict) -> None:
 
 
 def _drain(sink, on_message: OnMessage, timeout: float) -> None:
-    from ray.util.queue import Empty
-
     try:
         message = sink.get(block=timeout > 0, timeout=timeout or None)
         while True:
             on_message(*message)
             message = sink.get_nowait()
-    except Empty:
+    except queue.Empty:  # ray.util.queue's Empty too
         return
 
 

@@ -12,8 +12,6 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-SCHEDULES = ("cosine", "wsd")
-
 
 def lr_at(
     step: int,

@@ -13,8 +13,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-PARALLEL_MODES = ("fsdp", "ddp")
-
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device, ignore: list[str] = ()) -> DistributedDataParallel:
     """DDP over `model` on `device`.

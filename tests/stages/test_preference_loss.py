@@ -9,6 +9,7 @@ import torch
 
 from pipeline.contract import UserError
 from stages.posttrain import dpo
+from stages.posttrain.config import LOSS_TYPES
 
 # policy and reference summed answer log-probs of two pairs
 CHOSEN, REJECTED = torch.tensor([-10.0, -12.0]), torch.tensor([-11.0, -11.0])
@@ -50,7 +51,7 @@ def test_ipo_loss_by_hand_and_its_minimum_at_the_target_margin():
 
 
 def test_gradients_push_chosen_up_and_rejected_down():
-    for loss_type in dpo.LOSS_TYPES:
+    for loss_type in LOSS_TYPES:
         chosen, rejected = CHOSEN.clone().requires_grad_(), REJECTED.clone().requires_grad_()
         dpo.preference_loss(chosen, rejected, REF_CHOSEN, REF_REJECTED, 0.1, loss_type).sum().backward()
         assert (chosen.grad < 0).all() and (rejected.grad > 0).all(), loss_type
