@@ -2,15 +2,18 @@
 
 Both sides start the same training function, which (as every stage's does) lives in a module that imports
 torch and the training stack, on the same local Ray, alternating run by run. The function does no
-training: rank 0 sends one message to the stage and returns, so the wall time of a run is start-up and
-shut-down alone.
+training: rank 0 sends one message to the stage and returns, so the wall time of a run is start-up,
+the message and shut-down alone.
 
-  ours       `stages.training.launch.fit`: with workers, the function and its config travel pickled and
-             are unpickled on the workers only, so Ray Train's controller never imports torch and the
-             stage; in local mode (num_workers=0) the messages go through a queue in this process.
-  ray-train  `TorchTrainer(train_fn, train_loop_config=...)` as Ray Train's docs write it: the controller
-             unpickles the function and its config (importing their modules) to hand them on; the
-             messages go through a `ray.util.queue.Queue` actor in local mode too.
+  ours       `stages.training.launch.fit`, which every training stage calls: in local mode (num_workers=0)
+             rank 0's messages go through a queue in the stage's process; with workers, through a
+             `ray.util.queue.Queue` actor.
+  ray-train  `TorchTrainer(train_fn, train_loop_config=...)` as Ray Train's docs write it, the messages going
+             through a `ray.util.queue.Queue` actor in local mode too.
+
+With workers the two sides are the same calls: their figures are Ray Train's own start-up (controller,
+placement group, worker processes, torch's process group), which no stage can shorten but by training in
+local mode where one process is enough.
 
     python bench/train_start.py                  # 2 workers and local mode, 3 runs of each side
     python bench/train_start.py --workers 2 --repeats 5

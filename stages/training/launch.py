@@ -78,15 +78,11 @@ def fit(
     name = f"run-{uuid.uuid4().hex[:8]}"
     storage_fs, storage_path = _storage(storage)
     if num_workers == 0:
-        entry, entry_config = _single_rank(train_fn, max(int(cpus_per_worker), 1)), {**loop_config, "sink": sink}
+        train_fn = _single_rank(train_fn, max(int(cpus_per_worker), 1))
         resources = None  # local mode reserves nothing: the caller holds this process's share
-    else:
-        from ray import cloudpickle
-
-        entry, entry_config = _unpacked, {"packed": cloudpickle.dumps((train_fn, loop_config)), "sink": sink}
     trainer = TorchTrainer(
-        entry,
-        train_loop_config=entry_config,
+        train_fn,
+        train_loop_config={**loop_config, "sink": sink},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
         ),
@@ -112,16 +108,6 @@ def fit(
     finally:
         if num_workers:
             ray.kill(sink.actor)
-
-
-def _unpacked(config: dict) -> None:
-    """Every worker's entry: the training function and its config travel pickled, and are unpickled here. Ray
-    Train's controller hands them on without reading them, so it never imports torch and the stage (seconds of
-    every run's start on a small machine)."""
-    from ray import cloudpickle
-
-    train_fn, loop_config = cloudpickle.loads(config["packed"])
-    train_fn({**loop_config, "sink": config["sink"]})
 
 
 def _single_rank(train_fn: Callable[[dict], None], threads: int) -> Callable[[dict], None]:
