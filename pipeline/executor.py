@@ -282,8 +282,12 @@ def run_stage(job: StageJob, resources: Any, on_progress, logger) -> dict:
             if pending is None:
                 pending = actor.poll.remote()
             if done:  # what the stage logged last: the answer to a poll sent after it returned
-                _take(job.stage, ray.get(pending), on_progress, logger)
-                _take(job.stage, ray.get(actor.poll.remote()), on_progress, logger)
+                try:
+                    _take(job.stage, ray.get(pending), on_progress, logger)
+                    _take(job.stage, ray.get(actor.poll.remote()), on_progress, logger)
+                except StageFailure:
+                    ray.get(ref)  # a stage that failed: its own error is the one to report
+                    raise
                 return ray.get(ref)
             if ray.wait([pending], timeout=5)[0]:
                 polled, pending = pending, None

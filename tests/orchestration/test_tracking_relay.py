@@ -82,13 +82,11 @@ def test_a_file_name_that_climbs_out_is_refused(tmp_path):
         logger.replay(relay.drain())
 
 
-@pytest.mark.parametrize("fail", [False, True], ids=["returns", "raises"])
-def test_the_driver_writes_everything_a_stage_actor_logged(tmp_path, local_ray, fail):
+def _job(tmp_path, fail: bool):
     from pipeline import executor
 
-    tracker, logger = _stage_run(tmp_path)
     ctx = StageContext(stage="relayed", config={"fail": fail}, model=None, inputs={}, output_dir=tmp_path)
-    job = executor.StageJob(
+    return executor.StageJob(
         stage="relayed",
         module="relay_stage",
         kind="dataset",
@@ -99,6 +97,14 @@ def test_the_driver_writes_everything_a_stage_actor_logged(tmp_path, local_ray, 
         store_args=(str(tmp_path / "artifacts"), str(tmp_path / "local")),
         manifest_extra={},
     )
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["returns", "raises"])
+def test_the_driver_writes_everything_a_stage_actor_logged(tmp_path, local_ray, fail):
+    from pipeline import executor
+
+    tracker, logger = _stage_run(tmp_path)
+    job = _job(tmp_path, fail)
     seen = []
     if fail:
         with pytest.raises(executor.StageFailure, match="failed on purpose"):
@@ -114,3 +120,24 @@ def test_the_driver_writes_everything_a_stage_actor_logged(tmp_path, local_ray, 
     assert "s3cr3t-value" not in run.data.params["api_token"]
     assert _artifacts(client, logger.run_id) == ["notes/relay.txt", "plots/line.png"]
     assert seen and all(set(snapshot) == {"total", "done", "message"} for snapshot in seen)
+
+
+class _RefusingStore:
+    """A tracking store that refuses the write holding the stage's last metric, which the stage logs just before
+    it returns or raises (so the driver meets the refusal after the stage has ended)."""
+
+    run_id = "refused-run"
+
+    def replay(self, events):
+        if any(kind == "metrics" and event[1] == BURST - 1 for kind, *event in events):
+            raise OSError("the tracking server said 503")
+
+
+@pytest.mark.parametrize(("fail", "reported"), [(False, "said 503"), (True, "failed on purpose")])
+def test_a_store_that_refuses_fails_the_stage_but_never_hides_the_stages_own_error(tmp_path, local_ray, fail, reported):
+    from pipeline import executor
+
+    with pytest.raises(executor.StageFailure, match=reported) as failure:
+        executor.run_stage(_job(tmp_path, fail), Resources(num_cpus=0), lambda snapshot: None, _RefusingStore())
+    if not fail:
+        assert "refused-run" in str(failure.value)
