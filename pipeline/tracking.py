@@ -53,12 +53,7 @@ class MlflowLogger:
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         import time
 
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in values.items() if v == v]  # drop NaN
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+        self.replay([("metrics", {k: float(v) for k, v in values.items()}, step, int(time.time() * 1000))])
 
     def params(self, values: dict[str, Any]) -> None:
         from mlflow.entities import Param
