@@ -4,8 +4,9 @@
 chunk) against two replicas of a small model for a bounded time, over loopback only. What must hold: no
 request fails but by intended back pressure (HTTP 503 when the proxies' queues are full), the replicas'
 memory stays bounded, dropped streams free their rows and KV slots, and a replica SIGKILLed under load
-costs only the requests it held: every failure is an error response or a closed connection within the
-clients' timeout (none hangs), Serve replaces the replica and every request after that succeeds.
+costs at most the requests it held (Serve's router sends again those the replica had not taken): every
+failure is an error response or a closed connection within the clients' timeout (none hangs), Serve
+replaces the replica and every request after that succeeds.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def _replica_pids() -> dict[str, int]:
         for actor_id, info in actors().items()
         if info["State"] == "ALIVE" and f"ServeReplica:{APP}:" in info["ActorClassName"]
     }
+
+
+def _cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def _rss_mib(pids) -> float:
@@ -158,8 +164,10 @@ def test_a_replica_killed_under_load_costs_only_its_requests_and_is_replaced(ser
     cfg, url = served
     before = _replica_pids()
     victim = next(iter(before.values()))
+    cpu_before = _cpu_seconds(victim)
     with Load(url, 16, 30.0, drop_every=10**9) as load:
         time.sleep(8.0)
+        victim_cpu = _cpu_seconds(victim) - cpu_before
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
     failed = [(o, t0, s) for o, t0, s in load.outcomes if o != "200"]
@@ -167,9 +175,11 @@ def test_a_replica_killed_under_load_costs_only_its_requests_and_is_replaced(ser
     print(
         f"\nreplica {victim} SIGKILLed under 16 clients: {len(load.outcomes)} requests, {len(failed)} failed "
         f"({sorted({o for o, _, _ in failed})}), {len(after_kill)} sent 10 s or more after the kill, all answered: "
-        f"{all(o == '200' for o in after_kill)}"
+        f"{all(o == '200' for o in after_kill)}; the victim had used {victim_cpu:.1f} CPU s under the load"
     )
-    assert failed, "killing a replica under load should cost the requests it held"
+    # the kill lands on a replica at work. Whether its requests then fail is Serve's to say: its router sends a
+    # request again when the replica died before taking it, so a kill can cost nothing at all
+    assert victim_cpu > 1.0, f"the killed replica was idle under the load ({victim_cpu:.2f} CPU s in 8 s)"
     assert len(failed) <= 3 * SETTINGS["max_batch"], "more requests failed than the killed replica could hold"
     assert all(s < CLIENT_TIMEOUT_S for _, _, s in failed), "a failed request hung until the client's timeout"
     deadline = time.monotonic() + 90
