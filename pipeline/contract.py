@@ -4,8 +4,8 @@ A stage is `run(ctx: StageContext) -> StageResult`. It reads its typed config fr
 `ctx.config`, its inputs from `ctx.inputs[name]` (each an `Artifact`, already on local disk
 via `local_dir()`), writes everything it produces under `ctx.output_dir`, logs through
 `ctx.log` and reports progress through `ctx.progress`. The orchestrator turns the output
-directory into an artifact: it uploads it (when the artifact root is remote) and writes
-`manifest.json` last, so a stage that dies never leaves something that looks finished.
+directory into an artifact: it uploads it (when the artifact root is remote) and the driver writes
+`manifest.json` last, so a stage (or driver) that dies never leaves something that looks finished.
 
 This module has no Ray, MLflow or Hydra import: stages and their tests use it alone.
 """

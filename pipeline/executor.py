@@ -4,7 +4,9 @@ The driver connects to `RAY_ADDRESS` (or `cluster.address`) when set, else start
 Ray. Each stage runs inside a `StageActor`; the driver polls it for its progress (to draw a
 bar) and for what the stage logged (written to the stage's MLflow run by the driver, the one
 process that talks to the tracking store). The actor also runs the eval step after model
-stages and commits the artifact (manifest last), so files are written where the stage ran.
+stages and puts the output in place, so files are written where the stage ran; the driver writes
+the manifest once the stage has returned (`ArtifactStore.place` / `publish`), so a driver that dies
+mid-stage publishes nothing.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ class StageActor:
             if job.eval_module:
                 self.progress.update(0, "eval")
                 metrics.update(self._evaluate(job, ctx))
-            artifact = store.commit(
+            manifest = store.place(
                 job.stage,
                 job.key,
                 job.kind,
@@ -139,11 +141,11 @@ class StageActor:
             )
         except BaseException as err:
             tb = traceback.format_exc()
-            err = _disk_full(err, job.stage, [staged, ctx.work_dir, store.local_root]) or err
+            err = disk_full(err, job.stage, [staged, ctx.work_dir, store.local_root]) or err
             if staged is not None:
                 _discard(staged)
             raise StageFailure(job.stage, err, tb) from None
-        return {"artifact": artifact, "metrics": metrics, "summary": result.summary}
+        return {"manifest": manifest, "metrics": metrics, "summary": result.summary}
 
     def _evaluate(self, job: StageJob, ctx: StageContext) -> dict[str, float]:
         import dataclasses
@@ -175,7 +177,7 @@ class DiskFull(OSError):
     does, and the free space where the stage writes."""
 
 
-def _disk_full(err: BaseException, stage: str, places: list) -> DiskFull | None:
+def disk_full(err: BaseException, stage: str, places: list) -> DiskFull | None:
     """`err` as a `DiskFull` if it, or an error it wraps (a cause, a Ray task's error), is ENOSPC."""
     found = _no_space(err, set())
     if found is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +251,7 @@ def _run(cfg, p: PlannedStage, artifacts, store, tracker, ui, outcome: RunOutcom
     try:
         actor = section.actor_resources() if hasattr(section, "actor_resources") else section.resources
         result = executor.run_stage(job, actor, bar.update, logger)
+        artifact = _publish(store, name, p.key, result["manifest"])
     except executor.StageFailure:
         tracker.finish(logger.run_id, False)
         bar.close(failed=True)
@@ -257,12 +259,23 @@ def _run(cfg, p: PlannedStage, artifacts, store, tracker, ui, outcome: RunOutcom
     bar.close()
     logger.metrics({"stage_seconds": time.time() - start})
     tracker.finish(logger.run_id, True)
-    artifact = result["artifact"]
     ui.finished(name, artifact, result["metrics"], result["summary"], time.time() - start)
     _record(outcome, record, name, artifact, "ran", logger.run_id)
     if name == "serve":
         outcome.endpoint = result["metrics"].get("url") or artifact.manifest.get("url")
     return artifact
+
+
+def _publish(store, stage: str, key: str, manifest: dict) -> Artifact:
+    """The stage's placed output made an artifact by its driver (`ArtifactStore.publish`)."""
+    from . import executor
+
+    try:
+        return store.publish(stage, key, manifest)
+    except Exception as err:  # noqa: BLE001 - reported as the stage's failure, like an error in its actor
+        tb = traceback.format_exc()
+        err = executor.disk_full(err, stage, [store.path if store.is_local else None, store.local_root]) or err
+        raise executor.StageFailure(stage, err, tb) from None
 
 
 def _record(outcome: RunOutcome, record: dict, name: str, artifact: Artifact, status: str, mlflow_run: str) -> None:

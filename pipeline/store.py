@@ -239,10 +239,15 @@ class ArtifactStore:
         return path
 
     def commit(self, stage: str, key: str, kind: str, staged: Path, manifest_extra: dict) -> Artifact:
-        """Move the staged output into place, then write the manifest last.
+        """`place` then `publish`, in one process."""
+        return self.publish(stage, key, self.place(stage, key, kind, staged, manifest_extra))
 
-        If any step fails (disk full, S3 access denied, ...) the half-placed directory is removed as far
-        as possible and no manifest exists: `find` never sees it, and the next commit replaces it."""
+    def place(self, stage: str, key: str, kind: str, staged: Path, manifest_extra: dict) -> dict:
+        """Move the staged output into place (no manifest yet) and return the manifest `publish` will write.
+
+        Runs where the stage ran, beside its files. If a step fails (disk full, S3 access denied, ...) the
+        half-placed directory is removed as far as possible: without a manifest `find` never sees it, and the
+        next attempt's `place` replaces it."""
         manifest = {
             "kind": kind,
             "schema_version": SCHEMA_VERSION,
@@ -263,14 +268,27 @@ class ArtifactStore:
             else:
                 with self._remote_op(f"upload of {staged} to", uri):
                     self.fs.put(str(staged) + "/", final, recursive=True)
-            self._write(self._path(stage, key, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
         except BaseException:
-            with contextlib.suppress(Exception):  # best effort: with credentials revoked this fails too
-                self.fs.rm(final, recursive=True)
+            self._unplace(final)
             raise
         if not self.is_local:
             shutil.rmtree(staged, ignore_errors=True)
-        return Artifact(kind=kind, uri=uri, cache_key=key, manifest=manifest)
+        return manifest
+
+    def publish(self, stage: str, key: str, manifest: dict) -> Artifact:
+        """Write the manifest of a placed output: the one write that makes it an artifact. The driver makes
+        it once the stage has returned, so a driver killed while its stage runs leaves no artifact even when
+        the stage finishes before Ray ends it. A failed write removes the placed files as far as possible."""
+        try:
+            self._write(self._path(stage, key, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
+        except BaseException:
+            self._unplace(self._path(stage, key))
+            raise
+        return Artifact(kind=manifest["kind"], uri=self.uri(stage, key), cache_key=key, manifest=manifest)
+
+    def _unplace(self, final: str) -> None:
+        with contextlib.suppress(Exception):  # best effort: with credentials revoked this fails too
+            self.fs.rm(final, recursive=True)
 
     def _write(self, path: str, data: bytes) -> None:
         """One file under the root, whole or not at all: locally a temporary file renamed into place

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,29 @@ def test_only_names_with_a_writer_of_this_host_count():
     assert not store_module._abandoned(f".staging-0123-20261203-101010-abcdef-p{_gone_pid()}@{host}x")
     assert not store_module._abandoned("0123456789abcdef")
     assert not store_module._abandoned(f".staging-0123-p{10**30}@{host}")  # no such pid on any system
+
+
+@pytest.mark.parametrize("root", ["local", "memory://placing-test"])
+def test_placed_output_is_no_artifact_until_published_and_the_next_attempt_replaces_it(tmp_path, root):
+    """The stage's process places its files; only the driver's `publish` (the manifest) makes them an artifact.
+    A driver killed in between leaves files that `find` ignores and the next attempt overwrites."""
+    store = ArtifactStore(str(tmp_path / "artifacts") if root == "local" else root, tmp_path / "local")
+    key = "d" * 64
+
+    def staged(content: bytes) -> Path:
+        directory = store.staging_dir("data", key)
+        (directory / "train").mkdir()
+        (directory / "train" / "shard-00000.tar").write_bytes(content)
+        return directory
+
+    orphan = store.place("data", key, "dataset", staged(b"killed attempt"), {"pipeline_run": "dead"})
+    assert store.find("data", key) is None
+    assert store.fs.cat(f"{store._path('data', key)}/train/shard-00000.tar") == b"killed attempt"
+
+    manifest = store.place("data", key, "dataset", staged(b"rerun"), {"pipeline_run": "rerun"})
+    assert manifest["content_digest"] != orphan["content_digest"]
+    assert store.find("data", key) is None
+    published = store.publish("data", key, manifest)
+    found = store.find("data", key)
+    assert found is not None and found.manifest == published.manifest == manifest
+    assert store.fs.cat(f"{store._path('data', key)}/train/shard-00000.tar") == b"rerun"

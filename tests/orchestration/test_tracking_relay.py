@@ -10,6 +10,7 @@ import pytest
 from relay_stage import BURST
 
 from pipeline.contract import RelayLogger, Resources, StageContext
+from pipeline.store import ArtifactStore
 from pipeline.tracking import PipelineTracker
 
 
@@ -112,6 +113,9 @@ def test_the_driver_writes_everything_a_stage_actor_logged(tmp_path, local_ray, 
     else:
         result = executor.run_stage(job, Resources(num_cpus=0), seen.append, logger)
         assert result["summary"] == "relayed"
+        store = ArtifactStore(*job.store_args)
+        assert store.find("relayed", job.key) is None  # the actor placed the output; only the driver publishes it
+        assert store.publish("relayed", job.key, result["manifest"]) == store.find("relayed", job.key)
     client = tracker.client
     history = client.get_metric_history(logger.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(BURST))
