@@ -1,7 +1,8 @@
 """Post-training's `WorkerLoop` on 2 gloo ranks (no Ray): SFT (with and without LoRA) and DPO steps
 under FSDP2 give DDP's losses, gradient norms and weights; micro-batches give the whole batch's
 step; DPO's reference log-probs and the evaluation (ranks with uneven shares run the same number
-of forwards) agree; a sharded train state resumes exactly; bf16 gathers layers in bf16.
+of forwards) agree; a sharded train state resumes exactly; bf16 gathers layers in bf16; one worker
+takes the steps of two.
 
 One spawn runs every case (each rank builds a loop per case in turn), so the processes start once.
 """
@@ -61,8 +62,8 @@ def _examples(vocab: int) -> dict[str, list]:
     return {"sft": (chats, chats[:5]), "dpo": (pairs, pairs[:5])}  # 5 val examples: uneven over 2 ranks
 
 
-def _config(method: str, parallel: str, micro: int, lora: bool, **extra):
-    common = dict(num_workers=WORLD, batch_size=8, lr=1e-3, warmup_steps=0, steps=STEPS, parallel=parallel)
+def _config(method: str, parallel: str, micro: int, lora: bool, world: int = WORLD, **extra):
+    common = dict(num_workers=world, batch_size=8, lr=1e-3, warmup_steps=0, steps=STEPS, parallel=parallel)
     common |= dict(micro_batch_size=micro, **extra)
     if method == "sft":
         return sft.Config(**common, lora_rank=4 if lora else 0, lora_targets=["attention", "experts"])
@@ -96,12 +97,14 @@ def _loop(rank: int, root: str, method: str, config, state: str, routers: bool =
     objective = _objective(method, config, routers)
     job = Job(config, objective, f"{root}/ckpt", 0, None, None, f"{root}/{state}", {"run": state})
     train, val = _examples(get_preset("tiny_moe").vocab_size)[method]
-    return WorkerLoop(job, rank, WORLD, torch.device("cpu"), train, val)
+    return WorkerLoop(job, rank, config.num_workers, torch.device("cpu"), train, val)
 
 
-def _run_case(rank: int, root: str, method: str, parallel: str, micro: int, lora: bool, routers: bool) -> dict:
-    name = f"{method}-{parallel}-{micro}-{lora}-{routers}"
-    loop = _loop(rank, root, method, _config(method, parallel, micro, lora), name, routers)
+def _run_case(
+    rank: int, root: str, method: str, parallel: str, micro: int, lora: bool, routers: bool, world: int = WORLD
+) -> dict:
+    name = f"{method}-{parallel}-{micro}-{lora}-{routers}-{world}"
+    loop = _loop(rank, root, method, _config(method, parallel, micro, lora, world), name, routers)
     record = {"val": loop.evaluate(), "steps": []}
     if method == "dpo":
         record["reference"] = loop.objective.reference["train"].clone()
@@ -135,13 +138,29 @@ def _spawned(rank: int, port: int, root: str) -> None:
     dist.destroy_process_group()
 
 
+ALONE = ("sft", "ddp", 0, False, False)
+"""The case run again on one worker (router losses off: means over a forward's tokens, padding included)."""
+
+
+def _spawned_alone(rank: int, port: int, root: str) -> None:
+    """SFT on one worker: the 2 ranks' 8 chats of each step, in one batch."""
+    sys.path.insert(0, str(ROOT))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=1)
+    torch.set_num_threads(1)
+    torch.save(_run_case(rank, root, *ALONE, world=1), Path(root) / "alone.pt")
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("posttrain-parallel")
     torch.manual_seed(0)
     save_pretrained(ErnieForCausalLM(get_preset("tiny_moe")), root / "ckpt")
     spawn(_spawned, free_port(), str(root), nprocs=WORLD)
-    return torch.load(root / "records.pt", weights_only=True) | {"root": root}
+    spawn(_spawned_alone, free_port(), str(root), nprocs=1)
+    alone = torch.load(root / "alone.pt", weights_only=True)
+    return torch.load(root / "records.pt", weights_only=True) | {"root": root, "alone": alone}
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +197,14 @@ def test_micro_batches_give_the_whole_batch_step(records, method):
     micro = 1 if method == "sft" else 2
     whole, parts = records[(method, "fsdp", 0, False, False)], records[(method, "fsdp", micro, False, False)]
     _same_steps(parts, whole, f"{method} micro-batches of {micro}")
+
+
+def test_one_worker_takes_the_steps_of_two(records):
+    """The ranks' chats hold different numbers of answer tokens and pad to different lengths: the step's
+    token mean (and the token-balanced gradient's slots) are counted over both ranks, so the step does not
+    depend on how many workers share it."""
+    two = records[("sft", "fsdp", 0, False, False)]
+    _same_steps(records["alone"], two, "sft on 1 worker vs 2")
 
 
 def test_lora_under_fsdp_trains_like_ddp_and_exports_merged_weights(records, input_weights):

@@ -52,7 +52,8 @@ def policy_loss(
     """(token-mean loss, metrics) for [B, T] token log-probs, [B] advantages and a [B, T] 0/1 mask.
 
     `tokens`: the mean's denominator when these rows are one micro-batch of a step (the step's
-    completion tokens, so the micro-batches' results add up to the step's); default the mask's."""
+    completion tokens, over all ranks divided by their number when the ranks' gradients are averaged,
+    so the micro-batches' results add up to the step's); default the mask's."""
     mask = mask.float()
     tokens = mask.sum().clamp(min=1) if tokens is None else tokens
     ratio = torch.exp(logp - old_logp)

@@ -164,12 +164,16 @@ class RLVRObjective:
 
     def micro_batches(self, batch: dict, loop) -> list[dict]:
         """A step's rollout batch in micro-batches of `loop.micro_batch` prompts (each with its whole group),
-        each knowing the step's completion tokens and rows (the loss is a token mean, router losses by
-        rows); the step's stats ride on the first. A micro-batch keeps the batch's padded width."""
+        each knowing the step's completion tokens (over all ranks: collective) and rows (the loss is a token
+        mean, router losses by rows); the step's stats ride on the first. A micro-batch keeps the batch's
+        padded width."""
         group = self.cfg.group_size
         prompts = len(batch["groups"])
         size = loop.micro_batch or prompts
-        whole = {"tokens": batch["mask"].sum().clamp(min=1), "rows": len(batch["input_ids"])}
+        # the token mean's divisor: the step's completion tokens over all ranks, per rank (the ranks' gradients
+        # are averaged), so a rank with shorter completions does not weigh each of its tokens more
+        tokens = loop.layout.over_ranks(batch["mask"].sum().reshape(1))[0].clamp(min=1) / loop.world
+        whole = {"tokens": tokens, "rows": len(batch["input_ids"])}
         parts = []
         for first in range(0, prompts, size):
             rows = slice(first * group, (first + size) * group)

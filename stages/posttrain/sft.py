@@ -65,9 +65,10 @@ class SFTObjective:
 
     def micro_batches(self, examples: list[Tokenised], loop) -> list[tuple[dict, LMShare]]:
         """The step's chats in micro-batches (each packed or padded on its own), with their shares of the
-        step's assistant tokens and rows (`stages.training.accumulate.lm_shares`)."""
+        step's assistant tokens and rows over all ranks (`stages.training.accumulate.lm_shares`)."""
         batches = [self.collate(chunk, loop.device) for chunk in split_rows(examples, loop.micro_batch)]
-        return list(zip(batches, lm_shares(batches, loop.model.config.loss.token_balanced), strict=True))
+        shares = lm_shares(batches, loop.model.config.loss.token_balanced, loop.layout)  # collective
+        return list(zip(batches, shares, strict=True))
 
     def loss(self, model, part: tuple[dict, LMShare], loop) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch, share = part

@@ -53,11 +53,14 @@ class UPOObjective(RLVRObjective):
     # ------------------------------------------------------------------ batches
     def make_batch(self, loop, step: int) -> list[dict]:
         """RLVR's micro-batches with this rank's offline pairs of the step dealt over them; each knows the
-        step's pairs (offline + online: the DPO term is their mean) and rows."""
+        step's pairs (offline + online, over all ranks: the DPO term is their mean) and rows."""
         parts = super().make_batch(loop, step)
         cfg = self.cfg
         offline = [] if cfg.pairs == "online" else list(self._pair_indices(loop, step))
         online = sum(int((p["groups"].max(-1).values > p["groups"].min(-1).values).sum()) for p in parts)
+        # the DPO term is a mean over the step's pairs on all ranks (collective), per rank: the ranks'
+        # gradients are averaged, and ranks meet different numbers of online pairs
+        step_pairs = loop.layout.over_ranks(torch.tensor([float(len(offline) + online)]))[0] / loop.world
         chunks = np.array_split(np.array(offline, dtype=np.int64), len(parts))
         rows = sum(len(p["input_ids"]) for p in parts) + 2 * len(offline)
         for part, chunk in zip(parts, chunks, strict=True):
@@ -67,7 +70,7 @@ class UPOObjective(RLVRObjective):
                 ids.append(part["offline"]["input_ids"])
             width = max(p.shape[1] for p in ids)
             part["all_ids"] = torch.cat([_pad_right(p, width) for p in ids])
-            part["whole"] = part["whole"] | {"rows": rows, "pairs": len(offline) + online, "offline": len(offline)}
+            part["whole"] = part["whole"] | {"rows": rows, "pairs": float(step_pairs), "offline": len(offline)}
         return parts
 
     def _pair_indices(self, loop, step: int) -> np.ndarray:

@@ -103,7 +103,7 @@ def forward_backward(
     order, the same weighting) and its row length.
     """
     batches = [collate(part) for part in split_rows(rows, micro_batch)]
-    shares = lm_shares(batches, model.config.loss.token_balanced)
+    shares = lm_shares(batches, model.config.loss.token_balanced, layout)  # collective: the step's counts
 
     def forward(part: tuple[dict, LMShare]) -> tuple[torch.Tensor, torch.Tensor]:
         batch, share = part

@@ -2,11 +2,12 @@
 from several forward + backward passes (micro-batches), each weighted by its share of the step.
 
     parts = [collate(rows) for rows in split_rows(worker_rows, micro_batch)]
-    shares = lm_shares(parts, model.config.loss.token_balanced)
+    shares = lm_shares(parts, model.config.loss.token_balanced, layout)   # counted over the step's ranks
     kept = accumulate(layout, train_model, model, parts, forward)   # forward(part) -> (weighted loss, kept)
 
 A loss that is a mean over some unit (supervised tokens, pairs, completion tokens, rows) splits
-exactly: a micro-batch's mean weighed by its share of the step's units. `accumulate` runs the
+exactly: a micro-batch's mean weighed by its share of the step's units, counted over every rank of
+the step (`Layout.over_ranks`), so the step does not depend on how many workers share it. `accumulate` runs the
 backward passes the data-parallel layout needs (DDP all-reduces in the last micro-batch only) and
 leaves the step's gradients on the model.
 """
@@ -74,18 +75,30 @@ class LMShare:
     padded length."""
 
 
-def lm_shares(batches: Sequence[dict[str, torch.Tensor]], token_balanced: bool) -> list[LMShare]:
-    """The shares of collated micro-batches (input_ids, labels, optional loss_mask and document_ids)."""
+def lm_shares(
+    batches: Sequence[dict[str, torch.Tensor]], token_balanced: bool, layout: Layout | None = None
+) -> list[LMShare]:
+    """The shares of collated micro-batches (input_ids, labels, optional loss_mask and document_ids) in the
+    step of all of `layout`'s ranks (None: this process alone).
+
+    The step's supervised tokens, rows and padded length are counted over the ranks (`Layout.over_ranks`),
+    and each share is multiplied by the number of ranks, which DDP / FSDP divide by when they average the
+    gradients: a step on 2 workers is the step on 1 worker over the same rows."""
     supervised = torch.stack(
         [shifted_targets(b["labels"], b.get("loss_mask"), b.get("document_ids"))[1].sum() for b in batches]
-    )
+    ).float()
     rows = [len(b["input_ids"]) for b in batches]
-    row_shares = [r / sum(rows) for r in rows]
-    lm = (supervised / supervised.sum()).tolist() if supervised.sum() > 0 else row_shares
+    length = max(b["input_ids"].shape[1] for b in batches)
+    ranks = 1 if layout is None else layout.world
+    counts = torch.tensor([float(supervised.sum()), float(sum(rows))])
+    step_supervised, step_rows = (counts if layout is None else layout.over_ranks(counts)).tolist()
+    if layout is not None and token_balanced:
+        length = int(layout.over_ranks(torch.tensor([float(length)]), "max")[0])
+    row_shares = [ranks * r / step_rows for r in rows]
+    lm = [ranks * s / step_supervised for s in supervised.tolist()] if step_supervised > 0 else row_shares
     if token_balanced:
-        slots = [r * (b["input_ids"].shape[1] - 1) for r, b in zip(rows, batches, strict=True)]
-        whole = sum(rows) * (max(b["input_ids"].shape[1] for b in batches) - 1)
-        grad = [s / whole for s in slots]
+        whole = step_rows * (length - 1)
+        grad = [ranks * r * (b["input_ids"].shape[1] - 1) / whole for r, b in zip(rows, batches, strict=True)]
     else:
         grad = lm
     return [LMShare(*shares) for shares in zip(row_shares, lm, grad, strict=True)]

@@ -189,6 +189,20 @@ class Layout:
         replicas = self.mesh.get_group("replica") if self.world > self.expert_parallel else None
         reduce_expert_grads(model, replicas, self.world)
 
+    def over_ranks(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """`values` summed (`op` "sum") or maxed ("max") over the ranks, as float32 on `values`' device.
+
+        The ranks' gradients are averaged into one step, so a loss that is a mean over the step's units
+        (supervised tokens, completion tokens, pairs) divides by their count over all ranks, not the
+        rank's own: otherwise ranks holding fewer units weigh each of theirs more, and the step depends
+        on the worker count."""
+        values = values.detach().float()
+        if self.world == 1:
+            return values.clone()
+        reduced = values.to(self.device).clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return reduced.to(values.device)
+
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
         """Scale all gradients so their global norm is at most `max_norm`; returns the norm before."""
         if self.mesh is None:

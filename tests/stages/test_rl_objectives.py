@@ -1,5 +1,5 @@
 """RLVR / UPO arithmetic pinned by hand: GRPO advantages, the clipped surrogate, the KL estimate,
-rollout masks, rewards and their configuration errors (no Ray)."""
+rollout masks, rewards and their configuration errors (no Ray), and a step's token mean over 2 gloo ranks."""
 
 from __future__ import annotations
 
@@ -245,3 +245,56 @@ def test_advantages_sum_to_zero_in_every_group(values):
 
 def test_special_tokens_keep_their_ids(tokenizer):
     assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS[:3]] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------- a step over ranks
+COMPLETION_TOKENS = (4, 8)
+"""Completion tokens of the one prompt (a group of 2) each of 2 ranks holds in a step."""
+
+
+def _rank_step_loss(rank: int, port: int, out: str) -> None:
+    """One rank's GRPO loss for its rollouts: ratio 1 everywhere, so every completion token costs -advantage."""
+    import os
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from stages.training.parallel import Layout
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    tokens = COMPLETION_TOKENS[rank]
+    mask = torch.zeros(2, 10)
+    mask[:, :tokens] = 1.0
+    batch = {
+        "input_ids": torch.zeros(2, 11, dtype=torch.long),
+        "mask": mask,
+        "advantages": torch.tensor([1.0, -1.0]) * (rank + 1),
+        "reward": torch.zeros(2),
+        "row_prompts": [rlvr.Prompt(rank, [1], {"answer": "1"})] * 2,
+        "groups": torch.tensor([[1.0, 0.0]]),
+        "stats": {},
+    }
+    objective = rlvr.RLVRObjective(rlvr.Config(group_size=2), "{}", actors=[])
+    loop = SimpleNamespace(layout=Layout("ddp", 2, 1, torch.device("cpu")), world=2, micro_batch=0, device="cpu")
+    (part,) = objective.micro_batches(batch, loop)
+    advantages = torch.tensor([0.5, 0.25]) * (rank + 1)  # unequal per-token costs on the two rows
+    logp = torch.zeros(2, 10)
+    loss, _ = policy_loss(logp, logp, advantages, mask, 0.2, tokens=part["whole"]["tokens"])
+    dist.all_reduce(loss)  # what DDP does to the gradients: the ranks' mean
+    if rank == 0:
+        torch.save({"step_loss": float(loss) / 2, "tokens": float(part["whole"]["tokens"])}, out)
+    dist.destroy_process_group()
+
+
+def test_a_steps_token_mean_counts_the_completion_tokens_of_every_rank(tmp_path):
+    """Rank 0's completions are half as long as rank 1's: averaging the ranks' losses (as DDP averages their
+    gradients) gives the mean over the step's 24 completion tokens, not the mean of two per-rank means."""
+    from gloo_workers import free_port, spawn
+
+    out = tmp_path / "step.pt"
+    spawn(_rank_step_loss, free_port(), str(out), nprocs=2)
+    step = torch.load(out)
+    costs = [-a * (r + 1) * n for r, n in enumerate(COMPLETION_TOKENS) for a in (0.5, 0.25)]  # per row
+    assert step["tokens"] == 2 * sum(COMPLETION_TOKENS) / 2
+    assert step["step_loss"] == pytest.approx(sum(costs) / (2 * sum(COMPLETION_TOKENS)), rel=1e-6)
