@@ -36,7 +36,8 @@ def test_a_running_record_is_killed_only_when_its_driver_on_this_host_is_gone():
     assert driver.shown_status(record("dead", {"host": host, "pid": dead_pid(), "started": 0.0})) == "killed"
 
 
-def test_the_next_run_marks_the_record_killed_and_ends_its_open_mlflow_runs(tmp_path):
+def test_the_next_run_marks_the_record_killed_and_ends_its_open_mlflow_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's SQLite store keeps run artifacts under ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = PipelineTracker(uri, "driver-test")
     tracker.start("killed-run", {"conf": "tiny"}, "")

@@ -728,9 +728,9 @@ def sampled_val_reward(ckpt_dir: Path, dataset: Path, samples: int = 4) -> float
 
 
 @pytest.mark.slow
-def test_rlvr_raises_the_held_out_reward_and_a_scrambled_reward_does_not(sft_run, dataset, tmp_path):
-    """GRPO on exact-match + closeness rewards raises the val prompts' reward over the SFT model; the same
-    run rewarded for matching a random number per prompt (the reward shuffled) does not."""
+def test_rlvr_raises_the_held_out_reward_beyond_a_scrambled_reward(sft_run, dataset, tmp_path):
+    """GRPO on exact-match + closeness rewards raises the val prompts' reward over the SFT model, and beyond
+    what the same run reaches when rewarded for matching a random number per prompt (the reward shuffled)."""
     runs = {}
     for name, reward_paths in (("real", ARITHMETIC_REWARDS), ("shuffled", ["control_rewards.shuffled_exact_match"])):
         config = rlvr.Config(**RL, rewards=reward_paths)
@@ -742,10 +742,16 @@ def test_rlvr_raises_the_held_out_reward_and_a_scrambled_reward_does_not(sft_run
     base = sampled_val_reward(sft_run[0].output_dir, dataset)
     assert m["val_reward_initial"] == pytest.approx(base, abs=1e-6), "the stage measures what this test measures"
     assert sampled_val_reward(ctx.output_dir, dataset) == pytest.approx(m["val_reward"], abs=1e-6)
-    shuffled = sampled_val_reward(runs["shuffled"][0].output_dir, dataset)
-    print(f"val reward: sft {base:.3f}, rlvr {m['val_reward']:.3f}, rlvr on a shuffled reward {shuffled:.3f}")
-    assert m["val_reward"] > base + 0.08, m
-    assert m["val_reward"] - base > 2 * (shuffled - base) + 0.05, (base, m["val_reward"], shuffled)
+    # compared on 32 samples a prompt (1,536 completions: a mean's standard error about 0.01, a third of the
+    # 4-sample figure's). The control learns too: the answers' format and range (0..18), which the closeness
+    # reward pays for; what only the real reward teaches, the right answers, is its margin over the control.
+    sft, real, shuffled = (
+        sampled_val_reward(ckpt, dataset, samples=32)
+        for ckpt in (sft_run[0].output_dir, ctx.output_dir, runs["shuffled"][0].output_dir)
+    )
+    print(f"val reward (32 samples a prompt): sft {sft:.3f}, rlvr {real:.3f}, rlvr on a shuffled reward {shuffled:.3f}")
+    assert m["val_reward"] > base + 0.08 and real > sft + 0.08, (base, m["val_reward"], sft, real)
+    assert real - shuffled > 0.05, (sft, real, shuffled)
     steps = {k for k, _, step in ctx.log.metric_log if step == 5}
     assert {"reward", "kl", "pg_loss", "clip_fraction", "reward/exact_match", "rollout_seconds"} <= steps
     assert {"reward.png", "kl.png"} <= set(ctx.log.artifact_log)
