@@ -294,7 +294,7 @@ def test_a_steps_token_mean_counts_the_completion_tokens_of_every_rank(tmp_path)
 
     out = tmp_path / "step.pt"
     spawn(_rank_step_loss, free_port(), str(out), nprocs=2)
-    step = torch.load(out)
+    step = torch.load(out, weights_only=True)
     costs = [-a * (r + 1) * n for r, n in enumerate(COMPLETION_TOKENS) for a in (0.5, 0.25)]  # per row
     assert step["tokens"] == 2 * sum(COMPLETION_TOKENS) / 2
     assert step["step_loss"] == pytest.approx(sum(costs) / (2 * sum(COMPLETION_TOKENS)), rel=1e-6)
