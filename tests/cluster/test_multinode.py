@@ -168,7 +168,8 @@ def test_stages_and_train_workers_run_on_both_nodes_and_share_artifacts_through_
 
     a, b = two_nodes.s3_logs["node_a"], two_nodes.s3_logs["node_b"]
     dataset = f"/{BUCKET}/run/data/{data_key}/"
-    assert a.paths("PUT", dataset + "manifest.json"), "node_a committed the dataset"
+    assert a.paths("PUT", dataset + "train/shard-"), "node_a, where the data stage ran, placed the dataset"
+    assert not a.paths("PUT", dataset + "manifest.json"), "the driver, not the stage, publishes the manifest"
     assert not b.paths("PUT", dataset), "node_b wrote nothing of the dataset"
     assert b.paths("GET", dataset + "train/shard-"), "the worker on node_b streamed its train shards from S3"
     assert b.paths("GET", dataset + "val/"), "and the validation rows"
@@ -192,7 +193,9 @@ def test_stages_and_train_workers_run_on_both_nodes_and_share_artifacts_through_
     )
     assert b.paths("GET", dataset), "and the dataset"
     (dpo_manifest,) = fs.glob(f"{BUCKET}/run/dpo/*/manifest.json")
-    assert b.paths("PUT", f"/{BUCKET}/run/dpo/{dpo_manifest.split('/')[-2]}/manifest.json"), "DPO committed from node_b"
+    dpo_artifact = f"/{BUCKET}/run/dpo/{dpo_manifest.split('/')[-2]}/"
+    assert b.paths("PUT", dpo_artifact + "model.safetensors"), "DPO's output placed from node_b"
+    assert not (a.paths("PUT", dpo_artifact + "manifest.json") or b.paths("PUT", dpo_artifact + "manifest.json"))
     assert not list(tmp_path.glob("runs/artifacts")), "nothing under the default local root"
 
 
