@@ -172,7 +172,7 @@ class RLVRObjective:
         size = loop.micro_batch or prompts
         # the token mean's divisor: the step's completion tokens over all ranks, per rank (the ranks' gradients
         # are averaged), so a rank with shorter completions does not weigh each of its tokens more
-        tokens = loop.layout.over_ranks(batch["mask"].sum().reshape(1))[0].clamp(min=1) / loop.world
+        tokens = max(loop.layout.per_rank_divisor(batch["mask"].sum()), 1 / loop.world)
         whole = {"tokens": tokens, "rows": len(batch["input_ids"])}
         parts = []
         for first in range(0, prompts, size):

@@ -60,7 +60,7 @@ class UPOObjective(RLVRObjective):
         online = sum(int((p["groups"].max(-1).values > p["groups"].min(-1).values).sum()) for p in parts)
         # the DPO term is a mean over the step's pairs on all ranks (collective), per rank: the ranks'
         # gradients are averaged, and ranks meet different numbers of online pairs
-        step_pairs = loop.layout.over_ranks(torch.tensor([float(len(offline) + online)]))[0] / loop.world
+        step_pairs = loop.layout.per_rank_divisor(len(offline) + online)
         chunks = np.array_split(np.array(offline, dtype=np.int64), len(parts))
         rows = sum(len(p["input_ids"]) for p in parts) + 2 * len(offline)
         for part, chunk in zip(parts, chunks, strict=True):
@@ -70,7 +70,7 @@ class UPOObjective(RLVRObjective):
                 ids.append(part["offline"]["input_ids"])
             width = max(p.shape[1] for p in ids)
             part["all_ids"] = torch.cat([_pad_right(p, width) for p in ids])
-            part["whole"] = part["whole"] | {"rows": rows, "pairs": float(step_pairs), "offline": len(offline)}
+            part["whole"] = part["whole"] | {"rows": rows, "pairs": step_pairs, "offline": len(offline)}
         return parts
 
     def _pair_indices(self, loop, step: int) -> np.ndarray:

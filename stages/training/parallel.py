@@ -196,12 +196,20 @@ class Layout:
         (supervised tokens, completion tokens, pairs) divides by their count over all ranks, not the
         rank's own: otherwise ranks holding fewer units weigh each of theirs more, and the step depends
         on the worker count."""
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+        if op not in ops:
+            raise ValueError(f"over_ranks op={op!r} must be one of {sorted(ops)}")
         values = values.detach().float()
         if self.world == 1:
             return values.clone()
         reduced = values.to(self.device).clone()
-        dist.all_reduce(reduced, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        dist.all_reduce(reduced, op=ops[op])
         return reduced.to(values.device)
+
+    def per_rank_divisor(self, count: torch.Tensor | float) -> float:
+        """The divisor of a rank's part of a mean over the step's units: their count over all ranks / the
+        ranks (whose gradients are averaged), so the parts add up to the step's mean."""
+        return float(self.over_ranks(torch.as_tensor(count, dtype=torch.float).reshape(1))[0]) / self.world
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
         """Scale all gradients so their global norm is at most `max_norm`; returns the norm before."""
