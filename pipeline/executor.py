@@ -259,6 +259,11 @@ def _rebuild_failure(stage, error_type, message, tb, user_error):
     return failure
 
 
+# How long a refused tracking write waits for a stage that is ending anyway, so a failure it raised just after
+# logging its last line is the one reported, not the refusal.
+_OWN_ERROR_GRACE_S = 10.0
+
+
 def run_stage(job: StageJob, resources: Any, on_progress, logger) -> dict:
     """Run the job in a fresh actor holding `resources`, calling `on_progress(snapshot)` while it works and
     replaying what the stage logs into `logger` (its MLflow run), up to its last line even when it fails.
@@ -297,7 +302,13 @@ def run_stage(job: StageJob, resources: Any, on_progress, logger) -> dict:
                     report = ray.get(polled)
                 except ray.exceptions.RayActorError:
                     continue  # the run's own reference says why, on the next turn
-                _take(job.stage, report, on_progress, logger)
+                try:
+                    _take(job.stage, report, on_progress, logger)
+                except StageFailure:
+                    # the stage may be failing this very moment, having logged its last line: its own error wins
+                    if ray.wait([ref], timeout=_OWN_ERROR_GRACE_S)[0]:
+                        ray.get(ref)
+                    raise
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if isinstance(getattr(err, "cause", None), StageFailure) else None
         if cause is None:

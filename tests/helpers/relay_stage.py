@@ -1,7 +1,10 @@
 """A stage for the tracking relay's tests: logs a burst of metrics, a param, a text and a figure, then
-returns or raises (`config["fail"]`)."""
+returns or raises (`config["fail"]`), after lingering `config["linger_s"]` seconds if asked (so the driver reads the
+last burst while the stage still runs)."""
 
 from __future__ import annotations
+
+import time
 
 from pipeline.contract import StageContext, StageResult
 
@@ -23,6 +26,7 @@ def run(ctx: StageContext) -> StageResult:
     plt.close(figure)
     for step in range(BURST):
         ctx.log.metrics({"loss": 1.0 / (step + 1)}, step=step)
+    time.sleep(ctx.config.get("linger_s", 0.0))
     if ctx.config["fail"]:
         raise ValueError("the relay stage failed on purpose")
     (ctx.output_dir / "out.txt").write_text("done\n")

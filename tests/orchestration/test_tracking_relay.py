@@ -83,10 +83,12 @@ def test_a_file_name_that_climbs_out_is_refused(tmp_path):
         logger.replay(relay.drain())
 
 
-def _job(tmp_path, fail: bool):
+def _job(tmp_path, fail: bool, linger_s: float = 0.0):
     from pipeline import executor
 
-    ctx = StageContext(stage="relayed", config={"fail": fail}, model=None, inputs={}, output_dir=tmp_path)
+    ctx = StageContext(
+        stage="relayed", config={"fail": fail, "linger_s": linger_s}, model=None, inputs={}, output_dir=tmp_path
+    )
     return executor.StageJob(
         stage="relayed",
         module="relay_stage",
@@ -137,11 +139,21 @@ class _RefusingStore:
             raise OSError("the tracking server said 503")
 
 
-@pytest.mark.parametrize(("fail", "reported"), [(False, "said 503"), (True, "failed on purpose")])
-def test_a_store_that_refuses_fails_the_stage_but_never_hides_the_stages_own_error(tmp_path, local_ray, fail, reported):
+@pytest.mark.parametrize(
+    ("fail", "linger_s", "reported"),
+    [(False, 0.0, "said 503"), (True, 0.0, "failed on purpose"), (True, 1.5, "failed on purpose")],
+    ids=["returns", "raises-at-once", "raises-after-the-driver-read-its-last-line"],
+)
+def test_a_store_that_refuses_fails_the_stage_but_never_hides_the_stages_own_error(
+    tmp_path, local_ray, fail, linger_s, reported
+):
+    """The refusal may meet the driver after the stage ended or, when it lingers, while it still runs and is about
+    to fail: either way the stage's own error is the one reported."""
     from pipeline import executor
 
     with pytest.raises(executor.StageFailure, match=reported) as failure:
-        executor.run_stage(_job(tmp_path, fail), Resources(num_cpus=0), lambda snapshot: None, _RefusingStore())
+        executor.run_stage(
+            _job(tmp_path, fail, linger_s), Resources(num_cpus=0), lambda snapshot: None, _RefusingStore()
+        )
     if not fail:
         assert "refused-run" in str(failure.value)
