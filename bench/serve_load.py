@@ -316,7 +316,7 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
         if args.thread_readers:  # the default engine, read by a thread per stream
             served, wall = run_thread_readers(engine, requests, streams)
             level.append({**base, "impl": "ours-thread-readers", **summarise(served, wall)})
-        fast = None
+        fast, waited_sides = None, []
         if compiled is not None:
             compiled.scheduler.stats = SchedulerStats()
             fast, fast_wall = run_ours(compiled, requests, streams)
@@ -330,6 +330,22 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
                 "load_and_compile_s": compile_s,
             }
             level.append(fast_record)
+            # the same compiled engine with prompts gathered for up to N decode steps (serve.prompt_wait_steps)
+            for wait in args.prompt_wait_steps or []:
+                compiled.scheduler.prompt_wait_steps, compiled.scheduler.stats = wait, SchedulerStats()
+                waited, waited_wall = run_ours(compiled, requests, streams)
+                steps = compiled.scheduler.stats
+                record = {
+                    **base,
+                    "impl": f"ours-compiled-wait{wait}",
+                    **summarise(waited, waited_wall),
+                    "prompt_wait_steps": wait,
+                    "compiled_steps": steps.compiled_steps,
+                    "decode_steps": steps.decode_steps,
+                }
+                waited_sides.append((record, waited))
+                level.append(record)
+            compiled.scheduler.prompt_wait_steps = 0
         engine.scheduler.stats = SchedulerStats()
         ours, ours_wall = run_ours(engine, requests, streams)
         stats = engine.scheduler.stats
@@ -358,6 +374,8 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
         level += [ours_record, hf_record]
         if fast is not None:
             fast_record["same_tokens_as_hf"] = round(same_tokens(fast, theirs), 3)
+        for record, waited in waited_sides:
+            record["same_tokens_as_hf"] = round(same_tokens(waited, theirs), 3)
         for record in level:
             if record is not hf_record:
                 record["speedup_vs_hf"] = round(record["tokens_per_s"] / hf_record["tokens_per_s"], 2)
@@ -386,6 +404,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action="store_true", help="also ours with the decode step compiled (serve.compile_decode)"
     )
+    parser.add_argument(
+        "--prompt-wait-steps",
+        type=int,
+        action="append",
+        help="with --compile: also the compiled engine with serve.prompt_wait_steps=N (repeatable)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--requests-per-stream", type=int, default=4)
     parser.add_argument("--min-requests", type=int, default=8, help="requests per level at least (1 stream: 8)")
@@ -413,6 +437,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.case = args.case or ["tiny-dense"]
         args.streams = args.streams or [1, 4]
         args.min_requests, args.prompt_range, args.max_tokens_range = 4, (4, 12), (4, 10)
+    if args.prompt_wait_steps and not args.compile:
+        parser.error("--prompt-wait-steps: only with --compile (it gathers prompts between compiled steps)")
+    if any(wait < 0 for wait in args.prompt_wait_steps or []):
+        parser.error(f"--prompt-wait-steps {args.prompt_wait_steps}: each must be at least 0")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
@@ -476,6 +504,8 @@ def main(argv: list[str] | None = None) -> dict:
             "ours-no-prefix-cache": "shared-prefix workload only: the same engine with serve.prefix_caching off",
             "ours-compiled": "--compile only: the same engine with serve.compile_decode (load_and_compile_s: "
             "Engine.load with the compile, before the warm-up requests)",
+            "ours-compiled-waitN": "--compile --prompt-wait-steps N only: the compiled engine with "
+            "serve.prompt_wait_steps=N (a prompt waits up to N decode steps for others to run with it)",
         },
         "records": records,
     }

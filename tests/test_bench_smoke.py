@@ -65,26 +65,27 @@ def test_posttrain_throughput_smoke_measures_ours_and_trl_on_the_same_tokens(tmp
 
 
 def test_serve_load_smoke_measures_our_engine_and_hf_generate_on_the_same_requests(tmp_path):
-    """Ours (packed weights, unpacked, with the compiled decode step, and read by a thread per stream) and HF
-    generate on the same requests."""
+    """Ours (packed weights, unpacked, with the compiled decode step, with it and prompts waiting up to 4 steps for
+    each other, and read by a thread per stream) and HF generate on the same requests."""
     out = tmp_path / "serve_load.json"
     subprocess.run(
         [sys.executable, "bench/serve_load.py", "--smoke", "--compile", "--unpacked", "--thread-readers"]
-        + ["--out", str(out)],
+        + ["--prompt-wait-steps", "4", "--out", str(out)],
         cwd=ROOT,
         check=True,
         timeout=300,
     )
     report = json.loads(out.read_text())
     records = {(r["impl"], r["streams"]): r for r in report["records"]}
-    impls = ("ours", "ours-compiled", "ours-unpacked", "hf-generate", "ours-thread-readers")
+    impls = ("ours", "ours-compiled", "ours-unpacked", "hf-generate", "ours-thread-readers", "ours-compiled-wait4")
     assert set(records) == {(impl, streams) for impl in impls for streams in (1, 4)}
     for streams in (1, 4):
-        ours, fast, unpacked, hf, threaded = (records[impl, streams] for impl in impls)
-        assert ours["requests"] == fast["requests"] == unpacked["requests"] == hf["requests"] == threaded["requests"]
-        assert ours["tokens"] == fast["tokens"] == unpacked["tokens"] == hf["tokens"] == threaded["tokens"] > 0
+        ours, fast, unpacked, hf, threaded, waited = (records[impl, streams] for impl in impls)
+        assert len({r["requests"] for r in (ours, fast, unpacked, hf, threaded, waited)}) == 1
+        assert len({r["tokens"] for r in (ours, fast, unpacked, hf, threaded, waited)}) == 1 and ours["tokens"] > 0
         # greedy on the same checkpoint: the same tokens
-        assert ours["same_tokens_as_hf"] == fast["same_tokens_as_hf"] == 1.0
+        assert ours["same_tokens_as_hf"] == fast["same_tokens_as_hf"] == waited["same_tokens_as_hf"] == 1.0
+        assert waited["prompt_wait_steps"] == 4 and 0 < waited["compiled_steps"] <= waited["decode_steps"]
         assert all(r["tokens_per_s"] > 0 and r["ttft_ms"]["p50"] > 0 and r["tpot_ms"]["p99"] > 0 for r in (ours, hf))
         assert 0 < fast["compiled_steps"] <= fast["decode_steps"]
         assert ours["packed_layers"] == 0  # tiny-dense: no weight is large enough for packing to pay

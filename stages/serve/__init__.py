@@ -78,6 +78,12 @@ class Config:
     linears as large as pack_weights packs is compiled with inductor's freezing (a second copy of the weights,
     packed in the graph). Compiling took 4-28 s on a 2-core CPU; there it speeds up small models' steps, and on
     the 0.3B shape it stays behind the packed eager engine (docs/benchmarks.md). Not measured on a GPU yet."""
+    prompt_wait_steps: int = 0
+    """With compile_decode: a prompt that arrives while requests decode waits up to this many decode steps for
+    later prompts to run with it, so that prompts arriving one after another share one paged forward and the steps
+    between stay compiled ones (a step with a prompt in it runs the paged forward). It adds up to this many steps
+    to the prompt's time to first token; a prompt runs at once when nothing decodes or the batch is full. 0: a
+    prompt joins the next step."""
     pack_weights: bool = True
     """On a CPU, reorder the decoder's linear weights for oneDNN once when the replica loads the model
     (`ernie.packed_linear`: fp32 and bf16 weights large enough to gain, not quantized layers or the vision
@@ -166,6 +172,7 @@ def validate(cfg: Config) -> None:
         (cfg.max_batch >= 1, "max_batch", cfg.max_batch, "must be at least 1"),
         (cfg.kv_block_tokens >= 1, "kv_block_tokens", cfg.kv_block_tokens, "must be at least 1"),
         (cfg.prefill_chunk_tokens >= 1, "prefill_chunk_tokens", cfg.prefill_chunk_tokens, "must be at least 1"),
+        (cfg.prompt_wait_steps >= 0, "prompt_wait_steps", cfg.prompt_wait_steps, "must be at least 0"),
         (cfg.max_n >= 1, "max_n", cfg.max_n, "must be at least 1"),
         (
             cfg.max_queued_requests == -1 or cfg.max_queued_requests >= 1,
@@ -297,6 +304,7 @@ def start(model_dir: Path, tokenizer_path: Path, cfg: Config, model_name: str) -
         "prefill_chunk_tokens": cfg.prefill_chunk_tokens,
         "compile_decode": cfg.compile_decode,
         "pack_weights": cfg.pack_weights,
+        "prompt_wait_steps": cfg.prompt_wait_steps,
     }
     if cfg.mode == "pd":
         w = cfg.pd

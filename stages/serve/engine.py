@@ -301,6 +301,7 @@ class Engine(EngineFront):
         kv_block_tokens: int = DEFAULT_BLOCK_TOKENS,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
         compile_decode: bool = False,
+        prompt_wait_steps: int = 0,
     ) -> None:
         self.model = model.eval()
         self.packed_layers = 0
@@ -314,6 +315,7 @@ class Engine(EngineFront):
             kv_block_tokens,
             prefill_chunk_tokens,
             compile_decode,
+            prompt_wait_steps,
         )
         """Owns the model from its own thread: once the first request comes, or from the start with compile_decode."""
 

@@ -216,6 +216,7 @@ class PDEngine(EngineFront):
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
         compile_decode: bool = False,
         pack_weights: bool = True,
+        prompt_wait_steps: int = 0,
     ) -> None:
         if not 1 <= prefill_workers < workers:
             raise ValueError(f"prefill_workers={prefill_workers} of workers={workers}: each role needs a worker")
@@ -229,6 +230,7 @@ class PDEngine(EngineFront):
             "prefill_chunk_tokens": prefill_chunk_tokens,
             "compile_decode": compile_decode,
             "pack_weights": pack_weights,
+            "prompt_wait_steps": prompt_wait_steps,
         }
         scheduling["prefix_caching"] = prefix_caching  # each worker its own pool and cache
         device = "cuda" if worker_gpus > 0 else "cpu"

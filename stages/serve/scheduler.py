@@ -202,6 +202,8 @@ class Sequence:
         """The serial its next registered block chains on."""
         self.cached_tokens: int | None = None
         """Prompt tokens its first admission took from cached blocks (None until admitted)."""
+        self.admitted_at = 0
+        """The scheduler's count of decode forwards when it was last admitted (`prompt_wait_steps`)."""
         self._out: queue.SimpleQueue = queue.SimpleQueue()
 
     @property
@@ -315,20 +317,27 @@ class Scheduler:
         block_tokens: int = DEFAULT_BLOCK_TOKENS,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
         compile_decode: bool = False,
+        prompt_wait_steps: int = 0,
     ) -> None:
         """`kv_cache_tokens`: the KV budget in token slots (rounded up to whole blocks of `block_tokens`);
         `prefill_chunk_tokens`: prompt tokens one forward takes beside the decode rows (longer prompts go in
         chunks over several steps); `prefix_caching`: text requests share the blocks of a prefix computed before;
         `compile_decode`: steps with no prompt in them run `ernie.compiled_decode` (compiled here, before any
-        request: CUDA graphs on a GPU)."""
+        request: CUDA graphs on a GPU); `prompt_wait_steps`: a prompt admitted while requests decode waits up to this
+        many decode steps for later prompts to run with it (`_prompts_join`)."""
         if kv_cache_tokens < 1 or max_batch < 1 or block_tokens < 1 or prefill_chunk_tokens < 1:
             raise ValueError(
                 f"kv_cache_tokens={kv_cache_tokens}, max_batch={max_batch}, block_tokens={block_tokens} and "
                 f"prefill_chunk_tokens={prefill_chunk_tokens} must all be at least 1"
             )
+        if prompt_wait_steps < 0:
+            raise ValueError(f"prompt_wait_steps={prompt_wait_steps} must be at least 0")
         self.model, self.config = model, model.config
         self.kv_cache_tokens, self.max_batch = kv_cache_tokens, max_batch
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prompt_wait_steps = prompt_wait_steps
+        self._decode_forwards = 0
+        """Forwards that decoded so far (never reset, unlike `stats`): what a waiting prompt's wait is counted in."""
         self.prefix_caching = prefix_caching
         self.pool = BlockPool.for_model(model, math.ceil(kv_cache_tokens / block_tokens), block_tokens)
         self.watermark = max(1, self.pool.num_blocks // 100)
@@ -529,6 +538,7 @@ class Scheduler:
                 return None  # it waits (in order) until running requests finish
             self._waiting.popleft()
         seq.done, seq.next_position = 0, 0
+        seq.admitted_at = self._decode_forwards
         if cached:
             self.pool.share(cached)
             seq.blocks, seq.registered = list(cached), len(cached)
@@ -617,6 +627,8 @@ class Scheduler:
         arrival order; when the pool runs short, the latest ones are preempted, and the latest prompt takes the
         chunk its room holds."""
         bs, budget, plan = self.pool.block_size, self.prefill_chunk_tokens, []
+        if not self._prompts_join():
+            budget = 0  # the prompts stay admitted (and preemptible) but run in a later forward
         order = sorted([*self._running, *self._prefilling], key=lambda s: s.arrival)
         decoding = set(map(id, self._running))
         i = 0
@@ -641,6 +653,20 @@ class Scheduler:
             plan.append((seq, n))
             i += 1
         return plan
+
+    def _prompts_join(self) -> bool:
+        """Whether this forward takes prompt chunks. A forward with a prompt in it is the paged forward, one of
+        decode rows alone may be the compiled step: with `prompt_wait_steps`, prompts that come one after another
+        gather and run in one forward, and the decode steps between them stay plain. A prompt joins at once when
+        nothing decodes or no row is left for another prompt to gather, else once the oldest waiting one has
+        waited `prompt_wait_steps` decode steps (a prompt in chunks goes on: it waited already)."""
+        if not self._prefilling or not self._running or self.prompt_wait_steps == 0:
+            return True
+        rows = len(self._running) + sum(1 for s in self._prefilling if s.handoff is None)
+        if rows >= self.max_batch:
+            return True
+        oldest = min(seq.admitted_at for seq in self._prefilling)
+        return self._decode_forwards - oldest >= self.prompt_wait_steps
 
     def _forward(self) -> None:
         """One model call: a token for every decoding request and the next chunk of waiting prompts, laid end to
@@ -675,6 +701,7 @@ class Scheduler:
         tokens = sample_rows(logits[rows] if len(rows) < len(advanced) else logits, [advanced[i][0] for i in rows])
         prompted = [advanced[i][0] for i in rows[len(decoding) :]]
         if decoding:
+            self._decode_forwards += 1
             self.stats.decode_steps += 1
             self.stats.max_batch = max(self.stats.max_batch, len(decoding))
             self.stats.row_steps += len(decoding)

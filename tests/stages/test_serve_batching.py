@@ -431,3 +431,62 @@ def test_requests_that_arrive_together_are_prefilled_in_one_forward_with_their_o
         while single.step() or single._running or single._prefilling:
             pass
     assert seqs[4].tokens_so_far == alone.tokens_so_far
+
+
+def _forwards_of(model) -> list[int]:
+    """Tokens fed to each forward of `model` from now on."""
+    fed = []
+    model.register_forward_pre_hook(lambda _m, args, kwargs: fed.append(args[0].shape[1]), with_kwargs=True)
+    return fed
+
+
+def test_prompts_arriving_one_a_step_wait_to_run_together_and_keep_their_own_tokens():
+    """With prompt_wait_steps=3, prompts that arrive one per decode step run in one forward once the first has
+    waited 3 steps; the steps in between carry only the decoding rows (what the compiled step takes), and every
+    request gets exactly its own greedy decode."""
+    model = varied_model(eos=False)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 250) for _ in range(n)] for n in (11, 4, 9, 6)]
+    scheduler = Scheduler(model, kv_cache_tokens=4096, max_batch=8, prompt_wait_steps=3)
+    fed = _forwards_of(model)
+    first = Sequence(prompts[0], SamplingParams(12, temperature=0.0), None, EOS)
+    later = [Sequence(p, SamplingParams(5, temperature=0.0), None, EOS) for p in prompts[1:]]
+    with torch.inference_mode():
+        scheduler._waiting.append(first)
+        scheduler.step()  # nothing decodes yet: the first prompt runs at once
+        for seq in later:  # one newcomer a step, each admitted while the first decodes
+            scheduler._waiting.append(seq)
+            scheduler.step()
+        scheduler.step()
+        assert fed == [11, 1, 1, 1, 1 + 4 + 9 + 6], "the newcomers wait 3 decode steps, then run in one forward"
+        while scheduler._running or scheduler._prefilling:
+            scheduler.step()
+    assert first.tokens_so_far == greedy_reference(model, prompts[0], 12)
+    for seq, prompt in zip(later, prompts[1:], strict=True):
+        assert seq.tokens_so_far == greedy_reference(model, prompt, 5)
+
+
+def test_a_waiting_prompt_runs_at_once_when_the_batch_is_full_or_nothing_decodes():
+    model = varied_model(eos=False)
+    scheduler = Scheduler(model, kv_cache_tokens=4096, max_batch=2, prompt_wait_steps=50)
+    fed = _forwards_of(model)
+    decoding = Sequence([5, 6, 7], SamplingParams(4, temperature=0.0), None, EOS)
+    newcomer = Sequence([9, 10], SamplingParams(8, temperature=0.0), None, EOS)
+    with torch.inference_mode():
+        scheduler._waiting.append(decoding)
+        scheduler.step()
+        scheduler._waiting.append(newcomer)
+        scheduler.step()  # it takes the batch's last row: nothing more could join it by waiting
+        assert fed == [3, 1 + 2]
+        while scheduler._running:
+            scheduler.step()
+        alone = Sequence([11, 12, 13, 14], SamplingParams(2, temperature=0.0), None, EOS)
+        scheduler._waiting.append(alone)
+        scheduler.step()  # nothing decodes: no wait
+        assert fed[-1] == 4 and alone.tokens_so_far
+    assert newcomer.tokens_so_far == greedy_reference(model, [9, 10], 8)
+
+
+def test_prompt_wait_steps_below_zero_is_refused_by_name():
+    with pytest.raises(ValueError, match="prompt_wait_steps=-1"):
+        Scheduler(varied_model(), kv_cache_tokens=256, max_batch=2, prompt_wait_steps=-1)

@@ -6,6 +6,7 @@ greedy decode. One engine for the module: compiling takes seconds."""
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -54,6 +55,33 @@ def test_a_prompt_arriving_mid_decode_rides_a_paged_step_and_the_compiled_steps_
     assert head + list(tokens) == expected[first]
     paged = (stats.decode_steps - steps) - (stats.compiled_steps - compiled)
     assert paged >= 1 and stats.compiled_steps - compiled >= len(expected[first]) - 1 - paged
+
+
+def test_prompts_waiting_for_each_other_leave_more_steps_to_the_compiled_step(engine, monkeypatch):
+    """serve.prompt_wait_steps: newcomers to a running batch gather before they run, and the greedy tokens stay the
+    model's own. Five requests sent one after another while an earlier one decodes take a paged forward each
+    without a wait, and share fewer with a wait of 6 steps."""
+    requests = greedy_requests([40] * 6, seed=9)
+    expected = [greedy_reference(engine.model, p, params.max_tokens) for p, params in requests]
+    longest = max(range(len(requests)), key=lambda i: len(expected[i]))
+    others = [r for i, r in enumerate(requests) if i != longest]
+    paged = {}
+    for wait in (0, 6):
+        monkeypatch.setattr(engine.scheduler, "prompt_wait_steps", wait)
+        stats = engine.scheduler.stats
+        steps, compiled = stats.decode_steps, stats.compiled_steps
+        tokens = engine.scheduler.submit(*requests[longest]).tokens()
+        head = [next(tokens)]  # decoding now
+        sent = []
+        for request in others:  # the next newcomer once the last is admitted: one a step at most
+            sent.append(engine.scheduler.submit(*request))
+            while sent[-1].next_position is None:
+                time.sleep(0.0005)
+        assert [list(seq.tokens()) for seq in sent] == [e for i, e in enumerate(expected) if i != longest]
+        assert head + list(tokens) == expected[longest]
+        paged[wait] = (stats.decode_steps - steps) - (stats.compiled_steps - compiled)
+    assert len(expected[longest]) > len(others) + 6
+    assert paged[0] == len(others) and paged[6] < paged[0], paged
 
 
 @pytest.mark.parametrize("seed", range(4))
