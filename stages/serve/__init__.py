@@ -82,8 +82,8 @@ class Config:
     """With compile_decode: a prompt that arrives while requests decode waits up to this many decode steps for
     later prompts to run with it, so that prompts arriving one after another share one paged forward and the steps
     between stay compiled ones (a step with a prompt in it runs the paged forward). It adds up to this many steps
-    to the prompt's time to first token; a prompt runs at once when nothing decodes or the batch is full. 0: a
-    prompt joins the next step."""
+    to the prompt's time to first token; a prompt runs at once when nothing decodes. 0: a prompt joins the next
+    step."""
     pack_weights: bool = True
     """On a CPU, reorder the decoder's linear weights for oneDNN once when the replica loads the model
     (`ernie.packed_linear`: fp32 and bf16 weights large enough to gain, not quantized layers or the vision

@@ -658,12 +658,10 @@ class Scheduler:
         """Whether this forward takes prompt chunks. A forward with a prompt in it is the paged forward, one of
         decode rows alone may be the compiled step: with `prompt_wait_steps`, prompts that come one after another
         gather and run in one forward, and the decode steps between them stay plain. A prompt joins at once when
-        nothing decodes or no row is left for another prompt to gather, else once the oldest waiting one has
-        waited `prompt_wait_steps` decode steps (a prompt in chunks goes on: it waited already)."""
+        nothing decodes, else once the oldest waiting one has waited `prompt_wait_steps` decode steps (a prompt in
+        chunks goes on: it waited already). A full batch does not cut the wait short: its rows free up as requests
+        end, and the prompts that take them run with the waiting ones."""
         if not self._prefilling or not self._running or self.prompt_wait_steps == 0:
-            return True
-        rows = len(self._running) + sum(1 for s in self._prefilling if s.handoff is None)
-        if rows >= self.max_batch:
             return True
         oldest = min(seq.admitted_at for seq in self._prefilling)
         return self._decode_forwards - oldest >= self.prompt_wait_steps

@@ -466,24 +466,24 @@ def test_prompts_arriving_one_a_step_wait_to_run_together_and_keep_their_own_tok
         assert seq.tokens_so_far == greedy_reference(model, prompt, 5)
 
 
-def test_a_waiting_prompt_runs_at_once_when_the_batch_is_full_or_nothing_decodes():
+def test_a_waiting_prompt_runs_at_once_when_nothing_decodes_and_after_its_wait_when_the_batch_is_full():
+    """A prompt waits for company only while requests decode; a full batch does not cut the wait short (its rows
+    free up as requests end, and the prompts that take them run with the waiting one)."""
     model = varied_model(eos=False)
-    scheduler = Scheduler(model, kv_cache_tokens=4096, max_batch=2, prompt_wait_steps=50)
+    scheduler = Scheduler(model, kv_cache_tokens=4096, max_batch=2, prompt_wait_steps=2)
     fed = _forwards_of(model)
-    decoding = Sequence([5, 6, 7], SamplingParams(4, temperature=0.0), None, EOS)
+    decoding = Sequence([5, 6, 7], SamplingParams(6, temperature=0.0), None, EOS)
     newcomer = Sequence([9, 10], SamplingParams(8, temperature=0.0), None, EOS)
     with torch.inference_mode():
         scheduler._waiting.append(decoding)
-        scheduler.step()
-        scheduler._waiting.append(newcomer)
-        scheduler.step()  # it takes the batch's last row: nothing more could join it by waiting
-        assert fed == [3, 1 + 2]
+        scheduler.step()  # nothing decodes: no wait
+        scheduler._waiting.append(newcomer)  # it takes the batch's last row
+        for _ in range(3):
+            scheduler.step()
+        assert fed == [3, 1, 1, 1 + 2]
         while scheduler._running:
             scheduler.step()
-        alone = Sequence([11, 12, 13, 14], SamplingParams(2, temperature=0.0), None, EOS)
-        scheduler._waiting.append(alone)
-        scheduler.step()  # nothing decodes: no wait
-        assert fed[-1] == 4 and alone.tokens_so_far
+    assert decoding.tokens_so_far == greedy_reference(model, [5, 6, 7], 6)
     assert newcomer.tokens_so_far == greedy_reference(model, [9, 10], 8)
 
 
