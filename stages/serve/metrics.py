@@ -74,6 +74,12 @@ class ServeMetrics:
                 "Requests that gave their KV blocks back so older ones could grow (computed again when readmitted)",
                 lambda: scheduler.preemptions,
             ),
+            "decode_steps": ("Forwards that decoded running requests, so far", lambda: scheduler.decode_steps),
+            "compiled_decode_steps": (
+                "Decode steps run by the compiled step (serve.compile_decode), so far; the others carried a prompt "
+                "chunk (serve.prompt_wait_steps gathers prompts to raise this share)",
+                lambda: scheduler.compiled_steps,
+            ),
         }
         for name, (doc, read) in gauges.items():
             Gauge(f"{PREFIX}{name}", doc, ["role"], registry=r).labels(role).set_function(read)

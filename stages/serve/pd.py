@@ -102,6 +102,7 @@ class PDWorker:
             "handed_off": s.stats.handed_off,
             "taken_over": s.stats.taken_over,
             "decode_steps": s.stats.decode_steps,
+            "compiled_steps": s.stats.compiled_steps,
             "max_batch_seen": s.stats.max_batch,
             "prefix_cached_tokens": s.prefix_cached_tokens,
             "prefix_hit_tokens": s.prefix_hit_tokens,
@@ -193,6 +194,14 @@ class _SchedulerView:
     @property
     def preemptions(self) -> int:
         return self._sum("preemptions")
+
+    @property
+    def decode_steps(self) -> int:
+        return self._sum("decode_steps")
+
+    @property
+    def compiled_steps(self) -> int:
+        return self._sum("compiled_steps")
 
 
 class PDEngine(EngineFront):

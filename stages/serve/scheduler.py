@@ -391,6 +391,14 @@ class Scheduler:
     def preemptions(self) -> int:
         return self.stats.preemptions
 
+    @property
+    def decode_steps(self) -> int:
+        return self.stats.decode_steps
+
+    @property
+    def compiled_steps(self) -> int:
+        return self.stats.compiled_steps
+
     def submit(
         self,
         prompt_ids: list[int],

@@ -324,3 +324,4 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(served, client):
     assert _value(after, "ernie_serve_kv_cache_budget_tokens") == LIMITS["kv_cache_tokens"]
     for gauge in ("queue_depth", "running", "kv_cache_used_tokens", "preemptions", "prefix_cache_reused_tokens"):
         assert f"ernie_serve_{gauge}" in after and _value(after, f"ernie_serve_{gauge}") >= 0
+    assert grew("ernie_serve_decode_steps") > 0 and grew("ernie_serve_compiled_decode_steps") == 0  # not compiled

@@ -19,6 +19,7 @@ from ernie.packed_linear import can_pack
 from ernie.paged_cache import PagedBatch, Segment
 from stages.data.tokenizer import train_tokenizer
 from stages.serve.engine import Engine
+from stages.serve.metrics import ServeMetrics
 from stages.serve.scheduler import SamplingParams
 
 
@@ -38,6 +39,9 @@ def test_an_engine_decoding_through_the_compiled_step_serves_the_models_own_gree
     assert together == expected and alone == expected[:2]
     stats = engine.scheduler.stats
     assert stats.max_batch > 1 and stats.compiled_steps > 0
+    scraped = ServeMetrics(engine.scheduler).expose()[0].decode()
+    assert f'ernie_serve_compiled_decode_steps{{role="colocated"}} {float(stats.compiled_steps)}' in scraped
+    assert f'ernie_serve_decode_steps{{role="colocated"}} {float(stats.decode_steps)}' in scraped
 
 
 def test_a_prompt_arriving_mid_decode_rides_a_paged_step_and_the_compiled_steps_go_on(engine):

@@ -18,7 +18,8 @@ from stages.serve.metrics_hub import HUB_NAMESPACE, hub_name, render, snapshot
 
 def scheduler(**values) -> SimpleNamespace:
     """What ServeMetrics reads of a scheduler."""
-    fields = ("queued", "batch_size", "cached_tokens", "kv_cache_tokens", "prefix_cached_tokens")
+    fields = ("queued", "batch_size", "cached_tokens", "kv_cache_tokens", "prefix_cached_tokens", "decode_steps")
+    fields += ("compiled_steps",)
     return SimpleNamespace(**{**dict.fromkeys(fields, 0), "prefix_hit_tokens": 0, "preemptions": 0, **values})
 
 
