@@ -316,36 +316,23 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
         if args.thread_readers:  # the default engine, read by a thread per stream
             served, wall = run_thread_readers(engine, requests, streams)
             level.append({**base, "impl": "ours-thread-readers", **summarise(served, wall)})
-        fast, waited_sides = None, []
-        if compiled is not None:
-            compiled.scheduler.stats = SchedulerStats()
-            fast, fast_wall = run_ours(compiled, requests, streams)
+        # the compiled engine, then the same with prompts waiting up to N decode steps (serve.prompt_wait_steps)
+        waits = [] if compiled is None else list(dict.fromkeys([0, *(args.prompt_wait_steps or [])]))
+        compiled_sides = []  # (record, served)
+        for wait in waits:
+            compiled.scheduler.prompt_wait_steps, compiled.scheduler.stats = wait, SchedulerStats()
+            served, wall = run_ours(compiled, requests, streams)
             steps = compiled.scheduler.stats
-            fast_record = {
+            record = {
                 **base,
-                "impl": "ours-compiled",
-                **summarise(fast, fast_wall),
+                "impl": f"ours-compiled-wait{wait}" if wait else "ours-compiled",
+                **summarise(served, wall),
                 "compiled_steps": steps.compiled_steps,
                 "decode_steps": steps.decode_steps,
-                "load_and_compile_s": compile_s,
             }
-            level.append(fast_record)
-            # the same compiled engine with prompts gathered for up to N decode steps (serve.prompt_wait_steps)
-            for wait in args.prompt_wait_steps or []:
-                compiled.scheduler.prompt_wait_steps, compiled.scheduler.stats = wait, SchedulerStats()
-                waited, waited_wall = run_ours(compiled, requests, streams)
-                steps = compiled.scheduler.stats
-                record = {
-                    **base,
-                    "impl": f"ours-compiled-wait{wait}",
-                    **summarise(waited, waited_wall),
-                    "prompt_wait_steps": wait,
-                    "compiled_steps": steps.compiled_steps,
-                    "decode_steps": steps.decode_steps,
-                }
-                waited_sides.append((record, waited))
-                level.append(record)
-            compiled.scheduler.prompt_wait_steps = 0
+            record |= {"prompt_wait_steps": wait} if wait else {"load_and_compile_s": compile_s}
+            compiled_sides.append((record, served))
+            level.append(record)
         engine.scheduler.stats = SchedulerStats()
         ours, ours_wall = run_ours(engine, requests, streams)
         stats = engine.scheduler.stats
@@ -372,10 +359,8 @@ def bench_case(name: str, cfg: ErnieConfig, ckpt: Path, tokenizer_path: Path, dt
         }
         hf_record = {**base, "impl": "hf-generate", **summarise(theirs, theirs_wall), "batching": f"waves of {streams}"}
         level += [ours_record, hf_record]
-        if fast is not None:
-            fast_record["same_tokens_as_hf"] = round(same_tokens(fast, theirs), 3)
-        for record, waited in waited_sides:
-            record["same_tokens_as_hf"] = round(same_tokens(waited, theirs), 3)
+        for record, served in compiled_sides:
+            record["same_tokens_as_hf"] = round(same_tokens(served, theirs), 3)
         for record in level:
             if record is not hf_record:
                 record["speedup_vs_hf"] = round(record["tokens_per_s"] / hf_record["tokens_per_s"], 2)

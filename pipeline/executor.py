@@ -282,33 +282,14 @@ def run_stage(job: StageJob, resources: Any, on_progress, logger) -> dict:
         options["resources"] = dict(resources.custom)
     actor = StageActor.options(**options).remote()
     ref = actor.run.remote(job)
-    pending = None  # a poll not yet answered: its events are taken when it is, never dropped
     try:
-        while True:
-            done = bool(ray.wait([ref], timeout=0.5)[0])
-            if pending is None:
-                pending = actor.poll.remote()
-            if done:  # what the stage logged last: the answer to a poll sent after it returned
-                try:
-                    _take(job.stage, ray.get(pending), on_progress, logger)
-                    _take(job.stage, ray.get(actor.poll.remote()), on_progress, logger)
-                except StageFailure:
-                    ray.get(ref)  # a stage that failed: its own error is the one to report
-                    raise
-                return ray.get(ref)
-            if ray.wait([pending], timeout=5)[0]:
-                polled, pending = pending, None
-                try:
-                    report = ray.get(polled)
-                except ray.exceptions.RayActorError:
-                    continue  # the run's own reference says why, on the next turn
-                try:
-                    _take(job.stage, report, on_progress, logger)
-                except StageFailure:
-                    # the stage may be failing this very moment, having logged its last line: its own error wins
-                    if ray.wait([ref], timeout=_OWN_ERROR_GRACE_S)[0]:
-                        ray.get(ref)
-                    raise
+        try:
+            return _relay(ref, actor, job.stage, on_progress, logger)
+        except StageFailure:  # the tracking store refused a write: the stage may be failing this very moment,
+            # having logged its last line, and then its own error is the one to report
+            if ray.wait([ref], timeout=_OWN_ERROR_GRACE_S)[0]:
+                ray.get(ref)
+            raise
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if isinstance(getattr(err, "cause", None), StageFailure) else None
         if cause is None:
@@ -319,6 +300,26 @@ def run_stage(job: StageJob, resources: Any, on_progress, logger) -> dict:
     finally:
         ray.kill(actor)
         time.sleep(0)
+
+
+def _relay(ref, actor, stage: str, on_progress, logger) -> dict:
+    """Take what the stage logs while it runs, then its last lines, then its result (or its error)."""
+    pending = None  # a poll not yet answered: its events are taken when it is, never dropped
+    while True:
+        done = bool(ray.wait([ref], timeout=0.5)[0])
+        if pending is None:
+            pending = actor.poll.remote()
+        if done:  # what the stage logged last: the answer to a poll sent after it returned
+            _take(stage, ray.get(pending), on_progress, logger)
+            _take(stage, ray.get(actor.poll.remote()), on_progress, logger)
+            return ray.get(ref)
+        if ray.wait([pending], timeout=5)[0]:
+            polled, pending = pending, None
+            try:
+                report = ray.get(polled)
+            except ray.exceptions.RayActorError:
+                continue  # the run's own reference says why, on the next turn
+            _take(stage, report, on_progress, logger)
 
 
 def _take(stage: str, report: dict, on_progress, logger) -> None:
